@@ -1,0 +1,1 @@
+//! CLI side of the control protocol.

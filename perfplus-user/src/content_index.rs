@@ -1,0 +1,1 @@
+//! The destination's content index. (Skeleton; the hashing work fills it in.)

@@ -1,0 +1,1 @@
+//! Perf+ page hashing. (Skeleton; the hashing work fills it in.)

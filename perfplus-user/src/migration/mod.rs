@@ -1,0 +1,1 @@
+//! Migration engine: the source's pre-copy rounds and the destination's receiver.

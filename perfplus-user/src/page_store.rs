@@ -1,0 +1,1 @@
+//! The on-disk page store. (Skeleton; the hashing work fills it in.)

@@ -1,0 +1,1 @@
+//! Connections. (Skeleton; the protocol work fills it in.)

@@ -1,0 +1,202 @@
+//! The perfplus wire protocol: CLI ⇄ agent (control) and agent ⇄ agent (migration), over TCP.
+//!
+//! Layers, each in its own file and knowing nothing of the one above:
+//! - [`frame`]: one frame ⇄ bytes (header, length limits, payload codecs). No sockets.
+//! - [`connection`]: a tokio TCP stream buffered into frames, with the handshake that opens it.
+//! - the migration engine and the agent apply [`Message`]s; they never see bytes.
+//!
+//! ## Handshake (both roles)
+//! ```text
+//! A                                    B
+//! |-- Hello{version range, role, nonce_a} -->|
+//! |<-- Hello{version range, role, nonce_b} --|   both check the version ranges overlap
+//! |-- Auth{HMAC(key, "a" || nonce_a || nonce_b)} -->|
+//! |<-- Auth{HMAC(key, "b" || nonce_b || nonce_a)} --|   both check the peer's proof
+//! ```
+//! The key is the cluster key every agent and CLI of a cluster holds (never sent). A peer without it is
+//! refused with an error frame that says so, before any other message is read.
+//!
+//! ## Migration (source agent → destination agent, role Peer)
+//! ```text
+//! source                                        destination
+//! |-- MigrateBegin{vm, memory, vcpus, options} -->|  creates an empty VM (not running)
+//! |<-- MigrateReady{held digest prefixes} --------|  what its content index holds
+//! |   round r = 1 (every page), 2, 3 … while the guest runs:
+//! |-- Pages{Full|Zero|Ref …} ×N ----------------->|  writes pages, resolves references
+//! |-- RoundEnd{r} ------------------------------->|
+//! |<-- RoundAck{r, missing refs} -----------------|  source re-sends the missing pages in full
+//! |   final round (source guest paused):
+//! |-- Pages … RoundEnd … RoundAck (no missing) -->|
+//! |-- VmState{vcpu + device state} -------------->|  restores, resumes the guest
+//! |<-- Running{page checksums at resume} ---------|  source may now stop its guest for good
+//! |-- Complete{report} --------------------------->|
+//! ```
+//! Anything that fails before `Running` arrives leaves the source guest running: the source resumes it
+//! and the destination destroys its copy. An `Error` frame may come from either side at any time and ends
+//! the migration with its message.
+//!
+//! ## Control (CLI → agent, role Control)
+//! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
+//! `MigrateDone` (or `Error`).
+
+pub mod connection;
+pub mod frame;
+pub mod handshake;
+
+pub use handshake::ClusterKey;
+
+use serde::{Deserialize, Serialize};
+
+use crate::report::{MigrationReport, RoundReport};
+
+/// Protocol version this build speaks. A peer whose range does not include it is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// What a connection is for; each side states it in its Hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A CLI talking to an agent.
+    Control,
+    /// Two agents migrating a VM.
+    Peer,
+}
+
+/// The content of a guest to create or migrate: either the built-in workload guest or a kernel file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KernelSource {
+    /// The workload guest embedded in the perfplus binary.
+    Builtin,
+    /// A multiboot (v1) ELF kernel image, as bytes.
+    Image(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStartRequest {
+    pub name: String,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub kernel: KernelSource,
+    /// Kernel command line. For the built-in guest: the workload parameters (see
+    /// `perfplus_common::guest_abi::cmdline`); the agent appends `tsc_khz=`.
+    pub cmdline: String,
+}
+
+/// What an agent says about one of its VMs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    /// "running", "paused", "halted", "failed: …".
+    pub run_state: String,
+    pub cmdline: String,
+    /// The built-in guest's status page, when the guest publishes one.
+    pub guest: Option<crate::vm::GuestStatus>,
+    /// Last lines of the guest's serial console.
+    pub console_tail: String,
+}
+
+/// Options of one migration, chosen by the CLI and carried to both agents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// Largest acceptable downtime: pre-copy iterates until the remaining dirty set fits it.
+    pub downtime_target_ms: f64,
+    /// Pre-copy rounds at most (the first full pass included) before the final stop-and-copy.
+    pub max_rounds: u32,
+    /// Perf+ hashing: skip unchanged pages, send zero markers and references to held content.
+    /// Off = plain pre-copy: every dirty page is sent in full (the baseline benchmarks compare against).
+    pub hashing: bool,
+    /// Wait for the guest's self-check to complete a sweep on the destination before reporting.
+    pub verify_guest: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            downtime_target_ms: 30.0,
+            max_rounds: 30,
+            hashing: true,
+            verify_guest: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    pub vm: String,
+    /// The destination agent's address (host:port).
+    pub destination: String,
+    pub options: MigrateOptions,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateBegin {
+    pub vm: String,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub cmdline: String,
+    pub options: MigrateOptions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateReady {
+    /// First 8 bytes (little-endian) of every page digest the destination's content index holds.
+    /// A hint: a reference to a digest the destination turns out not to hold is answered in
+    /// `RoundAck::missing` and sent again in full.
+    pub held: Vec<u64>,
+}
+
+/// Every message after the handshake.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    // ---- control: CLI → agent, and the agent's replies
+    VmStart(VmStartRequest),
+    VmList,
+    VmStatus {
+        name: String,
+    },
+    VmStop {
+        name: String,
+    },
+    Migrate(MigrateRequest),
+    /// Reply to VmStart / VmStatus.
+    Vm(VmInfo),
+    /// Reply to VmList.
+    Vms(Vec<VmInfo>),
+    /// Reply to VmStop.
+    Done,
+    /// One finished round of a migration the CLI asked for.
+    Progress(RoundReport),
+    /// The migration the CLI asked for completed.
+    MigrateDone(Box<MigrationReport>),
+
+    // ---- migration: source agent → destination agent, and replies
+    MigrateBegin(MigrateBegin),
+    MigrateReady(MigrateReady),
+    Pages(frame::PageBatch),
+    RoundEnd {
+        round: u32,
+    },
+    RoundAck {
+        round: u32,
+        missing: Vec<u64>,
+    },
+    /// `postcard` encoding of [`crate::vm::VmState`].
+    VmState(Vec<u8>),
+    /// The destination resumed the guest. `page_checksums[i]` is the xxh3-64 of page `i` as it was at
+    /// resume, `cpu_ms` the destination agent's CPU time spent on this migration.
+    Running {
+        page_checksums: Vec<u64>,
+        cpu_ms: f64,
+    },
+    /// The source's final word: the report, so that the destination can log it too.
+    Complete(Box<MigrationReport>),
+
+    // ---- both
+    /// Ends whatever was going on; the text says what went wrong.
+    Error {
+        message: String,
+    },
+}

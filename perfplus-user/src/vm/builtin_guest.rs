@@ -1,0 +1,1 @@
+//! The built-in workload guest. (Skeleton; the guest work fills it in.)
