@@ -28,7 +28,9 @@
 //! |   final round (source guest paused):
 //! |-- Pages … RoundEnd … RoundAck (no missing) -->|
 //! |-- VmState{vcpu + device state} -------------->|  restores, resumes the guest
-//! |<-- Running{page checksums at resume} ---------|  source may now stop its guest for good
+//! |<-- Running ----------------------------------|  source may now stop its guest for good
+//! |<-- PageChecksums{xxh3 of every page at resume}|  source compares: lost pages
+//! |<-- GuestCheck{self-check after the resume} ---|
 //! |-- Complete{report} --------------------------->|
 //! ```
 //! Anything that fails before `Running` arrives leaves the source guest running: the source resumes it
@@ -148,6 +150,24 @@ pub struct MigrateReady {
     pub held: Vec<u64>,
 }
 
+/// What the destination saw of the guest's own self-check after resuming it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GuestCheck {
+    /// Status page read right after the resume (None: the guest publishes none).
+    pub at_resume: Option<crate::vm::GuestStatus>,
+    /// Status page once the guest completed a full verification sweep after the resume (or the wait
+    /// timed out).
+    pub after: Option<crate::vm::GuestStatus>,
+    /// A full sweep completed after the resume and found no mismatch.
+    pub verified: bool,
+    /// CPU time the destination agent spent on this migration.
+    pub cpu_ms: f64,
+    /// Pages the destination resolved from its content index, by where it found them.
+    pub held_from_store: u64,
+    pub held_from_hosted_vms: u64,
+    pub held_from_this_migration: u64,
+}
+
 /// Every message after the handshake.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
@@ -185,12 +205,12 @@ pub enum Message {
     },
     /// `postcard` encoding of [`crate::vm::VmState`].
     VmState(Vec<u8>),
-    /// The destination resumed the guest. `page_checksums[i]` is the xxh3-64 of page `i` as it was at
-    /// resume, `cpu_ms` the destination agent's CPU time spent on this migration.
-    Running {
-        page_checksums: Vec<u64>,
-        cpu_ms: f64,
-    },
+    /// The destination resumed the guest (sent first, so that the source can time the downtime).
+    Running,
+    /// `checksums[i]` is the xxh3-64 of the destination's page `i` as it was at resume.
+    PageChecksums { checksums: Vec<u64> },
+    /// The guest's self-check on the destination after the resume.
+    GuestCheck(GuestCheck),
     /// The source's final word: the report, so that the destination can log it too.
     Complete(Box<MigrationReport>),
 
