@@ -1,1 +1,385 @@
-//! The per-host agent daemon.
+//! The per-host agent: hosts VMs, answers the CLI, and migrates VMs to and from other agents.
+//!
+//! One TCP listener serves both kinds of connection; the handshake says which one it is
+//! ([`Role::Control`] from a CLI, [`Role::Peer`] from another agent). Both are authenticated with the
+//! cluster key. Every connection is handled on its own task; a failure on one never touches the VMs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use perfplus_common::PAGE_SIZE;
+use tokio::net::TcpListener;
+
+use crate::content_index::ContentIndex;
+use crate::hashing::PageHasher;
+use crate::migration::source::{self, describe, Outbound};
+use crate::migration::receiver;
+use crate::page_store::PageStore;
+use crate::protocol::connection::Connection;
+use crate::protocol::{ClusterKey, KernelSource, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
+use crate::vm::{builtin_guest, RunState, Vm};
+
+/// Label the page-hash key is derived under from the cluster key.
+pub const PAGE_DIGEST_KEY_LABEL: &str = "perfplus page digest v1";
+
+/// How an agent is set up.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Address to listen on (host:port; port 0 picks a free one).
+    pub listen: String,
+    /// Where the agent keeps its page store.
+    pub state_dir: PathBuf,
+    pub key: ClusterKey,
+    /// Capacity of the on-disk page store, in 4 KiB pages (0 = no store).
+    pub page_store_pages: u64,
+}
+
+/// A VM this agent hosts.
+struct HostedVm {
+    vm: Arc<Vm>,
+    memory_bytes: u64,
+    vcpus: u8,
+    cmdline: String,
+    /// A migration of this VM is under way.
+    migrating: bool,
+}
+
+struct AgentState {
+    name: String,
+    key: ClusterKey,
+    hasher: PageHasher,
+    vms: Mutex<HashMap<String, HostedVm>>,
+    /// Names of VMs being received (reserved so that two arrivals cannot collide).
+    arriving: Mutex<Vec<String>>,
+    index: Arc<Mutex<ContentIndex>>,
+}
+
+pub struct Agent {
+    listener: TcpListener,
+    state: Arc<AgentState>,
+}
+
+impl Agent {
+    /// Opens the page store and binds the listener.
+    pub async fn bind(config: AgentConfig) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+        let hasher = PageHasher::new(&config.key.derive(PAGE_DIGEST_KEY_LABEL));
+        let fingerprint = key_fingerprint(&config.key);
+        let store = if config.page_store_pages > 0 {
+            Some(PageStore::open(&config.state_dir.join("page-store"), config.page_store_pages, fingerprint)?)
+        } else {
+            None
+        };
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(AgentState {
+            name: addr.to_string(),
+            key: config.key.clone(),
+            index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), store))),
+            hasher,
+            vms: Mutex::new(HashMap::new()),
+            arriving: Mutex::new(Vec::new()),
+        });
+        Ok(Agent { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves connections until the process ends.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        loop {
+            let (stream, peer) = self.listener.accept().await.context("accepting a connection")?;
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                if let Err(err) = handle(state, stream).await {
+                    tracing::warn!(%peer, "connection ended with an error: {err:#}");
+                }
+            });
+        }
+    }
+}
+
+fn key_fingerprint(key: &ClusterKey) -> [u8; 16] {
+    let derived = key.derive("perfplus page store fingerprint v1");
+    derived[..16].try_into().expect("16 of 32 bytes")
+}
+
+async fn handle(state: Arc<AgentState>, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
+    let (mut conn, role) = Connection::accept(stream, &state.key).await?;
+    let request = conn.recv().await?;
+    match role {
+        Role::Control => {
+            if let Err(err) = control(&state, &mut conn, request).await {
+                conn.send_error(&format!("{err:#}")).await;
+                return Err(err);
+            }
+            Ok(())
+        }
+        Role::Peer => match request {
+            Message::MigrateBegin(begin) => migrate_in(&state, &mut conn, begin).await,
+            other => {
+                let text = format!("a peer connection must start with MigrateBegin, not {}", describe(&other));
+                conn.send_error(&text).await;
+                bail!(text)
+            }
+        },
+    }
+}
+
+async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Message) -> anyhow::Result<()> {
+    match request {
+        Message::VmStart(req) => {
+            let info = start_vm(state, req).await?;
+            conn.send(&Message::Vm(info)).await
+        }
+        Message::VmList => {
+            let vms = state.vms.lock().expect("vms lock");
+            let mut infos: Vec<VmInfo> = vms.iter().map(|(name, vm)| vm_info(name, vm)).collect();
+            drop(vms);
+            infos.sort_by(|a, b| a.name.cmp(&b.name));
+            conn.send(&Message::Vms(infos)).await
+        }
+        Message::VmStatus { name } => {
+            let info = {
+                let vms = state.vms.lock().expect("vms lock");
+                vms.get(&name).map(|vm| vm_info(&name, vm))
+            };
+            match info {
+                Some(info) => conn.send(&Message::Vm(info)).await,
+                None => bail!("no VM named {name:?} on agent {}", state.name),
+            }
+        }
+        Message::VmStop { name } => {
+            let removed = {
+                let mut vms = state.vms.lock().expect("vms lock");
+                match vms.get(&name) {
+                    None => bail!("no VM named {name:?} on agent {}", state.name),
+                    Some(vm) if vm.migrating => bail!("VM {name:?} is being migrated; stop it afterwards"),
+                    Some(_) => vms.remove(&name),
+                }
+            };
+            if let Some(hosted) = removed {
+                state.index.lock().expect("index lock").remove_vm(&name);
+                tokio::task::spawn_blocking(move || drop(hosted)).await?;
+                tracing::info!(vm = %name, "stopped");
+            }
+            conn.send(&Message::Done).await
+        }
+        Message::Migrate(req) => migrate_out(state, conn, req).await,
+        other => bail!("{} is not a control request", describe(&other)),
+    }
+}
+
+fn vm_info(name: &str, hosted: &HostedVm) -> VmInfo {
+    let run_state = match hosted.vm.run_state() {
+        RunState::Created => "created".to_string(),
+        RunState::Running => "running".to_string(),
+        RunState::Paused if hosted.migrating => "paused (migrating)".to_string(),
+        RunState::Paused => "paused".to_string(),
+        RunState::Halted => "halted".to_string(),
+        RunState::Failed(why) => format!("failed: {why}"),
+    };
+    VmInfo {
+        name: name.to_string(),
+        memory_bytes: hosted.memory_bytes,
+        vcpus: hosted.vcpus,
+        run_state,
+        cmdline: hosted.cmdline.clone(),
+        guest: hosted.vm.guest_status(),
+        console_tail: hosted.vm.console_tail(),
+    }
+}
+
+/// Checks a VM name: it appears in logs, paths and command lines.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!("invalid VM name {name:?}: use 1 to 64 characters among A-Z a-z 0-9 - _ .");
+    }
+    Ok(())
+}
+
+async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Result<VmInfo> {
+    check_name(&req.name)?;
+    if req.memory_bytes % PAGE_SIZE as u64 != 0 {
+        bail!("memory size {} is not a multiple of 4 KiB", req.memory_bytes);
+    }
+    {
+        let vms = state.vms.lock().expect("vms lock");
+        if vms.contains_key(&req.name) || state.arriving.lock().expect("arriving lock").contains(&req.name) {
+            bail!("a VM named {:?} already exists on agent {}", req.name, state.name);
+        }
+    }
+    let (kernel, cmdline) = match req.kernel {
+        KernelSource::Builtin => {
+            let tsc_khz = crate::vm::tsc_khz().context("reading the TSC frequency for the built-in guest")?;
+            (builtin_guest::IMAGE.to_vec(), format!("{} tsc_khz={tsc_khz}", req.cmdline.trim()))
+        }
+        KernelSource::Image(bytes) => (bytes, req.cmdline.clone()),
+    };
+    let name = req.name.clone();
+    let (memory_bytes, vcpus) = (req.memory_bytes, req.vcpus);
+    let boot_cmdline = cmdline.clone();
+    let vm = tokio::task::spawn_blocking(move || -> anyhow::Result<Vm> {
+        let mut vm = Vm::create(&name, memory_bytes, vcpus)?;
+        vm.load_multiboot(&kernel, &boot_cmdline)?;
+        vm.start()?;
+        Ok(vm)
+    })
+    .await??;
+    let hosted = HostedVm { vm: Arc::new(vm), memory_bytes, vcpus, cmdline, migrating: false };
+    let info = vm_info(&req.name, &hosted);
+    let mut vms = state.vms.lock().expect("vms lock");
+    if vms.contains_key(&req.name) {
+        bail!("a VM named {:?} appeared on agent {} meanwhile", req.name, state.name);
+    }
+    vms.insert(req.name.clone(), hosted);
+    tracing::info!(vm = %req.name, memory_bytes, vcpus, "started");
+    Ok(info)
+}
+
+async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: MigrateRequest) -> anyhow::Result<()> {
+    if !(req.options.downtime_target_ms > 0.0) || req.options.max_rounds == 0 {
+        bail!("the downtime target must be positive and the round limit at least 1");
+    }
+    let job = {
+        let mut vms = state.vms.lock().expect("vms lock");
+        let Some(hosted) = vms.get_mut(&req.vm) else {
+            bail!("no VM named {:?} on agent {}", req.vm, state.name);
+        };
+        if hosted.migrating {
+            bail!("VM {:?} is already being migrated", req.vm);
+        }
+        if hosted.vm.run_state() != RunState::Running {
+            bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
+        }
+        hosted.migrating = true;
+        Outbound {
+            vm: hosted.vm.clone(),
+            vm_name: req.vm.clone(),
+            memory_bytes: hosted.memory_bytes,
+            vcpus: hosted.vcpus,
+            cmdline: hosted.cmdline.clone(),
+            source_name: state.name.clone(),
+            destination: req.destination.clone(),
+            options: req.options.clone(),
+            key: state.key.clone(),
+            hasher: state.hasher.clone(),
+        }
+    };
+    tracing::info!(vm = %req.vm, to = %req.destination, "migration out starts");
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut migration = tokio::spawn(source::migrate(job, progress_tx));
+    // Forward progress to the CLI while the migration runs; a CLI that goes away does not stop it.
+    let mut cli_gone = false;
+    let result = loop {
+        tokio::select! {
+            Some(round) = progress_rx.recv() => {
+                if !cli_gone && conn.send(&Message::Progress(round)).await.is_err() {
+                    cli_gone = true;
+                }
+            }
+            result = &mut migration => break result.context("migration task")?,
+        }
+    };
+    while let Ok(round) = progress_rx.try_recv() {
+        if !cli_gone {
+            let _ = conn.send(&Message::Progress(round)).await;
+        }
+    }
+    match result {
+        Ok(completed) => {
+            let hosted = state.vms.lock().expect("vms lock").remove(&req.vm);
+            let report = completed.report;
+            if let Some(hosted) = hosted {
+                keep_pages(state, &hosted.vm, completed.page_digests);
+                tokio::task::spawn_blocking(move || drop(hosted)).await?;
+            }
+            tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
+                lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
+            conn.send(&Message::MigrateDone(Box::new(report))).await
+        }
+        Err(err) => {
+            if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&req.vm) {
+                hosted.migrating = false;
+            }
+            Err(err.context(format!("migrating {} to {} (the VM keeps running here)", req.vm, req.destination)))
+        }
+    }
+}
+
+/// Puts the pages of a VM that left into the page store, so that its content is held here if it (or a
+/// VM from the same image) comes back.
+fn keep_pages(state: &AgentState, vm: &Vm, digests: Option<Vec<crate::hashing::PageDigest>>) {
+    let Some(digests) = digests else { return };
+    let mut index = state.index.lock().expect("index lock");
+    let Some(store) = index.store_mut() else { return };
+    let memory = vm.memory();
+    let zero_digest = state.hasher.digest(&[0u8; PAGE_SIZE]);
+    let mut data = Box::new([0u8; PAGE_SIZE]);
+    let mut kept = 0u64;
+    for (page, digest) in digests.iter().enumerate() {
+        if *digest == zero_digest || store.contains(digest) {
+            continue;
+        }
+        memory.read_page(page as u64, &mut data);
+        if let Err(err) = store.insert(digest, &data) {
+            tracing::warn!("page store: {err:#}");
+            return;
+        }
+        kept += 1;
+    }
+    if let Err(err) = store.flush() {
+        tracing::warn!("page store: {err:#}");
+    }
+    tracing::info!(pages = kept, "kept the departed VM's pages in the page store");
+}
+
+async fn migrate_in(state: &Arc<AgentState>, conn: &mut Connection, begin: crate::protocol::MigrateBegin) -> anyhow::Result<()> {
+    let name = begin.vm.clone();
+    let refuse = match check_name(&name) {
+        Err(err) => Some(format!("{err:#}")),
+        Ok(()) => {
+            let vms = state.vms.lock().expect("vms lock");
+            let mut arriving = state.arriving.lock().expect("arriving lock");
+            if vms.contains_key(&name) || arriving.contains(&name) {
+                Some(format!("a VM named {name:?} already exists on agent {}", state.name))
+            } else {
+                arriving.push(name.clone());
+                None
+            }
+        }
+    };
+    if let Some(text) = refuse {
+        conn.send_error(&text).await;
+        bail!(text);
+    }
+    tracing::info!(vm = %name, memory_bytes = begin.memory_bytes, "migration in starts");
+    let inbound = receiver::Inbound { hasher: state.hasher.clone(), index: state.index.clone() };
+    let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
+    let install_state = state.clone();
+    let install_name = name.clone();
+    let result = receiver::receive(conn, begin, &inbound, move |vm| {
+        let mut vms = install_state.vms.lock().expect("vms lock");
+        vms.insert(install_name.clone(), HostedVm { vm, memory_bytes, vcpus, cmdline, migrating: false });
+        install_state.arriving.lock().expect("arriving lock").retain(|n| n != &install_name);
+        Ok(())
+    })
+    .await;
+    state.arriving.lock().expect("arriving lock").retain(|n| n != &name);
+    if let Err(err) = &result {
+        tracing::warn!(vm = %name, "migration in failed, nothing kept: {err:#}");
+        conn.send_error(&format!("destination: {err:#}")).await;
+    }
+    result
+}

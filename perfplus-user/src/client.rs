@@ -1,1 +1,74 @@
-//! CLI side of the control protocol.
+//! The CLI's side of the control protocol: one authenticated connection per command.
+
+use anyhow::bail;
+
+use crate::migration::source::describe;
+use crate::protocol::connection::Connection;
+use crate::protocol::{ClusterKey, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
+use crate::report::{MigrationReport, RoundReport};
+
+/// A connection from the CLI to one agent.
+pub struct AgentClient {
+    conn: Connection,
+    agent: String,
+}
+
+impl AgentClient {
+    pub async fn connect(agent: &str, key: &ClusterKey) -> anyhow::Result<AgentClient> {
+        let conn = Connection::connect(agent, Role::Control, key).await?;
+        Ok(AgentClient { conn, agent: agent.to_string() })
+    }
+
+    async fn call(mut self, request: Message) -> anyhow::Result<Message> {
+        self.conn.send(&request).await?;
+        self.conn.recv().await
+    }
+
+    pub async fn start_vm(self, request: VmStartRequest) -> anyhow::Result<VmInfo> {
+        let agent = self.agent.clone();
+        match self.call(Message::VmStart(request)).await? {
+            Message::Vm(info) => Ok(info),
+            other => bail!("agent {agent} answered VmStart with {}", describe(&other)),
+        }
+    }
+
+    pub async fn list(self) -> anyhow::Result<Vec<VmInfo>> {
+        let agent = self.agent.clone();
+        match self.call(Message::VmList).await? {
+            Message::Vms(vms) => Ok(vms),
+            other => bail!("agent {agent} answered VmList with {}", describe(&other)),
+        }
+    }
+
+    pub async fn status(self, name: &str) -> anyhow::Result<VmInfo> {
+        let agent = self.agent.clone();
+        match self.call(Message::VmStatus { name: name.to_string() }).await? {
+            Message::Vm(info) => Ok(info),
+            other => bail!("agent {agent} answered VmStatus with {}", describe(&other)),
+        }
+    }
+
+    pub async fn stop(self, name: &str) -> anyhow::Result<()> {
+        let agent = self.agent.clone();
+        match self.call(Message::VmStop { name: name.to_string() }).await? {
+            Message::Done => Ok(()),
+            other => bail!("agent {agent} answered VmStop with {}", describe(&other)),
+        }
+    }
+
+    /// Asks the agent to migrate a VM; `on_round` sees every round as it finishes.
+    pub async fn migrate(
+        mut self,
+        request: MigrateRequest,
+        mut on_round: impl FnMut(&RoundReport),
+    ) -> anyhow::Result<MigrationReport> {
+        self.conn.send(&Message::Migrate(request)).await?;
+        loop {
+            match self.conn.recv().await? {
+                Message::Progress(round) => on_round(&round),
+                Message::MigrateDone(report) => return Ok(*report),
+                other => bail!("agent {} sent {} during the migration", self.agent, describe(&other)),
+            }
+        }
+    }
+}

@@ -1,1 +1,389 @@
-fn main() {}
+//! `perfplus`: the agent daemon and the CLI that drives it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use perfplus::agent::{Agent, AgentConfig};
+use perfplus::client::AgentClient;
+use perfplus::protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+use perfplus_common::PAGE_SIZE;
+
+/// Live migration of KVM guests between perfplus agents, with Perf+ page hashing.
+///
+/// Run one agent per host (`perfplus agent`), start VMs on it (`perfplus vm start`), and move them
+/// live (`perfplus migrate`). Every connection is authenticated with the cluster key, a file of hex
+/// digits that every agent and CLI of a cluster shares (`perfplus keygen` makes one).
+#[derive(Parser)]
+#[command(name = "perfplus", version)]
+struct Cli {
+    /// File holding the cluster key (hex). Every agent and CLI of a cluster must use the same key.
+    #[arg(long, global = true, env = "PERFPLUS_CLUSTER_KEY_FILE", default_value = "/etc/perfplus/cluster.key")]
+    cluster_key_file: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent of this host: it hosts VMs and migrates them to and from other agents.
+    Agent(AgentArgs),
+    /// Start, list, inspect and stop VMs on an agent.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Live-migrate a running VM from one agent to another (pre-copy), then print the report.
+    Migrate(MigrateArgs),
+    /// Write a new random cluster key (hex) to a file, or to standard output.
+    Keygen {
+        /// Where to write the key (created with mode 0600). Standard output if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Address to listen on for the CLI and for other agents (port 0 picks a free port; the agent
+    /// prints the address it got).
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    listen: String,
+    /// Directory for the agent's state (its page store of earlier migrations).
+    #[arg(long, default_value = "/var/lib/perfplus")]
+    state_dir: PathBuf,
+    /// Size of the on-disk page store that keeps pages of VMs that left this host, so that their
+    /// content is not sent again if they come back (e.g. 512M; 0 disables it).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    page_store_size: u64,
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Start a VM: the built-in workload guest (`--workload`) or a multiboot kernel (`--kernel`).
+    Start(VmStartArgs),
+    /// List the VMs an agent hosts.
+    List {
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        agent: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM: run state, the guest's own counters, the end of its serial console.
+    Status {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        agent: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM and free its memory.
+    Stop {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        agent: String,
+    },
+}
+
+#[derive(Args)]
+struct VmStartArgs {
+    /// The agent to start the VM on.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    agent: String,
+    /// Name of the VM (A-Z a-z 0-9 - _ .), unique on its agent.
+    #[arg(long)]
+    name: String,
+    /// Guest RAM (K/M/G suffix).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// The built-in self-checking workload guest:
+    /// `dirtier[:working-set=SIZE,rate=N,mix=unique:40,dup:30,zero:10,same:20,hot=P:W,seed=N]`.
+    /// `rate` is page writes per second (k suffix allowed, 0 = flat out); `mix` gives the share of
+    /// pages with fresh random content, content shared with other pages, zero content, and content
+    /// rewritten unchanged; `hot=P:W` sends W % of the writes to the first P % of the working set.
+    #[arg(long, conflicts_with = "kernel")]
+    workload: Option<String>,
+    /// A multiboot (v1) ELF kernel to boot instead of the built-in guest.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Command line for `--kernel`.
+    #[arg(long, default_value = "", requires = "kernel")]
+    cmdline: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Name of the VM to move.
+    name: String,
+    /// Agent that runs the VM now.
+    #[arg(long)]
+    from: String,
+    /// Agent that should run it afterwards.
+    #[arg(long)]
+    to: String,
+    /// Longest acceptable downtime (e.g. 30ms, 0.2s): pre-copy iterates until the remaining dirty
+    /// pages can be sent within it at the rate measured so far.
+    #[arg(long, default_value = "30ms", value_parser = parse_duration_ms)]
+    downtime_target: f64,
+    /// Most pre-copy rounds (the first full pass included) before the final stop-and-copy.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Turn Perf+ hashing off: every dirty page is sent in full (the baseline to compare against).
+    #[arg(long)]
+    no_hashing: bool,
+    /// Do not wait for the guest's self-check on the destination before reporting.
+    #[arg(long)]
+    no_verify: bool,
+    /// Print the report as one JSON object instead of a table (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// The built-in guest's workload when `--workload` names none: every kind of content, so that a
+/// report shows every kind of skip.
+const DEFAULT_WORKLOAD: &str = "working-set=64M rate=10k mix=unique:40,dup:30,zero:10,same:20";
+
+fn main() {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Err(err) = runtime.block_on(run(cli)) {
+        eprintln!("perfplus: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Keygen { out } = &cli.command {
+        return keygen(out.as_deref());
+    }
+    let key = ClusterKey::from_file(&cli.cluster_key_file)
+        .with_context(|| format!("reading the cluster key (see `perfplus keygen`, --cluster-key-file)"))?;
+    match cli.command {
+        Command::Keygen { .. } => unreachable!("handled above"),
+        Command::Agent(args) => {
+            let agent = Agent::bind(AgentConfig {
+                listen: args.listen,
+                state_dir: args.state_dir,
+                key,
+                page_store_pages: args.page_store_size / PAGE_SIZE as u64,
+            })
+            .await?;
+            // Scripts and tests wait for this line to learn the address.
+            println!("perfplus agent listening on {}", agent.local_addr());
+            agent.serve().await
+        }
+        Command::Vm(VmCommand::Start(args)) => {
+            let (kernel, cmdline) = match (&args.kernel, &args.workload) {
+                (Some(path), _) => {
+                    let image = std::fs::read(path).with_context(|| format!("reading kernel {}", path.display()))?;
+                    (KernelSource::Image(image), args.cmdline.clone())
+                }
+                (None, workload) => (KernelSource::Builtin, workload_cmdline(workload.as_deref().unwrap_or("dirtier"))?),
+            };
+            let request = VmStartRequest { name: args.name, memory_bytes: args.memory, vcpus: args.vcpus, kernel, cmdline };
+            let info = AgentClient::connect(&args.agent, &key).await?.start_vm(request).await?;
+            print_vm(&info, args.json)
+        }
+        Command::Vm(VmCommand::List { agent, json }) => {
+            let vms = AgentClient::connect(&agent, &key).await?.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else if vms.is_empty() {
+                println!("no VMs on {agent}");
+            } else {
+                for vm in &vms {
+                    println!("{:<20} {:>8} MiB  {}", vm.name, vm.memory_bytes >> 20, vm.run_state);
+                }
+            }
+            Ok(())
+        }
+        Command::Vm(VmCommand::Status { name, agent, json }) => {
+            let info = AgentClient::connect(&agent, &key).await?.status(&name).await?;
+            print_vm(&info, json)
+        }
+        Command::Vm(VmCommand::Stop { name, agent }) => {
+            AgentClient::connect(&agent, &key).await?.stop(&name).await?;
+            println!("stopped {name} on {agent}");
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let request = MigrateRequest {
+                vm: args.name.clone(),
+                destination: args.to.clone(),
+                options: MigrateOptions {
+                    downtime_target_ms: args.downtime_target,
+                    max_rounds: args.max_rounds,
+                    hashing: !args.no_hashing,
+                    verify_guest: !args.no_verify,
+                },
+            };
+            eprintln!("migrating {} from {} to {} ...", args.name, args.from, args.to);
+            let client = AgentClient::connect(&args.from, &key).await?;
+            let report = client.migrate(request, |round| eprintln!("  {}", round.progress_line())).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            if report.lost_pages > 0 {
+                bail!("{} pages differ between source and destination", report.lost_pages);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn keygen(out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let key = ClusterKey::generate();
+    match out {
+        None => println!("{}", key.to_hex()),
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+            writeln!(file, "{}", key.to_hex())?;
+        }
+    }
+    Ok(())
+}
+
+fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(info)?);
+        return Ok(());
+    }
+    println!("{}: {} ({} MiB, {} vCPU)", info.name, info.run_state, info.memory_bytes >> 20, info.vcpus);
+    println!("  cmdline: {}", info.cmdline);
+    if let Some(g) = &info.guest {
+        println!(
+            "  guest: state {} written {} verified {} sweeps {} mismatches {} max stall {}",
+            g.state,
+            g.pages_written,
+            g.pages_verified,
+            g.verify_sweeps,
+            g.mismatches,
+            g.max_stall_ms().map_or("?".into(), |ms| format!("{ms:.2} ms"))
+        );
+    }
+    if !info.console_tail.is_empty() {
+        println!("  console:");
+        for line in info.console_tail.lines() {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
+/// `dirtier[:k=v,k=v,...]` → the built-in guest's command line (`k=v k=v`). Values of `mix` contain
+/// commas themselves, so a part without `=` continues the previous value.
+fn workload_cmdline(spec: &str) -> anyhow::Result<String> {
+    let (kind, params) = spec.split_once(':').unwrap_or((spec, ""));
+    if kind != "dirtier" {
+        bail!("unknown workload {kind:?}: the built-in guest offers `dirtier`");
+    }
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for part in params.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) => {
+                const KNOWN: [&str; 5] = ["working-set", "rate", "mix", "hot", "seed"];
+                if !KNOWN.contains(&k) {
+                    bail!("unknown workload parameter {k:?} (known: {})", KNOWN.join(", "));
+                }
+                pairs.push((k.to_string(), v.to_string()));
+            }
+            None => match pairs.last_mut() {
+                Some((_, value)) => {
+                    value.push(',');
+                    value.push_str(part);
+                }
+                None => bail!("workload parameter {part:?} is not key=value"),
+            },
+        }
+    }
+    let mut cmdline: Vec<String> = DEFAULT_WORKLOAD
+        .split(' ')
+        .filter(|d| !pairs.iter().any(|(k, _)| d.starts_with(&format!("{k}="))))
+        .map(str::to_string)
+        .collect();
+    cmdline.extend(pairs.into_iter().map(|(k, v)| format!("{k}={v}")));
+    Ok(cmdline.join(" "))
+}
+
+/// `256M`, `1G`, `4096`, `512K` → bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let number: u64 = number.trim().parse().map_err(|_| format!("{text:?} is not a size like 256M or 1G"))?;
+    let unit = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {text:?} (use K, M or G)")),
+    };
+    number.checked_mul(unit).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// `30ms`, `0.5s`, `30` (milliseconds) → milliseconds.
+fn parse_duration_ms(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a duration like 30ms or 0.5s"))?;
+    if !(value > 0.0 && value.is_finite()) {
+        return Err(format!("{text:?}: the duration must be positive"));
+    }
+    Ok(value * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").unwrap_err().contains("unknown size unit"));
+        assert_eq!(parse_duration_ms("30ms"), Ok(30.0));
+        assert_eq!(parse_duration_ms("0.5s"), Ok(500.0));
+        assert!(parse_duration_ms("-1ms").is_err());
+    }
+
+    #[test]
+    fn workload_specs_become_guest_command_lines() {
+        assert_eq!(workload_cmdline("dirtier").unwrap(), DEFAULT_WORKLOAD);
+        assert_eq!(
+            workload_cmdline("dirtier:working-set=256M,rate=20k,mix=unique:10,dup:80,zero:10,same:0").unwrap(),
+            "working-set=256M rate=20k mix=unique:10,dup:80,zero:10,same:0"
+        );
+        assert!(workload_cmdline("dirtier:speed=3").unwrap_err().to_string().contains("unknown workload parameter"));
+        assert!(workload_cmdline("linux").is_err());
+    }
+}

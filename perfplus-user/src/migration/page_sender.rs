@@ -1,0 +1,160 @@
+//! The Perf+ decision for each dirty page: send it in full, as a zero marker, as a reference to content
+//! the destination holds, or not at all because its content did not change since it was last sent.
+//!
+//! The sender keeps, per page, the keyed digest of what the destination has at that page. The
+//! destination's memory starts all zero, so every page starts with the zero page's digest. It also keeps
+//! the set of digest prefixes the destination holds: what it advertised at the start plus everything
+//! sent in this migration. The prefix is a hint: a reference the destination cannot resolve comes back
+//! as "missing" and is sent again in full, so a prefix collision costs a page, never correctness.
+
+use std::collections::HashSet;
+
+use perfplus_common::PAGE_SIZE;
+
+use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher};
+use crate::protocol::frame::PageBatch;
+use crate::report::RoundReport;
+
+/// What was decided for one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageDecision {
+    Full,
+    Zero,
+    Held,
+    Unchanged,
+}
+
+pub struct PageSender {
+    hashing: bool,
+    hasher: PageHasher,
+    zero_digest: PageDigest,
+    /// Digest of what the destination has at each page.
+    at_destination: Vec<PageDigest>,
+    /// Digest prefixes of content the destination holds somewhere.
+    held: HashSet<u64>,
+}
+
+impl PageSender {
+    /// `hashing` off makes every page a full send (the baseline). `held` is what the destination
+    /// advertised.
+    pub fn new(hashing: bool, hasher: PageHasher, pages: u64, held: Vec<u64>) -> Self {
+        let zero_digest = hasher.digest(&[0u8; PAGE_SIZE]);
+        Self {
+            hashing,
+            hasher,
+            zero_digest,
+            at_destination: vec![zero_digest; pages as usize],
+            held: held.into_iter().collect(),
+        }
+    }
+
+    /// Decides how to send `page` whose current content is `data`, appends the item to `batch` (nothing
+    /// for an unchanged page) and counts it in `round`.
+    pub fn add(&mut self, page: u64, data: &[u8; PAGE_SIZE], batch: &mut PageBatch, round: &mut RoundReport) -> PageDecision {
+        let slot = page as usize;
+        if !self.hashing {
+            batch.push_full(page, &[0; 16], data);
+            round.sent_pages += 1;
+            return PageDecision::Full;
+        }
+        if is_zero_page(data) {
+            round.skipped_zero += 1;
+            if self.at_destination[slot] != self.zero_digest {
+                batch.push_zero(page);
+                self.at_destination[slot] = self.zero_digest;
+            }
+            return PageDecision::Zero;
+        }
+        let digest = self.hasher.digest(data);
+        if self.at_destination[slot] == digest {
+            round.skipped_unchanged += 1;
+            return PageDecision::Unchanged;
+        }
+        self.at_destination[slot] = digest;
+        if self.held.contains(&digest_prefix(&digest)) {
+            batch.push_ref(page, &digest);
+            round.skipped_held += 1;
+            PageDecision::Held
+        } else {
+            batch.push_full(page, &digest, data);
+            self.held.insert(digest_prefix(&digest));
+            round.sent_pages += 1;
+            PageDecision::Full
+        }
+    }
+
+    /// Sends `page` in full whatever the destination is thought to hold: the answer to a reference the
+    /// destination could not resolve.
+    pub fn add_full(&mut self, page: u64, data: &[u8; PAGE_SIZE], batch: &mut PageBatch) {
+        let digest = if self.hashing { self.hasher.digest(data) } else { [0; 16] };
+        self.at_destination[page as usize] = digest;
+        if self.hashing {
+            self.held.insert(digest_prefix(&digest));
+        }
+        batch.push_full(page, &digest, data);
+    }
+
+    /// Digest of what the destination has at each page (meaningful with hashing on).
+    pub fn destination_digests(&self) -> &[PageDigest] {
+        &self.at_destination
+    }
+
+    pub fn zero_digest(&self) -> &PageDigest {
+        &self.zero_digest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::PageItem;
+
+    fn page(byte: u8) -> [u8; PAGE_SIZE] {
+        [byte; PAGE_SIZE]
+    }
+
+    fn kinds(batch: &PageBatch) -> Vec<String> {
+        batch
+            .iter()
+            .map(|item| match item.expect("valid item") {
+                PageItem::Full { page, .. } => format!("full {page}"),
+                PageItem::Zero { page } => format!("zero {page}"),
+                PageItem::Ref { page, .. } => format!("ref {page}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hashing_skips_unchanged_zero_and_held_pages() {
+        let hasher = PageHasher::new(&[7; 32]);
+        let held_elsewhere = digest_prefix(&hasher.digest(&page(9)));
+        let mut sender = PageSender::new(true, hasher, 8, vec![held_elsewhere]);
+        let mut batch = PageBatch::with_capacity(8);
+        let mut round = RoundReport::default();
+
+        assert_eq!(sender.add(0, &page(1), &mut batch, &mut round), PageDecision::Full);
+        assert_eq!(sender.add(1, &page(1), &mut batch, &mut round), PageDecision::Held, "same content as page 0");
+        assert_eq!(sender.add(2, &page(0), &mut batch, &mut round), PageDecision::Zero);
+        assert_eq!(sender.add(3, &page(9), &mut batch, &mut round), PageDecision::Held, "advertised");
+        assert_eq!(sender.add(0, &page(1), &mut batch, &mut round), PageDecision::Unchanged);
+        assert_eq!(kinds(&batch), ["full 0", "ref 1", "ref 3"], "a zero page the destination has needs no marker");
+        assert_eq!((round.sent_pages, round.skipped_held, round.skipped_zero, round.skipped_unchanged), (1, 2, 1, 1));
+
+        // Page 0 becomes zero: now a marker is needed.
+        batch.clear();
+        assert_eq!(sender.add(0, &page(0), &mut batch, &mut round), PageDecision::Zero);
+        assert_eq!(kinds(&batch), ["zero 0"]);
+    }
+
+    #[test]
+    fn without_hashing_every_page_is_sent_in_full() {
+        let mut sender = PageSender::new(false, PageHasher::new(&[7; 32]), 4, vec![]);
+        let mut batch = PageBatch::with_capacity(4);
+        let mut round = RoundReport::default();
+        for p in 0..4 {
+            assert_eq!(sender.add(p, &page(0), &mut batch, &mut round), PageDecision::Full);
+        }
+        assert_eq!(round.sent_pages, 4);
+        assert_eq!(batch.len(), 4);
+    }
+}

@@ -1,0 +1,249 @@
+//! Destination side of a migration: create an empty VM, write what arrives, resolve references from
+//! the content index, restore the vCPU state and resume the guest.
+//!
+//! The destination keeps an xxh3 checksum of every page as it writes it (read back from guest memory),
+//! so that at resume it can tell the source what its memory holds without pausing the guest to read it
+//! all again. Nothing but the receiver writes the new guest's memory before it resumes, so those
+//! checksums are the memory at resume.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use perfplus_common::guest_abi::state;
+use perfplus_common::PAGE_SIZE;
+
+use super::source::describe;
+use super::{agent_cpu_ms, PEER_TIMEOUT};
+use crate::content_index::{ContentIndex, HeldSource};
+use crate::hashing::{page_checksum, PageDigest, PageHasher};
+use crate::protocol::connection::Connection;
+use crate::protocol::frame::{PageBatch, PageItem};
+use crate::protocol::{GuestCheck, Message, MigrateBegin, MigrateReady};
+use crate::vm::{GuestStatus, Vm};
+
+/// How many digest prefixes the destination advertises at most (8 bytes each on the wire).
+pub const MAX_ADVERTISED: usize = 16 << 20;
+/// How long the destination waits for the guest's self-check to sweep its working set after the resume.
+pub const GUEST_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the receiver needs from the agent.
+pub struct Inbound {
+    pub hasher: PageHasher,
+    pub index: Arc<Mutex<ContentIndex>>,
+}
+
+/// Counts of what the receiver did.
+#[derive(Default)]
+struct Counters {
+    from_store: u64,
+    from_hosted: u64,
+    from_same_vm: u64,
+}
+
+/// Receives the VM `begin` announces. `install` is called with the running VM once it has resumed
+/// (the agent registers it); before that any error destroys the half-built VM and leaves nothing.
+pub async fn receive(
+    conn: &mut Connection,
+    begin: MigrateBegin,
+    ctx: &Inbound,
+    install: impl FnOnce(Arc<Vm>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let cpu_start = agent_cpu_ms();
+    let mut vm = Vm::create(&begin.vm, begin.memory_bytes, begin.vcpus)
+        .with_context(|| format!("creating VM {} ({} bytes, {} vCPUs)", begin.vm, begin.memory_bytes, begin.vcpus))?;
+    let memory = vm.memory().clone();
+    let key = begin.vm.clone();
+    let held = {
+        let mut index = ctx.index.lock().expect("content index lock");
+        index.add_vm(key.clone(), memory.clone());
+        index.held_prefixes(MAX_ADVERTISED)
+    };
+    let result = receive_pages(conn, &begin, ctx, &mut vm, held).await;
+    let (checksums, counters) = match result {
+        Ok(done) => done,
+        Err(err) => {
+            ctx.index.lock().expect("content index lock").remove_vm(&key);
+            return Err(err);
+        }
+    };
+
+    // The guest is running here now.
+    let vm = Arc::new(vm);
+    let at_resume = vm.guest_status();
+    install(vm.clone())?;
+    conn.send(&Message::PageChecksums { checksums }).await?;
+    let after = if begin.options.verify_guest {
+        wait_for_guest_check(&vm, at_resume.as_ref()).await
+    } else {
+        vm.guest_status()
+    };
+    let verified = match (&at_resume, &after) {
+        (Some(before), Some(after)) => {
+            after.verify_sweeps >= before.verify_sweeps + 2 && after.mismatches == 0 && after.state != state::FAILED
+        }
+        _ => false,
+    };
+    if let Some(after) = &after {
+        if after.mismatches > 0 {
+            tracing::error!(vm = %begin.vm, mismatches = after.mismatches, first = ?after.first_mismatch_page,
+                "the guest's self-check found pages that do not hold what it wrote");
+        }
+    }
+    conn.send(&Message::GuestCheck(GuestCheck {
+        at_resume,
+        after,
+        verified,
+        cpu_ms: agent_cpu_ms() - cpu_start,
+        held_from_store: counters.from_store,
+        held_from_hosted_vms: counters.from_hosted,
+        held_from_this_migration: counters.from_same_vm,
+    }))
+    .await?;
+    match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
+        Ok(Ok(Message::Complete(report))) => tracing::info!(
+            vm = %report.vm,
+            downtime_ms = format!("{:.1}", report.downtime_ms),
+            total_ms = format!("{:.1}", report.total_ms),
+            bytes = report.bytes_on_wire,
+            lost_pages = report.lost_pages,
+            "migration in complete"
+        ),
+        Ok(Ok(other)) => tracing::warn!("source ended with {}", describe(&other)),
+        Ok(Err(err)) => tracing::warn!("source did not send its report: {err:#}"),
+        Err(_) => tracing::warn!("source sent no report within {} s", PEER_TIMEOUT.as_secs()),
+    }
+    Ok(())
+}
+
+/// Everything up to and including the resume. Returns the page checksums at resume.
+async fn receive_pages(
+    conn: &mut Connection,
+    begin: &MigrateBegin,
+    ctx: &Inbound,
+    vm: &mut Vm,
+    held: Vec<u64>,
+) -> anyhow::Result<(Vec<u64>, Counters)> {
+    conn.send(&Message::MigrateReady(MigrateReady { held })).await?;
+    let memory = vm.memory().clone();
+    let zero = [0u8; PAGE_SIZE];
+    let zero_digest = ctx.hasher.digest(&zero);
+    let mut checksums = vec![page_checksum(&zero); memory.page_count() as usize];
+    let mut missing = Vec::new();
+    let mut counters = Counters::default();
+    let mut scratch = Box::new([0u8; PAGE_SIZE]);
+    loop {
+        let message = match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
+            Ok(result) => result.context("receiving from the source")?,
+            Err(_) => bail!("the source sent nothing for {} s", PEER_TIMEOUT.as_secs()),
+        };
+        match message {
+            Message::Pages(batch) => {
+                let mut index = ctx.index.lock().expect("content index lock");
+                let mut apply = Apply {
+                    vm_key: &begin.vm,
+                    memory: &memory,
+                    index: &mut index,
+                    hashing: begin.options.hashing,
+                    zero_digest: &zero_digest,
+                    checksums: &mut checksums,
+                    missing: &mut missing,
+                    counters: &mut counters,
+                    scratch: &mut scratch,
+                };
+                apply.batch(&batch)?;
+            }
+            Message::RoundEnd { round } => {
+                let missing = std::mem::take(&mut missing);
+                conn.send(&Message::RoundAck { round, missing }).await?;
+            }
+            Message::VmState(bytes) => {
+                if !missing.is_empty() {
+                    bail!("source sent the VM state while {} referenced pages are still missing", missing.len());
+                }
+                let state = postcard::from_bytes(&bytes).context("decoding the VM state from the source")?;
+                vm.restore_state(&state).context("restoring the vCPU and device state")?;
+                vm.start().context("starting the migrated guest")?;
+                conn.send(&Message::Running).await?;
+                tracing::info!(vm = %begin.vm, "guest resumed here");
+                return Ok((checksums, counters));
+            }
+            other => bail!("source sent {} during the page transfer", describe(&other)),
+        }
+    }
+}
+
+/// Applies one batch of pages to the incoming guest's memory.
+struct Apply<'a> {
+    vm_key: &'a String,
+    memory: &'a crate::memory::GuestMemory,
+    index: &'a mut ContentIndex,
+    hashing: bool,
+    zero_digest: &'a PageDigest,
+    checksums: &'a mut [u64],
+    missing: &'a mut Vec<u64>,
+    counters: &'a mut Counters,
+    scratch: &'a mut [u8; PAGE_SIZE],
+}
+
+impl Apply<'_> {
+    fn batch(&mut self, batch: &PageBatch) -> anyhow::Result<()> {
+        let pages = self.memory.page_count();
+        for (i, item) in batch.iter().enumerate() {
+            let item = item.with_context(|| format!("malformed page batch from the source (item {i})"))?;
+            let page = match item {
+                PageItem::Full { page, .. } | PageItem::Zero { page } | PageItem::Ref { page, .. } => page,
+            };
+            if page >= pages {
+                bail!("source sent page {page}, but the guest has {pages} pages");
+            }
+            match item {
+                PageItem::Full { page, digest, data } => {
+                    self.memory.write_page(page, data);
+                    if self.hashing {
+                        self.index.record_pages(self.vm_key, &[(page, *digest)]);
+                    }
+                }
+                PageItem::Zero { page } => {
+                    self.memory.write_page(page, &[0; PAGE_SIZE]);
+                    self.index.record_pages(self.vm_key, &[(page, *self.zero_digest)]);
+                }
+                PageItem::Ref { page, digest } => match self.index.resolve(digest, self.vm_key, self.scratch) {
+                    Some(source) => {
+                        self.memory.write_page(page, self.scratch);
+                        self.index.record_pages(self.vm_key, &[(page, *digest)]);
+                        match source {
+                            HeldSource::Store => self.counters.from_store += 1,
+                            HeldSource::HostedVm => self.counters.from_hosted += 1,
+                            HeldSource::SameVm => self.counters.from_same_vm += 1,
+                        }
+                    }
+                    None => {
+                        self.missing.push(page);
+                        continue;
+                    }
+                },
+            }
+            self.memory.read_page(page, self.scratch);
+            self.checksums[page as usize] = page_checksum(self.scratch);
+        }
+        Ok(())
+    }
+}
+
+/// Waits until the guest completed two verification sweeps after `at_resume` (so one ran entirely on
+/// this host), found a mismatch, failed, or the timeout passed. Returns the last status read.
+async fn wait_for_guest_check(vm: &Vm, at_resume: Option<&GuestStatus>) -> Option<GuestStatus> {
+    let at_resume = at_resume?;
+    let deadline = Instant::now() + GUEST_CHECK_TIMEOUT;
+    loop {
+        let status = vm.guest_status()?;
+        let done = status.verify_sweeps >= at_resume.verify_sweeps + 2
+            || status.mismatches > at_resume.mismatches
+            || status.state == state::FAILED;
+        if done || Instant::now() >= deadline {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

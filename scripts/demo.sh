@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The main job on an embedded default: two agents on localhost, one built-in guest, one live migration,
+# the report. Usage: scripts/demo.sh [--json] [any `perfplus migrate` option, e.g. --no-hashing]
+#   MEMORY=1G WORKLOAD=dirtier:working-set=256M,rate=20k,... scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+MEMORY=${MEMORY:-1G}
+WORKLOAD=${WORKLOAD:-dirtier:working-set=256M,rate=20k,mix=unique:40,dup:30,zero:10,same:20}
+json=0
+for arg in "$@"; do [ "$arg" = "--json" ] && json=1; done
+
+cargo build --release --quiet -p perfplus
+bin=$PWD/target/release/perfplus
+work=$(mktemp -d /tmp/perfplus-demo.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+say() { [ "$json" = 1 ] && echo "$*" >&2 || echo "$*"; }
+
+export PERFPLUS_CLUSTER_KEY_FILE=$work/cluster.key
+"$bin" keygen --out "$PERFPLUS_CLUSTER_KEY_FILE"
+
+start_agent() { # name -> prints the address it listens on
+    local name=$1
+    "$bin" agent --listen 127.0.0.1:0 --state-dir "$work/$name" >"$work/$name.out" 2>"$work/$name.log" &
+    pids+=($!)
+    for _ in $(seq 100); do
+        if grep -q "listening on" "$work/$name.out" 2>/dev/null; then
+            sed -n 's/.*listening on //p' "$work/$name.out"
+            return
+        fi
+        sleep 0.1
+    done
+    echo "agent $name did not start:" >&2
+    cat "$work/$name.log" >&2
+    exit 1
+}
+a=$(start_agent a)
+b=$(start_agent b)
+say "agents: A on $a, B on $b (logs in $work while the demo runs)"
+
+"$bin" vm start --agent "$a" --name web1 --memory "$MEMORY" --workload "$WORKLOAD" >/dev/null
+say "started web1 ($MEMORY, $WORKLOAD) on A; waiting for its workload to run"
+for _ in $(seq 600); do
+    state=$("$bin" vm status web1 --agent "$a" --json | sed -n 's/.*"verify_sweeps": *\([0-9]*\).*/\1/p')
+    [ "${state:-0}" -ge 1 ] && break
+    sleep 0.1
+done
+sleep 1
+"$bin" migrate web1 --from "$a" --to "$b" "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, then every test (unit and end-to-end, on real KVM).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+# Release: the end-to-end tests migrate real guests, and MD5 in a debug build is ten times slower.
+cargo test --workspace --release -- --test-threads 2 "$@"
