@@ -646,7 +646,8 @@ mod tests {
     #[test]
     fn truncated_or_corrupt_files_discard() {
         let h = hasher();
-        let damage: [(&str, fn(&Path)); 5] = [
+        type Damage = fn(&Path);
+        let damage: [(&str, Damage); 5] = [
             ("data-truncated", |d| {
                 let f = OpenOptions::new()
                     .write(true)
