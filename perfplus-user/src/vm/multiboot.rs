@@ -395,7 +395,7 @@ pub(crate) mod tests {
         let mut f = Vec::new();
         f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1, 0]);
         f.extend_from_slice(&[0; 8]);
-        let mut p16 = |f: &mut Vec<u8>, v: u16| f.extend_from_slice(&v.to_le_bytes());
+        let p16 = |f: &mut Vec<u8>, v: u16| f.extend_from_slice(&v.to_le_bytes());
         p16(&mut f, 2); // ET_EXEC
         p16(&mut f, 3); // EM_386
         f.extend_from_slice(&1u32.to_le_bytes());
