@@ -195,7 +195,7 @@ fn load_aout(
     mem.zero(load_end, end - load_end)?;
     Ok(Loaded {
         entry: a.entry_addr,
-        ranges: vec![start..end],
+        ranges: std::iter::once(start..end).collect(),
     })
 }
 

@@ -73,6 +73,12 @@ pub struct Control {
     pub cond: Condvar,
 }
 
+impl Default for Control {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Control {
     pub fn new() -> Self {
         Self {
