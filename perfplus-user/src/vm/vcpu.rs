@@ -114,8 +114,11 @@ impl ImmediateExit {
     }
 
     pub fn set(&self, value: u8) {
-        // SAFETY: the pointer is valid (see the Send impl) and aligned for a byte; KVM reads the field
-        // with READ_ONCE, other threads only through this atomic store, so there is no data race.
+        // SAFETY: the pointer is valid (see the Send impl) and a byte needs no alignment. Every Rust
+        // access to `immediate_exit` goes through this atomic store (KVM reads it with READ_ONCE), so
+        // there is no data race on the byte. `VcpuFd::run` briefly holds a `&mut kvm_run` while it
+        // decodes an exit, but it never reads or writes this field; the kvm_run page is shared with
+        // the kernel and always accessed as raw memory, as in Firecracker's kick path.
         unsafe { AtomicU8::from_ptr(self.0) }.store(value, Ordering::SeqCst);
     }
 }
