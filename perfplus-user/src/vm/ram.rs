@@ -1,0 +1,166 @@
+//! The guest-RAM memory slot and its KVM dirty log.
+//!
+//! All guest RAM is one KVM memory slot ([`RAM_SLOT`]) at guest physical address 0, backed by
+//! [`GuestMemory`]. The VM enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (without `INITIALLY_SET`), so
+//! `KVM_GET_DIRTY_LOG` only *reads* the bitmap and a page stays unprotected until `KVM_CLEAR_DIRTY_LOG`
+//! clears its bit and write-protects it again. `kvm-ioctls` lacks `KVM_CLEAR_DIRTY_LOG`; [`RamSlot`]
+//! wraps it the way the crate wraps the others.
+//!
+//! [`RamSlot`] is `Send + Sync` and shared (`Arc`) between the [`super::Vm`] and dirty trackers, so a
+//! tracker can live on another thread than the VM.
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{ensure, Context};
+use kvm_bindings::{kvm_clear_dirty_log, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use perfplus_common::PAGE_SIZE;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iowr_nr;
+
+use crate::memory::GuestMemory;
+
+/// The KVM memory slot that holds all guest RAM.
+pub const RAM_SLOT: u32 = 0;
+
+const KVMIO: u32 = 0xAE;
+// _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log), include/uapi/linux/kvm.h.
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// The guest-RAM memory slot of one VM: registration, dirty-logging switch, dirty bitmap.
+pub struct RamSlot {
+    // Field order matters for drop: the VM fd (and with it the slot) goes before the memory it maps.
+    vm_fd: Arc<VmFd>,
+    memory: Arc<GuestMemory>,
+    /// Whether `KVM_MEM_LOG_DIRTY_PAGES` is set; the lock also serialises re-registrations.
+    logging: Mutex<bool>,
+}
+
+impl RamSlot {
+    /// Registers `memory` as slot [`RAM_SLOT`] at guest physical address 0, without dirty logging.
+    pub(crate) fn register(vm_fd: Arc<VmFd>, memory: Arc<GuestMemory>) -> anyhow::Result<Self> {
+        let slot = Self {
+            vm_fd,
+            memory,
+            logging: Mutex::new(false),
+        };
+        slot.set_region(0)
+            .context("KVM_SET_USER_MEMORY_REGION for guest RAM")?;
+        Ok(slot)
+    }
+
+    fn set_region(&self, flags: u32) -> anyhow::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: RAM_SLOT,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.memory.size(),
+            userspace_addr: self.memory.host_addr() as u64,
+        };
+        // SAFETY: the region is the whole mapping of `self.memory`, which stays mapped as long as this
+        // slot exists (we hold an `Arc` to it, dropped after the VM fd, see the field order), so KVM
+        // never sees an unmapped host range.
+        unsafe { self.vm_fd.set_user_memory_region(region) }?;
+        Ok(())
+    }
+
+    /// The guest memory the slot maps.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Number of 4 KiB pages in the slot (bits of the dirty bitmap).
+    pub fn page_count(&self) -> u64 {
+        self.memory.page_count()
+    }
+
+    /// Whether dirty logging is on.
+    pub fn dirty_logging(&self) -> bool {
+        *self.logging.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Turns dirty logging on or off by re-registering the slot with or without
+    /// `KVM_MEM_LOG_DIRTY_PAGES` (allowed while vCPUs run). Turning it on write-protects every page and
+    /// starts with an empty bitmap; turning it off drops the bitmap. A no-op if already in that state.
+    pub fn set_dirty_logging(&self, on: bool) -> anyhow::Result<()> {
+        let mut logging = self.logging.lock().unwrap_or_else(|e| e.into_inner());
+        if *logging == on {
+            return Ok(());
+        }
+        self.set_region(if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+            .with_context(|| {
+                format!(
+                    "turning KVM dirty logging {}",
+                    if on { "on" } else { "off" }
+                )
+            })?;
+        *logging = on;
+        Ok(())
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: the bitmap of pages written since they were last cleared (one bit per
+    /// page, bit `i % 64` of word `i / 64`). With manual protection this does not clear anything.
+    pub fn get_dirty_log(&self) -> anyhow::Result<Vec<u64>> {
+        ensure!(
+            self.dirty_logging(),
+            "KVM_GET_DIRTY_LOG: dirty logging is off"
+        );
+        let bitmap = self
+            .vm_fd
+            .get_dirty_log(RAM_SLOT, self.memory.size() as usize)
+            .context("KVM_GET_DIRTY_LOG")?;
+        Ok(bitmap)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG`: clears the bits set in `bitmap` (page `first_page + i` for bit `i`) and
+    /// write-protects those pages again, so that the next guest write to them is logged. When this
+    /// returns, every later write to those pages sets their bit again.
+    ///
+    /// `first_page` must be a multiple of 64; the bitmap may extend past the end of memory (those bits
+    /// are ignored).
+    pub fn clear_dirty_log(&self, first_page: u64, bitmap: &[u64]) -> anyhow::Result<()> {
+        let pages = self.page_count();
+        ensure!(
+            first_page.is_multiple_of(64),
+            "KVM_CLEAR_DIRTY_LOG: first page {first_page} is not a multiple of 64"
+        );
+        ensure!(
+            first_page < pages || bitmap.is_empty(),
+            "KVM_CLEAR_DIRTY_LOG: first page {first_page} outside memory of {pages} pages"
+        );
+        if bitmap.is_empty() {
+            return Ok(());
+        }
+        // KVM wants num_pages to be a multiple of 64 unless the range ends at the end of the slot.
+        let num_pages = (bitmap.len() as u64 * 64).min(pages - first_page);
+        let num_pages = u32::try_from(num_pages).context("KVM_CLEAR_DIRTY_LOG: too many pages")?;
+        let mut arg = kvm_clear_dirty_log {
+            slot: RAM_SLOT,
+            num_pages,
+            first_page,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut libc::c_void;
+        // SAFETY: `arg` is a valid kvm_clear_dirty_log for our VM fd; its bitmap pointer refers to
+        // `bitmap`, which holds at least `num_pages` bits (num_pages <= 64 * bitmap.len()) and lives
+        // across the call. KVM only reads the bitmap (the `const`-ness of the pointer is not expressed
+        // in the uapi struct). The return value is checked.
+        let ret = unsafe { ioctl_with_ref(self.vm_fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("KVM_CLEAR_DIRTY_LOG of pages [{first_page}, +{num_pages})")
+            });
+        }
+        Ok(())
+    }
+
+    /// Raw fd of the VM (for diagnostics).
+    pub fn vm_raw_fd(&self) -> i32 {
+        self.vm_fd.as_raw_fd()
+    }
+}
+
+const _: () = assert!(
+    PAGE_SIZE == 4096,
+    "the dirty bitmap has one bit per 4 KiB host page"
+);

@@ -1,0 +1,378 @@
+//! vCPU threads: the KVM_RUN loop, and how the VM pauses, resumes and stops them.
+//!
+//! Each running vCPU has a thread that owns the vCPU fd's lock while it is inside the run loop and
+//! drops it whenever it parks, so that a paused VM's vCPU fds are free for save/restore.
+//!
+//! Kicking a vCPU out of KVM_RUN: under the control lock, the controller sets `kvm_run.immediate_exit`
+//! to 1 and sends the thread [`kick_signal`] (a real-time signal with a no-op handler). If the thread
+//! is inside KVM_RUN the signal makes it return EINTR; if it is about to enter, `immediate_exit` makes
+//! KVM return EINTR at once. The thread only clears `immediate_exit` under the same lock after it saw
+//! the `Run` request, so a kick is never lost. KVM completes a pending port-I/O exit before it honours
+//! `immediate_exit`, and a thread that has handled an I/O exit re-enters KVM_RUN once more before it
+//! parks: when a vCPU is parked, its registers hold the results of all its I/O.
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::devices::Devices;
+use super::RunState;
+
+/// Offset from SIGRTMIN of the signal that kicks vCPU threads out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 1;
+/// How long `pause` waits for every vCPU to park before it reports an error.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The signal used to kick vCPU threads (its handler does nothing; installed once per process).
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> anyhow::Result<()> {
+    static RESULT: OnceLock<i32> = OnceLock::new();
+    let errno = *RESULT.get_or_init(|| {
+        register_signal_handler(kick_signal(), noop_handler)
+            .map(|_| 0)
+            .unwrap_or_else(|e| e.errno())
+    });
+    if errno != 0 {
+        anyhow::bail!(
+            "installing the vCPU kick signal handler: {}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+    }
+    Ok(())
+}
+
+/// What the controller wants the vCPU threads to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+pub struct ControlState {
+    pub want: Want,
+    /// Threads started and not yet exited.
+    pub threads: usize,
+    /// Threads parked (paused, halted, failed, or about to exit).
+    pub parked: usize,
+    pub run_state: RunState,
+}
+
+/// The lock + condvar the controller and the vCPU threads meet on.
+#[derive(Debug)]
+pub struct Control {
+    pub state: Mutex<ControlState>,
+    pub cond: Condvar,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(ControlState {
+                want: Want::Run,
+                threads: 0,
+                parked: 0,
+                run_state: RunState::Created,
+            }),
+            cond: Condvar::new(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `kvm_run.immediate_exit` of one vCPU, writable from any thread.
+#[derive(Clone, Copy, Debug)]
+pub struct ImmediateExit(*mut u8);
+
+// SAFETY: the pointer refers to the vCPU's kvm_run mmap, which lives as long as the vCPU fd; the
+// `VcpuHandle` that holds this also holds the fd (Arc), so the pointer outlives every use. Accesses
+// are atomic byte stores.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: as above; all accesses are atomic.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    pub fn of(vcpu: &mut VcpuFd) -> Self {
+        Self(&mut vcpu.get_kvm_run().immediate_exit as *mut u8)
+    }
+
+    pub fn set(&self, value: u8) {
+        // SAFETY: the pointer is valid (see the Send impl) and a byte needs no alignment. Every Rust
+        // access to `immediate_exit` goes through this atomic store (KVM reads it with READ_ONCE), so
+        // there is no data race on the byte. `VcpuFd::run` briefly holds a `&mut kvm_run` while it
+        // decodes an exit, but it never reads or writes this field; the kvm_run page is shared with
+        // the kernel and always accessed as raw memory, as in Firecracker's kick path.
+        unsafe { AtomicU8::from_ptr(self.0) }.store(value, Ordering::SeqCst);
+    }
+}
+
+/// One vCPU as the VM holds it: its fd and how to kick it.
+pub struct VcpuHandle {
+    pub id: u8,
+    pub fd: Arc<Mutex<VcpuFd>>,
+    pub immediate_exit: ImmediateExit,
+}
+
+/// A started vCPU thread.
+pub struct VcpuThread {
+    pub immediate_exit: ImmediateExit,
+    pub join: std::thread::JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Makes the thread leave KVM_RUN soon. Call with the control lock held.
+    pub fn kick(&self) {
+        self.immediate_exit.set(1);
+        // SAFETY: the JoinHandle is alive, so its pthread_t is valid (the thread is joined only by
+        // `Vm::drop`, which kicks before joining); pthread_kill with a valid signal has no other
+        // precondition.
+        let ret = unsafe {
+            libc::pthread_kill(
+                std::os::unix::thread::JoinHandleExt::as_pthread_t(&self.join),
+                kick_signal(),
+            )
+        };
+        if ret != 0 {
+            tracing::warn!(
+                "pthread_kill of a vCPU thread: {}",
+                std::io::Error::from_raw_os_error(ret)
+            );
+        }
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuContext {
+    pub vm_name: String,
+    pub id: u8,
+    pub fd: Arc<Mutex<VcpuFd>>,
+    pub immediate_exit: ImmediateExit,
+    pub control: Arc<Control>,
+    pub devices: Arc<Mutex<Devices>>,
+}
+
+/// Starts the thread of one vCPU (counted in `control` before this returns).
+pub fn spawn(ctx: VcpuContext) -> anyhow::Result<VcpuThread> {
+    install_kick_handler()?;
+    let immediate_exit = ctx.immediate_exit;
+    ctx.control.lock().threads += 1;
+    let control = ctx.control.clone();
+    let join = std::thread::Builder::new()
+        .name(format!("{}-vcpu{}", ctx.vm_name, ctx.id))
+        .spawn(move || thread_main(ctx))
+        .inspect_err(|_| control.lock().threads -= 1)?;
+    Ok(VcpuThread {
+        immediate_exit,
+        join,
+    })
+}
+
+fn thread_main(ctx: VcpuContext) {
+    // The kick signal must reach this thread even if the spawner had it blocked.
+    if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
+        tracing::warn!("unblocking the vCPU kick signal: {e}");
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&ctx)));
+    let terminal = match outcome {
+        Ok(Some(state)) => Some(state),
+        Ok(None) => None, // asked to stop
+        Err(_) => Some(RunState::Failed(format!("vCPU {} thread panicked", ctx.id))),
+    };
+    let mut st = ctx.control.lock();
+    if let Some(state) = terminal {
+        tracing::info!(vm = %ctx.vm_name, vcpu = ctx.id, "vCPU stopped: {state:?}");
+        if !matches!(st.run_state, RunState::Failed(_)) {
+            st.run_state = state;
+        }
+        // Stay parked (the VM may still be saved) until the VM stops.
+        st.parked += 1;
+        ctx.control.cond.notify_all();
+        while st.want != Want::Stop {
+            st = ctx.control.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    } else {
+        st.parked += 1;
+    }
+    st.threads -= 1;
+    st.parked -= 1;
+    ctx.control.cond.notify_all();
+}
+
+/// Runs until asked to stop (`None`) or the vCPU can no longer run (`Some(Halted | Failed)`).
+fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
+    let mut io_pending = false;
+    loop {
+        {
+            let mut st = ctx.control.lock();
+            // A vCPU with an I/O exit in flight re-enters KVM_RUN once (immediate_exit is set) before
+            // it parks, so that KVM completes the I/O into its registers.
+            if st.want == Want::Stop {
+                return None;
+            }
+            if st.want == Want::Pause && !io_pending {
+                st.parked += 1;
+                ctx.control.cond.notify_all();
+                while st.want == Want::Pause {
+                    st = ctx.control.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                st.parked -= 1;
+                if st.want == Want::Stop {
+                    return None;
+                }
+            }
+            if st.want == Want::Run {
+                ctx.immediate_exit.set(0);
+            }
+        }
+        let mut vcpu = ctx.fd.lock().unwrap_or_else(|e| e.into_inner());
+        let exit = vcpu.run();
+        io_pending = false;
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                lock_devices(ctx).io_in(port, data);
+                io_pending = true;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                lock_devices(ctx).io_out(port, data);
+                io_pending = true;
+            }
+            Ok(VcpuExit::Hlt) => return Some(RunState::Halted),
+            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Shutdown) => {
+                return Some(failure(&vcpu, ctx.id, "shutdown (triple fault)"));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                let what =
+                    format!("KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host cpu {cpu}");
+                return Some(failure(&vcpu, ctx.id, &what));
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active union field.
+                let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                let what = format!(
+                    "KVM_EXIT_INTERNAL_ERROR: suberror {} data {:x?}",
+                    internal.suberror,
+                    &internal.data[..n]
+                );
+                return Some(failure(&vcpu, ctx.id, &what));
+            }
+            Ok(VcpuExit::MmioRead(addr, _)) => {
+                let what =
+                    format!("MMIO read at guest physical {addr:#x} (outside RAM; no MMIO devices)");
+                return Some(failure(&vcpu, ctx.id, &what));
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let what = format!(
+                    "MMIO write of {} bytes at guest physical {addr:#x} (outside RAM; no MMIO devices)",
+                    data.len()
+                );
+                return Some(failure(&vcpu, ctx.id, &what));
+            }
+            Ok(other) => {
+                let what = format!("unexpected KVM exit {other:?}");
+                return Some(failure(&vcpu, ctx.id, &what));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Some(failure(&vcpu, ctx.id, &format!("KVM_RUN: {e}"))),
+        }
+    }
+}
+
+fn lock_devices(ctx: &VcpuContext) -> MutexGuard<'_, Devices> {
+    ctx.devices.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn failure(vcpu: &VcpuFd, id: u8, what: &str) -> RunState {
+    let rip = vcpu
+        .get_regs()
+        .map(|r| format!("{:#x}", r.rip))
+        .unwrap_or_else(|_| "?".into());
+    let msg = format!("vCPU {id}: {what} at rip={rip}");
+    tracing::error!("{msg}");
+    RunState::Failed(msg)
+}
+
+/// Asks every thread to park and waits until all are parked (with their I/O completed).
+pub fn pause_all(control: &Control, threads: &[VcpuThread]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut st = control.lock();
+    if st.threads == 0 || st.want == Want::Stop {
+        return Ok(Duration::ZERO);
+    }
+    st.want = Want::Pause;
+    for t in threads {
+        t.kick();
+    }
+    while st.parked < st.threads {
+        let (guard, timeout) = control
+            .cond
+            .wait_timeout(st, Duration::from_millis(20))
+            .unwrap_or_else(|e| e.into_inner());
+        st = guard;
+        if timeout.timed_out() && st.parked < st.threads {
+            if start.elapsed() > PAUSE_TIMEOUT {
+                anyhow::bail!(
+                    "pause: only {} of {} vCPUs stopped within {PAUSE_TIMEOUT:?}",
+                    st.parked,
+                    st.threads
+                );
+            }
+            // A signal can only be lost if it arrived between two KVM_RUNs, and immediate_exit
+            // covers that; kick again anyway, it is cheap.
+            for t in threads {
+                t.kick();
+            }
+        }
+    }
+    if st.run_state == RunState::Running {
+        st.run_state = RunState::Paused;
+    }
+    Ok(start.elapsed())
+}
+
+/// Lets paused threads run again.
+pub fn resume_all(control: &Control) {
+    let mut st = control.lock();
+    if st.want == Want::Pause {
+        st.want = Want::Run;
+        if st.run_state == RunState::Paused {
+            st.run_state = RunState::Running;
+        }
+        control.cond.notify_all();
+    }
+}
+
+/// Stops and joins every thread.
+pub fn stop_all(control: &Control, threads: Vec<VcpuThread>) {
+    {
+        let mut st = control.lock();
+        st.want = Want::Stop;
+        for t in &threads {
+            t.kick();
+        }
+        control.cond.notify_all();
+    }
+    for t in threads {
+        if t.join.join().is_err() {
+            tracing::warn!("a vCPU thread panicked while stopping");
+        }
+    }
+}
