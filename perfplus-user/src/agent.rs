@@ -220,21 +220,20 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
             bail!("a VM named {:?} already exists on agent {}", req.name, state.name);
         }
     }
-    let (kernel, cmdline) = match req.kernel {
-        KernelSource::Builtin => {
-            let tsc_khz = crate::vm::tsc_khz().context("reading the TSC frequency for the built-in guest")?;
-            (builtin_guest::IMAGE.to_vec(), format!("{} tsc_khz={tsc_khz}", req.cmdline.trim()))
-        }
-        KernelSource::Image(bytes) => (bytes, req.cmdline.clone()),
-    };
     let name = req.name.clone();
     let (memory_bytes, vcpus) = (req.memory_bytes, req.vcpus);
-    let boot_cmdline = cmdline.clone();
-    let vm = tokio::task::spawn_blocking(move || -> anyhow::Result<Vm> {
+    let (vm, cmdline) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vm, String)> {
         let mut vm = Vm::create(&name, memory_bytes, vcpus)?;
-        vm.load_multiboot(&kernel, &boot_cmdline)?;
+        let (kernel, cmdline) = match req.kernel {
+            // The built-in guest paces itself and measures its stalls with the TSC.
+            KernelSource::Builtin => {
+                (builtin_guest::IMAGE.to_vec(), format!("{} tsc_khz={}", req.cmdline.trim(), vm.tsc_khz()))
+            }
+            KernelSource::Image(bytes) => (bytes, req.cmdline),
+        };
+        vm.load_multiboot(&kernel, &cmdline)?;
         vm.start()?;
-        Ok(vm)
+        Ok((vm, cmdline))
     })
     .await??;
     let hosted = HostedVm { vm: Arc::new(vm), memory_bytes, vcpus, cmdline, migrating: false };
@@ -302,7 +301,7 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             let hosted = state.vms.lock().expect("vms lock").remove(&req.vm);
             let report = completed.report;
             if let Some(hosted) = hosted {
-                keep_pages(state, &hosted.vm, completed.page_digests);
+                keep_pages(state, &req.vm, &hosted.vm, completed.page_digests);
                 tokio::task::spawn_blocking(move || drop(hosted)).await?;
             }
             tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
@@ -320,29 +319,29 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
 
 /// Puts the pages of a VM that left into the page store, so that its content is held here if it (or a
 /// VM from the same image) comes back.
-fn keep_pages(state: &AgentState, vm: &Vm, digests: Option<Vec<crate::hashing::PageDigest>>) {
+fn keep_pages(state: &AgentState, name: &str, vm: &Vm, digests: Option<Vec<crate::hashing::PageDigest>>) {
     let Some(digests) = digests else { return };
     let mut index = state.index.lock().expect("index lock");
-    let Some(store) = index.store_mut() else { return };
-    let memory = vm.memory();
-    let zero_digest = state.hasher.digest(&[0u8; PAGE_SIZE]);
-    let mut data = Box::new([0u8; PAGE_SIZE]);
-    let mut kept = 0u64;
-    for (page, digest) in digests.iter().enumerate() {
-        if *digest == zero_digest || store.contains(digest) {
-            continue;
-        }
-        memory.read_page(page as u64, &mut data);
-        if let Err(err) = store.insert(digest, &data) {
-            tracing::warn!("page store: {err:#}");
+    if index.store().is_none() {
+        index.remove_vm(name);
+        return;
+    }
+    if !index.has_vm(name) {
+        if let Err(err) = index.add_vm(name, vm.memory().clone()) {
+            tracing::warn!(vm = %name, "page store: {err}");
             return;
         }
-        kept += 1;
     }
-    if let Err(err) = store.flush() {
-        tracing::warn!("page store: {err:#}");
+    let pages: Vec<(u64, crate::hashing::PageDigest)> =
+        digests.into_iter().enumerate().map(|(page, digest)| (page as u64, digest)).collect();
+    let kept = index.record_pages(name, &pages).map_err(anyhow::Error::from).and_then(|()| index.archive_vm(name));
+    match kept {
+        Ok(kept) => tracing::info!(vm = %name, pages = kept, "kept the departed VM's pages in the page store"),
+        Err(err) => {
+            index.remove_vm(name);
+            tracing::warn!(vm = %name, "page store: {err:#}");
+        }
     }
-    tracing::info!(pages = kept, "kept the departed VM's pages in the page store");
 }
 
 async fn migrate_in(state: &Arc<AgentState>, conn: &mut Connection, begin: crate::protocol::MigrateBegin) -> anyhow::Result<()> {

@@ -34,6 +34,12 @@ enum Command {
     Vm(VmCommand),
     /// Live-migrate a running VM from one agent to another (pre-copy), then print the report.
     Migrate(MigrateArgs),
+    /// Write the built-in workload guest (a multiboot ELF kernel) to a file, e.g. to boot it under
+    /// QEMU with `-kernel FILE -append "working-set=64M rate=10k tsc_khz=..."`.
+    GuestImage {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a new random cluster key (hex) to a file, or to standard output.
     Keygen {
         /// Where to write the key (created with mode 0600). Standard output if absent.
@@ -164,13 +170,19 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Keygen { out } = &cli.command {
-        return keygen(out.as_deref());
+    match &cli.command {
+        Command::Keygen { out } => return keygen(out.as_deref()),
+        Command::GuestImage { out } => {
+            std::fs::write(out, perfplus::vm::builtin_guest::IMAGE)
+                .with_context(|| format!("writing the built-in guest to {}", out.display()))?;
+            return Ok(());
+        }
+        _ => {}
     }
     let key = ClusterKey::from_file(&cli.cluster_key_file)
         .with_context(|| format!("reading the cluster key (see `perfplus keygen`, --cluster-key-file)"))?;
     match cli.command {
-        Command::Keygen { .. } => unreachable!("handled above"),
+        Command::Keygen { .. } | Command::GuestImage { .. } => unreachable!("handled above"),
         Command::Agent(args) => {
             let agent = Agent::bind(AgentConfig {
                 listen: args.listen,

@@ -56,7 +56,7 @@ pub async fn receive(
     let key = begin.vm.clone();
     let held = {
         let mut index = ctx.index.lock().expect("content index lock");
-        index.add_vm(key.clone(), memory.clone());
+        index.add_vm(key.clone(), memory.clone()).context("registering the incoming VM's memory")?;
         index.held_prefixes(MAX_ADVERTISED)
     };
     let result = receive_pages(conn, &begin, ctx, &mut vm, held).await;
@@ -201,17 +201,17 @@ impl Apply<'_> {
                 PageItem::Full { page, digest, data } => {
                     self.memory.write_page(page, data);
                     if self.hashing {
-                        self.index.record_pages(self.vm_key, &[(page, *digest)]);
+                        self.index.record_pages(self.vm_key, &[(page, *digest)])?;
                     }
                 }
                 PageItem::Zero { page } => {
                     self.memory.write_page(page, &[0; PAGE_SIZE]);
-                    self.index.record_pages(self.vm_key, &[(page, *self.zero_digest)]);
+                    self.index.record_pages(self.vm_key, &[(page, *self.zero_digest)])?;
                 }
                 PageItem::Ref { page, digest } => match self.index.resolve(digest, self.vm_key, self.scratch) {
                     Some(source) => {
                         self.memory.write_page(page, self.scratch);
-                        self.index.record_pages(self.vm_key, &[(page, *digest)]);
+                        self.index.record_pages(self.vm_key, &[(page, *digest)])?;
                         match source {
                             HeldSource::Store => self.counters.from_store += 1,
                             HeldSource::HostedVm => self.counters.from_hosted += 1,

@@ -68,11 +68,11 @@ fn tiny_vm(name: &str) -> Vm {
     vm
 }
 
-fn vcpu_threads_named(prefix: &str) -> usize {
+fn vcpu_threads_named(vm_name_part: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.starts_with(prefix))
+        .filter(|comm| comm.starts_with("vcpu") && comm.contains(vm_name_part))
         .count()
 }
 

@@ -175,7 +175,8 @@ pub fn spawn(ctx: VcpuContext) -> anyhow::Result<VcpuThread> {
     ctx.control.lock().threads += 1;
     let control = ctx.control.clone();
     let join = std::thread::Builder::new()
-        .name(format!("{}-vcpu{}", ctx.vm_name, ctx.id))
+        // "vcpu" first: thread names are cut at 15 bytes, and the agent finds vCPU threads by prefix.
+        .name(format!("vcpu{}-{}", ctx.id, ctx.vm_name))
         .spawn(move || thread_main(ctx))
         .inspect_err(|_| control.lock().threads -= 1)?;
     Ok(VcpuThread {
