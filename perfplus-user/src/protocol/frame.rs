@@ -342,9 +342,20 @@ pub enum Frame {
 /// exceed the frame type's limit, so an oversized message is refused here rather than by the peer.
 /// A [`PageBatch`]'s bytes are copied once, into `out`.
 pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let frame_type = FrameType::of(msg);
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let result = put_payload(msg, out).and_then(|()| {
+        let header = FrameHeader::new(FrameType::of(msg), out.len() - start - HEADER_LEN)?;
+        out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
+        Ok(())
+    });
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
     match msg {
         Message::VmStart(req) => put_postcard(out, req),
         Message::VmList | Message::Done => {}
@@ -375,7 +386,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         }
         Message::Error { message } => out.extend_from_slice(message.as_bytes()),
     }
-    finish_frame(out, start, frame_type)
+    Ok(())
 }
 
 /// Appends a `Hello` frame to `out`.
@@ -418,20 +429,6 @@ fn header_bytes(frame_type: FrameType, len: usize) -> [u8; HEADER_LEN] {
         payload_len: len,
     }
     .to_bytes()
-}
-
-fn finish_frame(out: &mut Vec<u8>, start: usize, frame_type: FrameType) -> Result<(), FrameError> {
-    let payload_len = out.len() - start - HEADER_LEN;
-    match FrameHeader::new(frame_type, payload_len) {
-        Ok(header) => {
-            out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
-            Ok(())
-        }
-        Err(e) => {
-            out.truncate(start);
-            Err(e)
-        }
-    }
 }
 
 fn put_postcard<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
@@ -885,4 +882,614 @@ fn parse_item(buf: &[u8], index: usize) -> Result<(PageItem<'_>, usize), FrameEr
         },
     };
     Ok((item, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{
+        KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest,
+    };
+    use crate::report::{MigrationReport, RoundReport};
+    use crate::vm::GuestStatus;
+
+    fn round() -> RoundReport {
+        RoundReport {
+            round: 3,
+            stop_and_copy: true,
+            dirty_pages: 100,
+            sent_pages: 40,
+            skipped_unchanged: 30,
+            skipped_zero: 20,
+            skipped_held: 10,
+            resent_missing: 2,
+            bytes_on_wire: 123_456,
+            duration_ms: 1.5,
+            bandwidth_mbps: 9400.25,
+        }
+    }
+
+    fn report() -> MigrationReport {
+        MigrationReport {
+            vm: "web".into(),
+            source: "10.0.0.1:7000".into(),
+            destination: "10.0.0.2:7000".into(),
+            mode: "precopy".into(),
+            tracker: "dirty-log".into(),
+            hashing: true,
+            memory_bytes: 1 << 30,
+            rounds: vec![round(), RoundReport::default()],
+            downtime_ms: 12.5,
+            guest_max_stall_ms: Some(13.0),
+            guest_pages_written_after: Some(77),
+            stop_reason: "converged".into(),
+            ..Default::default()
+        }
+    }
+
+    fn vm_info() -> VmInfo {
+        VmInfo {
+            name: "web".into(),
+            memory_bytes: 256 << 20,
+            vcpus: 2,
+            run_state: "running".into(),
+            cmdline: "wss=1000".into(),
+            guest: Some(GuestStatus {
+                state: 2,
+                tsc_khz: 3_000_000,
+                first_mismatch_page: Some(5),
+                message: "ok ✓".into(),
+                ..Default::default()
+            }),
+            console_tail: "booted\n".into(),
+        }
+    }
+
+    fn page(fill: u8) -> [u8; PAGE_SIZE] {
+        let mut p = [fill; PAGE_SIZE];
+        p[0] = 0xAB;
+        p[PAGE_SIZE - 1] = fill.wrapping_add(1);
+        p
+    }
+
+    fn batch() -> PageBatch {
+        let mut b = PageBatch::with_capacity(4);
+        b.push_full(7, &[1; 16], &page(0x11));
+        b.push_zero(8);
+        b.push_ref(9, &[2; 16]);
+        b.push_full(u64::MAX, &[3; 16], &page(0x22));
+        b
+    }
+
+    /// One message of every variant.
+    fn every_message() -> Vec<Message> {
+        let options = MigrateOptions {
+            downtime_target_ms: 12.5,
+            max_rounds: 7,
+            hashing: false,
+            verify_guest: true,
+        };
+        vec![
+            Message::VmStart(VmStartRequest {
+                name: "web".into(),
+                memory_bytes: 1 << 28,
+                vcpus: 4,
+                kernel: KernelSource::Image(vec![0x7f, b'E', b'L', b'F', 0, 1, 2]),
+                cmdline: "console=ttyS0".into(),
+            }),
+            Message::VmStart(VmStartRequest {
+                name: String::new(),
+                memory_bytes: 0,
+                vcpus: 1,
+                kernel: KernelSource::Builtin,
+                cmdline: String::new(),
+            }),
+            Message::VmList,
+            Message::VmStatus { name: "web".into() },
+            Message::VmStop { name: "db".into() },
+            Message::Migrate(MigrateRequest {
+                vm: "web".into(),
+                destination: "10.0.0.2:7000".into(),
+                options: options.clone(),
+            }),
+            Message::Vm(vm_info()),
+            Message::Vms(vec![vm_info(), vm_info()]),
+            Message::Vms(vec![]),
+            Message::Done,
+            Message::Progress(round()),
+            Message::MigrateDone(Box::new(report())),
+            Message::MigrateBegin(MigrateBegin {
+                vm: "web".into(),
+                memory_bytes: 1 << 30,
+                vcpus: 2,
+                cmdline: "x=1".into(),
+                options,
+            }),
+            Message::MigrateReady(MigrateReady {
+                held: vec![0, 1, u64::MAX, 0x0123_4567_89ab_cdef],
+            }),
+            Message::MigrateReady(MigrateReady { held: vec![] }),
+            Message::Pages(batch()),
+            Message::Pages(PageBatch::new()),
+            Message::RoundEnd { round: 42 },
+            Message::RoundAck {
+                round: 42,
+                missing: vec![3, 99],
+            },
+            Message::VmState(vec![9, 8, 7]),
+            Message::Running {
+                page_checksums: vec![1, 2, 3, u64::MAX],
+                cpu_ms: 1234.5,
+            },
+            Message::Complete(Box::new(report())),
+            Message::Error {
+                message: "no VM named \"x\" ✗".into(),
+            },
+        ]
+    }
+
+    fn encoded(msg: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(msg, &mut out).unwrap();
+        out
+    }
+
+    fn header(frame_type: u16, flags: u16, len: u32) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&frame_type.to_le_bytes());
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+        h
+    }
+
+    fn frame_bytes(frame_type: FrameType, payload: &[u8]) -> Vec<u8> {
+        let mut f = header(frame_type as u16, 0, payload.len() as u32);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn decode_err(buf: &[u8]) -> String {
+        decode(buf).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let mut seen = std::collections::HashSet::new();
+        for msg in every_message() {
+            let bytes = encoded(&msg);
+            let header = peek_header(&bytes).unwrap().unwrap();
+            assert_eq!(header.frame_type, FrameType::of(&msg));
+            assert_eq!(header.frame_len(), bytes.len());
+            assert_eq!(&bytes[2..4], &[0, 0], "flags");
+            let (decoded, used) = decode(&bytes).unwrap().unwrap();
+            assert_eq!(decoded, msg);
+            assert_eq!(used, bytes.len());
+            // Owned decoding gives the same message.
+            let owned = decode_payload(header, bytes[HEADER_LEN..].to_vec()).unwrap();
+            assert_eq!(owned, Frame::Message(msg.clone()));
+            // Every strict prefix is incomplete, never an error or a message.
+            for cut in [0, 1, HEADER_LEN - 1, HEADER_LEN, bytes.len() - 1] {
+                if cut < bytes.len() {
+                    assert_eq!(decode(&bytes[..cut]).unwrap(), None, "{msg:?} cut at {cut}");
+                }
+            }
+            seen.insert(header.frame_type);
+        }
+        let message_types: Vec<_> = FrameType::ALL
+            .iter()
+            .filter(|t| !matches!(t, FrameType::Hello | FrameType::Auth))
+            .collect();
+        assert_eq!(seen.len(), message_types.len(), "a variant is missing");
+    }
+
+    #[test]
+    fn frames_back_to_back() {
+        let msgs = every_message();
+        let mut stream = Vec::new();
+        for m in &msgs {
+            encode(m, &mut stream).unwrap();
+        }
+        let mut at = 0;
+        let mut got = Vec::new();
+        while let Some((m, used)) = decode(&stream[at..]).unwrap() {
+            got.push(m);
+            at += used;
+        }
+        assert_eq!(at, stream.len());
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn compact_layouts_are_as_documented() {
+        assert_eq!(
+            encoded(&Message::RoundEnd { round: 0x0102_0304 }),
+            frame_bytes(FrameType::RoundEnd, &[4, 3, 2, 1])
+        );
+        let ack = encoded(&Message::RoundAck {
+            round: 1,
+            missing: vec![2],
+        });
+        assert_eq!(
+            ack,
+            frame_bytes(
+                FrameType::RoundAck,
+                &[1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+            )
+        );
+        assert_eq!(
+            encoded(&Message::VmList),
+            vec![0x02, 0x01, 0, 0, 0, 0, 0, 0]
+        );
+        let pages = encoded(&Message::Pages(batch()));
+        assert_eq!(
+            pages.len(),
+            HEADER_LEN + 2 * FULL_ITEM_LEN + ZERO_ITEM_LEN + REF_ITEM_LEN
+        );
+    }
+
+    #[test]
+    fn handshake_frames() {
+        let hello = Hello {
+            min_version: 1,
+            max_version: 3,
+            role: Role::Control,
+            nonce: [7; 32],
+        };
+        let mut out = Vec::new();
+        encode_hello(&hello, &mut out);
+        assert_eq!(out.len(), HEADER_LEN + HELLO_LEN);
+        assert_eq!(&out[HEADER_LEN..HEADER_LEN + 8], b"PERFPLUS");
+        assert_eq!(
+            decode_frame(&out).unwrap(),
+            Some((Frame::Hello(hello), out.len()))
+        );
+        assert_eq!(
+            decode_err(&out),
+            "unexpected handshake frame Hello after the handshake"
+        );
+
+        let auth = Auth { mac: [9; 32] };
+        let mut out = Vec::new();
+        encode_auth(&auth, &mut out);
+        assert_eq!(
+            decode_frame(&out).unwrap(),
+            Some((Frame::Auth(auth), out.len()))
+        );
+
+        let mut bad = hello_payload(&hello);
+        bad[..8].copy_from_slice(b"NOTPERFP");
+        assert_eq!(
+            decode_frame(&frame_bytes(FrameType::Hello, &bad))
+                .unwrap_err()
+                .to_string(),
+            "Hello frame carries magic \"NOTPERFP\" instead of \"PERFPLUS\""
+        );
+        let mut bad = hello_payload(&hello);
+        bad[12] = 9;
+        assert_eq!(
+            decode_frame(&frame_bytes(FrameType::Hello, &bad))
+                .unwrap_err()
+                .to_string(),
+            "payload of frame Hello malformed: unknown role 9"
+        );
+        let mut bad = hello_payload(&hello);
+        bad[8] = 5; // min 5 > max 3
+        assert_eq!(
+            decode_frame(&frame_bytes(FrameType::Hello, &bad))
+                .unwrap_err()
+                .to_string(),
+            "payload of frame Hello malformed: version range 5..=3 is empty"
+        );
+        assert_eq!(
+            decode_frame(&frame_bytes(FrameType::Hello, &[0; 44]))
+                .unwrap_err()
+                .to_string(),
+            "payload of frame Hello is 44 bytes; it must be exactly 45"
+        );
+    }
+
+    #[test]
+    fn page_batch_round_trip() {
+        let b = batch();
+        assert_eq!(b.len(), 4);
+        assert!(!b.is_empty());
+        assert!(!b.is_full());
+        assert_eq!(
+            b.payload_len(),
+            2 * FULL_ITEM_LEN + ZERO_ITEM_LEN + REF_ITEM_LEN
+        );
+        assert_eq!(
+            format!("{b:?}"),
+            "PageBatch { items: 4, payload_len: 8276 }"
+        );
+
+        let bytes = encoded(&Message::Pages(b.clone()));
+        let Some((Message::Pages(decoded), _)) = decode(&bytes).unwrap() else {
+            panic!("not a Pages message");
+        };
+        let items: Vec<_> = decoded.iter().collect::<Result<_, _>>().unwrap();
+        let (p11, p22) = (page(0x11), page(0x22));
+        assert_eq!(
+            items,
+            vec![
+                PageItem::Full {
+                    page: 7,
+                    digest: &[1; 16],
+                    data: &p11
+                },
+                PageItem::Zero { page: 8 },
+                PageItem::Ref {
+                    page: 9,
+                    digest: &[2; 16]
+                },
+                PageItem::Full {
+                    page: u64::MAX,
+                    digest: &[3; 16],
+                    data: &p22
+                },
+            ]
+        );
+        assert_eq!(
+            items.iter().map(PageItem::page).collect::<Vec<_>>(),
+            [7, 8, 9, u64::MAX]
+        );
+        // Zero-copy: the data reference points into the batch's own bytes.
+        if let PageItem::Full { data, .. } = items[0] {
+            let range = decoded.as_bytes().as_ptr_range();
+            assert!(range.contains(&data.as_ptr()));
+        }
+        assert_eq!(decoded, b);
+
+        let mut cleared = decoded.clone();
+        cleared.clear();
+        assert!(cleared.is_empty());
+        assert_eq!(cleared.payload_len(), 0);
+        assert_eq!(cleared.iter().count(), 0);
+    }
+
+    #[test]
+    fn full_page_batch_fits_its_frame() {
+        let mut b = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
+        for i in 0..PAGE_BATCH_MAX_ITEMS as u64 {
+            b.push_full(i, &[i as u8; 16], &page(i as u8));
+        }
+        assert!(b.is_full());
+        assert_eq!(b.payload_len(), PAGE_BATCH_MAX_PAYLOAD);
+        let bytes = encoded(&Message::Pages(b.clone()));
+        let (msg, _) = decode(&bytes).unwrap().unwrap();
+        assert_eq!(msg, Message::Pages(b.clone()));
+
+        // One more item is refused by the encoder, with `out` left as it was.
+        b.push_zero(0);
+        let mut out = vec![1, 2, 3];
+        assert_eq!(
+            encode(&Message::Pages(b.clone()), &mut out)
+                .unwrap_err()
+                .to_string(),
+            "page batch of 1025 items exceeds the limit of 1024 items"
+        );
+        assert_eq!(out, [1, 2, 3]);
+        assert!(pages_header(&b).is_err());
+    }
+
+    #[test]
+    fn page_item_errors_name_the_item() {
+        let mut raw = batch().as_bytes().to_vec();
+        // Item 1 (the zero item) starts right after the first full item.
+        raw[FULL_ITEM_LEN] = 7;
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Pages, &raw)),
+            "page item 1: unknown kind 7"
+        );
+
+        let whole = batch();
+        let raw = &whole.as_bytes()[..FULL_ITEM_LEN + ZERO_ITEM_LEN + 10];
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Pages, raw)),
+            "page item 2: truncated: a reference item is 25 bytes, only 10 remain"
+        );
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Pages, &[KIND_FULL, 0, 0])),
+            "page item 0: truncated: a full item is 4121 bytes, only 3 remain"
+        );
+
+        // More than PAGE_BATCH_MAX_ITEMS small items fit the byte limit but not the item limit.
+        let mut many = PageBatch::new();
+        for i in 0..=PAGE_BATCH_MAX_ITEMS as u64 {
+            many.push_zero(i);
+        }
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Pages, many.as_bytes())),
+            "page batch of 1025 items exceeds the limit of 1024 items"
+        );
+    }
+
+    #[test]
+    fn limits_are_checked_from_the_header_alone() {
+        // 4 GiB - 1 announced, no payload present: refused, not "incomplete".
+        let h = header(FrameType::Pages as u16, 0, u32::MAX);
+        assert_eq!(
+            decode_err(&h),
+            "payload of 4294967295 bytes exceeds the limit 4219904 for frame Pages"
+        );
+        assert!(matches!(
+            peek_header(&h),
+            Err(FrameError::TooLarge {
+                frame: FrameType::Pages,
+                len: 4294967295,
+                max: PAGE_BATCH_MAX_PAYLOAD
+            })
+        ));
+        let h = header(FrameType::Error as u16, 0, 64 * 1024 + 1);
+        assert_eq!(
+            decode_err(&h),
+            "payload of 65537 bytes exceeds the limit 65536 for frame Error"
+        );
+        let h = header(FrameType::RoundEnd as u16, 0, 5);
+        assert_eq!(
+            decode_err(&h),
+            "payload of frame RoundEnd is 5 bytes; it must be exactly 4"
+        );
+        let h = header(FrameType::VmState as u16, 0, 4 * 1024 * 1024 + 1);
+        assert_eq!(
+            decode_err(&h),
+            "payload of 4194305 bytes exceeds the limit 4194304 for frame VmState"
+        );
+        // Exactly at the limit is fine (incomplete here).
+        assert_eq!(
+            decode(&header(FrameType::VmState as u16, 0, 4 << 20)).unwrap(),
+            None
+        );
+
+        // The encoder refuses what the decoder would.
+        let mut out = Vec::new();
+        let err = encode(
+            &Message::Error {
+                message: "x".repeat(ERROR_MAX + 1),
+            },
+            &mut out,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload of 65537 bytes exceeds the limit 65536 for frame Error"
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn header_errors() {
+        assert_eq!(
+            decode_err(&header(0x4547, 0, 0)),
+            "unknown frame type 17735 (0x4547)"
+        );
+        assert_eq!(
+            decode_err(b"GET / HTTP/1.1\r\n"),
+            "unknown frame type 17735 (0x4547)"
+        );
+        assert_eq!(
+            decode_err(&header(FrameType::Done as u16, 0x8000, 0)),
+            "frame Done has flags 0x8000; this version defines none (they must be 0)"
+        );
+        assert_eq!(decode(&[0x08, 0x01, 0]).unwrap(), None);
+    }
+
+    #[test]
+    fn payload_errors() {
+        // postcard string whose length prefix (5) runs past the payload.
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::VmStatus, &[5, b'a'])),
+            "payload of frame VmStatus malformed: Hit the end of buffer, expected more data"
+        );
+        // A valid name followed by a stray byte.
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::VmStop, &[1, b'a', 0xff])),
+            "payload of frame VmStop has 1 trailing bytes after its content"
+        );
+        // KernelSource discriminant 9 does not exist.
+        let mut start = encoded(&every_message()[1]);
+        let kernel_at = start.len() - 2; // ... kernel (1 byte), cmdline length (1 byte)
+        start[kernel_at] = 9;
+        let err = decode_err(&start);
+        assert!(
+            err.starts_with("payload of frame VmStart malformed: "),
+            "{err}"
+        );
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Error, &[0xff, 0xfe])),
+            "payload of frame Error malformed: invalid utf-8 sequence of 1 bytes from index 0"
+        );
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::RoundAck, &[1, 0, 0, 0, 2, 0, 0, 0, 1, 2, 3])),
+            "payload of frame RoundAck malformed: declares 2 missing pages (16 bytes) but carries 3 bytes"
+        );
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::MigrateReady, &[0, 0, 0, 0, 1])),
+            "payload of frame MigrateReady has 1 trailing bytes after its content"
+        );
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::MigrateReady, &[0, 0])),
+            "payload of frame MigrateReady malformed: no room for the count of held digest prefixes"
+        );
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Running, &[0; 7])),
+            "payload of frame Running malformed: shorter than its 8-byte cpu_ms field"
+        );
+        // A count of 4 Gi entries is refused by comparing with the payload, not by allocating.
+        assert_eq!(
+            decode_err(&frame_bytes(FrameType::Running, &[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])),
+            "payload of frame Running malformed: declares 4294967295 page checksums (34359738360 bytes) but carries 0 bytes"
+        );
+        assert_eq!(
+            decode_payload(
+                FrameHeader::new(FrameType::VmState, 3).unwrap(),
+                vec![0; 4 * 1024 * 1024 + 1]
+            )
+            .unwrap_err()
+            .to_string(),
+            "payload of 4194305 bytes exceeds the limit 4194304 for frame VmState"
+        );
+    }
+
+    /// splitmix64: a fixed-seed generator for the fuzz loops.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn fuzz_decode_never_panics() {
+        let mut rng = Rng(0x5eed);
+        let mut outcomes = [0usize; 3]; // incomplete, message, error
+        let mut tally = |r: Result<Option<(Message, usize)>, FrameError>, len: usize| match r {
+            Ok(None) => outcomes[0] += 1,
+            Ok(Some((_, used))) => {
+                assert!(used <= len);
+                outcomes[1] += 1
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                outcomes[2] += 1
+            }
+        };
+        // 1. Random bytes.
+        for _ in 0..3000 {
+            let len = rng.below(64);
+            let buf: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            tally(decode(&buf), buf.len());
+        }
+        // 2. A valid header of a random type, with a random payload of the announced length.
+        for _ in 0..3000 {
+            let t = FrameType::ALL[rng.below(FrameType::ALL.len())];
+            let len = rng.below(t.limit().max().min(200) + 1);
+            let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let buf = frame_bytes(t, &payload);
+            let _ = decode_frame(&buf);
+            tally(decode(&buf), buf.len());
+        }
+        // 3. Valid frames with a few bytes flipped, and truncated.
+        let valid: Vec<Vec<u8>> = every_message().iter().map(encoded).collect();
+        for _ in 0..3000 {
+            let mut buf = valid[rng.below(valid.len())].clone();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(buf.len());
+                buf[at] ^= 1 << rng.below(8);
+            }
+            if rng.below(4) == 0 {
+                buf.truncate(rng.below(buf.len() + 1));
+            }
+            tally(decode(&buf), buf.len());
+        }
+        // Every kind of outcome was reached, so the loops exercised the decoder, not just the header.
+        assert!(outcomes.iter().all(|&n| n > 100), "{outcomes:?}");
+    }
 }
