@@ -637,3 +637,553 @@ async fn write_all_vectored(
     }
     (total, Ok(()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{decode_frame, PageBatch, PageItem, PAGE_BATCH_MAX_ITEMS};
+    use crate::protocol::handshake::Hello;
+    use crate::protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    use tokio::net::TcpListener;
+
+    fn key(byte: u8) -> ClusterKey {
+        ClusterKey::from_hex(&hex::encode([byte; 32])).unwrap()
+    }
+
+    async fn listener() -> (TcpListener, String) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        (l, addr)
+    }
+
+    /// A handshaken pair: (client, server, role the server saw).
+    async fn pair(role: Role) -> (Connection, Connection, Role) {
+        let (l, addr) = listener().await;
+        let k = key(1);
+        let k2 = k.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = l.accept().await.unwrap();
+            Connection::accept(stream, &k2).await
+        });
+        let client = Connection::connect(&addr, role, &k).await.unwrap();
+        let (server, seen) = server.await.unwrap().unwrap();
+        (client, server, seen)
+    }
+
+    /// Accepts one connection with `key` and returns the handshake's error text.
+    async fn accept_error(l: TcpListener, key: ClusterKey, limit: Duration) -> String {
+        let (stream, _) = l.accept().await.unwrap();
+        match Connection::accept_timeout(stream, &key, limit).await {
+            Ok(_) => panic!("handshake succeeded"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn hello(min_version: u16, max_version: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_hello(
+            &Hello {
+                min_version,
+                max_version,
+                role: Role::Peer,
+                nonce: [0x42; 32],
+            },
+            &mut out,
+        );
+        out
+    }
+
+    /// Every frame in `bytes`.
+    fn frames(mut bytes: &[u8]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some((f, used)) = decode_frame(bytes).unwrap() {
+            out.push(f);
+            bytes = &bytes[used..];
+        }
+        assert!(bytes.is_empty(), "{} stray bytes", bytes.len());
+        out
+    }
+
+    const HANDSHAKE_BYTES: u64 = (2 * HEADER_LEN + frame::HELLO_LEN + frame::AUTH_LEN) as u64;
+
+    #[tokio::test]
+    async fn handshake_then_messages_both_ways() {
+        let (mut client, mut server, role) = pair(Role::Control).await;
+        assert_eq!(role, Role::Control);
+        assert_eq!(client.version(), PROTOCOL_VERSION);
+        assert_eq!(server.version(), PROTOCOL_VERSION);
+        assert_eq!(client.peer(), server.writer.stream.local_addr().unwrap());
+        assert_eq!(server.peer(), client.writer.stream.local_addr().unwrap());
+        // Hello + Auth each way, headers included.
+        assert_eq!(client.bytes_sent(), HANDSHAKE_BYTES);
+        assert_eq!(client.bytes_received(), HANDSHAKE_BYTES);
+        assert_eq!(server.bytes_sent(), HANDSHAKE_BYTES);
+
+        client
+            .send(&Message::VmStatus { name: "web".into() })
+            .await
+            .unwrap();
+        assert_eq!(
+            server.recv().await.unwrap(),
+            Message::VmStatus { name: "web".into() }
+        );
+        server.send(&Message::Done).await.unwrap();
+        assert_eq!(client.recv().await.unwrap(), Message::Done);
+
+        // Several queued messages go out with one flush, in order.
+        client.feed(&Message::RoundEnd { round: 1 }).await.unwrap();
+        client.feed(&Message::VmList).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Message::RoundEnd { round: 1 });
+        assert_eq!(server.recv().await.unwrap(), Message::VmList);
+
+        // A full 4 MiB page batch.
+        let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
+        for i in 0..PAGE_BATCH_MAX_ITEMS as u64 {
+            let mut data = [0u8; 4096];
+            data[..8].copy_from_slice(&i.to_le_bytes());
+            batch.push_full(i, &[i as u8; 16], &data);
+        }
+        let sent = Message::Pages(batch);
+        let client_task = tokio::spawn(async move {
+            client.send(&sent).await.unwrap();
+            (client, sent)
+        });
+        let got = server.recv().await.unwrap();
+        let (client, sent) = client_task.await.unwrap();
+        assert_eq!(got, sent);
+        let Message::Pages(got) = got else {
+            unreachable!()
+        };
+        let PageItem::Full { page, data, .. } = got.iter().nth(1000).unwrap().unwrap() else {
+            panic!("item 1000 is not full");
+        };
+        assert_eq!((page, &data[..8]), (1000, &1000u64.to_le_bytes()[..]));
+
+        // Both ends count every byte, and agree.
+        assert_eq!(client.bytes_sent(), server.bytes_received());
+        assert_eq!(client.bytes_received(), server.bytes_sent());
+        let frames_sent = [
+            HEADER_LEN + 4,                 // VmStatus "web" (postcard: len + 3 bytes)
+            HEADER_LEN + 4,                 // RoundEnd
+            HEADER_LEN,                     // VmList
+            HEADER_LEN + got.payload_len(), // Pages
+        ];
+        assert_eq!(
+            client.bytes_sent(),
+            HANDSHAKE_BYTES + frames_sent.iter().sum::<usize>() as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn peer_errors_and_close_become_errors() {
+        let (mut client, mut server, role) = pair(Role::Peer).await;
+        assert_eq!(role, Role::Peer);
+        let server_addr = client.peer();
+        server.send_error("no VM named \"x\"").await;
+        let err = client.recv().await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{server_addr} reported: no VM named \"x\"")
+        );
+        assert!(matches!(
+            err.downcast_ref::<ConnectionError>(),
+            Some(ConnectionError::PeerReported { message, .. }) if message == "no VM named \"x\""
+        ));
+        // An over-long error message is cut to fit its frame rather than lost.
+        server.send_error(&"é".repeat(ERROR_MAX)).await;
+        let err = client.recv().await.unwrap_err().to_string();
+        assert_eq!(
+            err.len(),
+            format!("{server_addr} reported: ").len() + ERROR_MAX
+        );
+
+        drop(server);
+        let err = client.recv().await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("connection closed by {server_addr}")
+        );
+    }
+
+    #[tokio::test]
+    async fn different_keys_are_refused_on_both_sides() {
+        let (l, addr) = listener().await;
+        let server_key = key(2);
+        let server_fp = server_key.fingerprint();
+        let server = tokio::spawn(accept_error(l, server_key, HANDSHAKE_TIMEOUT));
+        let client_key = key(1);
+        let client_err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Control, &client_key)
+                .await
+                .err()
+                .unwrap()
+        );
+        let server_err = server.await.unwrap();
+        assert!(
+            server_err.starts_with("authentication failed: 127.0.0.1:")
+                && server_err.contains(&format!(
+                    "does not hold this cluster's key (this side's key fingerprint: {server_fp})"
+                )),
+            "{server_err}"
+        );
+        assert_eq!(
+            client_err,
+            format!(
+                "authentication failed: {addr} refused this side's proof ({addr} reported: \
+                 authentication failed: the peer does not hold this cluster's key)"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn http_and_garbage_peers_are_refused() {
+        // An HTTP client talking to an agent.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let err = server.await.unwrap();
+        assert!(
+            err.ends_with(
+                "does not speak the perfplus protocol (or not this version): unknown frame type \
+                 17735 (0x4547); its first bytes were \"GET / HT\""
+            ),
+            "{err}"
+        );
+
+        // The CLI pointed at a web server.
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                .await
+                .unwrap();
+            let mut sink = [0u8; 1024];
+            while s.read(&mut sink).await.unwrap_or(0) > 0 {}
+        });
+        let err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Control, &key(1))
+                .await
+                .err()
+                .unwrap()
+        );
+        assert_eq!(
+            err,
+            format!(
+                "{addr} does not speak the perfplus protocol (or not this version): unknown \
+                 frame type 21576 (0x5448); its first bytes were \"HTTP/1.1\""
+            )
+        );
+
+        // Random bytes whose first two happen to be a known type announce an absurd length.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(&[0x03, 0x02, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3])
+            .await
+            .unwrap();
+        let err = server.await.unwrap();
+        assert!(
+            err.ends_with(
+                "does not speak the perfplus protocol (or not this version): payload of \
+                 4022250974 bytes exceeds the limit 4219904 for frame Pages"
+            ),
+            "{err}"
+        );
+
+        // A peer that closes after a few bytes.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(&[1, 0, 0]).await.unwrap();
+        drop(raw);
+        let err = server.await.unwrap();
+        assert!(
+            err.contains("connection closed by 127.0.0.1:")
+                && err.ends_with("in the middle of a frame (3 of the 8 header bytes arrived)"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_magic_is_refused() {
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        let mut h = hello(1, 1);
+        h[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(b"NOTPERFP");
+        raw.write_all(&h).await.unwrap();
+        let err = server.await.unwrap();
+        assert!(
+            err.ends_with(
+                "does not speak the perfplus protocol (or not this version): Hello frame carries \
+                 magic \"NOTPERFP\" instead of \"PERFPLUS\""
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn incompatible_versions_are_refused_on_both_sides() {
+        // A newer client, talking to this build as a server.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(&hello(7, 9)).await.unwrap();
+        let client_addr = raw.local_addr().unwrap();
+        let err = server.await.unwrap();
+        assert_eq!(
+            err,
+            format!(
+                "handshake with {client_addr} refused: incompatible protocol versions: this side \
+                 speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {client_addr} speaks 7..=9"
+            )
+        );
+        // The server answered with its Hello (so the client learns its range), then an Error frame.
+        let mut reply = Vec::new();
+        raw.read_to_end(&mut reply).await.unwrap();
+        let reply = frames(&reply);
+        assert_eq!(reply.len(), 2, "{reply:?}");
+        let Frame::Hello(server_hello) = &reply[0] else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(
+            (server_hello.min_version, server_hello.max_version),
+            (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+        );
+        assert_eq!(
+            reply[1],
+            Frame::Message(Message::Error {
+                message: format!(
+                    "incompatible protocol versions: this side speaks \
+                     {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer speaks 7..=9"
+                )
+            })
+        );
+
+        // This build as a client, talking to a newer server.
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut first = [0u8; HEADER_LEN + frame::HELLO_LEN];
+            s.read_exact(&mut first).await.unwrap();
+            s.write_all(&hello(7, 9)).await.unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        });
+        let err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Peer, &key(1))
+                .await
+                .err()
+                .unwrap()
+        );
+        assert_eq!(
+            err,
+            format!(
+                "handshake with {addr} refused: incompatible protocol versions: this side speaks \
+                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {addr} speaks 7..=9"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_peers_time_out() {
+        let limit = Duration::from_millis(200);
+        // A client that connects and says nothing.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), limit));
+        let raw = TcpStream::connect(&addr).await.unwrap();
+        let client_addr = raw.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let err = server.await.unwrap();
+        assert_eq!(
+            err,
+            format!("handshake with {client_addr} timed out after 0.2 s")
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(raw);
+
+        // A server that accepts and says nothing.
+        let (l, addr) = listener().await;
+        let hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(s);
+        });
+        let err = Connection::connect_timeout(&addr, Role::Peer, &key(1), limit)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!("connecting to {addr} timed out after 0.2 s (no complete handshake)")
+        );
+        hold.abort();
+
+        // Nobody listening.
+        let (l, addr) = listener().await;
+        drop(l);
+        let err = Connection::connect(&addr, Role::Peer, &key(1))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot connect to {addr}: ")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_from_its_header() {
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        let client_addr = server.peer();
+        // Announce 4 GiB - 1 of pages and send nothing more: the server must not wait for (or
+        // allocate) the payload.
+        let mut header = Vec::new();
+        header.extend_from_slice(&(FrameType::Pages as u16).to_le_bytes());
+        header.extend_from_slice(&0u16.to_le_bytes());
+        header.extend_from_slice(&u32::MAX.to_le_bytes());
+        client.writer.stream.write_all(&header).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), server.recv())
+            .await
+            .expect("refused at once")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{client_addr} sent a bad frame: payload of 4294967295 bytes exceeds the limit \
+                 4219904 for frame Pages"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn stray_handshake_frame_and_truncated_frame() {
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        let client_addr = server.peer();
+        client.writer.stream.write_all(&hello(1, 1)).await.unwrap();
+        assert_eq!(
+            server.recv().await.unwrap_err().to_string(),
+            format!("{client_addr} sent a bad frame: unexpected handshake frame Hello after the handshake")
+        );
+
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        let client_addr = server.peer();
+        let mut round_end = Vec::new();
+        frame::encode(&Message::RoundEnd { round: 5 }, &mut round_end).unwrap();
+        client
+            .writer
+            .stream
+            .write_all(&round_end[..HEADER_LEN + 2])
+            .await
+            .unwrap();
+        drop(client);
+        assert_eq!(
+            server.recv().await.unwrap_err().to_string(),
+            format!(
+                "connection closed by {client_addr} in the middle of a frame (2 of the 4 payload \
+                 bytes of frame RoundEnd arrived)"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn recv_is_cancel_safe() {
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        let mut bytes = Vec::new();
+        let msg = Message::RoundAck {
+            round: 3,
+            missing: (0..1000).collect(),
+        };
+        frame::encode(&msg, &mut bytes).unwrap();
+        // Header and part of the payload, then a recv that gives up, then the rest.
+        client.writer.stream.write_all(&bytes[..5]).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), server.recv())
+                .await
+                .is_err()
+        );
+        client
+            .writer
+            .stream
+            .write_all(&bytes[5..100])
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), server.recv())
+                .await
+                .is_err()
+        );
+        client.writer.stream.write_all(&bytes[100..]).await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), msg);
+    }
+
+    #[tokio::test]
+    async fn split_halves_stream_and_ack_concurrently() {
+        let (client, mut server, _) = pair(Role::Peer).await;
+        // Server: acknowledges every batch with its item count, then echoes RoundEnd.
+        let server_task = tokio::spawn(async move {
+            loop {
+                match server.recv().await.unwrap() {
+                    Message::Pages(b) => {
+                        let items = b.iter().filter(|i| i.is_ok()).count() as u32;
+                        server
+                            .send(&Message::RoundAck {
+                                round: items,
+                                missing: vec![],
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    Message::RoundEnd { round } => {
+                        server.send(&Message::RoundEnd { round }).await.unwrap();
+                        return server;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        });
+        let (mut reader, mut writer) = client.into_split();
+        let batches = 40u32;
+        let writer_task = tokio::spawn(async move {
+            for n in 1..=batches {
+                let mut b = PageBatch::with_capacity(n as usize);
+                for p in 0..n as u64 {
+                    match p % 3 {
+                        0 => b.push_full(p, &[1; 16], &[p as u8; 4096]),
+                        1 => b.push_zero(p),
+                        _ => b.push_ref(p, &[2; 16]),
+                    }
+                }
+                writer.send(&Message::Pages(b)).await.unwrap();
+            }
+            writer.send(&Message::RoundEnd { round: 99 }).await.unwrap();
+            writer
+        });
+        let mut acks = Vec::new();
+        loop {
+            match reader.recv().await.unwrap() {
+                Message::RoundAck { round, .. } => acks.push(round),
+                Message::RoundEnd { round } => {
+                    assert_eq!(round, 99);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(acks, (1..=batches).collect::<Vec<_>>());
+        let writer = writer_task.await.unwrap();
+        let server = server_task.await.unwrap();
+        assert_eq!(writer.bytes_sent(), server.bytes_received());
+        assert_eq!(reader.bytes_received(), server.bytes_sent());
+        assert_eq!(reader.bytes_sent(), writer.bytes_sent());
+        assert_eq!(reader.peer(), writer.peer());
+    }
+}
