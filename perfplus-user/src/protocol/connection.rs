@@ -13,8 +13,8 @@
 //!   [`Connection::flush`] puts the queue on the wire, [`Connection::send`] does both. A `Pages` frame's
 //!   items are not copied into the buffer: the header and the batch bytes go out in one vectored write.
 //!   `TCP_NODELAY` is set, so each flush leaves at once.
-//! - Errors: an `Error` frame from the peer becomes an `Err` ("<peer> reported: <message>"), an end of
-//!   stream becomes "connection closed by <peer>"; both are [`ConnectionError`]s inside the
+//! - Errors: an `Error` frame from the peer becomes an `Err` (`"<peer> reported: <message>"`), an end
+//!   of stream becomes `"connection closed by <peer>"`; both are [`ConnectionError`]s inside the
 //!   `anyhow::Error`, for callers that need to tell them apart.
 //!
 //! [`Connection::into_split`] gives a reader and a writer half that can live in different tasks
@@ -173,7 +173,7 @@ impl Connection {
     }
 
     /// Receives the next message. An `Error` frame from the peer is returned as an `Err`
-    /// ("<peer> reported: <message>"), the end of the stream as "connection closed by <peer>".
+    /// (`"<peer> reported: <message>"`), the end of the stream as `"connection closed by <peer>"`.
     /// Cancel-safe.
     pub async fn recv(&mut self) -> anyhow::Result<Message> {
         self.reader.recv().await
