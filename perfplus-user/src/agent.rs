@@ -141,9 +141,10 @@ async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Messag
             conn.send(&Message::Vm(info)).await
         }
         Message::VmList => {
-            let vms = state.vms.lock().expect("vms lock");
-            let mut infos: Vec<VmInfo> = vms.iter().map(|(name, vm)| vm_info(name, vm)).collect();
-            drop(vms);
+            let mut infos: Vec<VmInfo> = {
+                let vms = state.vms.lock().expect("vms lock");
+                vms.iter().map(|(name, vm)| vm_info(name, vm)).collect()
+            };
             infos.sort_by(|a, b| a.name.cmp(&b.name));
             conn.send(&Message::Vms(infos)).await
         }

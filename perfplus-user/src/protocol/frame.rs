@@ -22,7 +22,8 @@
 //! - `RoundEnd`: `u32 round`.
 //! - `RoundAck`: `u32 round`, `u32 count`, `count × u64` missing pages.
 //! - `MigrateReady`: `u32 count`, `count × u64` held digest prefixes.
-//! - `Running`: `f64 cpu_ms` (IEEE bits), `u32 count`, `count × u64` page checksums.
+//! - `Running`: empty.
+//! - `PageChecksums`: `u32 count`, `count × u64` page checksums.
 //! - `VmState`: the bytes as given (already a postcard encoding, see [`Message::VmState`]).
 //! - `Pages`: a sequence of page items (see [`PageBatch`]).
 //! - every other frame: the postcard encoding of the variant's payload struct or field.
@@ -64,7 +65,7 @@ pub const CONTROL_MAX: usize = MIB;
 /// Largest `Vms` payload (a list of VMs with their console tails).
 pub const VM_LIST_MAX: usize = 16 * MIB;
 /// Largest payload that carries a kernel image or a per-page array (`VmStart`, `MigrateReady`,
-/// `RoundAck`, `Running`): 128 MiB, i.e. 16 Mi pages = 64 GiB of guest memory for the arrays.
+/// `RoundAck`, `PageChecksums`): 128 MiB, i.e. 16 Mi pages = 64 GiB of guest memory for the arrays.
 pub const BULK_MAX: usize = 128 * MIB;
 /// Largest `VmState` payload.
 pub const VM_STATE_MAX: usize = 4 * MIB;
@@ -216,9 +217,13 @@ frame_types! {
     /// [`Message::VmState`].
     VmState = 0x0206, Limit::Max(VM_STATE_MAX);
     /// [`Message::Running`].
-    Running = 0x0207, Limit::Max(BULK_MAX);
+    Running = 0x0207, Limit::Exact(0);
     /// [`Message::Complete`].
     Complete = 0x0208, Limit::Max(CONTROL_MAX);
+    /// [`Message::PageChecksums`].
+    PageChecksums = 0x0209, Limit::Max(BULK_MAX);
+    /// [`Message::GuestCheck`].
+    GuestCheck = 0x020a, Limit::Max(CONTROL_MAX);
 }
 
 impl fmt::Display for FrameType {
@@ -247,7 +252,9 @@ impl FrameType {
             Message::RoundEnd { .. } => FrameType::RoundEnd,
             Message::RoundAck { .. } => FrameType::RoundAck,
             Message::VmState(_) => FrameType::VmState,
-            Message::Running { .. } => FrameType::Running,
+            Message::Running => FrameType::Running,
+            Message::PageChecksums { .. } => FrameType::PageChecksums,
+            Message::GuestCheck(_) => FrameType::GuestCheck,
             Message::Complete(_) => FrameType::Complete,
             Message::Error { .. } => FrameType::Error,
         }
@@ -377,13 +384,9 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
             put_u64s(out, missing);
         }
         Message::VmState(state) => out.extend_from_slice(state),
-        Message::Running {
-            page_checksums,
-            cpu_ms,
-        } => {
-            out.extend_from_slice(&cpu_ms.to_le_bytes());
-            put_u64s(out, page_checksums);
-        }
+        Message::Running => {}
+        Message::PageChecksums { checksums } => put_u64s(out, checksums),
+        Message::GuestCheck(check) => put_postcard(out, check),
         Message::Error { message } => out.extend_from_slice(message.as_bytes()),
     }
     Ok(())
@@ -533,15 +536,11 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
             missing: get_u64s(frame_type, &p[4..], "missing pages")?,
         },
         FrameType::VmState => Message::VmState(p.to_vec()),
-        FrameType::Running => {
-            let bits = p
-                .first_chunk::<8>()
-                .ok_or_else(|| malformed(frame_type, "shorter than its 8-byte cpu_ms field"))?;
-            Message::Running {
-                cpu_ms: f64::from_le_bytes(*bits),
-                page_checksums: get_u64s(frame_type, &p[8..], "page checksums")?,
-            }
-        }
+        FrameType::Running => Message::Running,
+        FrameType::PageChecksums => Message::PageChecksums {
+            checksums: get_u64s(frame_type, p, "page checksums")?,
+        },
+        FrameType::GuestCheck => Message::GuestCheck(get_postcard(frame_type, p)?),
         FrameType::Complete => Message::Complete(Box::new(get_postcard(frame_type, p)?)),
     };
     Ok(Frame::Message(msg))
@@ -1017,10 +1016,19 @@ mod tests {
                 missing: vec![3, 99],
             },
             Message::VmState(vec![9, 8, 7]),
-            Message::Running {
-                page_checksums: vec![1, 2, 3, u64::MAX],
-                cpu_ms: 1234.5,
+            Message::Running,
+            Message::PageChecksums {
+                checksums: vec![1, 2, 3, u64::MAX],
             },
+            Message::GuestCheck(crate::protocol::GuestCheck {
+                at_resume: Some(crate::vm::GuestStatus::default()),
+                after: None,
+                verified: true,
+                cpu_ms: 12.5,
+                held_from_store: 1,
+                held_from_hosted_vms: 2,
+                held_from_this_migration: 3,
+            }),
             Message::Complete(Box::new(report())),
             Message::Error {
                 message: "no VM named \"x\" ✗".into(),
@@ -1413,12 +1421,12 @@ mod tests {
         );
         assert_eq!(
             decode_err(&frame_bytes(FrameType::Running, &[0; 7])),
-            "payload of frame Running malformed: shorter than its 8-byte cpu_ms field"
+            "payload of frame Running is 7 bytes; it must be exactly 0"
         );
         // A count of 4 Gi entries is refused by comparing with the payload, not by allocating.
         assert_eq!(
-            decode_err(&frame_bytes(FrameType::Running, &[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])),
-            "payload of frame Running malformed: declares 4294967295 page checksums (34359738360 bytes) but carries 0 bytes"
+            decode_err(&frame_bytes(FrameType::PageChecksums, &[0xff, 0xff, 0xff, 0xff])),
+            "payload of frame PageChecksums malformed: declares 4294967295 page checksums (34359738360 bytes) but carries 0 bytes"
         );
         assert_eq!(
             decode_payload(

@@ -7,14 +7,18 @@
 //!
 //! ## Handshake (both roles)
 //! ```text
-//! A                                    B
-//! |-- Hello{version range, role, nonce_a} -->|
-//! |<-- Hello{version range, role, nonce_b} --|   both check the version ranges overlap
-//! |-- Auth{HMAC(key, "a" || nonce_a || nonce_b)} -->|
-//! |<-- Auth{HMAC(key, "b" || nonce_b || nonce_a)} --|   both check the peer's proof
+//! A (initiator)                                  B (responder)
+//! |-- Hello{"PERFPLUS", min..=max, role, nonce_a} -->|
+//! |<-- Hello{"PERFPLUS", min..=max, role, nonce_b} --|  both check the version ranges overlap; B echoes the role
+//! |-- Auth{HMAC(k, "a" || hello_a || hello_b)} ----->|  B checks A's proof before sending its own
+//! |<-- Auth{HMAC(k, "b" || hello_b || hello_a)} -----|  A checks B's proof
 //! ```
-//! The key is the cluster key every agent and CLI of a cluster holds (never sent). A peer without it is
-//! refused with an error frame that says so, before any other message is read.
+//! `k` = HMAC(cluster key, "perfplus handshake v1"); `hello_x` = the 45 payload bytes of that side's
+//! Hello, so the proofs cover both nonces, both version ranges and the role. The agreed version is the
+//! highest in both ranges; the Hello layout never changes between versions. The whole handshake is
+//! time-limited (10 s). The cluster key is never sent. A peer without it is refused with an error frame
+//! that says so, before any other message is read. The handshake authenticates the ends only: frames
+//! after it are neither encrypted nor authenticated, so agents belong on a trusted network (or a tunnel).
 //!
 //! ## Migration (source agent → destination agent, role Peer)
 //! ```text
