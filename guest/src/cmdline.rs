@@ -115,6 +115,8 @@ fn parse_hot(v: &[u8]) -> Option<(u8, u8)> {
 }
 
 /// Parses the command line; `Err` holds the message for the status page.
+// The error is a fixed-size line buffer (there is no allocator); it is returned once, at boot.
+#[allow(clippy::result_large_err)]
 pub fn parse(cmdline: &[u8]) -> Result<Config, Line> {
     let mut c = Config::default();
     for word in cmdline.split(|c| c.is_ascii_whitespace()) {

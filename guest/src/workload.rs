@@ -42,11 +42,11 @@ struct Size(u64);
 impl core::fmt::Display for Size {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let b = self.0;
-        if b >= 1 << 30 && b % (1 << 30) == 0 {
+        if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
             write!(f, "{}G", b >> 30)
-        } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+        } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
             write!(f, "{}M", b >> 20)
-        } else if b % 1024 == 0 {
+        } else if b.is_multiple_of(1024) {
             write!(f, "{}K", b >> 10)
         } else {
             write!(f, "{b}")
@@ -348,11 +348,7 @@ impl<'a> Workload<'a> {
         let hz = self.tsc_hz;
         // Pacing: one write every `interval` cycles; at most `max_backlog` cycles of missed writes
         // are caught up (after a long pause, e.g. a migration's switch-over, the rest are dropped).
-        let interval = if self.rate == 0 {
-            0
-        } else {
-            (hz / self.rate).max(1)
-        };
+        let interval = hz.checked_div(self.rate).map_or(0, |i| i.max(1));
         let max_backlog = hz / 100;
         let mut heartbeat = 0u64;
         let mut max_stall = 0u64;
@@ -387,7 +383,7 @@ impl<'a> Workload<'a> {
 
             let write = if interval == 0 {
                 unpaced_count += 1;
-                unpaced_count % (UNPACED_WRITES_PER_VERIFY + 1) != 0
+                !unpaced_count.is_multiple_of(UNPACED_WRITES_PER_VERIFY + 1)
             } else if now >= next_write {
                 next_write += interval;
                 if now > next_write + max_backlog {
@@ -428,8 +424,8 @@ impl<'a> Workload<'a> {
                     self.sweeps,
                     per_s(ds)
                 );
-                if ds > 0 {
-                    let _ = write!(l, ", {} us/sweep", el * 1_000_000 / hz / ds);
+                if let Some(us) = (el * 1_000_000 / hz).checked_div(ds) {
+                    let _ = write!(l, ", {us} us/sweep");
                 }
                 let _ = write!(
                     l,
