@@ -33,8 +33,7 @@ const REMOVED_VARS: &[&str] = &[
 ];
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir
         .parent()
         .expect("perfplus-user lives inside the workspace")
@@ -59,13 +58,7 @@ fn main() {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&guest_dir)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            GUEST_TARGET,
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"])
         .arg(&target_dir);
     for (key, _) in env::vars_os() {
         let Some(k) = key.to_str() else { continue };
@@ -95,19 +88,12 @@ fn main() {
         println!("cargo:warning=guest: {line}");
     }
 
-    let elf = target_dir
-        .join(GUEST_TARGET)
-        .join("release")
-        .join(GUEST_BIN);
+    let elf = target_dir.join(GUEST_TARGET).join("release").join(GUEST_BIN);
     let dest = out_dir.join("perfplus-guest.elf");
     if let Err(e) = std::fs::copy(&elf, &dest) {
         fail(
             &guest_dir,
-            &format!(
-                "could not copy {} to {}: {e}",
-                elf.display(),
-                dest.display()
-            ),
+            &format!("could not copy {} to {}: {e}", elf.display(), dest.display()),
             &stderr,
         );
     }
@@ -118,9 +104,7 @@ fn fail(guest_dir: &Path, what: &str, stderr: &str) -> ! {
         "the built-in guest needs the x86_64-unknown-none target: run `rustup target add x86_64-unknown-none` \
          (and `rustup component add rust-src`)",
     );
-    if stderr.contains("can't find crate for `core`")
-        || stderr.contains("target may not be installed")
-    {
+    if stderr.contains("can't find crate for `core`") || stderr.contains("target may not be installed") {
         hint = format!("likely fix: {hint}");
     } else {
         hint = format!("if the error mentions a missing target or `core`: {hint}; try `cargo build --release` in {} to see the error on its own", guest_dir.display());

@@ -36,7 +36,10 @@ fn killing_the_destination_mid_migration_leaves_the_source_guest_running() {
     let mut seen = String::new();
     loop {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "migrate ended before any round:\n{seen}");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "migrate ended before any round:\n{seen}"
+        );
         seen.push_str(&line);
         if line.contains("round  2") {
             break;
@@ -47,16 +50,21 @@ fn killing_the_destination_mid_migration_leaves_the_source_guest_running() {
     stderr.read_to_string(&mut rest).unwrap();
     let status = migrate.wait().unwrap();
     assert!(!status.success(), "the migration must fail:\n{seen}{rest}");
-    assert!(rest.contains("keeps running here"), "the error says the VM stayed: {rest}");
+    assert!(
+        rest.contains("keeps running here"),
+        "the error says the VM stayed: {rest}"
+    );
 
     // The guest runs on A, unpaused, and its self-check keeps passing over full sweeps.
     let before = cluster.status(&a, "victim");
     assert_eq!(before["run_state"], "running", "{before}");
     let sweeps = guest_counter(&before, "verify_sweeps");
     let written = guest_counter(&before, "pages_written");
-    wait_until(Duration::from_secs(20), "two more verification sweeps on the source", || {
-        guest_counter(&cluster.status(&a, "victim"), "verify_sweeps") >= sweeps + 2
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "two more verification sweeps on the source",
+        || guest_counter(&cluster.status(&a, "victim"), "verify_sweeps") >= sweeps + 2,
+    );
     let after = cluster.status(&a, "victim");
     assert!(guest_counter(&after, "pages_written") > written);
     assert_eq!(guest_counter(&after, "mismatches"), 0);
@@ -73,7 +81,11 @@ fn a_peer_without_the_cluster_key_is_refused() {
     let cluster = Cluster::new();
     let a = cluster.agent("a");
     let other_key = cluster.dir.path().join("other.key");
-    let out = Command::new(PERFPLUS).args(["keygen", "--out"]).arg(&other_key).output().unwrap();
+    let out = Command::new(PERFPLUS)
+        .args(["keygen", "--out"])
+        .arg(&other_key)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 
     let refused = cli_with_key(&other_key, &["vm", "list", "--agent", &a.addr]);
@@ -84,7 +96,10 @@ fn a_peer_without_the_cluster_key_is_refused() {
     // The agent itself is unharmed and serves a client with the key.
     let fine = cluster.cli(&["vm", "list", "--agent", &a.addr]);
     assert!(fine.status.success(), "{}", String::from_utf8_lossy(&fine.stderr));
-    assert!(a.log_text().contains("authentication failed"), "the agent logs the refusal");
+    assert!(
+        a.log_text().contains("authentication failed"),
+        "the agent logs the refusal"
+    );
 }
 
 #[test]
@@ -106,7 +121,11 @@ fn garbage_instead_of_a_handshake_is_refused_with_a_reason() {
     }
     let error = error.unwrap_or_else(|| panic!("no error frame in the agent's answer ({} bytes)", bytes.len()));
     assert!(!error.is_empty());
-    assert!(a.log_text().contains("connection ended with an error"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("connection ended with an error"),
+        "{}",
+        a.log_text()
+    );
     assert!(cluster.cli(&["vm", "list", "--agent", &a.addr]).status.success());
 }
 

@@ -12,14 +12,21 @@ use support::{guest_counter, kvm_missing, wait_until, Cluster};
 fn assert_sound_report(report: &Value, pages: u64) {
     assert_eq!(report["lost_pages"], 0, "report: {report}");
     assert_eq!(report["memory_digest_equal"], true, "report: {report}");
-    assert_eq!(report["guest_verified"], true, "the guest's self-check must pass on the destination: {report}");
+    assert_eq!(
+        report["guest_verified"], true,
+        "the guest's self-check must pass on the destination: {report}"
+    );
     let rounds = report["rounds"].as_array().expect("rounds");
     assert!(rounds.len() >= 2, "a first pass and a stop-and-copy at least: {report}");
     assert_eq!(rounds[0]["dirty_pages"], pages, "round 1 covers every page");
     assert_eq!(rounds.last().unwrap()["stop_and_copy"], true);
     let mut wire = 0;
     for round in rounds {
-        let n = |f: &str| round[f].as_u64().unwrap_or_else(|| panic!("round without {f}: {round}"));
+        let n = |f: &str| {
+            round[f]
+                .as_u64()
+                .unwrap_or_else(|| panic!("round without {f}: {round}"))
+        };
         assert_eq!(
             n("sent_pages") + n("skipped_unchanged") + n("skipped_zero") + n("skipped_held"),
             n("dirty_pages"),
@@ -27,16 +34,24 @@ fn assert_sound_report(report: &Value, pages: u64) {
         );
         wire += n("bytes_on_wire");
     }
-    assert!(report["bytes_on_wire"].as_u64().unwrap() >= wire, "the total covers every round");
+    assert!(
+        report["bytes_on_wire"].as_u64().unwrap() >= wire,
+        "the total covers every round"
+    );
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
     assert!(report["total_ms"].as_f64().unwrap() >= report["downtime_ms"].as_f64().unwrap());
     let sla = report["sla_percent"].as_f64().unwrap();
     assert!(sla > 99.0 && sla < 100.0, "sla {sla}");
-    let stall = report["guest_max_stall_ms"].as_f64().expect("the guest measured its own stall");
+    let stall = report["guest_max_stall_ms"]
+        .as_f64()
+        .expect("the guest measured its own stall");
     assert!(stall > 0.0, "the guest was paused, so it saw a stall");
     let before = report["guest_pages_written_before"].as_u64().unwrap();
     let after = report["guest_pages_written_after"].as_u64().unwrap();
-    assert!(after > before, "the guest kept writing on the destination ({before} -> {after})");
+    assert!(
+        after > before,
+        "the guest kept writing on the destination ({before} -> {after})"
+    );
 }
 
 #[test]
@@ -51,20 +66,36 @@ fn a_running_guest_migrates_and_comes_back() {
     let pages = 64 * 256;
 
     let report = cluster.cli_json(&[
-        "migrate", "web1", "--from", &a.addr, "--to", &b.addr, "--downtime-target", "30ms", "--json",
+        "migrate",
+        "web1",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        "--downtime-target",
+        "30ms",
+        "--json",
     ]);
     assert_sound_report(&report, pages);
     let first = &report["rounds"][0];
-    assert!(first["skipped_zero"].as_u64().unwrap() > 0, "the untouched memory is zero: {first}");
-    assert!(first["skipped_held"].as_u64().unwrap() > 0, "duplicate pages go as references: {first}");
+    assert!(
+        first["skipped_zero"].as_u64().unwrap() > 0,
+        "the untouched memory is zero: {first}"
+    );
+    assert!(
+        first["skipped_held"].as_u64().unwrap() > 0,
+        "duplicate pages go as references: {first}"
+    );
 
     // The guest runs on B now, and only there.
     let status = cluster.status(&b, "web1");
     assert_eq!(status["run_state"], "running");
     let written = guest_counter(&status, "pages_written");
-    wait_until(Duration::from_secs(10), "the guest to keep writing on the destination", || {
-        guest_counter(&cluster.status(&b, "web1"), "pages_written") > written
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the guest to keep writing on the destination",
+        || guest_counter(&cluster.status(&b, "web1"), "pages_written") > written,
+    );
     assert_eq!(guest_counter(&cluster.status(&b, "web1"), "mismatches"), 0);
     let gone = cluster.cli(&["vm", "status", "web1", "--agent", &a.addr]);
     assert!(!gone.status.success(), "the source no longer hosts the VM");
@@ -74,7 +105,10 @@ fn a_running_guest_migrates_and_comes_back() {
     // not rewrite meanwhile travels as references.
     let back = cluster.cli_json(&["migrate", "web1", "--from", &b.addr, "--to", &a.addr, "--json"]);
     assert_sound_report(&back, pages);
-    assert!(back["held_from_store"].as_u64().unwrap() > 0, "the page store served pages: {back}");
+    assert!(
+        back["held_from_store"].as_u64().unwrap() > 0,
+        "the page store served pages: {back}"
+    );
     assert!(
         back["bytes_on_wire"].as_u64().unwrap() < report["bytes_on_wire"].as_u64().unwrap(),
         "coming back costs fewer bytes than leaving"
@@ -91,11 +125,23 @@ fn hashing_off_sends_every_dirty_page_in_full() {
     let a = cluster.agent("a");
     let b = cluster.agent("b");
     cluster.start_guest(&a, "plain", "32M", "dirtier:working-set=8M,rate=2k");
-    let report = cluster.cli_json(&["migrate", "plain", "--from", &a.addr, "--to", &b.addr, "--no-hashing", "--json"]);
+    let report = cluster.cli_json(&[
+        "migrate",
+        "plain",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        "--no-hashing",
+        "--json",
+    ]);
     assert_sound_report(&report, 32 * 256);
     assert_eq!(report["hashing"], false);
     for round in report["rounds"].as_array().unwrap() {
-        assert_eq!(round["sent_pages"], round["dirty_pages"], "without hashing nothing is skipped: {round}");
+        assert_eq!(
+            round["sent_pages"], round["dirty_pages"],
+            "without hashing nothing is skipped: {round}"
+        );
         assert!(round["bytes_on_wire"].as_u64().unwrap() >= round["sent_pages"].as_u64().unwrap() * 4096);
     }
 }

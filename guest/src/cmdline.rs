@@ -130,20 +130,15 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, Line> {
         match k {
             key::WORKING_SET => {
                 let sizes = [(b'K', 1u64 << 10), (b'M', 1 << 20), (b'G', 1 << 30)];
-                c.working_set = scaled(v, &sizes, true)
-                    .ok_or_else(|| bad(k, v, "expected a size like 64M (K/M/G suffix)"))?;
+                c.working_set =
+                    scaled(v, &sizes, true).ok_or_else(|| bad(k, v, "expected a size like 64M (K/M/G suffix)"))?;
                 if c.working_set < 4096 {
                     return Err(bad(k, v, "the working set must be at least one 4K page"));
                 }
             }
             key::RATE => {
-                c.rate = scaled(v, &[(b'k', 1000)], false).ok_or_else(|| {
-                    bad(
-                        k,
-                        v,
-                        "expected page writes per second like 10k (0 = unpaced)",
-                    )
-                })?;
+                c.rate = scaled(v, &[(b'k', 1000)], false)
+                    .ok_or_else(|| bad(k, v, "expected page writes per second like 10k (0 = unpaced)"))?;
             }
             key::MIX => {
                 c.mix = parse_mix(v).ok_or_else(|| {
@@ -155,8 +150,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, Line> {
                 })?;
             }
             key::HOT => {
-                c.hot =
-                    Some(parse_hot(v).ok_or_else(|| bad(k, v, "expected P:W, two percentages"))?);
+                c.hot = Some(parse_hot(v).ok_or_else(|| bad(k, v, "expected P:W, two percentages"))?);
             }
             key::TSC_KHZ => {
                 c.tsc_khz = number(v).ok_or_else(|| bad(k, v, "expected a frequency in kHz"))?;

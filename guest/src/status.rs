@@ -4,9 +4,7 @@
 
 use core::ptr::{addr_of, addr_of_mut};
 
-use perfplus_common::guest_abi::{
-    state, StatusPage, NO_MISMATCH, STATUS_MAGIC, STATUS_PAGE_GPA, STATUS_VERSION,
-};
+use perfplus_common::guest_abi::{state, StatusPage, NO_MISMATCH, STATUS_MAGIC, STATUS_PAGE_GPA, STATUS_VERSION};
 
 /// Handle on the status page. Only one exists (the guest is single-threaded).
 pub struct Status {

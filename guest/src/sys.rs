@@ -52,9 +52,7 @@ pub fn rdtsc() -> u64 {
     let lo: u32;
     let hi: u32;
     // SAFETY: `rdtsc` only writes EDX:EAX.
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -66,10 +64,7 @@ pub struct Line {
 
 impl Line {
     pub const fn new() -> Self {
-        Line {
-            buf: [0; 512],
-            len: 0,
-        }
+        Line { buf: [0; 512], len: 0 }
     }
 
     pub fn as_bytes(&self) -> &[u8] {

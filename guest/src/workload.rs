@@ -90,10 +90,7 @@ pub fn run(magic: u64, mbi: u64) -> ! {
     let requested = cfg.working_set / PAGE;
     let pages = requested.min(max_pages);
     if pages == 0 {
-        fail(
-            &status,
-            "no memory left for the working set above the guest image",
-        );
+        fail(&status, "no memory left for the working set above the guest image");
     }
     let ws_base = align_up(versions_base + pages * 4, TWO_MIB);
     let ws_end = ws_base + pages * PAGE;
@@ -290,10 +287,7 @@ impl<'a> Workload<'a> {
             }
         }
         let ms = (rdtsc() - start) * 1000 / self.tsc_hz;
-        println!(
-            "perfplus-guest: filled {} pages in {} ms; running",
-            self.pages, ms
-        );
+        println!("perfplus-guest: filled {} pages in {} ms; running", self.pages, ms);
     }
 
     /// Verifies the next page in round-robin order.
@@ -325,8 +319,7 @@ impl<'a> Workload<'a> {
         if self.first_mismatch == NO_MISMATCH {
             self.first_mismatch = page;
         }
-        self.status
-            .set_mismatches(self.mismatches, self.first_mismatch);
+        self.status.set_mismatches(self.mismatches, self.first_mismatch);
         if self.mismatches <= MAX_PRINTED_MISMATCHES {
             println!(
                 "perfplus-guest: MISMATCH page={} gpa={:#x} kind={} version={} word={} expected={:#018x} found={:#018x}",
@@ -427,11 +420,7 @@ impl<'a> Workload<'a> {
                 if let Some(us) = (el * 1_000_000 / hz).checked_div(ds) {
                     let _ = write!(l, ", {us} us/sweep");
                 }
-                let _ = write!(
-                    l,
-                    ") mismatches={} max_stall={}us",
-                    self.mismatches, stall_us
-                );
+                let _ = write!(l, ") mismatches={} max_stall={}us", self.mismatches, stall_us);
                 l.print();
                 last_report = now;
                 last_written = self.written;

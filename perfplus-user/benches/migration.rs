@@ -21,9 +21,18 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 3] = [
-    Workload { name: "duplicate-heavy", spec: "dirtier:working-set=128M,rate=20k,mix=unique:10,dup:70,zero:10,same:10" },
-    Workload { name: "mixed (demo)", spec: "dirtier:working-set=128M,rate=20k,mix=unique:40,dup:30,zero:10,same:20" },
-    Workload { name: "all unique", spec: "dirtier:working-set=128M,rate=20k,mix=unique:100,dup:0,zero:0,same:0" },
+    Workload {
+        name: "duplicate-heavy",
+        spec: "dirtier:working-set=128M,rate=20k,mix=unique:10,dup:70,zero:10,same:10",
+    },
+    Workload {
+        name: "mixed (demo)",
+        spec: "dirtier:working-set=128M,rate=20k,mix=unique:40,dup:30,zero:10,same:20",
+    },
+    Workload {
+        name: "all unique",
+        spec: "dirtier:working-set=128M,rate=20k,mix=unique:100,dup:0,zero:0,same:0",
+    },
 ];
 
 #[derive(Clone, Copy, Default)]
@@ -85,7 +94,10 @@ fn main() {
         return;
     }
     let memory = std::env::var("PERFPLUS_BENCH_MEMORY").unwrap_or_else(|_| "512M".into());
-    let repeat: usize = std::env::var("PERFPLUS_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let repeat: usize = std::env::var("PERFPLUS_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     println!("perfplus migration benchmark: guest {memory}, {repeat} run(s) per setting, medians");
     println!(
         "{:<16} {:>7} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8}",

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 
 use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
-use crate::migration::source::{self, describe, Outbound};
 use crate::migration::receiver;
+use crate::migration::source::{self, describe, Outbound};
 use crate::page_store::PageStore;
 use crate::protocol::connection::Connection;
 use crate::protocol::{ClusterKey, KernelSource, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
@@ -68,9 +68,13 @@ impl Agent {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
         let hasher = PageHasher::new(&config.key.derive(PAGE_DIGEST_KEY_LABEL));
-        let fingerprint = key_fingerprint(&config.key);
         let store = if config.page_store_pages > 0 {
-            Some(PageStore::open(&config.state_dir.join("page-store"), config.page_store_pages, fingerprint)?)
+            let dir = config.state_dir.join("page-store");
+            Some(PageStore::open(
+                &dir,
+                config.page_store_pages,
+                hasher.key_fingerprint(),
+            )?)
         } else {
             None
         };
@@ -107,11 +111,6 @@ impl Agent {
     }
 }
 
-fn key_fingerprint(key: &ClusterKey) -> [u8; 16] {
-    let derived = key.derive("perfplus page store fingerprint v1");
-    derived[..16].try_into().expect("16 of 32 bytes")
-}
-
 async fn handle(state: Arc<AgentState>, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
     let (mut conn, role) = Connection::accept(stream, &state.key).await?;
     let request = conn.recv().await?;
@@ -126,7 +125,10 @@ async fn handle(state: Arc<AgentState>, stream: tokio::net::TcpStream) -> anyhow
         Role::Peer => match request {
             Message::MigrateBegin(begin) => migrate_in(&state, &mut conn, begin).await,
             other => {
-                let text = format!("a peer connection must start with MigrateBegin, not {}", describe(&other));
+                let text = format!(
+                    "a peer connection must start with MigrateBegin, not {}",
+                    describe(&other)
+                );
                 conn.send_error(&text).await;
                 bail!(text)
             }
@@ -203,7 +205,9 @@ fn vm_info(name: &str, hosted: &HostedVm) -> VmInfo {
 fn check_name(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
         bail!("invalid VM name {name:?}: use 1 to 64 characters among A-Z a-z 0-9 - _ .");
     }
@@ -212,7 +216,7 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 
 async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Result<VmInfo> {
     check_name(&req.name)?;
-    if req.memory_bytes % PAGE_SIZE as u64 != 0 {
+    if !req.memory_bytes.is_multiple_of(PAGE_SIZE as u64) {
         bail!("memory size {} is not a multiple of 4 KiB", req.memory_bytes);
     }
     {
@@ -227,9 +231,10 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         let mut vm = Vm::create(&name, memory_bytes, vcpus)?;
         let (kernel, cmdline) = match req.kernel {
             // The built-in guest paces itself and measures its stalls with the TSC.
-            KernelSource::Builtin => {
-                (builtin_guest::IMAGE.to_vec(), format!("{} tsc_khz={}", req.cmdline.trim(), vm.tsc_khz()))
-            }
+            KernelSource::Builtin => (
+                builtin_guest::IMAGE.to_vec(),
+                format!("{} tsc_khz={}", req.cmdline.trim(), vm.tsc_khz()),
+            ),
             KernelSource::Image(bytes) => (bytes, req.cmdline),
         };
         vm.load_multiboot(&kernel, &cmdline)?;
@@ -237,7 +242,13 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         Ok((vm, cmdline))
     })
     .await??;
-    let hosted = HostedVm { vm: Arc::new(vm), memory_bytes, vcpus, cmdline, migrating: false };
+    let hosted = HostedVm {
+        vm: Arc::new(vm),
+        memory_bytes,
+        vcpus,
+        cmdline,
+        migrating: false,
+    };
     let info = vm_info(&req.name, &hosted);
     let mut vms = state.vms.lock().expect("vms lock");
     if vms.contains_key(&req.name) {
@@ -249,7 +260,7 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
 }
 
 async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: MigrateRequest) -> anyhow::Result<()> {
-    if !(req.options.downtime_target_ms > 0.0) || req.options.max_rounds == 0 {
+    if req.options.downtime_target_ms.is_nan() || req.options.downtime_target_ms <= 0.0 || req.options.max_rounds == 0 {
         bail!("the downtime target must be positive and the round limit at least 1");
     }
     let job = {
@@ -313,7 +324,10 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&req.vm) {
                 hosted.migrating = false;
             }
-            Err(err.context(format!("migrating {} to {} (the VM keeps running here)", req.vm, req.destination)))
+            Err(err.context(format!(
+                "migrating {} to {} (the VM keeps running here)",
+                req.vm, req.destination
+            )))
         }
     }
 }
@@ -333,9 +347,15 @@ fn keep_pages(state: &AgentState, name: &str, vm: &Vm, digests: Option<Vec<crate
             return;
         }
     }
-    let pages: Vec<(u64, crate::hashing::PageDigest)> =
-        digests.into_iter().enumerate().map(|(page, digest)| (page as u64, digest)).collect();
-    let kept = index.record_pages(name, &pages).map_err(anyhow::Error::from).and_then(|()| index.archive_vm(name));
+    let pages: Vec<(u64, crate::hashing::PageDigest)> = digests
+        .into_iter()
+        .enumerate()
+        .map(|(page, digest)| (page as u64, digest))
+        .collect();
+    let kept = index
+        .record_pages(name, &pages)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| index.archive_vm(name));
     match kept {
         Ok(kept) => tracing::info!(vm = %name, pages = kept, "kept the departed VM's pages in the page store"),
         Err(err) => {
@@ -345,7 +365,11 @@ fn keep_pages(state: &AgentState, name: &str, vm: &Vm, digests: Option<Vec<crate
     }
 }
 
-async fn migrate_in(state: &Arc<AgentState>, conn: &mut Connection, begin: crate::protocol::MigrateBegin) -> anyhow::Result<()> {
+async fn migrate_in(
+    state: &Arc<AgentState>,
+    conn: &mut Connection,
+    begin: crate::protocol::MigrateBegin,
+) -> anyhow::Result<()> {
     let name = begin.vm.clone();
     let refuse = match check_name(&name) {
         Err(err) => Some(format!("{err:#}")),
@@ -365,14 +389,30 @@ async fn migrate_in(state: &Arc<AgentState>, conn: &mut Connection, begin: crate
         bail!(text);
     }
     tracing::info!(vm = %name, memory_bytes = begin.memory_bytes, "migration in starts");
-    let inbound = receiver::Inbound { hasher: state.hasher.clone(), index: state.index.clone() };
+    let inbound = receiver::Inbound {
+        hasher: state.hasher.clone(),
+        index: state.index.clone(),
+    };
     let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
     let install_state = state.clone();
     let install_name = name.clone();
     let result = receiver::receive(conn, begin, &inbound, move |vm| {
         let mut vms = install_state.vms.lock().expect("vms lock");
-        vms.insert(install_name.clone(), HostedVm { vm, memory_bytes, vcpus, cmdline, migrating: false });
-        install_state.arriving.lock().expect("arriving lock").retain(|n| n != &install_name);
+        vms.insert(
+            install_name.clone(),
+            HostedVm {
+                vm,
+                memory_bytes,
+                vcpus,
+                cmdline,
+                migrating: false,
+            },
+        );
+        install_state
+            .arriving
+            .lock()
+            .expect("arriving lock")
+            .retain(|n| n != &install_name);
         Ok(())
     })
     .await;

@@ -16,7 +16,10 @@ pub struct AgentClient {
 impl AgentClient {
     pub async fn connect(agent: &str, key: &ClusterKey) -> anyhow::Result<AgentClient> {
         let conn = Connection::connect(agent, Role::Control, key).await?;
-        Ok(AgentClient { conn, agent: agent.to_string() })
+        Ok(AgentClient {
+            conn,
+            agent: agent.to_string(),
+        })
     }
 
     async fn call(mut self, request: Message) -> anyhow::Result<Message> {

@@ -245,11 +245,7 @@ impl ContentIndex {
     }
 
     /// Registers a hosted VM (all its pages unknown until recorded).
-    pub fn add_vm(
-        &mut self,
-        vm: impl Into<VmKey>,
-        source: Arc<dyn PageSource>,
-    ) -> Result<(), IndexError> {
+    pub fn add_vm(&mut self, vm: impl Into<VmKey>, source: Arc<dyn PageSource>) -> Result<(), IndexError> {
         let key = vm.into();
         if self.vm_ids.contains_key(&key) {
             return Err(IndexError::DuplicateVm(key));
@@ -282,9 +278,7 @@ impl ContentIndex {
         let Some(id) = self.vm_ids.remove(vm) else {
             return false;
         };
-        let hosted = self.vms[id as usize]
-            .take()
-            .expect("registered VM has a slot");
+        let hosted = self.vms[id as usize].take().expect("registered VM has a slot");
         for (page, d) in hosted.digests.iter().enumerate() {
             if *d != UNKNOWN {
                 self.stats.recorded_pages -= 1;
@@ -309,18 +303,9 @@ impl ContentIndex {
     /// Records that `vm`'s page `page` now holds content with `digest`, for each pair (the caller has
     /// just written it, or hashed it). Replaces what was recorded for that page before: its old digest
     /// no longer points there. Pairs before an out-of-range page are applied.
-    pub fn record_pages(
-        &mut self,
-        vm: &str,
-        pages: &[(u64, PageDigest)],
-    ) -> Result<(), IndexError> {
-        let id = *self
-            .vm_ids
-            .get(vm)
-            .ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
-        let hosted = self.vms[id as usize]
-            .as_mut()
-            .expect("registered VM has a slot");
+    pub fn record_pages(&mut self, vm: &str, pages: &[(u64, PageDigest)]) -> Result<(), IndexError> {
+        let id = *self.vm_ids.get(vm).ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
+        let hosted = self.vms[id as usize].as_mut().expect("registered VM has a slot");
         for &(page, digest) in pages {
             let Some(slot) = hosted.digests.get_mut(page as usize) else {
                 return Err(IndexError::PageOutOfRange {
@@ -365,10 +350,7 @@ impl ContentIndex {
     /// seen being written, e.g. one booted on this host). Returns the number of pages recorded.
     /// Costs one keyed hash per non-zero page (~140k pages/s on one core).
     pub fn index_vm_pages(&mut self, vm: &str) -> Result<u64, IndexError> {
-        let id = *self
-            .vm_ids
-            .get(vm)
-            .ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
+        let id = *self.vm_ids.get(vm).ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
         let source = Arc::clone(&self.vms[id as usize].as_ref().expect("slot").source);
         let pages = self.vms[id as usize].as_ref().expect("slot").digests.len() as u64;
         let mut buf = Box::new([0u8; PAGE_SIZE]);
@@ -394,10 +376,7 @@ impl ContentIndex {
     /// this host) and then unregisters it. Returns the number of pages offered to the store (pages it
     /// already held are not written twice; a store smaller than the VM keeps the last ones).
     pub fn archive_vm(&mut self, vm: &str) -> anyhow::Result<u64> {
-        let id = *self
-            .vm_ids
-            .get(vm)
-            .ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
+        let id = *self.vm_ids.get(vm).ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
         let source = Arc::clone(&self.vms[id as usize].as_ref().expect("slot").source);
         let mut offered = 0;
         if let Some(store) = self.store.as_mut().filter(|s| s.capacity() > 0) {
@@ -446,23 +425,13 @@ impl ContentIndex {
     /// need not be registered). Tries hosted memory first (`for_vm`'s own pages, then other VMs'),
     /// each candidate re-hashed, stale ones dropped; then the store. `None` if nothing holds it: the
     /// receiver must then ask the source for the page.
-    pub fn resolve(
-        &mut self,
-        digest: &PageDigest,
-        for_vm: &str,
-        out: &mut [u8; PAGE_SIZE],
-    ) -> Option<HeldSource> {
+    pub fn resolve(&mut self, digest: &PageDigest, for_vm: &str, out: &mut [u8; PAGE_SIZE]) -> Option<HeldSource> {
         let for_id = self.vm_ids.get(for_vm).copied();
         while let Some(loc) = self.entries.get(digest).and_then(|e| {
             let l = e.locs();
-            l.iter()
-                .find(|l| Some(l.vm) == for_id)
-                .or(l.first())
-                .copied()
+            l.iter().find(|l| Some(l.vm) == for_id).or(l.first()).copied()
         }) {
-            let hosted = self.vms[loc.vm as usize]
-                .as_mut()
-                .expect("located VM is registered");
+            let hosted = self.vms[loc.vm as usize].as_mut().expect("located VM is registered");
             hosted.source.read_page(u64::from(loc.page), out);
             if self.hasher.digest(out) == *digest {
                 return Some(if Some(loc.vm) == for_id {
@@ -599,14 +568,8 @@ mod tests {
     fn resolve(ix: &mut ContentIndex, d: &PageDigest, vm: &str) -> Option<(HeldSource, u32)> {
         let mut out = [0u8; PAGE_SIZE];
         let src = ix.resolve(d, vm, &mut out)?;
-        assert_eq!(
-            ix.hasher().digest(&out),
-            *d,
-            "resolved content must hash to the digest"
-        );
-        let tag = (0..1000)
-            .find(|&t| content(t) == out)
-            .expect("known content");
+        assert_eq!(ix.hasher().digest(&out), *d, "resolved content must hash to the digest");
+        let tag = (0..1000).find(|&t| content(t) == out).expect("known content");
         Some((src, tag))
     }
 
@@ -619,17 +582,11 @@ mod tests {
         store.insert(&d, &content(5)).unwrap();
         let mut ix = ContentIndex::new(h, Some(store));
         assert!(ix.contains(&d));
-        assert_eq!(
-            resolve(&mut ix, &d, "incoming"),
-            Some((HeldSource::Store, 5))
-        );
+        assert_eq!(resolve(&mut ix, &d, "incoming"), Some((HeldSource::Store, 5)));
         // Pages inserted through store_mut are seen at once.
         let d6 = ix.hasher().digest(&content(6));
         ix.store_mut().unwrap().insert(&d6, &content(6)).unwrap();
-        assert_eq!(
-            resolve(&mut ix, &d6, "incoming"),
-            Some((HeldSource::Store, 6))
-        );
+        assert_eq!(resolve(&mut ix, &d6, "incoming"), Some((HeldSource::Store, 6)));
         assert_eq!(ix.stats().resolved_store, 2);
         assert_eq!(ix.held_prefixes(100), {
             let mut v = vec![digest_prefix(&d), digest_prefix(&d6)];
@@ -690,10 +647,7 @@ mod tests {
         a.set(2, &content(21)); // the guest writes; nobody tells the index
         assert_eq!(resolve(&mut ix, &d, "x"), None);
         let s = ix.stats();
-        assert_eq!(
-            (s.stale_dropped, s.misses, s.entries, s.recorded_pages),
-            (1, 1, 0, 0)
-        );
+        assert_eq!((s.stale_dropped, s.misses, s.entries, s.recorded_pages), (1, 1, 0, 0));
         assert!(ix.held_prefixes(10).is_empty());
         // With a second copy elsewhere, the stale one is skipped and the good one used.
         write(&mut ix, "a", &a, 5, 30);
@@ -790,14 +744,8 @@ mod tests {
         let mut ix = ContentIndex::new(hasher(), None);
         let a = Mem::new(4);
         ix.add_vm("a", a.clone()).unwrap();
-        assert_eq!(
-            ix.add_vm("a", a.clone()),
-            Err(IndexError::DuplicateVm("a".into()))
-        );
-        assert_eq!(
-            ix.record_pages("zz", &[]),
-            Err(IndexError::UnknownVm("zz".into()))
-        );
+        assert_eq!(ix.add_vm("a", a.clone()), Err(IndexError::DuplicateVm("a".into())));
+        assert_eq!(ix.record_pages("zz", &[]), Err(IndexError::UnknownVm("zz".into())));
         assert_eq!(
             ix.record_pages("a", &[(4, [1; 16])]),
             Err(IndexError::PageOutOfRange {
@@ -851,11 +799,7 @@ mod tests {
         assert!(ix.contains(&zero));
         assert_eq!(ix.archive_vm("a").unwrap(), 3);
         assert!(!ix.has_vm("a"));
-        assert_eq!(
-            ix.stats().store_pages,
-            2,
-            "zero pages and duplicates are not stored"
-        );
+        assert_eq!(ix.stats().store_pages, 2, "zero pages and duplicates are not stored");
         assert_eq!(resolve(&mut ix, &d2, "b"), Some((HeldSource::Store, 2)));
         assert!(!ix.contains(&zero));
     }

@@ -75,8 +75,7 @@ impl PageHasher {
 
     /// Any key length, for the RFC 2202 test vectors (HMAC hashes keys longer than a block first).
     fn with_key_bytes(key: &[u8]) -> Self {
-        let keyed =
-            <Hmac<Md5> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
+        let keyed = <Hmac<Md5> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
         Self {
             keyed,
             fingerprint: fingerprint_of(key),
@@ -121,8 +120,7 @@ pub fn key_fingerprint(key: &[u8; PAGE_KEY_LEN]) -> [u8; 16] {
 }
 
 fn fingerprint_of(key: &[u8]) -> [u8; 16] {
-    let mut m =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
     m.update(FINGERPRINT_LABEL);
     let full = m.finalize().into_bytes();
     let mut out = [0u8; 16];
@@ -195,11 +193,7 @@ mod tests {
             ),
         ];
         for (key, msg, want) in cases {
-            assert_eq!(
-                PageHasher::with_key_bytes(key).mac(msg),
-                hx(want),
-                "key {key:02x?}"
-            );
+            assert_eq!(PageHasher::with_key_bytes(key).mac(msg), hx(want), "key {key:02x?}");
         }
     }
 
@@ -208,14 +202,8 @@ mod tests {
         // Expected values from Python: hmac.new(bytes(range(32)), page, hashlib.md5).hexdigest().
         let key: [u8; 32] = std::array::from_fn(|i| i as u8);
         let h = PageHasher::new(&key);
-        assert_eq!(
-            h.digest(&pattern_page()),
-            hx("b531386e278e740b9c06fbf71a0520b4")
-        );
-        assert_eq!(
-            h.digest(&[0u8; PAGE_SIZE]),
-            hx("d1987def31de5f7274473e788b3e09d6")
-        );
+        assert_eq!(h.digest(&pattern_page()), hx("b531386e278e740b9c06fbf71a0520b4"));
+        assert_eq!(h.digest(&[0u8; PAGE_SIZE]), hx("d1987def31de5f7274473e788b3e09d6"));
         // The precomputed state is cloned, never consumed: digests are repeatable.
         assert_eq!(h.digest(&pattern_page()), h.clone().digest(&pattern_page()));
     }

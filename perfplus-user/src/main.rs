@@ -18,7 +18,12 @@ use perfplus_common::PAGE_SIZE;
 #[command(name = "perfplus", version)]
 struct Cli {
     /// File holding the cluster key (hex). Every agent and CLI of a cluster must use the same key.
-    #[arg(long, global = true, env = "PERFPLUS_CLUSTER_KEY_FILE", default_value = "/etc/perfplus/cluster.key")]
+    #[arg(
+        long,
+        global = true,
+        env = "PERFPLUS_CLUSTER_KEY_FILE",
+        default_value = "/etc/perfplus/cluster.key"
+    )]
     cluster_key_file: PathBuf,
 
     #[command(subcommand)]
@@ -154,7 +159,11 @@ const DEFAULT_WORKLOAD: &str = "working-set=64M rate=10k mix=unique:40,dup:30,ze
 
 fn main() {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -162,7 +171,10 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     if let Err(err) = runtime.block_on(run(cli)) {
         eprintln!("perfplus: error: {err:#}");
         std::process::exit(1);
@@ -180,7 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let key = ClusterKey::from_file(&cli.cluster_key_file)
-        .with_context(|| format!("reading the cluster key (see `perfplus keygen`, --cluster-key-file)"))?;
+        .context("reading the cluster key (see `perfplus keygen`, --cluster-key-file)")?;
     match cli.command {
         Command::Keygen { .. } | Command::GuestImage { .. } => unreachable!("handled above"),
         Command::Agent(args) => {
@@ -201,9 +213,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let image = std::fs::read(path).with_context(|| format!("reading kernel {}", path.display()))?;
                     (KernelSource::Image(image), args.cmdline.clone())
                 }
-                (None, workload) => (KernelSource::Builtin, workload_cmdline(workload.as_deref().unwrap_or("dirtier"))?),
+                (None, workload) => (
+                    KernelSource::Builtin,
+                    workload_cmdline(workload.as_deref().unwrap_or("dirtier"))?,
+                ),
             };
-            let request = VmStartRequest { name: args.name, memory_bytes: args.memory, vcpus: args.vcpus, kernel, cmdline };
+            let request = VmStartRequest {
+                name: args.name,
+                memory_bytes: args.memory,
+                vcpus: args.vcpus,
+                kernel,
+                cmdline,
+            };
             let info = AgentClient::connect(&args.agent, &key).await?.start_vm(request).await?;
             print_vm(&info, args.json)
         }
@@ -242,7 +263,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             eprintln!("migrating {} from {} to {} ...", args.name, args.from, args.to);
             let client = AgentClient::connect(&args.from, &key).await?;
-            let report = client.migrate(request, |round| eprintln!("  {}", round.progress_line())).await?;
+            let report = client
+                .migrate(request, |round| eprintln!("  {}", round.progress_line()))
+                .await?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -280,7 +303,13 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(info)?);
         return Ok(());
     }
-    println!("{}: {} ({} MiB, {} vCPU)", info.name, info.run_state, info.memory_bytes >> 20, info.vcpus);
+    println!(
+        "{}: {} ({} MiB, {} vCPU)",
+        info.name,
+        info.run_state,
+        info.memory_bytes >> 20,
+        info.vcpus
+    );
     println!("  cmdline: {}", info.cmdline);
     if let Some(g) = &info.guest {
         println!(
@@ -344,7 +373,10 @@ fn parse_size(text: &str) -> Result<u64, String> {
         Some((i, _)) => text.split_at(i),
         None => (text, ""),
     };
-    let number: u64 = number.trim().parse().map_err(|_| format!("{text:?} is not a size like 256M or 1G"))?;
+    let number: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 256M or 1G"))?;
     let unit = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
         "" => 1,
         "K" => 1 << 10,
@@ -365,7 +397,10 @@ fn parse_duration_ms(text: &str) -> Result<f64, String> {
     } else {
         (text, 1.0)
     };
-    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a duration like 30ms or 0.5s"))?;
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30ms or 0.5s"))?;
     if !(value > 0.0 && value.is_finite()) {
         return Err(format!("{text:?}: the duration must be positive"));
     }
@@ -395,7 +430,10 @@ mod tests {
             workload_cmdline("dirtier:working-set=256M,rate=20k,mix=unique:10,dup:80,zero:10,same:0").unwrap(),
             "working-set=256M rate=20k mix=unique:10,dup:80,zero:10,same:0"
         );
-        assert!(workload_cmdline("dirtier:speed=3").unwrap_err().to_string().contains("unknown workload parameter"));
+        assert!(workload_cmdline("dirtier:speed=3")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown workload parameter"));
         assert!(workload_cmdline("linux").is_err());
     }
 }

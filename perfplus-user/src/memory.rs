@@ -57,10 +57,7 @@ impl GuestMemory {
             .map_raw(&file)
             .with_context(|| format!("mmap {size_bytes} bytes of guest memory"))?;
         if map.len() != len {
-            bail!(
-                "mmap of guest memory returned {} bytes, wanted {len}",
-                map.len()
-            );
+            bail!("mmap of guest memory returned {} bytes, wanted {len}", map.len());
         }
         Ok(Self {
             map,
@@ -184,13 +181,7 @@ impl GuestMemory {
     unsafe fn copy_out(&self, gpa: u64, out: &mut [u8]) {
         // SAFETY: guaranteed by the caller; source (shared mapping) and destination (Rust buffer)
         // cannot overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.host_addr().add(gpa as usize),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        }
+        unsafe { std::ptr::copy_nonoverlapping(self.host_addr().add(gpa as usize), out.as_mut_ptr(), out.len()) }
     }
 
     /// # Safety
@@ -198,13 +189,7 @@ impl GuestMemory {
     unsafe fn copy_in(&self, gpa: u64, data: &[u8]) {
         // SAFETY: the range is inside the mapping (caller's guarantee); `data` is a Rust slice and this
         // module never creates slices into guest memory, so source and destination do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.host_addr().add(gpa as usize),
-                data.len(),
-            )
-        }
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host_addr().add(gpa as usize), data.len()) }
     }
 }
 

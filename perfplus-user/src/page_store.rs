@@ -139,8 +139,7 @@ impl PageStore {
             "page store capacity {capacity_pages} pages is too large (max {})",
             u32::MAX
         );
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating page store directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating page store directory {}", dir.display()))?;
         let open = |name: &str| -> Result<File> {
             let path = dir.join(name);
             OpenOptions::new()
@@ -196,9 +195,7 @@ impl PageStore {
         let index_len = files.index.metadata()?.len();
         let data_len = files.data.metadata()?.len();
         if index_len < HEADER_LEN {
-            return Ok(Err(format!(
-                "index file truncated ({index_len} bytes, no header)"
-            )));
+            return Ok(Err(format!("index file truncated ({index_len} bytes, no header)")));
         }
         let mut header = [0u8; HEADER_LEN as usize];
         files.index.read_exact_at(&mut header, 0)?;
@@ -230,9 +227,7 @@ impl PageStore {
         }
         let stored_cap = u64::from_le_bytes(header[32..40].try_into().expect("8"));
         if stored_cap != cap {
-            return Ok(Err(format!(
-                "capacity changed from {stored_cap} to {cap} pages"
-            )));
+            return Ok(Err(format!("capacity changed from {stored_cap} to {cap} pages")));
         }
         if index_len != want_index_len {
             return Ok(Err(format!(
@@ -375,12 +370,7 @@ impl PageStore {
 
     /// [`get`](Self::get), then re-hashes the page with the keyed `hasher` and returns `Ok(false)` (with
     /// a warning) unless it reproduces `digest`. Costs one keyed hash (~7 µs) more than `get`.
-    pub fn get_verified(
-        &self,
-        digest: &PageDigest,
-        out: &mut [u8; PAGE_SIZE],
-        hasher: &PageHasher,
-    ) -> Result<bool> {
+    pub fn get_verified(&self, digest: &PageDigest, out: &mut [u8; PAGE_SIZE], hasher: &PageHasher) -> Result<bool> {
         if !self.get(digest, out)? {
             return Ok(false);
         }
@@ -400,10 +390,7 @@ impl PageStore {
         self.slots[slot as usize] = SlotMeta::default();
         files
             .index
-            .write_all_at(
-                &[0u8; RECORD_LEN],
-                HEADER_LEN + u64::from(slot) * RECORD_LEN as u64,
-            )
+            .write_all_at(&[0u8; RECORD_LEN], HEADER_LEN + u64::from(slot) * RECORD_LEN as u64)
             .context("page store: clearing slot record")?;
         Ok(true)
     }
@@ -453,10 +440,7 @@ impl PageStore {
     pub fn flush(&mut self) -> Result<()> {
         if let Some(files) = self.files.as_ref() {
             files.data.sync_data().context("page store: syncing data")?;
-            files
-                .index
-                .sync_data()
-                .context("page store: syncing index")?;
+            files.index.sync_data().context("page store: syncing index")?;
         }
         Ok(())
     }
@@ -569,9 +553,7 @@ mod tests {
         let mut out = [0u8; PAGE_SIZE];
         assert!(s.get_verified(&d1, &mut out, &h).unwrap());
         // A hasher with another key does not reproduce the digest.
-        assert!(!s
-            .get_verified(&d1, &mut out, &PageHasher::new(&[1; 32]))
-            .unwrap());
+        assert!(!s.get_verified(&d1, &mut out, &PageHasher::new(&[1; 32])).unwrap());
         let mut all: Vec<_> = s.digests().copied().collect();
         all.sort();
         let mut want = vec![d1, h.digest(&page(2))];
@@ -649,36 +631,22 @@ mod tests {
         type Damage = fn(&Path);
         let damage: [(&str, Damage); 5] = [
             ("data-truncated", |d| {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(d.join(DATA_FILE))
-                    .unwrap();
+                let f = OpenOptions::new().write(true).open(d.join(DATA_FILE)).unwrap();
                 f.set_len(3 * PAGE + 100).unwrap();
             }),
             ("index-truncated", |d| {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(d.join(INDEX_FILE))
-                    .unwrap();
+                let f = OpenOptions::new().write(true).open(d.join(INDEX_FILE)).unwrap();
                 f.set_len(HEADER_LEN + 2 * RECORD_LEN as u64).unwrap();
             }),
             ("index-tiny", |d| {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(d.join(INDEX_FILE))
-                    .unwrap();
+                let f = OpenOptions::new().write(true).open(d.join(INDEX_FILE)).unwrap();
                 f.set_len(10).unwrap();
             }),
             ("header-corrupt", |d| {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(d.join(INDEX_FILE))
-                    .unwrap();
+                let f = OpenOptions::new().write(true).open(d.join(INDEX_FILE)).unwrap();
                 f.write_all_at(&[0xee], 33).unwrap();
             }),
-            ("data-missing", |d| {
-                std::fs::remove_file(d.join(DATA_FILE)).unwrap()
-            }),
+            ("data-missing", |d| std::fs::remove_file(d.join(DATA_FILE)).unwrap()),
         ];
         for (name, f) in damage {
             let dir = TestDir::new("ps-damage");
@@ -706,10 +674,7 @@ mod tests {
         let h = hasher();
         closed_store(&dir.0, &h);
         // Page 1 is in slot 0: tear its record.
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.0.join(INDEX_FILE))
-            .unwrap();
+        let f = OpenOptions::new().write(true).open(dir.0.join(INDEX_FILE)).unwrap();
         f.write_all_at(&[0x55; 8], HEADER_LEN + 4).unwrap();
         drop(f);
         let s = PageStore::open(&dir.0, 4, FP).unwrap();
@@ -730,8 +695,7 @@ mod tests {
             .unwrap();
         let mut rec = [0u8; RECORD_LEN];
         f.read_exact_at(&mut rec, HEADER_LEN).unwrap();
-        f.write_all_at(&rec, HEADER_LEN + 2 * RECORD_LEN as u64)
-            .unwrap();
+        f.write_all_at(&rec, HEADER_LEN + 2 * RECORD_LEN as u64).unwrap();
         drop(f);
         let s = PageStore::open(&dir.0, 4, FP).unwrap();
         assert_eq!(s.len(), 2);
@@ -744,10 +708,7 @@ mod tests {
         let dir = TestDir::new("ps-rot");
         let h = hasher();
         closed_store(&dir.0, &h);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.0.join(DATA_FILE))
-            .unwrap();
+        let f = OpenOptions::new().write(true).open(dir.0.join(DATA_FILE)).unwrap();
         f.write_all_at(&page(99), PAGE).unwrap(); // slot 1 = page 2
         drop(f);
         let s = PageStore::open(&dir.0, 4, FP).unwrap();

@@ -148,8 +148,14 @@ impl MigrationReport {
             );
         }
         let _ = writeln!(out, "  (* = stop-and-copy with the guest paused; {})", self.stop_reason);
-        let stall = self.guest_max_stall_ms.map_or("not measured".to_string(), |ms| format!("{ms:.1} ms"));
-        let _ = writeln!(out, "downtime            {:.1} ms (the guest itself saw a longest stall of {stall})", self.downtime_ms);
+        let stall = self
+            .guest_max_stall_ms
+            .map_or("not measured".to_string(), |ms| format!("{ms:.1} ms"));
+        let _ = writeln!(
+            out,
+            "downtime            {:.1} ms (the guest itself saw a longest stall of {stall})",
+            self.downtime_ms
+        );
         let _ = writeln!(out, "total time          {:.1} ms", self.total_ms);
         let _ = writeln!(
             out,
@@ -206,15 +212,33 @@ mod tests {
 
     #[test]
     fn json_has_the_fixed_field_names() {
-        let report = MigrationReport { rounds: vec![RoundReport::default()], ..Default::default() };
+        let report = MigrationReport {
+            rounds: vec![RoundReport::default()],
+            ..Default::default()
+        };
         let json = serde_json::to_value(&report).unwrap();
         for field in [
-            "rounds", "downtime_ms", "total_ms", "bytes_on_wire", "agent_cpu_ms", "lost_pages", "sla_percent",
-            "guest_verified", "guest_max_stall_ms", "memory_digest_equal",
+            "rounds",
+            "downtime_ms",
+            "total_ms",
+            "bytes_on_wire",
+            "agent_cpu_ms",
+            "lost_pages",
+            "sla_percent",
+            "guest_verified",
+            "guest_max_stall_ms",
+            "memory_digest_equal",
         ] {
             assert!(json.get(field).is_some(), "missing {field}");
         }
-        for field in ["dirty_pages", "sent_pages", "skipped_unchanged", "skipped_zero", "skipped_held", "bytes_on_wire"] {
+        for field in [
+            "dirty_pages",
+            "sent_pages",
+            "skipped_unchanged",
+            "skipped_zero",
+            "skipped_held",
+            "bytes_on_wire",
+        ] {
             assert!(json["rounds"][0].get(field).is_some(), "missing rounds[].{field}");
         }
         assert!(report.to_table().contains("lost pages"));

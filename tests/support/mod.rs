@@ -32,8 +32,16 @@ impl Cluster {
     pub fn new() -> Cluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let key_file = dir.path().join("cluster.key");
-        let out = Command::new(PERFPLUS).args(["keygen", "--out"]).arg(&key_file).output().expect("perfplus keygen");
-        assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(PERFPLUS)
+            .args(["keygen", "--out"])
+            .arg(&key_file)
+            .output()
+            .expect("perfplus keygen");
+        assert!(
+            out.status.success(),
+            "keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Cluster { dir, key_file }
     }
 
@@ -62,7 +70,10 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("perfplus {args:?} printed no JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "perfplus {args:?} printed no JSON ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
@@ -73,12 +84,31 @@ impl Cluster {
 
     /// Starts the built-in guest and waits until its workload runs.
     pub fn start_guest(&self, agent: &TestAgent, name: &str, memory: &str, workload: &str) {
-        let out = self.cli(&["vm", "start", "--agent", &agent.addr, "--name", name, "--memory", memory, "--workload", workload]);
-        assert!(out.status.success(), "vm start failed: {}", String::from_utf8_lossy(&out.stderr));
-        wait_until(Duration::from_secs(60), &format!("guest {name} running its workload"), || {
-            let status = self.status(agent, name);
-            status["guest"]["state"] == 2 && status["guest"]["verify_sweeps"].as_u64().unwrap_or(0) >= 1
-        });
+        let out = self.cli(&[
+            "vm",
+            "start",
+            "--agent",
+            &agent.addr,
+            "--name",
+            name,
+            "--memory",
+            memory,
+            "--workload",
+            workload,
+        ]);
+        assert!(
+            out.status.success(),
+            "vm start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_until(
+            Duration::from_secs(60),
+            &format!("guest {name} running its workload"),
+            || {
+                let status = self.status(agent, name);
+                status["guest"]["state"] == 2 && status["guest"]["verify_sweeps"].as_u64().unwrap_or(0) >= 1
+            },
+        );
     }
 }
 
@@ -105,18 +135,32 @@ impl TestAgent {
         let mut child = Command::new(PERFPLUS)
             .arg("--cluster-key-file")
             .arg(key_file)
-            .args(["agent", "--listen", "127.0.0.1:0", "--page-store-size", page_store_size, "--state-dir"])
+            .args([
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--page-store-size",
+                page_store_size,
+                "--state-dir",
+            ])
             .arg(state_dir)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()
             .expect("starting perfplus agent");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("agent stdout")).read_line(&mut line).expect("agent output");
+        BufReader::new(child.stdout.take().expect("agent stdout"))
+            .read_line(&mut line)
+            .expect("agent output");
         let addr = line
             .trim()
             .strip_prefix("perfplus agent listening on ")
-            .unwrap_or_else(|| panic!("agent did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
             .to_string();
         TestAgent { child, addr, log }
     }
@@ -150,12 +194,17 @@ impl Drop for TestAgent {
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// A guest counter from a `vm status --json` object.
 pub fn guest_counter(status: &Value, field: &str) -> u64 {
-    status["guest"][field].as_u64().unwrap_or_else(|| panic!("status has no guest.{field}: {status}"))
+    status["guest"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has no guest.{field}: {status}"))
 }

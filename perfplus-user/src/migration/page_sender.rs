@@ -50,7 +50,13 @@ impl PageSender {
 
     /// Decides how to send `page` whose current content is `data`, appends the item to `batch` (nothing
     /// for an unchanged page) and counts it in `round`.
-    pub fn add(&mut self, page: u64, data: &[u8; PAGE_SIZE], batch: &mut PageBatch, round: &mut RoundReport) -> PageDecision {
+    pub fn add(
+        &mut self,
+        page: u64,
+        data: &[u8; PAGE_SIZE],
+        batch: &mut PageBatch,
+        round: &mut RoundReport,
+    ) -> PageDecision {
         let slot = page as usize;
         if !self.hashing {
             batch.push_full(page, &[0; 16], data);
@@ -86,7 +92,11 @@ impl PageSender {
     /// Sends `page` in full whatever the destination is thought to hold: the answer to a reference the
     /// destination could not resolve.
     pub fn add_full(&mut self, page: u64, data: &[u8; PAGE_SIZE], batch: &mut PageBatch) {
-        let digest = if self.hashing { self.hasher.digest(data) } else { [0; 16] };
+        let digest = if self.hashing {
+            self.hasher.digest(data)
+        } else {
+            [0; 16]
+        };
         self.at_destination[page as usize] = digest;
         if self.hashing {
             self.held.insert(digest_prefix(&digest));
@@ -133,12 +143,32 @@ mod tests {
         let mut round = RoundReport::default();
 
         assert_eq!(sender.add(0, &page(1), &mut batch, &mut round), PageDecision::Full);
-        assert_eq!(sender.add(1, &page(1), &mut batch, &mut round), PageDecision::Held, "same content as page 0");
+        assert_eq!(
+            sender.add(1, &page(1), &mut batch, &mut round),
+            PageDecision::Held,
+            "same content as page 0"
+        );
         assert_eq!(sender.add(2, &page(0), &mut batch, &mut round), PageDecision::Zero);
-        assert_eq!(sender.add(3, &page(9), &mut batch, &mut round), PageDecision::Held, "advertised");
+        assert_eq!(
+            sender.add(3, &page(9), &mut batch, &mut round),
+            PageDecision::Held,
+            "advertised"
+        );
         assert_eq!(sender.add(0, &page(1), &mut batch, &mut round), PageDecision::Unchanged);
-        assert_eq!(kinds(&batch), ["full 0", "ref 1", "ref 3"], "a zero page the destination has needs no marker");
-        assert_eq!((round.sent_pages, round.skipped_held, round.skipped_zero, round.skipped_unchanged), (1, 2, 1, 1));
+        assert_eq!(
+            kinds(&batch),
+            ["full 0", "ref 1", "ref 3"],
+            "a zero page the destination has needs no marker"
+        );
+        assert_eq!(
+            (
+                round.sent_pages,
+                round.skipped_held,
+                round.skipped_zero,
+                round.skipped_unchanged
+            ),
+            (1, 2, 1, 1)
+        );
 
         // Page 0 becomes zero: now a marker is needed.
         batch.clear();

@@ -50,13 +50,19 @@ pub async fn receive(
     install: impl FnOnce(Arc<Vm>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let cpu_start = agent_cpu_ms();
-    let mut vm = Vm::create(&begin.vm, begin.memory_bytes, begin.vcpus)
-        .with_context(|| format!("creating VM {} ({} bytes, {} vCPUs)", begin.vm, begin.memory_bytes, begin.vcpus))?;
+    let mut vm = Vm::create(&begin.vm, begin.memory_bytes, begin.vcpus).with_context(|| {
+        format!(
+            "creating VM {} ({} bytes, {} vCPUs)",
+            begin.vm, begin.memory_bytes, begin.vcpus
+        )
+    })?;
     let memory = vm.memory().clone();
     let key = begin.vm.clone();
     let held = {
         let mut index = ctx.index.lock().expect("content index lock");
-        index.add_vm(key.clone(), memory.clone()).context("registering the incoming VM's memory")?;
+        index
+            .add_vm(key.clone(), memory.clone())
+            .context("registering the incoming VM's memory")?;
         index.held_prefixes(MAX_ADVERTISED)
     };
     let result = receive_pages(conn, &begin, ctx, &mut vm, held).await;
@@ -90,7 +96,7 @@ pub async fn receive(
                 "the guest's self-check found pages that do not hold what it wrote");
         }
     }
-    conn.send(&Message::GuestCheck(GuestCheck {
+    conn.send(&Message::GuestCheck(Box::new(GuestCheck {
         at_resume,
         after,
         verified,
@@ -98,7 +104,7 @@ pub async fn receive(
         held_from_store: counters.from_store,
         held_from_hosted_vms: counters.from_hosted,
         held_from_this_migration: counters.from_same_vm,
-    }))
+    })))
     .await?;
     match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
         Ok(Ok(Message::Complete(report))) => tracing::info!(
@@ -159,10 +165,14 @@ async fn receive_pages(
             }
             Message::VmState(bytes) => {
                 if !missing.is_empty() {
-                    bail!("source sent the VM state while {} referenced pages are still missing", missing.len());
+                    bail!(
+                        "source sent the VM state while {} referenced pages are still missing",
+                        missing.len()
+                    );
                 }
                 let state = postcard::from_bytes(&bytes).context("decoding the VM state from the source")?;
-                vm.restore_state(&state).context("restoring the vCPU and device state")?;
+                vm.restore_state(&state)
+                    .context("restoring the vCPU and device state")?;
                 vm.start().context("starting the migrated guest")?;
                 conn.send(&Message::Running).await?;
                 tracing::info!(vm = %begin.vm, "guest resumed here");

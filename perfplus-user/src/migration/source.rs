@@ -171,7 +171,15 @@ async fn precopy(
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(tracker);
-    Ok(Switched { rounds, downtime_ms, total_ms, stop_reason, sender, stall_reset, written_before })
+    Ok(Switched {
+        rounds,
+        downtime_ms,
+        total_ms,
+        stop_reason,
+        sender,
+        stall_reset,
+        written_before,
+    })
 }
 
 /// Sends one round: every page of `dirty`, then RoundEnd, then whatever the destination reports
@@ -186,7 +194,12 @@ async fn send_round(
 ) -> anyhow::Result<RoundReport> {
     let started = Instant::now();
     let wire_before = conn.bytes_sent() + conn.bytes_received();
-    let mut report = RoundReport { round: number, stop_and_copy, dirty_pages: dirty.count(), ..Default::default() };
+    let mut report = RoundReport {
+        round: number,
+        stop_and_copy,
+        dirty_pages: dirty.count(),
+        ..Default::default()
+    };
     let memory = job.vm.memory();
     let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
     let mut data = Box::new([0u8; PAGE_SIZE]);
@@ -210,10 +223,17 @@ async fn send_round(
         if missing.is_empty() {
             break;
         }
-        tracing::debug!(round = number, missing = missing.len(), "destination could not resolve references");
+        tracing::debug!(
+            round = number,
+            missing = missing.len(),
+            "destination could not resolve references"
+        );
         for page in missing {
             if page >= memory.page_count() {
-                bail!("destination reported page {page} missing, but the guest has {} pages", memory.page_count());
+                bail!(
+                    "destination reported page {page} missing, but the guest has {} pages",
+                    memory.page_count()
+                );
             }
             memory.read_page(page, &mut data);
             sender.add_full(page, &data, &mut batch);
@@ -289,14 +309,18 @@ async fn finish(
             report.memory_digest_equal = report.lost_pages == 0;
         }
         Some(theirs) => {
-            tracing::error!("destination sent {} page checksums for {} pages", theirs.len(), ours.len());
+            tracing::error!(
+                "destination sent {} page checksums for {} pages",
+                theirs.len(),
+                ours.len()
+            );
             report.lost_pages = ours.len() as u64;
         }
         None => report.lost_pages = ours.len() as u64,
     }
 
     let check = match recv(&mut conn, "GuestCheck").await {
-        Ok(Message::GuestCheck(check)) => Some(check),
+        Ok(Message::GuestCheck(check)) => Some(*check),
         Ok(other) => {
             tracing::error!("destination sent {} instead of the guest check", describe(&other));
             None
@@ -307,7 +331,16 @@ async fn finish(
         }
     };
     let destination_cpu_ms = check.as_ref().map_or(0.0, |c| c.cpu_ms);
-    if let Some(GuestCheck { at_resume, after, verified, held_from_store, held_from_hosted_vms, held_from_this_migration, .. }) = check {
+    if let Some(GuestCheck {
+        at_resume,
+        after,
+        verified,
+        held_from_store,
+        held_from_hosted_vms,
+        held_from_this_migration,
+        ..
+    }) = check
+    {
         report.guest_verified = verified;
         report.held_from_store = held_from_store;
         report.held_from_hosted_vms = held_from_hosted_vms;
@@ -335,14 +368,20 @@ async fn finish(
     if let Err(err) = conn.send(&Message::Complete(Box::new(report.clone()))).await {
         tracing::warn!("could not send the final report to the destination: {err:#}");
     }
-    let page_digests = job.options.hashing.then(|| switched.sender.destination_digests().to_vec());
+    let page_digests = job
+        .options
+        .hashing
+        .then(|| switched.sender.destination_digests().to_vec());
     Ok(Completed { report, page_digests })
 }
 
 async fn recv(conn: &mut Connection, expecting: &str) -> anyhow::Result<Message> {
     match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
         Ok(result) => result.with_context(|| format!("waiting for {expecting} from the destination")),
-        Err(_) => bail!("the destination sent no {expecting} within {} s", PEER_TIMEOUT.as_secs()),
+        Err(_) => bail!(
+            "the destination sent no {expecting} within {} s",
+            PEER_TIMEOUT.as_secs()
+        ),
     }
 }
 

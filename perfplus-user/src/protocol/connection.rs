@@ -143,17 +143,12 @@ impl Connection {
         key: &ClusterKey,
         limit: Duration,
     ) -> anyhow::Result<(Connection, Role)> {
-        let peer = stream
-            .peer_addr()
-            .context("accepted connection has no peer address")?;
+        let peer = stream.peer_addr().context("accepted connection has no peer address")?;
         // The responder echoes the initiator's role; the one passed here is replaced.
         let handshake = Connection::handshake(stream, Side::Responder, Role::Peer, key);
-        tokio::time::timeout(limit, handshake).await.map_err(|_| {
-            anyhow!(
-                "handshake with {peer} timed out after {:.1} s",
-                limit.as_secs_f64()
-            )
-        })?
+        tokio::time::timeout(limit, handshake)
+            .await
+            .map_err(|_| anyhow!("handshake with {peer} timed out after {:.1} s", limit.as_secs_f64()))?
     }
 
     /// Sends `msg` and flushes.
@@ -216,9 +211,7 @@ impl Connection {
         role: Role,
         key: &ClusterKey,
     ) -> anyhow::Result<(Connection, Role)> {
-        let peer = stream
-            .peer_addr()
-            .context("connected socket has no peer address")?;
+        let peer = stream.peer_addr().context("connected socket has no peer address")?;
         stream
             .set_nodelay(true)
             .with_context(|| format!("setting TCP_NODELAY on the connection to {peer}"))?;
@@ -318,9 +311,7 @@ fn local_view(e: &HandshakeError, peer: SocketAddr) -> String {
         HandshakeError::AuthFailed => {
             format!("authentication failed: {peer} does not hold this cluster's key")
         }
-        other => other
-            .to_string()
-            .replace("the peer", &format!("the peer {peer}")),
+        other => other.to_string().replace("the peer", &format!("the peer {peer}")),
     }
 }
 
@@ -343,9 +334,7 @@ impl ConnectionReader {
     pub async fn recv(&mut self) -> anyhow::Result<Message> {
         let peer = self.peer;
         match self.read_frame().await? {
-            Frame::Message(Message::Error { message }) => {
-                Err(ConnectionError::PeerReported { peer, message }.into())
-            }
+            Frame::Message(Message::Error { message }) => Err(ConnectionError::PeerReported { peer, message }.into()),
             Frame::Message(msg) => Ok(msg),
             frame @ (Frame::Hello(_) | Frame::Auth(_)) => {
                 let frame_type = match frame {
@@ -397,19 +386,16 @@ impl ConnectionReader {
                         },
                     });
                 }
-                self.counters
-                    .received
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
                 self.header_len += n;
                 continue;
             }
             // The limit is checked here, before the payload buffer exists.
-            let header =
-                FrameHeader::parse(&self.header).map_err(|error| ConnectionError::BadFrame {
-                    peer,
-                    error,
-                    raw_header: self.header,
-                })?;
+            let header = FrameHeader::parse(&self.header).map_err(|error| ConnectionError::BadFrame {
+                peer,
+                error,
+                raw_header: self.header,
+            })?;
             self.payload = Some((header, Vec::with_capacity(header.payload_len)));
         }
         let Some((header, payload)) = &mut self.payload else {
@@ -435,9 +421,7 @@ impl ConnectionReader {
                     ),
                 });
             }
-            self.counters
-                .received
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
         }
         let (header, payload) = self.payload.take().expect("payload checked above");
         self.header_len = 0;
@@ -455,15 +439,11 @@ impl ConnectionReader {
         match self.read_frame().await {
             Ok(frame @ Frame::Hello(_)) if want == FrameType::Hello => Ok(frame),
             Ok(frame @ Frame::Auth(_)) if want == FrameType::Auth => Ok(frame),
-            Ok(Frame::Message(Message::Error { message })) if message == AUTH_FAILED_MESSAGE => {
-                Err(anyhow!(
-                    "authentication failed: {peer} refused this side's proof ({peer} reported: \
+            Ok(Frame::Message(Message::Error { message })) if message == AUTH_FAILED_MESSAGE => Err(anyhow!(
+                "authentication failed: {peer} refused this side's proof ({peer} reported: \
                      {message})"
-                ))
-            }
-            Ok(Frame::Message(Message::Error { message })) => {
-                Err(anyhow!("{peer} refused the handshake: {message}"))
-            }
+            )),
+            Ok(Frame::Message(Message::Error { message })) => Err(anyhow!("{peer} refused the handshake: {message}")),
             Ok(other) => {
                 let got = match &other {
                     Frame::Hello(_) => FrameType::Hello,
@@ -474,15 +454,10 @@ impl ConnectionReader {
                     "handshake with {peer} failed: it sent a {got} frame where {want} was expected"
                 ))
             }
-            Err(ConnectionError::BadFrame {
-                error, raw_header, ..
-            }) => {
+            Err(ConnectionError::BadFrame { error, raw_header, .. }) => {
                 let what = match error {
                     FrameError::UnknownType(_) | FrameError::BadFlags { .. } => {
-                        format!(
-                            "{error}; its first bytes were \"{}\"",
-                            raw_header.escape_ascii()
-                        )
+                        format!("{error}; its first bytes were \"{}\"", raw_header.escape_ascii())
                     }
                     other => other.to_string(),
                 };
@@ -510,8 +485,7 @@ impl ConnectionWriter {
         let peer = self.peer;
         let frame_type = FrameType::of(msg);
         if let Message::Pages(batch) = msg {
-            let header = frame::pages_header(batch)
-                .map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
+            let header = frame::pages_header(batch).map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
             self.buf.extend_from_slice(&header);
             let written = write_all_vectored(&mut self.stream, &self.buf, batch.as_bytes()).await;
             self.buf.clear();
@@ -519,8 +493,7 @@ impl ConnectionWriter {
                 .with_context(|| format!("sending {frame_type} to {peer}"))?;
             return Ok(());
         }
-        frame::encode(msg, &mut self.buf)
-            .map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
+        frame::encode(msg, &mut self.buf).map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
         if self.buf.len() >= WRITE_HIGH_WATER {
             self.write_buffer()
                 .await
@@ -535,10 +508,7 @@ impl ConnectionWriter {
         self.write_buffer()
             .await
             .with_context(|| format!("sending to {peer}"))?;
-        self.stream
-            .flush()
-            .await
-            .with_context(|| format!("sending to {peer}"))
+        self.stream.flush().await.with_context(|| format!("sending to {peer}"))
     }
 
     /// Tells the peer what went wrong, best effort; see [`Connection::send_error`].
@@ -575,10 +545,7 @@ impl ConnectionWriter {
             .with_context(|| format!("sending Hello to {}", self.peer))
     }
 
-    async fn write_auth(
-        &mut self,
-        exchanged: &super::handshake::HelloExchanged,
-    ) -> anyhow::Result<()> {
+    async fn write_auth(&mut self, exchanged: &super::handshake::HelloExchanged) -> anyhow::Result<()> {
         frame::encode_auth(&exchanged.auth(), &mut self.buf);
         self.write_buffer()
             .await
@@ -599,20 +566,14 @@ impl ConnectionWriter {
     }
 
     fn account(&self, written: (usize, io::Result<()>)) -> io::Result<()> {
-        self.counters
-            .sent
-            .fetch_add(written.0 as u64, Ordering::Relaxed);
+        self.counters.sent.fetch_add(written.0 as u64, Ordering::Relaxed);
         written.1
     }
 }
 
 /// Writes `a` then `b` with as few system calls as the socket allows; returns the bytes written and
 /// the outcome.
-async fn write_all_vectored(
-    stream: &mut OwnedWriteHalf,
-    mut a: &[u8],
-    mut b: &[u8],
-) -> (usize, io::Result<()>) {
+async fn write_all_vectored(stream: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
     let mut total = 0;
     while !a.is_empty() || !b.is_empty() {
         let result = if a.is_empty() {
@@ -620,9 +581,7 @@ async fn write_all_vectored(
         } else if b.is_empty() {
             stream.write(a).await
         } else {
-            stream
-                .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-                .await
+            stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]).await
         };
         let n = match result {
             Ok(0) => return (total, Err(io::ErrorKind::WriteZero.into())),
@@ -719,14 +678,8 @@ mod tests {
         assert_eq!(client.bytes_received(), HANDSHAKE_BYTES);
         assert_eq!(server.bytes_sent(), HANDSHAKE_BYTES);
 
-        client
-            .send(&Message::VmStatus { name: "web".into() })
-            .await
-            .unwrap();
-        assert_eq!(
-            server.recv().await.unwrap(),
-            Message::VmStatus { name: "web".into() }
-        );
+        client.send(&Message::VmStatus { name: "web".into() }).await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Message::VmStatus { name: "web".into() });
         server.send(&Message::Done).await.unwrap();
         assert_eq!(client.recv().await.unwrap(), Message::Done);
 
@@ -752,9 +705,7 @@ mod tests {
         let got = server.recv().await.unwrap();
         let (client, sent) = client_task.await.unwrap();
         assert_eq!(got, sent);
-        let Message::Pages(got) = got else {
-            unreachable!()
-        };
+        let Message::Pages(got) = got else { unreachable!() };
         let PageItem::Full { page, data, .. } = got.iter().nth(1000).unwrap().unwrap() else {
             panic!("item 1000 is not full");
         };
@@ -782,10 +733,7 @@ mod tests {
         let server_addr = client.peer();
         server.send_error("no VM named \"x\"").await;
         let err = client.recv().await.unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("{server_addr} reported: no VM named \"x\"")
-        );
+        assert_eq!(err.to_string(), format!("{server_addr} reported: no VM named \"x\""));
         assert!(matches!(
             err.downcast_ref::<ConnectionError>(),
             Some(ConnectionError::PeerReported { message, .. }) if message == "no VM named \"x\""
@@ -793,17 +741,11 @@ mod tests {
         // An over-long error message is cut to fit its frame rather than lost.
         server.send_error(&"é".repeat(ERROR_MAX)).await;
         let err = client.recv().await.unwrap_err().to_string();
-        assert_eq!(
-            err.len(),
-            format!("{server_addr} reported: ").len() + ERROR_MAX
-        );
+        assert_eq!(err.len(), format!("{server_addr} reported: ").len() + ERROR_MAX);
 
         drop(server);
         let err = client.recv().await.unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("connection closed by {server_addr}")
-        );
+        assert_eq!(err.to_string(), format!("connection closed by {server_addr}"));
     }
 
     #[tokio::test]
@@ -843,9 +785,7 @@ mod tests {
         let (l, addr) = listener().await;
         let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
         let mut raw = TcpStream::connect(&addr).await.unwrap();
-        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let err = server.await.unwrap();
         assert!(
             err.ends_with(
@@ -859,18 +799,13 @@ mod tests {
         let (l, addr) = listener().await;
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
-            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-                .await
-                .unwrap();
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await.unwrap();
             let mut sink = [0u8; 1024];
             while s.read(&mut sink).await.unwrap_or(0) > 0 {}
         });
         let err = format!(
             "{:#}",
-            Connection::connect(&addr, Role::Control, &key(1))
-                .await
-                .err()
-                .unwrap()
+            Connection::connect(&addr, Role::Control, &key(1)).await.err().unwrap()
         );
         assert_eq!(
             err,
@@ -978,10 +913,7 @@ mod tests {
         });
         let err = format!(
             "{:#}",
-            Connection::connect(&addr, Role::Peer, &key(1))
-                .await
-                .err()
-                .unwrap()
+            Connection::connect(&addr, Role::Peer, &key(1)).await.err().unwrap()
         );
         assert_eq!(
             err,
@@ -1002,10 +934,7 @@ mod tests {
         let client_addr = raw.local_addr().unwrap();
         let started = std::time::Instant::now();
         let err = server.await.unwrap();
-        assert_eq!(
-            err,
-            format!("handshake with {client_addr} timed out after 0.2 s")
-        );
+        assert_eq!(err, format!("handshake with {client_addr} timed out after 0.2 s"));
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(raw);
 
@@ -1029,13 +958,9 @@ mod tests {
         // Nobody listening.
         let (l, addr) = listener().await;
         drop(l);
-        let err = Connection::connect(&addr, Role::Peer, &key(1))
-            .await
-            .err()
-            .unwrap();
+        let err = Connection::connect(&addr, Role::Peer, &key(1)).await.err().unwrap();
         assert!(
-            err.to_string()
-                .starts_with(&format!("cannot connect to {addr}: ")),
+            err.to_string().starts_with(&format!("cannot connect to {addr}: ")),
             "{err}"
         );
     }
@@ -1105,22 +1030,13 @@ mod tests {
         frame::encode(&msg, &mut bytes).unwrap();
         // Header and part of the payload, then a recv that gives up, then the rest.
         client.writer.stream.write_all(&bytes[..5]).await.unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), server.recv())
-                .await
-                .is_err()
-        );
-        client
-            .writer
-            .stream
-            .write_all(&bytes[5..100])
+        assert!(tokio::time::timeout(Duration::from_millis(50), server.recv())
             .await
-            .unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), server.recv())
-                .await
-                .is_err()
-        );
+            .is_err());
+        client.writer.stream.write_all(&bytes[5..100]).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), server.recv())
+            .await
+            .is_err());
         client.writer.stream.write_all(&bytes[100..]).await.unwrap();
         assert_eq!(server.recv().await.unwrap(), msg);
     }

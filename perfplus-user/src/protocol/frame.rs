@@ -91,11 +91,7 @@ pub enum FrameError {
     #[error("frame {frame} has flags 0x{flags:04x}; this version defines none (they must be 0)")]
     BadFlags { frame: FrameType, flags: u16 },
     #[error("payload of {len} bytes exceeds the limit {max} for frame {frame}")]
-    TooLarge {
-        frame: FrameType,
-        len: usize,
-        max: usize,
-    },
+    TooLarge { frame: FrameType, len: usize, max: usize },
     #[error("payload of frame {frame} is {len} bytes; it must be exactly {expected}")]
     WrongSize {
         frame: FrameType,
@@ -268,11 +264,7 @@ impl FrameType {
                 len,
                 expected,
             }),
-            Limit::Max(max) if len > max => Err(FrameError::TooLarge {
-                frame: self,
-                len,
-                max,
-            }),
+            Limit::Max(max) if len > max => Err(FrameError::TooLarge { frame: self, len, max }),
             _ => Ok(()),
         }
     }
@@ -336,6 +328,9 @@ pub fn peek_header(buf: &[u8]) -> Result<Option<FrameHeader>, FrameError> {
 
 /// Any frame: a handshake frame or a message.
 #[derive(Clone, Debug, PartialEq)]
+// A Frame lives for one decode call and is matched at once; boxing the message would cost an
+// allocation per frame for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Frame {
     Hello(Hello),
     Auth(Auth),
@@ -486,9 +481,7 @@ pub fn decode_payload(header: FrameHeader, payload: Vec<u8>) -> Result<Frame, Fr
     let frame_type = header.frame_type;
     frame_type.check_len(payload.len())?;
     match frame_type {
-        FrameType::Pages => Ok(Frame::Message(Message::Pages(PageBatch::from_payload(
-            payload,
-        )?))),
+        FrameType::Pages => Ok(Frame::Message(Message::Pages(PageBatch::from_payload(payload)?))),
         FrameType::VmState => Ok(Frame::Message(Message::VmState(payload))),
         _ => decode_payload_slice(frame_type, &payload),
     }
@@ -540,7 +533,7 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::PageChecksums => Message::PageChecksums {
             checksums: get_u64s(frame_type, p, "page checksums")?,
         },
-        FrameType::GuestCheck => Message::GuestCheck(get_postcard(frame_type, p)?),
+        FrameType::GuestCheck => Message::GuestCheck(Box::new(get_postcard(frame_type, p)?)),
         FrameType::Complete => Message::Complete(Box::new(get_postcard(frame_type, p)?)),
     };
     Ok(Frame::Message(msg))
@@ -670,19 +663,14 @@ pub enum PageItem<'a> {
     /// The page is all zeroes.
     Zero { page: u64 },
     /// The page holds the content with this digest, which the destination already has.
-    Ref {
-        page: u64,
-        digest: &'a [u8; DIGEST_LEN],
-    },
+    Ref { page: u64, digest: &'a [u8; DIGEST_LEN] },
 }
 
 impl PageItem<'_> {
     /// The guest page the item is about.
     pub fn page(&self) -> u64 {
         match *self {
-            PageItem::Full { page, .. } | PageItem::Zero { page } | PageItem::Ref { page, .. } => {
-                page
-            }
+            PageItem::Full { page, .. } | PageItem::Zero { page } | PageItem::Ref { page, .. } => page,
         }
     }
 }
@@ -861,10 +849,7 @@ fn parse_item(buf: &[u8], index: usize) -> Result<(PageItem<'_>, usize), FrameEr
     let Some(item) = buf.get(..len) else {
         return Err(FrameError::PageItem {
             index,
-            detail: format!(
-                "truncated: a {name} item is {len} bytes, only {} remain",
-                buf.len()
-            ),
+            detail: format!("truncated: a {name} item is {len} bytes, only {} remain", buf.len()),
         });
     };
     let page = u64::from_le_bytes(item[1..9].try_into().expect("8-byte slice"));
@@ -886,9 +871,7 @@ fn parse_item(buf: &[u8], index: usize) -> Result<(PageItem<'_>, usize), FrameEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{
-        KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest,
-    };
+    use crate::protocol::{KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
     use crate::report::{MigrationReport, RoundReport};
     use crate::vm::GuestStatus;
 
@@ -1020,7 +1003,7 @@ mod tests {
             Message::PageChecksums {
                 checksums: vec![1, 2, 3, u64::MAX],
             },
-            Message::GuestCheck(crate::protocol::GuestCheck {
+            Message::GuestCheck(Box::new(crate::protocol::GuestCheck {
                 at_resume: Some(crate::vm::GuestStatus::default()),
                 after: None,
                 verified: true,
@@ -1028,7 +1011,7 @@ mod tests {
                 held_from_store: 1,
                 held_from_hosted_vms: 2,
                 held_from_this_migration: 3,
-            }),
+            })),
             Message::Complete(Box::new(report())),
             Message::Error {
                 message: "no VM named \"x\" ✗".into(),
@@ -1119,15 +1102,9 @@ mod tests {
         });
         assert_eq!(
             ack,
-            frame_bytes(
-                FrameType::RoundAck,
-                &[1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
-            )
+            frame_bytes(FrameType::RoundAck, &[1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])
         );
-        assert_eq!(
-            encoded(&Message::VmList),
-            vec![0x02, 0x01, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(encoded(&Message::VmList), vec![0x02, 0x01, 0, 0, 0, 0, 0, 0]);
         let pages = encoded(&Message::Pages(batch()));
         assert_eq!(
             pages.len(),
@@ -1147,22 +1124,13 @@ mod tests {
         encode_hello(&hello, &mut out);
         assert_eq!(out.len(), HEADER_LEN + HELLO_LEN);
         assert_eq!(&out[HEADER_LEN..HEADER_LEN + 8], b"PERFPLUS");
-        assert_eq!(
-            decode_frame(&out).unwrap(),
-            Some((Frame::Hello(hello), out.len()))
-        );
-        assert_eq!(
-            decode_err(&out),
-            "unexpected handshake frame Hello after the handshake"
-        );
+        assert_eq!(decode_frame(&out).unwrap(), Some((Frame::Hello(hello), out.len())));
+        assert_eq!(decode_err(&out), "unexpected handshake frame Hello after the handshake");
 
         let auth = Auth { mac: [9; 32] };
         let mut out = Vec::new();
         encode_auth(&auth, &mut out);
-        assert_eq!(
-            decode_frame(&out).unwrap(),
-            Some((Frame::Auth(auth), out.len()))
-        );
+        assert_eq!(decode_frame(&out).unwrap(), Some((Frame::Auth(auth), out.len())));
 
         let mut bad = hello_payload(&hello);
         bad[..8].copy_from_slice(b"NOTPERFP");
@@ -1202,14 +1170,8 @@ mod tests {
         assert_eq!(b.len(), 4);
         assert!(!b.is_empty());
         assert!(!b.is_full());
-        assert_eq!(
-            b.payload_len(),
-            2 * FULL_ITEM_LEN + ZERO_ITEM_LEN + REF_ITEM_LEN
-        );
-        assert_eq!(
-            format!("{b:?}"),
-            "PageBatch { items: 4, payload_len: 8276 }"
-        );
+        assert_eq!(b.payload_len(), 2 * FULL_ITEM_LEN + ZERO_ITEM_LEN + REF_ITEM_LEN);
+        assert_eq!(format!("{b:?}"), "PageBatch { items: 4, payload_len: 8276 }");
 
         let bytes = encoded(&Message::Pages(b.clone()));
         let Some((Message::Pages(decoded), _)) = decode(&bytes).unwrap() else {
@@ -1271,9 +1233,7 @@ mod tests {
         b.push_zero(0);
         let mut out = vec![1, 2, 3];
         assert_eq!(
-            encode(&Message::Pages(b.clone()), &mut out)
-                .unwrap_err()
-                .to_string(),
+            encode(&Message::Pages(b.clone()), &mut out).unwrap_err().to_string(),
             "page batch of 1025 items exceeds the limit of 1024 items"
         );
         assert_eq!(out, [1, 2, 3]);
@@ -1344,10 +1304,7 @@ mod tests {
             "payload of 4194305 bytes exceeds the limit 4194304 for frame VmState"
         );
         // Exactly at the limit is fine (incomplete here).
-        assert_eq!(
-            decode(&header(FrameType::VmState as u16, 0, 4 << 20)).unwrap(),
-            None
-        );
+        assert_eq!(decode(&header(FrameType::VmState as u16, 0, 4 << 20)).unwrap(), None);
 
         // The encoder refuses what the decoder would.
         let mut out = Vec::new();
@@ -1367,14 +1324,8 @@ mod tests {
 
     #[test]
     fn header_errors() {
-        assert_eq!(
-            decode_err(&header(0x4547, 0, 0)),
-            "unknown frame type 17735 (0x4547)"
-        );
-        assert_eq!(
-            decode_err(b"GET / HTTP/1.1\r\n"),
-            "unknown frame type 17735 (0x4547)"
-        );
+        assert_eq!(decode_err(&header(0x4547, 0, 0)), "unknown frame type 17735 (0x4547)");
+        assert_eq!(decode_err(b"GET / HTTP/1.1\r\n"), "unknown frame type 17735 (0x4547)");
         assert_eq!(
             decode_err(&header(FrameType::Done as u16, 0x8000, 0)),
             "frame Done has flags 0x8000; this version defines none (they must be 0)"
@@ -1399,10 +1350,7 @@ mod tests {
         let kernel_at = start.len() - 2; // ... kernel (1 byte), cmdline length (1 byte)
         start[kernel_at] = 9;
         let err = decode_err(&start);
-        assert!(
-            err.starts_with("payload of frame VmStart malformed: "),
-            "{err}"
-        );
+        assert!(err.starts_with("payload of frame VmStart malformed: "), "{err}");
         assert_eq!(
             decode_err(&frame_bytes(FrameType::Error, &[0xff, 0xfe])),
             "payload of frame Error malformed: invalid utf-8 sequence of 1 bytes from index 0"

@@ -47,8 +47,7 @@ const HANDSHAKE_LABEL: &str = "perfplus handshake v1";
 const FINGERPRINT_LABEL: &str = "perfplus key fingerprint v1";
 
 /// What an `Error` frame says to a peer whose proof did not verify.
-pub const AUTH_FAILED_MESSAGE: &str =
-    "authentication failed: the peer does not hold this cluster's key";
+pub const AUTH_FAILED_MESSAGE: &str = "authentication failed: the peer does not hold this cluster's key";
 
 /// The secret every agent and CLI of a cluster holds. Never sent, never printed: `Debug` shows only the
 /// [`fingerprint`](Self::fingerprint).
@@ -62,7 +61,9 @@ pub struct ClusterKey {
 pub enum KeyError {
     #[error("the cluster key is not hex: {0}")]
     NotHex(String),
-    #[error("the cluster key is {len} bytes; at least {MIN_KEY_LEN} are required (generate one: 32 random bytes as hex)")]
+    #[error(
+        "the cluster key is {len} bytes; at least {MIN_KEY_LEN} are required (generate one: 32 random bytes as hex)"
+    )]
     TooShort { len: usize },
 }
 
@@ -74,8 +75,7 @@ impl ClusterKey {
             std::io::ErrorKind::NotFound => {
                 anyhow::anyhow!("cluster key file {} does not exist", path.display())
             }
-            _ => anyhow::Error::new(e)
-                .context(format!("cannot read cluster key file {}", path.display())),
+            _ => anyhow::Error::new(e).context(format!("cannot read cluster key file {}", path.display())),
         })?;
         ClusterKey::from_hex(&text).with_context(|| format!("cluster key file {}", path.display()))
     }
@@ -237,8 +237,7 @@ impl Handshake {
             "empty protocol version range {min_version}..={max_version}"
         );
         let mut nonce = [0u8; 32];
-        getrandom::fill(&mut nonce)
-            .map_err(|e| anyhow::anyhow!("cannot draw a handshake nonce: {e}"))?;
+        getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("cannot draw a handshake nonce: {e}"))?;
         Ok(Handshake {
             side,
             key: key.derive(HANDSHAKE_LABEL),
@@ -319,8 +318,7 @@ impl HelloExchanged {
 
     /// The MAC `side` computes: HMAC(k, side || its own Hello || the other Hello).
     fn proof_mac(&self, side: Side, own: &[u8], peer: &[u8]) -> HmacSha256 {
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key)
-            .expect("HMAC takes keys of any length");
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(side.label());
         mac.update(own);
         mac.update(peer);
@@ -361,10 +359,7 @@ mod tests {
         assert_eq!(read.to_hex().len(), 64);
 
         let missing = ClusterKey::from_file(dir.join("missing")).unwrap_err();
-        assert!(
-            format!("{missing:#}").contains("missing does not exist"),
-            "{missing:#}"
-        );
+        assert!(format!("{missing:#}").contains("missing does not exist"), "{missing:#}");
         let bad = dir.join("bad");
         std::fs::write(&bad, "not a key").unwrap();
         let err = format!("{:#}", ClusterKey::from_file(&bad).unwrap_err());
@@ -462,17 +457,11 @@ mod tests {
         let a = Handshake::new(Side::Initiator, Role::Control, &k).unwrap();
         let b = Handshake::new(Side::Responder, Role::Peer, &k).unwrap();
         let err = a.receive_hello(b.hello()).err().unwrap();
-        assert_eq!(
-            err.to_string(),
-            "the peer answered a Control connection with role Peer"
-        );
+        assert_eq!(err.to_string(), "the peer answered a Control connection with role Peer");
 
         let a = Handshake::new(Side::Initiator, Role::Peer, &k).unwrap();
         let own = *a.hello();
-        assert_eq!(
-            a.receive_hello(&own).err().unwrap(),
-            HandshakeError::ReflectedNonce
-        );
+        assert_eq!(a.receive_hello(&own).err().unwrap(), HandshakeError::ReflectedNonce);
         assert!(Handshake::with_versions(Side::Initiator, Role::Peer, &k, 3, 2).is_err());
     }
 }

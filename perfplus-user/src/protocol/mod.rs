@@ -212,9 +212,11 @@ pub enum Message {
     /// The destination resumed the guest (sent first, so that the source can time the downtime).
     Running,
     /// `checksums[i]` is the xxh3-64 of the destination's page `i` as it was at resume.
-    PageChecksums { checksums: Vec<u64> },
+    PageChecksums {
+        checksums: Vec<u64>,
+    },
     /// The guest's self-check on the destination after the resume.
-    GuestCheck(GuestCheck),
+    GuestCheck(Box<GuestCheck>),
     /// The source's final word: the report, so that the destination can log it too.
     Complete(Box<MigrationReport>),
 

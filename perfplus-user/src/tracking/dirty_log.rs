@@ -44,8 +44,7 @@ impl DirtyLogTracker {
             !ram.dirty_logging(),
             "dirty logging is already on for this VM (another tracker?)"
         );
-        ram.set_dirty_logging(true)
-            .context("starting the dirty-log tracker")?;
+        ram.set_dirty_logging(true).context("starting the dirty-log tracker")?;
         Ok(Self { ram })
     }
 }
@@ -93,10 +92,7 @@ mod tests {
         // Writes by the VMM through its own mapping are not guest writes; KVM does not log them.
         let vm = Vm::create("dirty-idle", 16 << 20, 1).unwrap();
         let mut tracker = DirtyLogTracker::new(&vm).unwrap();
-        assert!(
-            DirtyLogTracker::new(&vm).is_err(),
-            "a second tracker is refused"
-        );
+        assert!(DirtyLogTracker::new(&vm).is_err(), "a second tracker is refused");
         vm.memory().write(0x20_0000, &[1; 64]).unwrap();
         let dirty = tracker.collect().unwrap();
         assert_eq!(dirty.capacity(), 4096);

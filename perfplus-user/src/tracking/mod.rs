@@ -56,11 +56,7 @@ impl DirtyPages {
     }
 
     pub fn insert(&mut self, page: u64) {
-        assert!(
-            page < self.pages,
-            "page {page} outside a set of {} pages",
-            self.pages
-        );
+        assert!(page < self.pages, "page {page} outside a set of {} pages", self.pages);
         self.words[(page / 64) as usize] |= 1 << (page % 64);
     }
 
@@ -70,10 +66,7 @@ impl DirtyPages {
 
     /// Adds every page of `other` (same capacity) to this set.
     pub fn union_with(&mut self, other: &DirtyPages) {
-        assert_eq!(
-            self.pages, other.pages,
-            "dirty sets over different memory sizes"
-        );
+        assert_eq!(self.pages, other.pages, "dirty sets over different memory sizes");
         for (a, b) in self.words.iter_mut().zip(&other.words) {
             *a |= b;
         }

@@ -22,8 +22,7 @@ pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/perfplus-gue
 /// A command line that exercises every content kind: a 64 MiB working set rewritten at 10k pages/s,
 /// 40 % of the pages with fresh content on every write, 30 % drawn from a small pool of shared
 /// contents, 10 % zero and 20 % rewritten with unchanged content. The agent appends `tsc_khz=`.
-pub const DEFAULT_CMDLINE: &str =
-    "working-set=64M rate=10k mix=unique:40,dup:30,zero:10,same:20 seed=1";
+pub const DEFAULT_CMDLINE: &str = "working-set=64M rate=10k mix=unique:40,dup:30,zero:10,same:20 seed=1";
 
 #[cfg(test)]
 mod tests {
@@ -45,11 +44,7 @@ mod tests {
         let flags = u32_at(search, off + 4);
         let checksum = u32_at(search, off + 8);
         assert_eq!(0x1BAD_B002u32.wrapping_add(flags).wrapping_add(checksum), 0);
-        assert_ne!(
-            flags & (1 << 16),
-            0,
-            "address fields (a.out kludge) present"
-        );
+        assert_ne!(flags & (1 << 16), 0, "address fields (a.out kludge) present");
     }
 
     #[test]

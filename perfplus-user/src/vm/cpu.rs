@@ -9,8 +9,8 @@
 //! FPU), XCRS, DEBUGREGS, MSRs (with IA32_TSC_DEADLINE after IA32_TSC), VCPU_EVENTS last.
 use anyhow::{ensure, Context};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -43,10 +43,7 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> anyhow::Result<Vec<u32>> {
     let list = kvm.get_msr_index_list().context("KVM_GET_MSR_INDEX_LIST")?;
     let mut readable = Vec::new();
     for &index in list.as_slice() {
-        if read_msrs(vcpu, &[index])
-            .map(|v| v.len() == 1)
-            .unwrap_or(false)
-        {
+        if read_msrs(vcpu, &[index]).map(|v| v.len() == 1).unwrap_or(false) {
             readable.push(index);
         } else {
             tracing::debug!("MSR {index:#x} does not read back; not migrated");
@@ -68,10 +65,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> anyhow::Result<Vec<(u32, u64)>> 
         .collect();
     let mut msrs = Msrs::from_entries(&entries).context("too many MSRs")?;
     let n = vcpu.get_msrs(&mut msrs).context("KVM_GET_MSRS")?;
-    Ok(msrs.as_slice()[..n]
-        .iter()
-        .map(|e| (e.index, e.data))
-        .collect())
+    Ok(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect())
 }
 
 /// Writes MSRs one batch at a time; an MSR KVM refuses is skipped (and returned), the rest still set.
@@ -166,8 +160,7 @@ pub struct VcpuState {
 
 /// Size in bytes of the vCPU's XSAVE area (`KVM_CAP_XSAVE2`), at least the legacy 4 KiB.
 fn xsave_bytes(vm: &VmFd) -> usize {
-    (vm.check_extension_int(Cap::Xsave2).max(0) as usize)
-        .max(std::mem::size_of::<kvm_bindings::kvm_xsave>())
+    (vm.check_extension_int(Cap::Xsave2).max(0) as usize).max(std::mem::size_of::<kvm_bindings::kvm_xsave>())
 }
 
 fn xsave_fam_len(vm: &VmFd) -> usize {
@@ -176,13 +169,7 @@ fn xsave_fam_len(vm: &VmFd) -> usize {
 
 impl VcpuState {
     /// Reads the state of a vCPU that is not running.
-    pub fn save(
-        vm: &VmFd,
-        vcpu: &VcpuFd,
-        id: u8,
-        cpuid: &CpuId,
-        msr_indices: &[u32],
-    ) -> anyhow::Result<Self> {
+    pub fn save(vm: &VmFd, vcpu: &VcpuFd, id: u8, cpuid: &CpuId, msr_indices: &[u32]) -> anyhow::Result<Self> {
         let mut xsave = Xsave::new(xsave_fam_len(vm)).context("allocating the XSAVE buffer")?;
         // SAFETY: `xsave` was allocated with the FAM length derived from KVM_CAP_XSAVE2, so it holds
         // the whole area KVM_GET_XSAVE2 writes.
@@ -226,12 +213,10 @@ impl VcpuState {
     pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd, tsc_advance: u64) -> anyhow::Result<Vec<u32>> {
         let cpuid = CpuId::from_entries(&self.cpuid).context("saved CPUID has too many entries")?;
         vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
-        vcpu.set_mp_state(self.mp_state)
-            .context("KVM_SET_MP_STATE")?;
+        vcpu.set_mp_state(self.mp_state).context("KVM_SET_MP_STATE")?;
         vcpu.set_regs(&self.regs).context("KVM_SET_REGS")?;
         vcpu.set_sregs(&self.sregs).context("KVM_SET_SREGS")?;
-        vcpu.set_fpu(&kvm_fpu::from(&self.fpu))
-            .context("KVM_SET_FPU")?;
+        vcpu.set_fpu(&kvm_fpu::from(&self.fpu)).context("KVM_SET_FPU")?;
 
         let legacy_words = std::mem::size_of::<kvm_bindings::kvm_xsave>() / 4;
         ensure!(
@@ -250,18 +235,14 @@ impl VcpuState {
         // SAFETY: only plain integer arrays of the FAM struct are written; sizes were checked above.
         unsafe {
             let fam = xsave.as_mut_fam_struct();
-            fam.xsave
-                .region
-                .copy_from_slice(&self.xsave[..legacy_words]);
+            fam.xsave.region.copy_from_slice(&self.xsave[..legacy_words]);
         }
-        xsave.as_mut_slice()[..self.xsave.len() - legacy_words]
-            .copy_from_slice(&self.xsave[legacy_words..]);
+        xsave.as_mut_slice()[..self.xsave.len() - legacy_words].copy_from_slice(&self.xsave[legacy_words..]);
         // SAFETY: `xsave` holds the full area KVM_CAP_XSAVE2 reports, so KVM reads within it.
         unsafe { vcpu.set_xsave2(&xsave) }.context("KVM_SET_XSAVE2")?;
 
         vcpu.set_xcrs(&self.xcrs).context("KVM_SET_XCRS")?;
-        vcpu.set_debug_regs(&self.debugregs)
-            .context("KVM_SET_DEBUGREGS")?;
+        vcpu.set_debug_regs(&self.debugregs).context("KVM_SET_DEBUGREGS")?;
         let msrs: Vec<(u32, u64)> = self
             .msrs
             .iter()
@@ -274,8 +255,7 @@ impl VcpuState {
         for index in &refused {
             tracing::debug!("KVM refused to restore MSR {index:#x}; skipped");
         }
-        vcpu.set_vcpu_events(&self.vcpu_events)
-            .context("KVM_SET_VCPU_EVENTS")?;
+        vcpu.set_vcpu_events(&self.vcpu_events).context("KVM_SET_VCPU_EVENTS")?;
         Ok(refused)
     }
 }

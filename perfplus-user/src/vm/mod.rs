@@ -136,9 +136,9 @@ pub struct Vm {
 
 fn open_kvm() -> anyhow::Result<Kvm> {
     Kvm::new().map_err(|e| match e.errno() {
-        libc::EACCES | libc::EPERM => anyhow::anyhow!(
-            "/dev/kvm: permission denied (need access to /dev/kvm, e.g. the kvm group)"
-        ),
+        libc::EACCES | libc::EPERM => {
+            anyhow::anyhow!("/dev/kvm: permission denied (need access to /dev/kvm, e.g. the kvm group)")
+        }
         libc::ENOENT => {
             anyhow::anyhow!("/dev/kvm: no such device (KVM is not available on this host)")
         }
@@ -180,11 +180,11 @@ impl Vm {
             vm_fd
                 .set_identity_map_address(IDENTITY_MAP_ADDR)
                 .context("KVM_SET_IDENTITY_MAP_ADDR")?;
-            vm_fd
-                .set_tss_address(TSS_ADDR as usize)
-                .context("KVM_SET_TSS_ADDR")?;
+            vm_fd.set_tss_address(TSS_ADDR as usize).context("KVM_SET_TSS_ADDR")?;
         } else {
-            tracing::warn!("VM {name}: RAM reaches the TSS/identity-map area; not setting them (only Intel real mode needs them)");
+            tracing::warn!(
+                "VM {name}: RAM reaches the TSS/identity-map area; not setting them (only Intel real mode needs them)"
+            );
         }
 
         let memory = Arc::new(
@@ -257,11 +257,7 @@ impl Vm {
 
     /// Loads a multiboot (v1) kernel with `cmdline` and sets up the boot vCPU to enter it.
     pub fn load_multiboot(&mut self, kernel: &[u8], cmdline: &str) -> anyhow::Result<()> {
-        ensure!(
-            !self.started,
-            "VM {}: load_multiboot after start",
-            self.name
-        );
+        ensure!(!self.started, "VM {}: load_multiboot after start", self.name);
         let loaded = multiboot::load_image(&self.memory, kernel)
             .with_context(|| format!("VM {}: loading the multiboot kernel", self.name))?;
         let info = multiboot::write_boot_info(&self.memory, cmdline)?;
@@ -307,8 +303,7 @@ impl Vm {
 
     /// [`Vm::pause`], returning how long it took.
     pub fn pause_timed(&self) -> anyhow::Result<Duration> {
-        vcpu::pause_all(&self.control, &self.threads)
-            .with_context(|| format!("VM {}: pause", self.name))
+        vcpu::pause_all(&self.control, &self.threads).with_context(|| format!("VM {}: pause", self.name))
     }
 
     pub fn resume(&self) -> anyhow::Result<()> {
@@ -332,11 +327,7 @@ impl Vm {
                     .with_context(|| format!("VM {}: saving vCPU {}", self.name, handle.id))?,
             );
         }
-        let devices = self
-            .devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .save();
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner()).save();
         Ok(VmState {
             version: VM_STATE_VERSION,
             memory_bytes: self.memory.size(),
@@ -410,10 +401,7 @@ impl Vm {
 
     /// The last lines the guest wrote to its serial console.
     pub fn console_tail(&self) -> String {
-        self.devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .console_tail()
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_tail()
     }
 
     /// The RAM slot (shareable with a dirty tracker on another thread).

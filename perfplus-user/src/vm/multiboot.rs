@@ -144,12 +144,7 @@ pub fn load_image(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
     }
 }
 
-fn load_aout(
-    mem: &GuestMemory,
-    image: &[u8],
-    header: &Header,
-    a: &AoutAddresses,
-) -> anyhow::Result<Loaded> {
+fn load_aout(mem: &GuestMemory, image: &[u8], header: &Header, a: &AoutAddresses) -> anyhow::Result<Loaded> {
     ensure!(
         a.load_addr <= a.header_addr,
         "multiboot header: load_addr {:#x} is above header_addr {:#x}",
@@ -188,10 +183,7 @@ fn load_aout(
         u64::from(a.bss_end_addr)
     };
     check_range(mem, start, end, "kernel image")?;
-    mem.write(
-        start,
-        &image[file_start as usize..(file_start + load_len) as usize],
-    )?;
+    mem.write(start, &image[file_start as usize..(file_start + load_len) as usize])?;
     mem.zero(load_end, end - load_end)?;
     Ok(Loaded {
         entry: a.entry_addr,
@@ -225,9 +217,7 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
             ph.p_memsz
         );
         let start = ph.p_paddr;
-        let end = start
-            .checked_add(ph.p_memsz)
-            .context("ELF segment end overflows")?;
+        let end = start.checked_add(ph.p_memsz).context("ELF segment end overflows")?;
         check_range(mem, start, end, "ELF segment")?;
         let file_end = ph
             .p_offset
@@ -261,9 +251,8 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
         }
     }
     let entry = entry.unwrap_or(elf.entry);
-    let entry = u32::try_from(entry).with_context(|| {
-        format!("ELF entry point {entry:#x} is above 4 GiB (multiboot enters in 32-bit mode)")
-    })?;
+    let entry = u32::try_from(entry)
+        .with_context(|| format!("ELF entry point {entry:#x} is above 4 GiB (multiboot enters in 32-bit mode)"))?;
     Ok(Loaded { entry, ranges })
 }
 
@@ -278,18 +267,12 @@ pub fn write_boot_info(mem: &GuestMemory, cmdline: &str) -> anyhow::Result<u64> 
         !cmdline.as_bytes().contains(&0),
         "kernel command line contains a NUL byte"
     );
-    ensure!(
-        mem.size() >= HIGH_MEM_START * 2,
-        "guest RAM must be at least 2 MiB"
-    );
+    ensure!(mem.size() >= HIGH_MEM_START * 2, "guest RAM must be at least 2 MiB");
     mem.zero(INFO_ADDR, RESERVED.end - INFO_ADDR)?;
 
     // Memory map: entries of { u32 size (20, not counting itself), u64 base, u64 length, u32 type }.
     let mut mmap = Vec::new();
-    for (base, len) in [
-        (0u64, LOW_MEM_END),
-        (HIGH_MEM_START, mem.size() - HIGH_MEM_START),
-    ] {
+    for (base, len) in [(0u64, LOW_MEM_END), (HIGH_MEM_START, mem.size() - HIGH_MEM_START)] {
         mmap.extend_from_slice(&20u32.to_le_bytes());
         mmap.extend_from_slice(&base.to_le_bytes());
         mmap.extend_from_slice(&len.to_le_bytes());
@@ -468,9 +451,7 @@ pub(crate) mod tests {
     fn loads_aout_kludge() {
         let mem = GuestMemory::new(16 << 20).unwrap();
         // Flat binary: header at offset 0 loaded at 0x200000, 0x40 bytes of file, bss to 0x201000.
-        let mut image = header(Some([
-            0x20_0000, 0x20_0000, 0x20_0040, 0x20_1000, 0x20_0020,
-        ]));
+        let mut image = header(Some([0x20_0000, 0x20_0000, 0x20_0040, 0x20_1000, 0x20_0020]));
         image.resize(0x40, 0xab);
         image.extend_from_slice(&[0xcc; 16]); // beyond load_end_addr: not loaded
         let loaded = load_image(&mem, &image).unwrap();
@@ -510,14 +491,8 @@ pub(crate) mod tests {
         let mut mmap = vec![0u8; le32(&raw, 44) as usize];
         mem.read(u64::from(le32(&raw, 48)), &mut mmap).unwrap();
         assert_eq!(mmap.len(), 48);
-        assert_eq!(
-            u64::from_le_bytes(mmap[28..36].try_into().unwrap()),
-            0x10_0000
-        );
-        assert_eq!(
-            u64::from_le_bytes(mmap[36..44].try_into().unwrap()),
-            31 << 20
-        );
+        assert_eq!(u64::from_le_bytes(mmap[28..36].try_into().unwrap()), 0x10_0000);
+        assert_eq!(u64::from_le_bytes(mmap[36..44].try_into().unwrap()), 31 << 20);
         assert!(write_boot_info(&mem, &"x".repeat(5000)).is_err());
     }
 }

@@ -44,8 +44,7 @@ impl RamSlot {
             memory,
             logging: Mutex::new(false),
         };
-        slot.set_region(0)
-            .context("KVM_SET_USER_MEMORY_REGION for guest RAM")?;
+        slot.set_region(0).context("KVM_SET_USER_MEMORY_REGION for guest RAM")?;
         Ok(slot)
     }
 
@@ -88,12 +87,7 @@ impl RamSlot {
             return Ok(());
         }
         self.set_region(if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
-            .with_context(|| {
-                format!(
-                    "turning KVM dirty logging {}",
-                    if on { "on" } else { "off" }
-                )
-            })?;
+            .with_context(|| format!("turning KVM dirty logging {}", if on { "on" } else { "off" }))?;
         *logging = on;
         Ok(())
     }
@@ -101,10 +95,7 @@ impl RamSlot {
     /// `KVM_GET_DIRTY_LOG`: the bitmap of pages written since they were last cleared (one bit per
     /// page, bit `i % 64` of word `i / 64`). With manual protection this does not clear anything.
     pub fn get_dirty_log(&self) -> anyhow::Result<Vec<u64>> {
-        ensure!(
-            self.dirty_logging(),
-            "KVM_GET_DIRTY_LOG: dirty logging is off"
-        );
+        ensure!(self.dirty_logging(), "KVM_GET_DIRTY_LOG: dirty logging is off");
         let bitmap = self
             .vm_fd
             .get_dirty_log(RAM_SLOT, self.memory.size() as usize)
@@ -147,9 +138,8 @@ impl RamSlot {
         // in the uapi struct). The return value is checked.
         let ret = unsafe { ioctl_with_ref(self.vm_fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
         if ret < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!("KVM_CLEAR_DIRTY_LOG of pages [{first_page}, +{num_pages})")
-            });
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("KVM_CLEAR_DIRTY_LOG of pages [{first_page}, +{num_pages})"));
         }
         Ok(())
     }
@@ -160,7 +150,4 @@ impl RamSlot {
     }
 }
 
-const _: () = assert!(
-    PAGE_SIZE == 4096,
-    "the dirty bitmap has one bit per 4 KiB host page"
-);
+const _: () = assert!(PAGE_SIZE == 4096, "the dirty bitmap has one bit per 4 KiB host page");

@@ -2,9 +2,7 @@
 //! memory, and writing the one field the host owns (`host_stall_reset_request`).
 use std::mem::{offset_of, size_of};
 
-use perfplus_common::guest_abi::{
-    StatusPage, NO_MISMATCH, STATUS_MAGIC, STATUS_PAGE_GPA, STATUS_VERSION,
-};
+use perfplus_common::guest_abi::{StatusPage, NO_MISMATCH, STATUS_MAGIC, STATUS_PAGE_GPA, STATUS_VERSION};
 
 use super::GuestStatus;
 use crate::memory::GuestMemory;
@@ -19,11 +17,7 @@ pub fn read(mem: &GuestMemory) -> Option<GuestStatus> {
     if page.magic != STATUS_MAGIC || page.version != STATUS_VERSION {
         return None;
     }
-    let len = page
-        .message
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(page.message.len());
+    let len = page.message.iter().position(|&b| b == 0).unwrap_or(page.message.len());
     Some(GuestStatus {
         state: page.state,
         tsc_khz: page.tsc_khz,
@@ -33,8 +27,7 @@ pub fn read(mem: &GuestMemory) -> Option<GuestStatus> {
         pages_verified: page.pages_verified,
         verify_sweeps: page.verify_sweeps,
         mismatches: page.mismatches,
-        first_mismatch_page: (page.first_mismatch_page != NO_MISMATCH)
-            .then_some(page.first_mismatch_page),
+        first_mismatch_page: (page.first_mismatch_page != NO_MISMATCH).then_some(page.first_mismatch_page),
         max_stall_tsc: page.max_stall_tsc,
         stall_reset_ack: page.stall_reset_ack,
         message: String::from_utf8_lossy(&page.message[..len]).into_owned(),
@@ -69,8 +62,7 @@ mod tests {
         mem.write_u64(STATUS_PAGE_GPA, STATUS_MAGIC).unwrap();
         assert_eq!(read(&mem), None); // version 0
         let version_gpa = STATUS_PAGE_GPA + offset_of!(StatusPage, version) as u64;
-        mem.write(version_gpa, &STATUS_VERSION.to_le_bytes())
-            .unwrap();
+        mem.write(version_gpa, &STATUS_VERSION.to_le_bytes()).unwrap();
         let heartbeat_gpa = STATUS_PAGE_GPA + offset_of!(StatusPage, heartbeat) as u64;
         mem.write_u64(heartbeat_gpa, 42).unwrap();
         let mismatch_gpa = STATUS_PAGE_GPA + offset_of!(StatusPage, first_mismatch_page) as u64;

@@ -79,14 +79,8 @@ fn vcpu_threads_named(vm_name_part: &str) -> usize {
 #[test]
 fn create_rejects_bad_sizes_with_clear_errors() {
     let err = Vm::create("bad", 15 << 20, 1).err().unwrap().to_string();
-    assert!(
-        err.contains("multiple of 4 KiB and at least 16 MiB"),
-        "{err}"
-    );
-    let err = Vm::create("bad", (16 << 20) + 1, 1)
-        .err()
-        .unwrap()
-        .to_string();
+    assert!(err.contains("multiple of 4 KiB and at least 16 MiB"), "{err}");
+    let err = Vm::create("bad", (16 << 20) + 1, 1).err().unwrap().to_string();
     assert!(err.contains("multiple of 4 KiB"), "{err}");
     assert!(Vm::create("bad", 16 << 20, 0).is_err());
     let vm = Vm::create("two", 16 << 20, 2).unwrap();
@@ -109,9 +103,7 @@ fn tiny_guest_runs_prints_and_halts() {
     assert_eq!(vm.run_state(), RunState::Running);
     assert_eq!(read32(&vm, LSR_COPY) & 0xff, 0x60);
     vm.memory().write(STOP, &1u32.to_le_bytes()).unwrap();
-    wait_for("halt", Duration::from_secs(5), || {
-        vm.run_state() == RunState::Halted
-    });
+    wait_for("halt", Duration::from_secs(5), || vm.run_state() == RunState::Halted);
     // A halted VM pauses, resumes and saves without complaint and stays halted.
     vm.pause().unwrap();
     vm.resume().unwrap();
@@ -130,10 +122,7 @@ fn mmio_access_fails_clearly() {
     let RunState::Failed(msg) = vm.run_state() else {
         unreachable!()
     };
-    assert!(
-        msg.contains("MMIO read at guest physical 0xf0000000"),
-        "{msg}"
-    );
+    assert!(msg.contains("MMIO read at guest physical 0xf0000000"), "{msg}");
 }
 
 #[test]
@@ -154,18 +143,12 @@ fn pause_resume_many_times() {
         assert!(a - b <= 1, "a={a} b={b}");
         if i % 50 == 0 {
             std::thread::sleep(Duration::from_millis(20));
-            assert_eq!(
-                (read32(&vm, A), read32(&vm, B)),
-                (a, b),
-                "guest ran while paused"
-            );
+            assert_eq!((read32(&vm, A), read32(&vm, B)), (a, b), "guest ran while paused");
         }
         vm.resume().unwrap();
         vm.resume().unwrap(); // idempotent
         assert_eq!(vm.run_state(), RunState::Running);
-        wait_for("progress after resume", Duration::from_secs(5), || {
-            read32(&vm, B) > b
-        });
+        wait_for("progress after resume", Duration::from_secs(5), || read32(&vm, B) > b);
     }
     eprintln!(
         "pause latency over {ROUNDS} rounds: mean {:?}, worst {worst:?}",
@@ -178,9 +161,7 @@ fn pause_resume_many_times() {
 fn save_restore_into_a_new_vm_continues_the_guest() {
     let mut src = tiny_vm("src");
     src.start().unwrap();
-    wait_for("counters", Duration::from_secs(5), || {
-        read32(&src, B) > 1000
-    });
+    wait_for("counters", Duration::from_secs(5), || read32(&src, B) > 1000);
     src.pause().unwrap();
     let state = src.save_state().unwrap();
     let bytes = postcard::to_stdvec(&state).unwrap();
@@ -202,11 +183,9 @@ fn save_restore_into_a_new_vm_continues_the_guest() {
     dst.memory().write(LSR_COPY, &[0]).unwrap(); // the next IN must put 0x60 back
     dst.restore_state(&state).unwrap();
     dst.start().unwrap();
-    wait_for(
-        "progress on the destination",
-        Duration::from_secs(5),
-        || read32(&dst, B) > b + 1000,
-    );
+    wait_for("progress on the destination", Duration::from_secs(5), || {
+        read32(&dst, B) > b + 1000
+    });
     dst.pause().unwrap();
     let (a2, b2) = (read32(&dst, A), read32(&dst, B));
     assert!(a2 > a && a2 - b2 <= 1, "a={a} b={b} a2={a2} b2={b2}");
@@ -237,41 +216,25 @@ fn dirty_log_sees_guest_writes_exactly() {
     wait_for("counters", Duration::from_secs(5), || read32(&vm, B) > 10);
     let page = |gpa: u64| gpa / 4096;
     // Pages the guest touches: code (read), A, B, STOP (read), LSR_COPY.
-    let touched = [
-        page(0x10_0000),
-        page(A),
-        page(B),
-        page(STOP),
-        page(LSR_COPY),
-    ];
+    let touched = [page(0x10_0000), page(A), page(B), page(STOP), page(LSR_COPY)];
     let written = [page(A), page(B), page(LSR_COPY)];
     let mut tracker = DirtyLogTracker::new(&vm).unwrap();
     tracker.collect().unwrap();
     for round in 0..5 {
         // Let the guest complete a few iterations after the previous clear.
         let b = read32(&vm, B);
-        wait_for("guest progress", Duration::from_secs(5), || {
-            read32(&vm, B) > b + 2
-        });
+        wait_for("guest progress", Duration::from_secs(5), || read32(&vm, B) > b + 2);
         let dirty = tracker.collect().unwrap();
         for p in written {
-            assert!(
-                dirty.contains(p),
-                "round {round}: page {p:#x} missing: {dirty:?}"
-            );
+            assert!(dirty.contains(p), "round {round}: page {p:#x} missing: {dirty:?}");
         }
         for p in dirty.iter() {
-            assert!(
-                touched.contains(&p),
-                "round {round}: page {p:#x} never touched"
-            );
+            assert!(touched.contains(&p), "round {round}: page {p:#x} never touched");
         }
     }
     // Stop the guest; once it halted, one collect drains the log and the next is empty.
     vm.memory().write(STOP, &1u32.to_le_bytes()).unwrap();
-    wait_for("halt", Duration::from_secs(5), || {
-        vm.run_state() == RunState::Halted
-    });
+    wait_for("halt", Duration::from_secs(5), || vm.run_state() == RunState::Halted);
     tracker.collect().unwrap();
     assert!(tracker.collect().unwrap().is_empty());
     drop(tracker);
@@ -300,20 +263,9 @@ mod builtin_guest_tests_support {
     use super::*;
     use perfplus_common::guest_abi::state;
 
-    pub fn guest_elf() -> Option<Vec<u8>> {
-        let path = std::env::var_os("PERFPLUS_GUEST_ELF")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../guest/target/x86_64-unknown-none/release/perfplus-guest")
-            });
-        match std::fs::read(&path) {
-            Ok(image) => Some(image),
-            Err(e) => {
-                eprintln!("skipping: built-in guest ELF {}: {e}", path.display());
-                None
-            }
-        }
+    /// The built-in guest, as embedded in the binary.
+    pub fn guest_elf() -> &'static [u8] {
+        crate::vm::builtin_guest::IMAGE
     }
 
     pub const MEM: u64 = 64 << 20;
@@ -352,18 +304,15 @@ mod builtin_guest_tests {
 
     #[test]
     fn boots_and_migrates_by_save_restore() {
-        let Some(image) = guest_elf() else { return };
-        let src = boot("bg-src", &image);
+        let image = guest_elf();
+        let src = boot("bg-src", image);
         let before = src.guest_status().unwrap();
         assert_eq!(before.tsc_khz, u64::from(src.tsc_khz()));
         assert!(!src.console_tail().is_empty());
         let paused = src.pause_timed().unwrap();
         let state = src.save_state().unwrap();
         let bytes = postcard::to_stdvec(&state).unwrap();
-        eprintln!(
-            "built-in guest: pause {paused:?}, VmState {} bytes",
-            bytes.len()
-        );
+        eprintln!("built-in guest: pause {paused:?}, VmState {} bytes", bytes.len());
         let state: VmState = postcard::from_bytes(&bytes).unwrap();
         let at_pause = src.guest_status().unwrap();
 
@@ -385,8 +334,8 @@ mod builtin_guest_tests {
 
     #[test]
     fn dirty_log_covers_every_changed_page() {
-        let Some(image) = guest_elf() else { return };
-        let vm = boot("bg-dirty", &image);
+        let image = guest_elf();
+        let vm = boot("bg-dirty", image);
         let mut tracker = DirtyLogTracker::new(&vm).unwrap();
         tracker.collect().unwrap();
         for round in 0..3 {
@@ -404,16 +353,10 @@ mod builtin_guest_tests {
                 let old = &snapshot[p as usize * 4096..][..4096];
                 if old != now {
                     changed += 1;
-                    assert!(
-                        dirty.contains(p),
-                        "round {round}: page {p:#x} changed but not logged"
-                    );
+                    assert!(dirty.contains(p), "round {round}: page {p:#x} changed but not logged");
                 }
             }
-            eprintln!(
-                "round {round}: {changed} pages changed, {} logged dirty",
-                dirty.count()
-            );
+            eprintln!("round {round}: {changed} pages changed, {} logged dirty", dirty.count());
             assert!(changed > 0);
             vm.resume().unwrap();
         }
@@ -428,18 +371,14 @@ mod builtin_guest_pause {
 
     #[test]
     fn pause_latency_with_the_builtin_guest() {
-        let Some(image) = guest_elf() else { return };
-        let vm = boot("bg-pause", &image);
+        let image = guest_elf();
+        let vm = boot("bg-pause", image);
         let mut times = Vec::new();
         for _ in 0..50 {
             times.push(vm.pause_timed().unwrap());
             let s = vm.guest_status().unwrap();
             std::thread::sleep(Duration::from_millis(2));
-            assert_eq!(
-                vm.guest_status().unwrap().heartbeat,
-                s.heartbeat,
-                "ran while paused"
-            );
+            assert_eq!(vm.guest_status().unwrap().heartbeat, s.heartbeat, "ran while paused");
             vm.resume().unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }

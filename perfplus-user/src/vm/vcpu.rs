@@ -179,10 +179,7 @@ pub fn spawn(ctx: VcpuContext) -> anyhow::Result<VcpuThread> {
         .name(format!("vcpu{}-{}", ctx.id, ctx.vm_name))
         .spawn(move || thread_main(ctx))
         .inspect_err(|_| control.lock().threads -= 1)?;
-    Ok(VcpuThread {
-        immediate_exit,
-        join,
-    })
+    Ok(VcpuThread { immediate_exit, join })
 }
 
 fn thread_main(ctx: VcpuContext) {
@@ -260,8 +257,7 @@ fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
                 return Some(failure(&vcpu, ctx.id, "shutdown (triple fault)"));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                let what =
-                    format!("KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host cpu {cpu}");
+                let what = format!("KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host cpu {cpu}");
                 return Some(failure(&vcpu, ctx.id, &what));
             }
             Ok(VcpuExit::InternalError) => {
@@ -276,8 +272,7 @@ fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
                 return Some(failure(&vcpu, ctx.id, &what));
             }
             Ok(VcpuExit::MmioRead(addr, _)) => {
-                let what =
-                    format!("MMIO read at guest physical {addr:#x} (outside RAM; no MMIO devices)");
+                let what = format!("MMIO read at guest physical {addr:#x} (outside RAM; no MMIO devices)");
                 return Some(failure(&vcpu, ctx.id, &what));
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
