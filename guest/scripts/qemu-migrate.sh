@@ -4,6 +4,9 @@
 #
 #   guest/scripts/qemu-migrate.sh [ELF] [CMDLINE] [SECONDS_BEFORE_MIGRATION]
 #
+# POSTCOPY=1 switches to post-copy one second into the migration (bandwidth limited to 64 MiB/s so
+# that pre-copy is still running then).
+#
 # Needs qemu-system-x86_64 (apt-get install -y qemu-system-x86) and python3. Booting takes ~7 s here
 # (SeaBIOS runs in emulated ring 0).
 set -euo pipefail
@@ -42,14 +45,22 @@ dst=$!
 sleep "$settle"
 echo "--- source console"
 cat "$work/src.txt"
-hmp "$work/src.sock" "migrate_set_parameter max-bandwidth 4G" "migrate_set_parameter downtime-limit 300" \
-    "migrate -d tcp:127.0.0.1:$port" >/dev/null
+if [ "${POSTCOPY:-0}" = 1 ]; then
+    hmp "$work/dst.sock" "migrate_set_capability postcopy-ram on" >/dev/null
+    hmp "$work/src.sock" "migrate_set_capability postcopy-ram on" "migrate_set_parameter max-bandwidth 64M" \
+        "migrate -d tcp:127.0.0.1:$port" >/dev/null
+    sleep 1
+    hmp "$work/src.sock" "migrate_start_postcopy" >/dev/null
+else
+    hmp "$work/src.sock" "migrate_set_parameter max-bandwidth 4G" "migrate_set_parameter downtime-limit 300" \
+        "migrate -d tcp:127.0.0.1:$port" >/dev/null
+fi
 for _ in $(seq 60); do
     sleep 1
     if hmp "$work/src.sock" "info migrate" | grep -qE "^Migration status: (completed|failed)"; then break; fi
 done
 echo "--- migration"
-hmp "$work/src.sock" "info migrate" | grep -E "^(Migration status|total time|downtime|transferred ram)"
+hmp "$work/src.sock" "info migrate" | grep -E "^(Migration status|total time|downtime|transferred ram|postcopy request count)"
 sleep 5
 echo "--- destination console"
 cat "$work/dst.txt"
