@@ -286,7 +286,7 @@ impl<'a> Workload<'a> {
                 next_report = rdtsc() + self.tsc_hz;
             }
         }
-        let ms = (rdtsc() - start) * 1000 / self.tsc_hz;
+        let ms = rdtsc().saturating_sub(start) * 1000 / self.tsc_hz;
         println!("perfplus-guest: filled {} pages in {} ms; running", self.pages, ms);
     }
 
@@ -358,7 +358,13 @@ impl<'a> Workload<'a> {
         let mut last_mismatches = self.mismatches;
         loop {
             let now = rdtsc();
-            let gap = now.wrapping_sub(prev);
+            // A TSC that went backwards (a move to a host with a smaller TSC) measures nothing; restart
+            // the pacing and reporting clocks from it.
+            let gap = now.saturating_sub(prev);
+            if now < prev {
+                next_write = now;
+                last_report = now;
+            }
             prev = now;
             heartbeat += 1;
             st.set_heartbeat(heartbeat, now);
@@ -380,7 +386,7 @@ impl<'a> Workload<'a> {
             } else if now >= next_write {
                 next_write += interval;
                 if now > next_write + max_backlog {
-                    next_write = now - max_backlog;
+                    next_write = now.saturating_sub(max_backlog);
                 }
                 true
             } else {
@@ -398,8 +404,8 @@ impl<'a> Workload<'a> {
                 last_mismatches = self.mismatches;
                 prev = rdtsc();
             }
-            if now.wrapping_sub(last_report) >= hz {
-                let el = now - last_report;
+            if now.saturating_sub(last_report) >= hz {
+                let el = now.saturating_sub(last_report).max(1);
                 let per_s = |d: u64| (u128::from(d) * u128::from(hz) / u128::from(el)) as u64;
                 let dw = self.written - last_written;
                 let dv = self.verified - last_verified;
@@ -409,7 +415,7 @@ impl<'a> Workload<'a> {
                 let _ = write!(
                     l,
                     "perfplus-guest: t={}s written={} (+{}/s) verified={} (+{}/s) sweeps={} (+{}/s",
-                    (now - start) / hz,
+                    now.saturating_sub(start) / hz,
                     self.written,
                     per_s(dw),
                     self.verified,
