@@ -175,13 +175,18 @@ impl std::fmt::Debug for ContentIndex {
     }
 }
 
-/// Adds `loc` to `digest`'s entry if it has room. Returns whether it was added.
+/// Adds `loc` to `digest`'s entry; a full entry forgets its oldest location to make room. The newest
+/// holders are kept because content that keeps being written (shared or duplicate pages) keeps being
+/// recorded, so its entry stays fresh however often old holders are overwritten. Returns whether the
+/// entry grew (false when a location was replaced).
 fn link(entries: &mut HashMap<PageDigest, Entry>, digest: &PageDigest, loc: Loc) -> bool {
     let e = entries.entry(*digest).or_insert(Entry {
         locs: [Loc { vm: 0, page: 0 }; MAX_LOCATIONS],
         n: 0,
     });
     if usize::from(e.n) == MAX_LOCATIONS {
+        e.locs.copy_within(1.., 0);
+        e.locs[MAX_LOCATIONS - 1] = loc;
         return false;
     }
     e.locs[usize::from(e.n)] = loc;
@@ -706,8 +711,8 @@ mod tests {
             (s.entries, s.locations, s.recorded_pages),
             (1, MAX_LOCATIONS as u64, 10)
         );
-        // Overwriting pages that are not among the kept locations leaves the entry alone.
-        for p in 5..10 {
+        // The newest holders are kept: overwriting older ones leaves the entry alone.
+        for p in 0..7 {
             write(&mut ix, "a", &a, p, 100 + p as u32);
         }
         let d4 = ix.hasher().digest(&content(4));

@@ -84,6 +84,38 @@ impl GuestMemory {
         self.file.as_raw_fd()
     }
 
+    /// Page ranges `[start, end)` of the memfd that hold data. Every page outside them is a hole: never
+    /// written by anyone, so all zero, and reading it would only make the kernel allocate memory for it.
+    /// A page may turn from hole to data right after the call (the guest runs); callers that must not
+    /// miss such a write track dirty pages from before the call.
+    pub fn data_page_ranges(&self) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
+        let fd = self.memfd();
+        let size = self.size as libc::off_t;
+        let page = PAGE_SIZE as libc::off_t;
+        let mut ranges = Vec::new();
+        let mut offset: libc::off_t = 0;
+        while offset < size {
+            // SAFETY: lseek on an fd this struct owns; it only moves the file offset.
+            let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data past `offset`
+                }
+                return Err(err).context("finding the data ranges of guest memory (SEEK_DATA)");
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(std::io::Error::last_os_error()).context("SEEK_HOLE on guest memory");
+            }
+            let hole = hole.min(size);
+            ranges.push((data / page) as u64..(hole as u64).div_ceil(PAGE_SIZE as u64));
+            offset = hole;
+        }
+        Ok(ranges)
+    }
+
     /// Copies page `page` out. Panics if `page >= page_count()`.
     pub fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) {
         assert!(
@@ -202,6 +234,17 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_cover_exactly_the_written_pages() {
+        let mem = GuestMemory::new(64 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(mem.data_page_ranges().unwrap(), vec![], "fresh memory is one hole");
+        let page = [7u8; PAGE_SIZE];
+        for p in [3, 4, 5, 40, 63] {
+            mem.write_page(p, &page);
+        }
+        assert_eq!(mem.data_page_ranges().unwrap(), vec![3..6, 40..41, 63..64]);
+    }
 
     #[test]
     fn rejects_bad_sizes() {

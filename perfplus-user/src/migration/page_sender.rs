@@ -89,6 +89,21 @@ impl PageSender {
         }
     }
 
+    /// Counts `page`, known to be zero without reading it (a hole of guest memory), like a zero page.
+    pub fn add_known_zero(&mut self, page: u64, batch: &mut PageBatch, round: &mut RoundReport) -> PageDecision {
+        if !self.hashing {
+            batch.push_full(page, &[0; 16], &[0; PAGE_SIZE]);
+            round.sent_pages += 1;
+            return PageDecision::Full;
+        }
+        round.skipped_zero += 1;
+        if self.at_destination[page as usize] != self.zero_digest {
+            batch.push_zero(page);
+            self.at_destination[page as usize] = self.zero_digest;
+        }
+        PageDecision::Zero
+    }
+
     /// Sends `page` in full whatever the destination is thought to hold: the answer to a reference the
     /// destination could not resolve.
     pub fn add_full(&mut self, page: u64, data: &[u8; PAGE_SIZE], batch: &mut PageBatch) {

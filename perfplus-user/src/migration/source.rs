@@ -117,12 +117,30 @@ async fn precopy(
     let mut sender = PageSender::new(job.options.hashing, job.hasher.clone(), pages, held);
     let mut rounds = Vec::new();
     let mut dirty = DirtyPages::all(pages);
+    // Holes of guest memory are zero: round 1 need not read them (tracking started before this, so a
+    // page written after the look is in round 2).
+    let mut holes = DirtyPages::all(pages);
+    for range in job.vm.memory().data_page_ranges()? {
+        for page in range {
+            holes.remove(page);
+        }
+    }
+    let mut known_zero = Some(holes);
     let mut processed_pages = 0u64;
     let mut processing_secs = 0f64;
     let stop_reason;
     loop {
         let number = rounds.len() as u32 + 1;
-        let report = send_round(job, conn, &mut sender, &dirty, number, false).await?;
+        let report = send_round(
+            job,
+            conn,
+            &mut sender,
+            &dirty,
+            known_zero.take().as_ref(),
+            number,
+            false,
+        )
+        .await?;
         processed_pages += report.dirty_pages;
         processing_secs += report.duration_ms / 1e3;
         let _ = progress.send(report.clone());
@@ -157,7 +175,7 @@ async fn precopy(
     *paused = true;
     dirty.union_with(&tracker.collect()?);
     let number = rounds.len() as u32 + 1;
-    let report = send_round(job, conn, &mut sender, &dirty, number, true).await?;
+    let report = send_round(job, conn, &mut sender, &dirty, None, number, true).await?;
     let _ = progress.send(report.clone());
     log_round(&job.vm_name, &report);
     rounds.push(report);
@@ -183,12 +201,13 @@ async fn precopy(
 }
 
 /// Sends one round: every page of `dirty`, then RoundEnd, then whatever the destination reports
-/// missing, until it misses nothing.
+/// missing, until it misses nothing. Pages in `known_zero` are counted as zero without being read.
 async fn send_round(
     job: &Outbound,
     conn: &mut Connection,
     sender: &mut PageSender,
     dirty: &DirtyPages,
+    known_zero: Option<&DirtyPages>,
     number: u32,
     stop_and_copy: bool,
 ) -> anyhow::Result<RoundReport> {
@@ -205,8 +224,12 @@ async fn send_round(
     let mut data = Box::new([0u8; PAGE_SIZE]);
     let mut in_batch = 0;
     for page in dirty.iter() {
-        memory.read_page(page, &mut data);
-        sender.add(page, &data, &mut batch, &mut report);
+        if known_zero.is_some_and(|zero| zero.contains(page)) {
+            sender.add_known_zero(page, &mut batch, &mut report);
+        } else {
+            memory.read_page(page, &mut data);
+            sender.add(page, &data, &mut batch, &mut report);
+        }
         in_batch += 1;
         if in_batch == PAGE_BATCH_MAX_ITEMS {
             flush(conn, &mut batch).await?;
