@@ -1,4 +1,5 @@
-//! Migration benchmark: the same guest and workload migrated with Perf+ hashing on and off, in one run.
+//! Migration benchmark: the same guest and workload migrated with Perf+ hashing on and off, and by the
+//! peer (QEMU 7.2, Debian's qemu-system-x86), in one run.
 //!
 //! Method: for each workload, twice (hashing on, then off), a fresh pair of agents on localhost (no page
 //! store, so no run benefits from an earlier one) starts the built-in guest with that workload, waits
@@ -6,32 +7,53 @@
 //! the default downtime target. The migration report of each run is recorded; the table prints the
 //! figures and the on/off ratios of bytes on the wire, pages sent per round, downtime, the guest's own
 //! longest stall and total time. Each pair of runs is repeated `PERFPLUS_BENCH_REPEAT` times (default 1)
-//! and the median is reported. Run: `cargo bench -p perfplus --bench migration`
-//! (`PERFPLUS_BENCH_MEMORY`, default 512M, sets the guest size).
+//! and the median is reported.
+//!
+//! The peer: when `qemu-system-x86_64` is installed (`scripts/bench.sh` installs it), the same guest
+//! image with the same workload and memory size boots under QEMU (`-enable-kvm -kernel`) and QEMU
+//! live-migrates it to a second QEMU over loopback (QMP `migrate`, downtime limit = our target 30 ms,
+//! bandwidth unlimited) — see `peer/qemu.rs` for how its figures are read. The last table gives
+//! perfplus (hashing on) / QEMU ratios: below 1 is better for perfplus.
+//!
+//! Run: `scripts/bench.sh` or `cargo bench -p perfplus --bench migration` (`PERFPLUS_BENCH_MEMORY`,
+//! default 512M, sets the guest size). Close other work first: the machine has two cores, and the
+//! guest's vCPU takes one.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
+
+mod peer {
+    pub mod qemu;
+}
 
 use serde_json::Value;
 use support::Cluster;
 
 struct Workload {
     name: &'static str,
-    spec: &'static str,
+    /// The built-in guest's command line (without `tsc_khz=`).
+    cmdline: &'static str,
+}
+
+impl Workload {
+    /// The same workload as a `perfplus vm start --workload` value.
+    fn spec(&self) -> String {
+        format!("dirtier:{}", self.cmdline.replace(' ', ","))
+    }
 }
 
 const WORKLOADS: [Workload; 3] = [
     Workload {
         name: "duplicate-heavy",
-        spec: "dirtier:working-set=128M,rate=20k,mix=unique:10,dup:70,zero:10,same:10",
+        cmdline: "working-set=128M rate=20k mix=unique:10,dup:70,zero:10,same:10",
     },
     Workload {
         name: "mixed (demo)",
-        spec: "dirtier:working-set=128M,rate=20k,mix=unique:40,dup:30,zero:10,same:20",
+        cmdline: "working-set=128M rate=20k mix=unique:40,dup:30,zero:10,same:20",
     },
     Workload {
         name: "all unique",
-        spec: "dirtier:working-set=128M,rate=20k,mix=unique:100,dup:0,zero:0,same:0",
+        cmdline: "working-set=128M rate=20k mix=unique:100,dup:0,zero:0,same:0",
     },
 ];
 
@@ -50,7 +72,7 @@ fn run(memory: &str, workload: &Workload, hashing: bool) -> Figures {
     let cluster = Cluster::new();
     let a = cluster.agent_with_store("a", "0");
     let b = cluster.agent_with_store("b", "0");
-    cluster.start_guest(&a, "bench", memory, workload.spec);
+    cluster.start_guest(&a, "bench", memory, &workload.spec());
     std::thread::sleep(std::time::Duration::from_secs(1));
     let mut args = vec!["migrate", "bench", "--from", &a.addr, "--to", &b.addr, "--json"];
     if !hashing {
@@ -103,6 +125,7 @@ fn main() {
         "{:<16} {:>7} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8}",
         "workload", "hashing", "wire MiB", "rounds", "sent/rnd", "downtime", "guest stall", "total ms", "CPU ms"
     );
+    let mut results = Vec::new();
     for workload in &WORKLOADS {
         let mut on = Vec::new();
         let mut off = Vec::new();
@@ -133,6 +156,56 @@ fn main() {
             on.downtime_ms / off.downtime_ms,
             on.stall_ms / off.stall_ms,
             on.total_ms / off.total_ms
+        );
+        results.push((workload, on));
+    }
+    compare_with_qemu(&memory, &results);
+}
+
+fn memory_mib(memory: &str) -> u64 {
+    let digits: u64 = memory
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse()
+        .expect("memory size");
+    match memory.chars().last() {
+        Some('G') | Some('g') => digits * 1024,
+        _ => digits,
+    }
+}
+
+fn compare_with_qemu(memory: &str, ours: &[(&Workload, Figures)]) {
+    if !peer::qemu::available() {
+        println!("QEMU comparison skipped: qemu-system-x86_64 is not installed (scripts/bench.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("perfplus-guest.elf");
+    std::fs::write(&kernel, perfplus::vm::builtin_guest::IMAGE).unwrap();
+    let tsc_khz = perfplus::vm::Vm::create("tsc-probe", 16 << 20, 1)
+        .expect("a probe VM")
+        .tsc_khz();
+    println!();
+    println!("peer: QEMU 7.2 migrating the same guest (downtime limit 30 ms, loopback, bandwidth unlimited)");
+    println!(
+        "{:<16} {:>10} {:>7} {:>10} {:>11} {:>10} | perfplus/QEMU: {:>6} {:>8} {:>7} {:>6}",
+        "workload", "wire MiB", "rounds", "downtime", "guest stall", "total ms", "bytes", "downtime", "stall", "total"
+    );
+    for (i, (workload, ours)) in ours.iter().enumerate() {
+        let append = format!("{} tsc_khz={tsc_khz}", workload.cmdline);
+        let qemu = peer::qemu::migrate(&kernel, memory_mib(memory), &append, 30, 47000 + i as u16);
+        assert_eq!(qemu.mismatches, 0, "the guest found mismatches after QEMU's migration");
+        println!(
+            "{:<16} {:>10.1} {:>7.0} {:>8.1}ms {:>9.1}ms {:>10.0} | {:>21.3} {:>8.3} {:>7.3} {:>6.3}",
+            workload.name,
+            qemu.bytes / 1048576.0,
+            qemu.rounds,
+            qemu.downtime_ms,
+            qemu.guest_stall_ms,
+            qemu.total_ms,
+            ours.bytes / qemu.bytes,
+            ours.downtime_ms / qemu.downtime_ms,
+            ours.stall_ms / qemu.guest_stall_ms,
+            ours.total_ms / qemu.total_ms
         );
     }
 }

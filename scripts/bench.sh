@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmarks, with the peer (QEMU) installed for the comparison. Method: perfplus-user/benches/*.rs.
+#   scripts/bench.sh                 # migration: hashing on/off and QEMU, same guest, same run
+#   scripts/bench.sh hashing         # page hashing speeds
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq qemu-system-x86 >/dev/null
+fi
+cargo bench -p perfplus --bench "${1:-migration}"
