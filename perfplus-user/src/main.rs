@@ -148,6 +148,10 @@ struct MigrateArgs {
     /// Do not wait for the guest's self-check on the destination before reporting.
     #[arg(long)]
     no_verify: bool,
+    /// Order of the pages within a round: `hot-last` sends pages rewritten in recent rounds last
+    /// (they would likely be dirtied again before the round ends); `address` sends in address order.
+    #[arg(long, default_value = "hot-last", value_parser = ["hot-last", "address"])]
+    order: String,
     /// Print the report as one JSON object instead of a table (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -259,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_rounds: args.max_rounds,
                     hashing: !args.no_hashing,
                     verify_guest: !args.no_verify,
+                    hot_last: args.order == "hot-last",
                 },
             };
             eprintln!("migrating {} from {} to {} ...", args.name, args.from, args.to);

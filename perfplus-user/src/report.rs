@@ -81,6 +81,13 @@ pub struct MigrationReport {
     pub held_from_this_migration: u64,
     /// Why pre-copy stopped iterating: "converged" or "round limit".
     pub stop_reason: String,
+    /// Order of the pages within a round: "hot-last" or "address".
+    pub order: String,
+    /// Forecast made after round 2 from the measured dirty rate and processing rate: rounds in all
+    /// (None: pre-copy was not expected to converge) and downtime, to compare with `rounds` and
+    /// `downtime_ms`.
+    pub predicted_rounds: Option<u32>,
+    pub predicted_downtime_ms: Option<f64>,
 }
 
 /// Availability in percent over a 30-day month for a given downtime.
@@ -148,6 +155,18 @@ impl MigrationReport {
             );
         }
         let _ = writeln!(out, "  (* = stop-and-copy with the guest paused; {})", self.stop_reason);
+        let forecast = match (self.rounds.len() > 2, self.predicted_rounds, self.predicted_downtime_ms) {
+            (false, _, _) => "none (fewer than 3 rounds)".to_string(),
+            (true, Some(rounds), Some(ms)) => format!("{rounds} rounds, {ms:.1} ms downtime"),
+            (true, _, _) => "no convergence before the round limit".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "forecast after r2   {forecast}; outcome {} rounds, {:.1} ms (order: {})",
+            self.rounds.len(),
+            self.downtime_ms,
+            self.order
+        );
         let stall = self
             .guest_max_stall_ms
             .map_or("not measured".to_string(), |ms| format!("{ms:.1} ms"));

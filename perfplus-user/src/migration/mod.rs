@@ -4,6 +4,7 @@
 //! The CPU an agent spends on a migration is its process CPU time minus that of its vCPU threads (the
 //! guests' own work): see [`agent_cpu_ms`].
 
+pub mod convergence;
 pub mod page_sender;
 pub mod receiver;
 pub mod source;

@@ -15,6 +15,15 @@ use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher};
 use crate::protocol::frame::PageBatch;
 use crate::report::RoundReport;
 
+/// What a page holds, as far as the decision is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// Hashing is off: nothing was looked at.
+    NotInspected,
+    Zero,
+    Digest(PageDigest),
+}
+
 /// What was decided for one page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageDecision {
@@ -48,6 +57,18 @@ impl PageSender {
         }
     }
 
+    /// What `data` holds, as the decision needs it: the part of [`PageSender::add`] that may run on
+    /// another thread.
+    pub fn inspect(&self, data: &[u8; PAGE_SIZE]) -> Content {
+        if !self.hashing {
+            Content::NotInspected
+        } else if is_zero_page(data) {
+            Content::Zero
+        } else {
+            Content::Digest(self.hasher.digest(data))
+        }
+    }
+
     /// Decides how to send `page` whose current content is `data`, appends the item to `batch` (nothing
     /// for an unchanged page) and counts it in `round`.
     pub fn add(
@@ -57,21 +78,29 @@ impl PageSender {
         batch: &mut PageBatch,
         round: &mut RoundReport,
     ) -> PageDecision {
+        let content = self.inspect(data);
+        self.add_inspected(page, data, content, batch, round)
+    }
+
+    /// [`PageSender::add`] with the content already inspected (by [`PageSender::inspect`]).
+    pub fn add_inspected(
+        &mut self,
+        page: u64,
+        data: &[u8; PAGE_SIZE],
+        content: Content,
+        batch: &mut PageBatch,
+        round: &mut RoundReport,
+    ) -> PageDecision {
         let slot = page as usize;
-        if !self.hashing {
-            batch.push_full(page, &[0; 16], data);
-            round.sent_pages += 1;
-            return PageDecision::Full;
-        }
-        if is_zero_page(data) {
-            round.skipped_zero += 1;
-            if self.at_destination[slot] != self.zero_digest {
-                batch.push_zero(page);
-                self.at_destination[slot] = self.zero_digest;
+        let digest = match content {
+            Content::NotInspected => {
+                batch.push_full(page, &[0; 16], data);
+                round.sent_pages += 1;
+                return PageDecision::Full;
             }
-            return PageDecision::Zero;
-        }
-        let digest = self.hasher.digest(data);
+            Content::Zero => return self.add_known_zero(page, batch, round),
+            Content::Digest(digest) => digest,
+        };
         if self.at_destination[slot] == digest {
             round.skipped_unchanged += 1;
             return PageDecision::Unchanged;

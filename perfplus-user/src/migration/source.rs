@@ -19,7 +19,8 @@ use anyhow::{bail, Context};
 use perfplus_common::PAGE_SIZE;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::page_sender::PageSender;
+use super::convergence::{Convergence, Decision, Heat, Prediction};
+use super::page_sender::{Content, PageSender};
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
 use crate::protocol::connection::Connection;
@@ -85,6 +86,7 @@ struct Switched {
     sender: PageSender,
     stall_reset: Option<u64>,
     written_before: Option<u64>,
+    prediction: Option<Prediction>,
 }
 
 async fn precopy(
@@ -115,8 +117,9 @@ async fn precopy(
 
     let mut tracker = DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?;
     let mut sender = PageSender::new(job.options.hashing, job.hasher.clone(), pages, held);
+    let mut convergence = Convergence::new(job.options.downtime_target_ms, job.options.max_rounds);
+    let mut heat = Heat::new(pages);
     let mut rounds = Vec::new();
-    let mut dirty = DirtyPages::all(pages);
     // Holes of guest memory are zero: round 1 need not read them (tracking started before this, so a
     // page written after the look is in round 2).
     let mut holes = DirtyPages::all(pages);
@@ -126,8 +129,7 @@ async fn precopy(
         }
     }
     let mut known_zero = Some(holes);
-    let mut processed_pages = 0u64;
-    let mut processing_secs = 0f64;
+    let mut order: Vec<u64> = (0..pages).collect();
     let stop_reason;
     loop {
         let number = rounds.len() as u32 + 1;
@@ -135,47 +137,42 @@ async fn precopy(
             job,
             conn,
             &mut sender,
-            &dirty,
+            &order,
             known_zero.take().as_ref(),
             number,
             false,
         )
         .await?;
-        processed_pages += report.dirty_pages;
-        processing_secs += report.duration_ms / 1e3;
         let _ = progress.send(report.clone());
         log_round(&job.vm_name, &report);
+        let dirty = tracker.collect()?;
+        heat.update(&dirty);
+        order = if job.options.hot_last {
+            heat.order(&dirty)
+        } else {
+            dirty.iter().collect()
+        };
+        let decision = convergence.after_round(&report, dirty.count());
         rounds.push(report);
-
-        dirty = tracker.collect()?;
-        let rate = processed_pages as f64 / processing_secs.max(1e-6);
-        let predicted_ms = dirty.count() as f64 / rate * 1e3;
-        if predicted_ms <= job.options.downtime_target_ms {
-            stop_reason = format!(
-                "converged: {} dirty pages fit the {} ms target ({predicted_ms:.1} ms at {rate:.0} pages/s)",
-                dirty.count(),
-                job.options.downtime_target_ms
-            );
-            break;
-        }
-        if number >= job.options.max_rounds {
-            stop_reason = format!(
-                "round limit {} reached with {} dirty pages ({predicted_ms:.1} ms predicted)",
-                job.options.max_rounds,
-                dirty.count()
-            );
+        if let Decision::StopAndCopy(why) = decision {
+            stop_reason = why;
             break;
         }
     }
     tracing::info!(vm = %job.vm_name, "{stop_reason}");
 
-    // Stop and copy.
+    // Stop and copy: what was dirty after the last live round plus what the guest wrote since.
     let paused_at = Instant::now();
     job.vm.pause().context("pausing the source guest")?;
     *paused = true;
+    let mut dirty = DirtyPages::new(pages);
+    for page in &order {
+        dirty.insert(*page);
+    }
     dirty.union_with(&tracker.collect()?);
+    let order: Vec<u64> = dirty.iter().collect();
     let number = rounds.len() as u32 + 1;
-    let report = send_round(job, conn, &mut sender, &dirty, None, number, true).await?;
+    let report = send_round(job, conn, &mut sender, &order, None, number, true).await?;
     let _ = progress.send(report.clone());
     log_round(&job.vm_name, &report);
     rounds.push(report);
@@ -197,16 +194,17 @@ async fn precopy(
         sender,
         stall_reset,
         written_before,
+        prediction: convergence.prediction(),
     })
 }
 
-/// Sends one round: every page of `dirty`, then RoundEnd, then whatever the destination reports
+/// Sends one round: every page of `pages` in that order, then RoundEnd, then whatever the destination reports
 /// missing, until it misses nothing. Pages in `known_zero` are counted as zero without being read.
 async fn send_round(
     job: &Outbound,
     conn: &mut Connection,
     sender: &mut PageSender,
-    dirty: &DirtyPages,
+    pages: &[u64],
     known_zero: Option<&DirtyPages>,
     number: u32,
     stop_and_copy: bool,
@@ -216,24 +214,34 @@ async fn send_round(
     let mut report = RoundReport {
         round: number,
         stop_and_copy,
-        dirty_pages: dirty.count(),
+        dirty_pages: pages.len() as u64,
         ..Default::default()
     };
     let memory = job.vm.memory();
     let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
     let mut data = Box::new([0u8; PAGE_SIZE]);
     let mut in_batch = 0;
-    for page in dirty.iter() {
-        if known_zero.is_some_and(|zero| zero.contains(page)) {
-            sender.add_known_zero(page, &mut batch, &mut report);
-        } else {
-            memory.read_page(page, &mut data);
-            sender.add(page, &data, &mut batch, &mut report);
-        }
-        in_batch += 1;
-        if in_batch == PAGE_BATCH_MAX_ITEMS {
+    if stop_and_copy && job.options.hashing {
+        // The guest is paused, so its core is free: hash on two threads.
+        for chunk in pages.chunks(PAGE_BATCH_MAX_ITEMS) {
+            for (page, data, content) in inspect_in_parallel(sender, memory, chunk) {
+                sender.add_inspected(page, &data, content, &mut batch, &mut report);
+            }
             flush(conn, &mut batch).await?;
-            in_batch = 0;
+        }
+    } else {
+        for &page in pages {
+            if known_zero.is_some_and(|zero| zero.contains(page)) {
+                sender.add_known_zero(page, &mut batch, &mut report);
+            } else {
+                memory.read_page(page, &mut data);
+                sender.add(page, &data, &mut batch, &mut report);
+            }
+            in_batch += 1;
+            if in_batch == PAGE_BATCH_MAX_ITEMS {
+                flush(conn, &mut batch).await?;
+                in_batch = 0;
+            }
         }
     }
     flush(conn, &mut batch).await?;
@@ -271,6 +279,31 @@ async fn send_round(
     report.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     report.bandwidth_mbps = report.bytes_on_wire as f64 * 8.0 / (report.duration_ms.max(1e-3) * 1e3);
     Ok(report)
+}
+
+/// Reads `pages` and inspects them (zero test, keyed digest) on two threads.
+fn inspect_in_parallel(
+    sender: &PageSender,
+    memory: &crate::memory::GuestMemory,
+    pages: &[u64],
+) -> Vec<(u64, Box<[u8; PAGE_SIZE]>, Content)> {
+    let work = |part: &[u64]| -> Vec<(u64, Box<[u8; PAGE_SIZE]>, Content)> {
+        part.iter()
+            .map(|&page| {
+                let mut data = Box::new([0u8; PAGE_SIZE]);
+                memory.read_page(page, &mut data);
+                let content = sender.inspect(&data);
+                (page, data, content)
+            })
+            .collect()
+    };
+    let (first, second) = pages.split_at(pages.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| work(second));
+        let mut done = work(first);
+        done.extend(other.join().expect("page inspection thread"));
+        done
+    })
 }
 
 async fn flush(conn: &mut Connection, batch: &mut PageBatch) -> anyhow::Result<()> {
@@ -311,6 +344,9 @@ async fn finish(
         sla_percent: sla_percent(switched.downtime_ms),
         stop_reason: switched.stop_reason,
         guest_pages_written_before: switched.written_before,
+        order: if job.options.hot_last { "hot-last" } else { "address" }.into(),
+        predicted_rounds: switched.prediction.and_then(|p| p.rounds),
+        predicted_downtime_ms: switched.prediction.and_then(|p| p.downtime_ms),
         ..Default::default()
     };
     report.rounds = switched.rounds;

@@ -950,6 +950,7 @@ mod tests {
             max_rounds: 7,
             hashing: false,
             verify_guest: true,
+            hot_last: false,
         };
         vec![
             Message::VmStart(VmStartRequest {

@@ -116,6 +116,8 @@ pub struct MigrateOptions {
     pub hashing: bool,
     /// Wait for the guest's self-check to complete a sweep on the destination before reporting.
     pub verify_guest: bool,
+    /// Send the pages of a round cold first and hot (recently rewritten) last, instead of in address order.
+    pub hot_last: bool,
 }
 
 impl Default for MigrateOptions {
@@ -125,6 +127,7 @@ impl Default for MigrateOptions {
             max_rounds: 30,
             hashing: true,
             verify_guest: true,
+            hot_last: true,
         }
     }
 }

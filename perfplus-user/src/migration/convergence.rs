@@ -1,0 +1,233 @@
+//! When to stop iterating, what to expect, and in which order to send a round.
+//!
+//! **Stop rule.** After each round the source knows how many pages are dirty now and how fast it
+//! processed pages in the rounds so far (read, hash, send, acknowledged). If the dirty set can be sent
+//! within the downtime target at that rate, the next round is the stop-and-copy. The rate used is the
+//! lower of the last round's and the average, so a round made cheap by zero pages does not make the
+//! engine stop too early.
+//!
+//! **Prediction.** After round 2 the source has a dirty rate (pages dirtied per second while a round ran)
+//! and a processing rate. Each round then lasts `n / rate` and leaves `dirty_rate * n / rate` pages:
+//! a geometric series of ratio `q = dirty_rate / rate`. If `q < 1`, the number of rounds until the
+//! dirty set fits the target and the final downtime follow; if not, pre-copy will run to the round
+//! limit. The report shows that prediction next to what happened.
+//!
+//! **Order (hot last).** A page written in many recent rounds will likely be written again: sending it
+//! early in a round is wasted when it is dirtied before the round ends. Each page keeps a small heat
+//! score (halved every round, raised when the page is dirty), and a round sends cold pages first and
+//! hot pages last.
+
+use crate::report::RoundReport;
+use crate::tracking::DirtyPages;
+
+/// What the rounds so far say about the next step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Another live round.
+    Continue,
+    /// Pause the guest and send the rest; the text says why.
+    StopAndCopy(String),
+}
+
+/// The first forecast the engine made (after round 2), to compare with the outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// Rounds in all, the stop-and-copy included; `None` when pre-copy is not expected to converge.
+    pub rounds: Option<u32>,
+    /// Expected downtime (the stop-and-copy round) in ms.
+    pub downtime_ms: Option<f64>,
+}
+
+pub struct Convergence {
+    target_ms: f64,
+    max_rounds: u32,
+    processed_pages: u64,
+    processing_secs: f64,
+    last_rate: f64,
+    prediction: Option<Prediction>,
+}
+
+impl Convergence {
+    pub fn new(target_ms: f64, max_rounds: u32) -> Self {
+        Self {
+            target_ms,
+            max_rounds,
+            processed_pages: 0,
+            processing_secs: 0.0,
+            last_rate: 0.0,
+            prediction: None,
+        }
+    }
+
+    /// Pages per second the engine processes, conservatively.
+    pub fn rate(&self) -> f64 {
+        let average = self.processed_pages as f64 / self.processing_secs.max(1e-6);
+        if self.last_rate > 0.0 {
+            average.min(self.last_rate)
+        } else {
+            average
+        }
+    }
+
+    /// Takes the round that just finished and the dirty set found after it.
+    pub fn after_round(&mut self, round: &RoundReport, dirty_now: u64) -> Decision {
+        let secs = (round.duration_ms / 1e3).max(1e-6);
+        self.processed_pages += round.dirty_pages;
+        self.processing_secs += secs;
+        self.last_rate = round.dirty_pages as f64 / secs;
+        let rate = self.rate();
+        if round.round == 2 && self.prediction.is_none() {
+            let dirty_rate = dirty_now as f64 / secs;
+            self.prediction = Some(self.predict(dirty_now, dirty_rate, rate, round.round));
+        }
+        let predicted_ms = dirty_now as f64 / rate * 1e3;
+        if predicted_ms <= self.target_ms {
+            return Decision::StopAndCopy(format!(
+                "converged: {dirty_now} dirty pages fit the {} ms target ({predicted_ms:.1} ms at {rate:.0} pages/s)",
+                self.target_ms
+            ));
+        }
+        if round.round >= self.max_rounds {
+            return Decision::StopAndCopy(format!(
+                "round limit {} reached with {dirty_now} dirty pages ({predicted_ms:.1} ms predicted)",
+                self.max_rounds
+            ));
+        }
+        Decision::Continue
+    }
+
+    fn predict(&self, dirty_now: u64, dirty_rate: f64, rate: f64, rounds_done: u32) -> Prediction {
+        let fits = rate * self.target_ms / 1e3;
+        let q = dirty_rate / rate;
+        let mut n = dirty_now as f64;
+        let mut rounds = rounds_done;
+        while n > fits && rounds < self.max_rounds {
+            if q >= 1.0 {
+                return Prediction {
+                    rounds: None,
+                    downtime_ms: None,
+                };
+            }
+            n *= q;
+            rounds += 1;
+        }
+        // The last live round is followed by the stop-and-copy.
+        Prediction {
+            rounds: Some(rounds + 1),
+            downtime_ms: Some(n / rate * 1e3),
+        }
+    }
+
+    pub fn prediction(&self) -> Option<Prediction> {
+        self.prediction
+    }
+}
+
+/// Per-page write heat, from the dirty sets of the rounds so far.
+pub struct Heat {
+    score: Vec<u8>,
+}
+
+/// Pages at or above this score were dirty in at least two of the last few rounds.
+const HOT: u8 = 96;
+
+impl Heat {
+    pub fn new(pages: u64) -> Self {
+        Self {
+            score: vec![0; pages as usize],
+        }
+    }
+
+    /// Ages every page and warms the ones in `dirty`.
+    pub fn update(&mut self, dirty: &DirtyPages) {
+        for score in &mut self.score {
+            *score /= 2;
+        }
+        for page in dirty.iter() {
+            let score = &mut self.score[page as usize];
+            *score = score.saturating_add(64);
+        }
+    }
+
+    pub fn is_hot(&self, page: u64) -> bool {
+        self.score.get(page as usize).is_some_and(|&s| s >= HOT)
+    }
+
+    /// The pages of `dirty` in sending order: cold pages in address order, then hot ones.
+    pub fn order(&self, dirty: &DirtyPages) -> Vec<u64> {
+        let (mut cold, hot): (Vec<u64>, Vec<u64>) = dirty.iter().partition(|&p| !self.is_hot(p));
+        cold.extend(hot);
+        cold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(number: u32, dirty: u64, ms: f64) -> RoundReport {
+        RoundReport {
+            round: number,
+            dirty_pages: dirty,
+            duration_ms: ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stops_when_the_dirty_set_fits_the_target() {
+        let mut c = Convergence::new(30.0, 30);
+        // 100k pages/s: 30 ms fits 3000 pages.
+        assert_eq!(c.after_round(&round(1, 100_000, 1000.0), 10_000), Decision::Continue);
+        match c.after_round(&round(2, 10_000, 100.0), 1_000) {
+            Decision::StopAndCopy(why) => assert!(why.starts_with("converged"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn predicts_a_geometric_series_and_a_round_limit() {
+        let mut c = Convergence::new(10.0, 30);
+        c.after_round(&round(1, 100_000, 1000.0), 20_000);
+        // Round 2: 20k pages in 200 ms (100k pages/s); 10k dirtied meanwhile (50k pages/s, q = 0.5).
+        c.after_round(&round(2, 20_000, 200.0), 10_000);
+        let p = c.prediction().unwrap();
+        // 10k -> 5k -> 2.5k -> 1.25k -> 625 (fits 1000): rounds 3, 4, 5, 6 live, then stop-and-copy.
+        assert_eq!(p.rounds, Some(7));
+        assert!((p.downtime_ms.unwrap() - 6.25).abs() < 1e-9, "{p:?}");
+
+        let mut c = Convergence::new(10.0, 5);
+        c.after_round(&round(1, 100_000, 1000.0), 50_000);
+        assert_eq!(c.after_round(&round(2, 50_000, 500.0), 60_000), Decision::Continue);
+        assert_eq!(
+            c.prediction().unwrap().rounds,
+            None,
+            "dirtier than the link: no convergence"
+        );
+        c.after_round(&round(3, 60_000, 600.0), 60_000);
+        c.after_round(&round(4, 60_000, 600.0), 60_000);
+        match c.after_round(&round(5, 60_000, 600.0), 60_000) {
+            Decision::StopAndCopy(why) => assert!(why.starts_with("round limit 5"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hot_pages_go_last() {
+        let mut heat = Heat::new(8);
+        let mut hot = DirtyPages::new(8);
+        hot.insert(1);
+        heat.update(&hot);
+        heat.update(&hot);
+        let mut dirty = DirtyPages::new(8);
+        for p in [0, 1, 5] {
+            dirty.insert(p);
+        }
+        assert_eq!(heat.order(&dirty), vec![0, 5, 1]);
+        // A page that cooled down for a few rounds is cold again.
+        let none = DirtyPages::new(8);
+        heat.update(&none);
+        heat.update(&none);
+        assert!(!heat.is_hot(1));
+    }
+}
