@@ -227,7 +227,8 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
     }
     let name = req.name.clone();
     let (memory_bytes, vcpus) = (req.memory_bytes, req.vcpus);
-    let (vm, cmdline) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vm, String)> {
+    let hasher = state.hasher.clone();
+    let (vm, cmdline, image_pages) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vm, String, _)> {
         let mut vm = Vm::create(&name, memory_bytes, vcpus)?;
         let (kernel, cmdline) = match req.kernel {
             // The built-in guest paces itself and measures its stalls with the TSC.
@@ -238,8 +239,11 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
             KernelSource::Image(bytes) => (bytes, req.cmdline),
         };
         vm.load_multiboot(&kernel, &cmdline)?;
+        // What the loader wrote is the image: index it, so that a VM booted from the same image
+        // elsewhere can send those pages here as references.
+        let image_pages = digest_data_pages(&vm, &hasher)?;
         vm.start()?;
-        Ok((vm, cmdline))
+        Ok((vm, cmdline, image_pages))
     })
     .await??;
     let hosted = HostedVm {
@@ -254,9 +258,34 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
     if vms.contains_key(&req.name) {
         bail!("a VM named {:?} appeared on agent {} meanwhile", req.name, state.name);
     }
+    let memory = hosted.vm.memory().clone();
     vms.insert(req.name.clone(), hosted);
-    tracing::info!(vm = %req.name, memory_bytes, vcpus, "started");
+    drop(vms);
+    {
+        let mut index = state.index.lock().expect("index lock");
+        if let Err(err) = index
+            .add_vm(req.name.clone(), memory)
+            .and_then(|()| index.record_pages(&req.name, &image_pages))
+        {
+            tracing::warn!(vm = %req.name, "not indexing the VM's image: {err}");
+        }
+    }
+    tracing::info!(vm = %req.name, memory_bytes, vcpus, image_pages = image_pages.len(), "started");
     Ok(info)
+}
+
+/// Keyed digests of every page of `vm` that holds data (not a hole of its memory).
+fn digest_data_pages(vm: &Vm, hasher: &PageHasher) -> anyhow::Result<Vec<(u64, crate::hashing::PageDigest)>> {
+    let memory = vm.memory();
+    let mut data = Box::new([0u8; PAGE_SIZE]);
+    let mut pages = Vec::new();
+    for range in memory.data_page_ranges()? {
+        for page in range {
+            memory.read_page(page, &mut data);
+            pages.push((page, hasher.digest(&data)));
+        }
+    }
+    Ok(pages)
 }
 
 async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: MigrateRequest) -> anyhow::Result<()> {
