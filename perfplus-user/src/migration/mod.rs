@@ -5,6 +5,7 @@
 //! guests' own work): see [`agent_cpu_ms`].
 
 pub mod page_sender;
+pub mod postcopy;
 pub mod receiver;
 pub mod source;
 

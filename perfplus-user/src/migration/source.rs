@@ -11,6 +11,13 @@
 //! Until `Running` arrives every failure resumes the source guest and leaves it as it was (dirty
 //! logging off again when the tracker is dropped). After `Running` the guest belongs to the
 //! destination: the source never resumes it again, whatever happens next.
+//!
+//! Modes ([`MigrationMode`]): `precopy` as above; `postcopy` skips the rounds and switches at once;
+//! `hybrid` runs rounds while the dirty set shrinks and switches to post-copy when it stops shrinking
+//! (by less than 10 % from one round to the next), when the shrink rate seen could not reach the
+//! downtime target within the round limit, or at the round limit. The switch (pause → `PostcopyBegin`
+//! with the pages the destination lacks → eager pages → `VmState` → `Running`) is followed by
+//! [`postcopy::source::run`], which returns only once the destination has every page.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +27,12 @@ use perfplus_common::PAGE_SIZE;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::page_sender::PageSender;
+use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
 use crate::protocol::connection::Connection;
 use crate::protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
-use crate::protocol::{ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, Role};
+use crate::protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
 use crate::tracking::dirty_log::DirtyLogTracker;
 use crate::tracking::{DirtyPages, DirtyTracker};
@@ -42,6 +50,10 @@ pub struct Outbound {
     pub options: MigrateOptions,
     pub key: ClusterKey,
     pub hasher: PageHasher,
+    /// Names the migration (post-copy attach and resume).
+    pub migration_id: String,
+    /// Wakes a post-copy migration's reconnection loop at once (`perfplus migrate --resume`).
+    pub resume: postcopy::source::ResumeSignal,
 }
 
 /// A migration that reached the destination.
@@ -60,7 +72,7 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
         .with_context(|| format!("connecting to destination agent {}", job.destination))?;
     let mut paused = false;
     let result = precopy(&job, &mut conn, &progress, started, &mut paused).await;
-    let switched = match result {
+    let mut switched = match result {
         Ok(switched) => switched,
         Err(err) => {
             if paused {
@@ -73,7 +85,19 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
             return Err(err);
         }
     };
-    finish(&job, conn, switched, started, cpu_start).await
+    let outcome = match switched.handoff.take() {
+        Some(handoff) => {
+            tracing::info!(vm = %job.vm_name, id = %job.migration_id, "post-copy: guest runs on the destination, memory follows");
+            let (outcome, sender) =
+                postcopy::source::run(&job, &job.migration_id, &mut conn, handoff, &job.resume).await;
+            switched.sender = sender;
+            // Total time covers the post-copy phase: the migration ends when every page is there.
+            switched.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            Some(outcome)
+        }
+        None => None,
+    };
+    finish(&job, conn, switched, outcome, started, cpu_start).await
 }
 
 /// What pre-copy hands to the switch-over bookkeeping.
@@ -85,6 +109,8 @@ struct Switched {
     sender: PageSender,
     stall_reset: Option<u64>,
     written_before: Option<u64>,
+    /// Set when the migration switched to post-copy.
+    handoff: Option<postcopy::source::Handoff>,
 }
 
 async fn precopy(
@@ -101,6 +127,7 @@ async fn precopy(
         vcpus: job.vcpus,
         cmdline: job.cmdline.clone(),
         options: job.options.clone(),
+        migration_id: job.migration_id.clone(),
     }))
     .await?;
     let held = match recv(conn, "MigrateReady").await? {
@@ -113,14 +140,23 @@ async fn precopy(
     let stall_reset = Some(job.vm.request_stall_reset());
     let written_before = job.vm.guest_status().map(|s| s.pages_written);
 
-    let mut tracker = DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?;
+    let mode = job.options.mode;
+    let mut demand = None;
+    if mode != MigrationMode::Precopy {
+        demand = Some(postcopy::source::attach(job, &job.migration_id, Channel::Demand).await?);
+    }
+    let mut tracker = match mode {
+        MigrationMode::Postcopy => None,
+        _ => Some(DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?),
+    };
     let mut sender = PageSender::new(job.options.hashing, job.hasher.clone(), pages, held);
-    let mut rounds = Vec::new();
+    let mut rounds: Vec<RoundReport> = Vec::new();
     let mut dirty = DirtyPages::all(pages);
     let mut processed_pages = 0u64;
     let mut processing_secs = 0f64;
-    let stop_reason;
-    loop {
+    let mut stop_reason = String::from("post-copy from the start");
+    let mut to_postcopy = mode == MigrationMode::Postcopy;
+    while let Some(tracker) = tracker.as_mut().filter(|_| !to_postcopy) {
         let number = rounds.len() as u32 + 1;
         let report = send_round(job, conn, &mut sender, &dirty, number, false).await?;
         processed_pages += report.dirty_pages;
@@ -140,27 +176,79 @@ async fn precopy(
             );
             break;
         }
+        if mode == MigrationMode::Hybrid && number >= 2 {
+            // Round 1 covers every page; from round 2 on, compare what each round had to send.
+            let previous = rounds[number as usize - 1].dirty_pages.max(1) as f64;
+            let shrink = dirty.count() as f64 / previous;
+            let target_pages = (job.options.downtime_target_ms / 1e3 * rate).max(1.0);
+            let rounds_needed = (target_pages / dirty.count() as f64).ln() / shrink.ln();
+            if shrink > 0.9 {
+                stop_reason = format!(
+                    "pre-copy stopped converging: the dirty set went from {previous:.0} to {} pages; switched to post-copy",
+                    dirty.count()
+                );
+                to_postcopy = true;
+                break;
+            }
+            if number as f64 + rounds_needed > job.options.max_rounds as f64 {
+                stop_reason = format!(
+                    "pre-copy would need {rounds_needed:.1} more rounds (dirty set x{shrink:.2} per round) to reach the {} ms target, past the round limit {}; switched to post-copy",
+                    job.options.downtime_target_ms, job.options.max_rounds
+                );
+                to_postcopy = true;
+                break;
+            }
+        }
         if number >= job.options.max_rounds {
             stop_reason = format!(
                 "round limit {} reached with {} dirty pages ({predicted_ms:.1} ms predicted)",
                 job.options.max_rounds,
                 dirty.count()
             );
+            if mode == MigrationMode::Hybrid {
+                stop_reason.push_str("; switched to post-copy");
+                to_postcopy = true;
+            }
             break;
         }
     }
     tracing::info!(vm = %job.vm_name, "{stop_reason}");
+    let link_rate = rounds.last().map(|r| r.bandwidth_mbps * 1e6 / 8.0).filter(|r| *r > 0.0);
 
-    // Stop and copy.
+    // Stop, then copy the rest (pre-copy) or hand over at once (post-copy).
     let paused_at = Instant::now();
     job.vm.pause().context("pausing the source guest")?;
     *paused = true;
-    dirty.union_with(&tracker.collect()?);
-    let number = rounds.len() as u32 + 1;
-    let report = send_round(job, conn, &mut sender, &dirty, number, true).await?;
-    let _ = progress.send(report.clone());
-    log_round(&job.vm_name, &report);
-    rounds.push(report);
+    if let Some(tracker) = tracker.as_mut() {
+        dirty.union_with(&tracker.collect()?);
+    }
+    let mut handoff = None;
+    if to_postcopy {
+        let missing = dirty;
+        for page in missing.iter() {
+            sender.forget(page);
+        }
+        sender.rebuild_held();
+        conn.send(&Message::PostcopyBegin {
+            missing: missing.words().to_vec(),
+        })
+        .await?;
+        let eager = postcopy::source::eager_pages(&missing);
+        postcopy::source::send_eager(job, conn, &mut sender, &eager).await?;
+        handoff = Some(postcopy::source::Handoff {
+            demand: demand.take().expect("demand channel opened for post-copy modes"),
+            missing,
+            sender: PageSender::new(job.options.hashing, job.hasher.clone(), 0, Vec::new()),
+            link_rate,
+            eager,
+        });
+    } else {
+        let number = rounds.len() as u32 + 1;
+        let report = send_round(job, conn, &mut sender, &dirty, number, true).await?;
+        let _ = progress.send(report.clone());
+        log_round(&job.vm_name, &report);
+        rounds.push(report);
+    }
     let state = job.vm.save_state().context("saving the vCPU and device state")?;
     let state = postcard::to_allocvec(&state).context("encoding the VM state")?;
     conn.send(&Message::VmState(state)).await?;
@@ -171,7 +259,12 @@ async fn precopy(
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(tracker);
+    if let Some(handoff) = handoff.as_mut() {
+        // The post-copy phase owns the sender now (it knows what the destination holds).
+        std::mem::swap(&mut handoff.sender, &mut sender);
+    }
     Ok(Switched {
+        handoff,
         rounds,
         downtime_ms,
         total_ms,
@@ -263,6 +356,7 @@ async fn finish(
     job: &Outbound,
     mut conn: Connection,
     switched: Switched,
+    outcome: Option<postcopy::source::Outcome>,
     started: Instant,
     cpu_start: f64,
 ) -> anyhow::Result<Completed> {
@@ -279,7 +373,8 @@ async fn finish(
         vm: job.vm_name.clone(),
         source: job.source_name.clone(),
         destination: job.destination.clone(),
-        mode: "precopy".into(),
+        mode: job.options.mode.name().into(),
+        migration_id: job.migration_id.clone(),
         tracker: crate::tracking::TrackerKind::DirtyLog.name().into(),
         hashing: job.options.hashing,
         memory_bytes: job.memory_bytes,
@@ -291,6 +386,15 @@ async fn finish(
         ..Default::default()
     };
     report.rounds = switched.rounds;
+    if let Some(o) = &outcome {
+        report.switched_to_postcopy = true;
+        report.postcopy_pages = o.postcopy_pages;
+        report.pages_demanded = o.pages_demanded;
+        report.pages_pushed = o.pages_pushed;
+        report.pages_resent = o.pages_resent;
+        report.postcopy_full_pages = o.full_pages;
+        report.reconnects = o.reconnects;
+    }
 
     let theirs = match recv(&mut conn, "PageChecksums").await {
         Ok(Message::PageChecksums { checksums }) => Some(checksums),
@@ -338,6 +442,7 @@ async fn finish(
         held_from_store,
         held_from_hosted_vms,
         held_from_this_migration,
+        postcopy,
         ..
     }) = check
     {
@@ -345,6 +450,12 @@ async fn finish(
         report.held_from_store = held_from_store;
         report.held_from_hosted_vms = held_from_hosted_vms;
         report.held_from_this_migration = held_from_this_migration;
+        if let Some(stats) = postcopy {
+            report.demand_faults = stats.demand_faults;
+            report.local_faults = stats.local_faults;
+            report.fault_latency_us = stats.fault_latency_us;
+            report.postcopy_ms = stats.postcopy_ms;
+        }
         if let Some(after) = after.as_ref() {
             report.guest_pages_written_after = Some(after.pages_written);
             report.guest_mismatches = Some(after.mismatches);
@@ -359,7 +470,8 @@ async fn finish(
         }
     }
 
-    report.bytes_on_wire = conn.bytes_sent() + conn.bytes_received();
+    report.bytes_on_wire =
+        conn.bytes_sent() + conn.bytes_received() + outcome.as_ref().map_or(0, |o| o.other_connection_bytes);
     report.average_mbps = report.bytes_on_wire as f64 * 8.0 / (report.total_ms.max(1e-3) * 1e3);
     report.source_cpu_ms = agent_cpu_ms() - cpu_start;
     report.destination_cpu_ms = destination_cpu_ms;
