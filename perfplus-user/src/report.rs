@@ -65,6 +65,8 @@ pub struct MigrationReport {
     /// Post-copy: pages sent a second time (lost with a connection, or a reference the destination
     /// could not resolve). Zero means every missing page crossed the network exactly once.
     pub pages_resent: u64,
+    /// Post-copy: pages first sent as a reference the destination could not resolve, then in full.
+    pub refs_resent: u64,
     /// Post-copy: of the pages demanded and pushed, how many went with their full content (the others as
     /// zero markers or references to content the destination held).
     pub postcopy_full_pages: u64,
@@ -249,12 +251,13 @@ impl MigrationReport {
         if self.switched_to_postcopy {
             let _ = writeln!(
                 out,
-                "post-copy           {:.1} ms until all {} missing pages were present: {} demanded, {} pushed, {} resent, {} in full; {} reconnects",
+                "post-copy           {:.1} ms until all {} missing pages were present: {} demanded, {} pushed, {} resent, {} refs resent in full, {} in full; {} reconnects",
                 self.postcopy_ms,
                 self.postcopy_pages,
                 self.pages_demanded,
                 self.pages_pushed,
                 self.pages_resent,
+                self.refs_resent,
                 self.postcopy_full_pages,
                 self.reconnects
             );

@@ -392,6 +392,7 @@ async fn finish(
         report.pages_demanded = o.pages_demanded;
         report.pages_pushed = o.pages_pushed;
         report.pages_resent = o.pages_resent;
+        report.refs_resent = o.refs_resent;
         report.postcopy_full_pages = o.full_pages;
         report.reconnects = o.reconnects;
     }

@@ -64,6 +64,8 @@ pub struct Outcome {
     pub pages_demanded: u64,
     pub pages_pushed: u64,
     pub pages_resent: u64,
+    /// References the destination could not resolve, sent again in full.
+    pub refs_resent: u64,
     pub full_pages: u64,
     pub reconnects: u32,
     /// Bytes moved on connections that are closed now (the demand channels, lost bulk connections).
@@ -409,7 +411,7 @@ async fn serve(
             let mut data = [0u8; PAGE_SIZE];
             job.vm.memory().read_page(page, &mut data);
             sender.add_full(page, &data, &mut batch);
-            outcome.pages_resent += 1;
+            outcome.refs_resent += 1;
             outcome.full_pages += 1;
         } else if slot == SENT {
             // On its way already (pushed, or requested twice): it arrives without being sent again.
