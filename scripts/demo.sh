@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: two agents on localhost, one built-in guest, one live migration,
-# the report. Usage: scripts/demo.sh [--json] [any `perfplus migrate` option, e.g. --no-hashing]
+# the report. Usage: scripts/demo.sh [--json] [any `perfplus migrate` option, e.g. --no-hashing,
+#   --mode precopy|postcopy|hybrid (default hybrid: pre-copy, then post-copy if it cannot converge)]
 #   MEMORY=1G WORKLOAD=dirtier:working-set=256M,rate=20k,... scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,6 +19,10 @@ need_target x86_64-unknown-none
 need_component rustfmt
 need_component clippy
 
+# The userfaultfd crate generates its bindings with bindgen at build time, which needs libclang.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-*.so* >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev
+fi
 if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is absent; VMs cannot run here" >&2
 fi

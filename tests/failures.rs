@@ -27,7 +27,14 @@ fn killing_the_destination_mid_migration_leaves_the_source_guest_running() {
         .arg("--cluster-key-file")
         .arg(&cluster.key_file)
         .args(["migrate", "victim", "--from", &a.addr, "--to", &b.addr])
-        .args(["--downtime-target", "0.001ms", "--max-rounds", "100000"])
+        .args([
+            "--downtime-target",
+            "0.001ms",
+            "--max-rounds",
+            "100000",
+            "--mode",
+            "precopy",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -135,6 +142,7 @@ fn begin(name: &str, memory_bytes: u64) -> Message {
         vcpus: 1,
         cmdline: String::new(),
         options: MigrateOptions::default(),
+        migration_id: "0123456789abcdef".into(),
     })
 }
 

@@ -15,11 +15,15 @@ use tokio::net::TcpListener;
 
 use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
+use crate::migration::postcopy::{self, AttachTx};
 use crate::migration::receiver;
 use crate::migration::source::{self, describe, Outbound};
 use crate::page_store::PageStore;
 use crate::protocol::connection::Connection;
-use crate::protocol::{ClusterKey, KernelSource, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
+use crate::protocol::{
+    ClusterKey, KernelSource, Message, MigrateRequest, MigrationMode, Role, VmInfo, VmStartRequest, MIGRATION_ID_MAX,
+};
+use crate::report::MigrationReport;
 use crate::vm::{builtin_guest, RunState, Vm};
 
 /// Label the page-hash key is derived under from the cluster key.
@@ -55,6 +59,17 @@ struct AgentState {
     /// Names of VMs being received (reserved so that two arrivals cannot collide).
     arriving: Mutex<Vec<String>>,
     index: Arc<Mutex<ContentIndex>>,
+    /// Incoming post-copy migrations by id: where `PostcopyAttach` connections go.
+    attach: Mutex<HashMap<String, AttachTx>>,
+    /// Outgoing migrations by id: their resume signal and, once done, their result.
+    outbound: Mutex<HashMap<String, OutboundHandle>>,
+}
+
+/// An outgoing migration a CLI can resume (`MigrateResume`) and wait for.
+#[derive(Clone)]
+struct OutboundHandle {
+    resume: postcopy::source::ResumeSignal,
+    done: tokio::sync::watch::Receiver<Option<Result<MigrationReport, String>>>,
 }
 
 pub struct Agent {
@@ -89,6 +104,8 @@ impl Agent {
             hasher,
             vms: Mutex::new(HashMap::new()),
             arriving: Mutex::new(Vec::new()),
+            attach: Mutex::new(HashMap::new()),
+            outbound: Mutex::new(HashMap::new()),
         });
         Ok(Agent { listener, state })
     }
@@ -124,6 +141,24 @@ async fn handle(state: Arc<AgentState>, stream: tokio::net::TcpStream) -> anyhow
         }
         Role::Peer => match request {
             Message::MigrateBegin(begin) => migrate_in(&state, &mut conn, begin).await,
+            Message::PostcopyAttach(attach) => {
+                let tx = state.attach.lock().expect("attach lock").get(&attach.id).cloned();
+                match tx {
+                    Some(tx) => {
+                        tracing::info!(id = %attach.id, channel = ?attach.channel, "post-copy connection attached");
+                        if let Err(tokio::sync::mpsc::error::SendError((mut conn, _))) = tx.send((conn, attach.channel))
+                        {
+                            conn.send_error("that migration has ended").await;
+                        }
+                        Ok(())
+                    }
+                    None => {
+                        let text = format!("no migration with id {:?} is in post-copy on this agent", attach.id);
+                        conn.send_error(&text).await;
+                        bail!(text)
+                    }
+                }
+            }
             other => {
                 let text = format!(
                     "a peer connection must start with MigrateBegin, not {}",
@@ -177,6 +212,25 @@ async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Messag
             conn.send(&Message::Done).await
         }
         Message::Migrate(req) => migrate_out(state, conn, req).await,
+        Message::MigrateResume { id } => {
+            let handle = state.outbound.lock().expect("outbound lock").get(&id).cloned();
+            let Some(mut handle) = handle else {
+                bail!("no migration with id {id:?} is under way on agent {}", state.name);
+            };
+            handle.resume.notify_one();
+            tracing::info!(%id, "resume requested by a CLI");
+            let result = handle
+                .done
+                .wait_for(|r| r.is_some())
+                .await
+                .map_err(|_| anyhow::anyhow!("migration {id} ended without a result"))?
+                .clone()
+                .expect("waited for a result");
+            match result {
+                Ok(report) => conn.send(&Message::MigrateDone(Box::new(report))).await,
+                Err(text) => bail!(text),
+            }
+        }
         other => bail!("{} is not a control request", describe(&other)),
     }
 }
@@ -304,7 +358,10 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
         }
         hosted.migrating = true;
+        let migration_id = postcopy::new_migration_id();
         Outbound {
+            migration_id,
+            resume: Default::default(),
             vm: hosted.vm.clone(),
             vm_name: req.vm.clone(),
             memory_bytes: hosted.memory_bytes,
@@ -317,7 +374,16 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             hasher: state.hasher.clone(),
         }
     };
-    tracing::info!(vm = %req.vm, to = %req.destination, "migration out starts");
+    let id = job.migration_id.clone();
+    tracing::info!(vm = %req.vm, to = %req.destination, %id, mode = req.options.mode.name(), "migration out starts");
+    let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+    state.outbound.lock().expect("outbound lock").insert(
+        id.clone(),
+        OutboundHandle {
+            resume: job.resume.clone(),
+            done: done_rx,
+        },
+    );
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut migration = tokio::spawn(source::migrate(job, progress_tx));
     // Forward progress to the CLI while the migration runs; a CLI that goes away does not stop it.
@@ -337,6 +403,11 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             let _ = conn.send(&Message::Progress(round)).await;
         }
     }
+    let _ = done_tx.send(Some(match &result {
+        Ok(completed) => Ok(completed.report.clone()),
+        Err(err) => Err(format!("{err:#}")),
+    }));
+    state.outbound.lock().expect("outbound lock").remove(&id);
     match result {
         Ok(completed) => {
             let hosted = state.vms.lock().expect("vms lock").remove(&req.vm);
@@ -425,7 +496,19 @@ async fn migrate_in(
     let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
     let install_state = state.clone();
     let install_name = name.clone();
-    let result = receiver::receive(conn, begin, &inbound, move |vm| {
+    let (attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = begin.migration_id.clone();
+    let postcopy = begin.options.mode != MigrationMode::Precopy;
+    if postcopy {
+        if id.is_empty() || id.len() > MIGRATION_ID_MAX {
+            let text = "a post-copy migration needs an id of 1 to 64 characters".to_string();
+            conn.send_error(&text).await;
+            state.arriving.lock().expect("arriving lock").retain(|n| n != &name);
+            bail!(text);
+        }
+        state.attach.lock().expect("attach lock").insert(id.clone(), attach_tx);
+    }
+    let result = receiver::receive(conn, begin, &inbound, attach_rx, move |vm, filling| {
         let mut vms = install_state.vms.lock().expect("vms lock");
         vms.insert(
             install_name.clone(),
@@ -434,7 +517,8 @@ async fn migrate_in(
                 memory_bytes,
                 vcpus,
                 cmdline,
-                migrating: false,
+                // A guest whose memory is still arriving cannot be stopped or migrated.
+                migrating: filling,
             },
         );
         install_state
@@ -445,7 +529,13 @@ async fn migrate_in(
         Ok(())
     })
     .await;
+    if postcopy {
+        state.attach.lock().expect("attach lock").remove(&id);
+    }
     state.arriving.lock().expect("arriving lock").retain(|n| n != &name);
+    if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&name) {
+        hosted.migrating = false;
+    }
     if let Err(err) = &result {
         tracing::warn!(vm = %name, "migration in failed, nothing kept: {err:#}");
         conn.send_error(&format!("destination: {err:#}")).await;

@@ -59,6 +59,18 @@ impl AgentClient {
         }
     }
 
+    /// Asks the (source) agent to resume post-copy migration `id` now and waits for its report.
+    pub async fn resume(mut self, id: &str) -> anyhow::Result<MigrationReport> {
+        self.conn.send(&Message::MigrateResume { id: id.to_string() }).await?;
+        loop {
+            match self.conn.recv().await? {
+                Message::Progress(_) => {}
+                Message::MigrateDone(report) => return Ok(*report),
+                other => bail!("agent {} sent {} while resuming", self.agent, describe(&other)),
+            }
+        }
+    }
+
     /// Asks the agent to migrate a VM; `on_round` sees every round as it finishes.
     pub async fn migrate(
         mut self,

@@ -128,13 +128,22 @@ struct VmStartArgs {
 #[derive(Args)]
 struct MigrateArgs {
     /// Name of the VM to move.
-    name: String,
+    #[arg(required_unless_present = "resume")]
+    name: Option<String>,
     /// Agent that runs the VM now.
     #[arg(long)]
     from: String,
     /// Agent that should run it afterwards.
-    #[arg(long)]
-    to: String,
+    #[arg(long, required_unless_present = "resume")]
+    to: Option<String>,
+    /// precopy (rounds, then stop-and-copy), postcopy (switch at once, memory follows on demand and by
+    /// background push) or hybrid (pre-copy while it converges, then post-copy).
+    #[arg(long, default_value = "hybrid")]
+    mode: perfplus::protocol::MigrationMode,
+    /// Resume the post-copy migration with this id (after a lost connection) on the `--from` agent
+    /// now, and wait for its report. The id is in the report and in the source agent's log.
+    #[arg(long, conflicts_with_all = ["name", "to"])]
+    resume: Option<String>,
     /// Longest acceptable downtime (e.g. 30ms, 0.2s): pre-copy iterates until the remaining dirty
     /// pages can be sent within it at the rate measured so far.
     #[arg(long, default_value = "30ms", value_parser = parse_duration_ms)]
@@ -255,22 +264,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => {
-            let request = MigrateRequest {
-                vm: args.name.clone(),
-                destination: args.to.clone(),
-                options: MigrateOptions {
-                    downtime_target_ms: args.downtime_target,
-                    max_rounds: args.max_rounds,
-                    hashing: !args.no_hashing,
-                    verify_guest: !args.no_verify,
-                    hot_last: args.order == "hot-last",
-                },
-            };
-            eprintln!("migrating {} from {} to {} ...", args.name, args.from, args.to);
             let client = AgentClient::connect(&args.from, &key).await?;
-            let report = client
-                .migrate(request, |round| eprintln!("  {}", round.progress_line()))
-                .await?;
+            let report = if let Some(id) = &args.resume {
+                eprintln!("resuming migration {id} on {} ...", args.from);
+                client.resume(id).await?
+            } else {
+                let (name, to) = (
+                    args.name.clone().unwrap_or_default(),
+                    args.to.clone().unwrap_or_default(),
+                );
+                let request = MigrateRequest {
+                    vm: name.clone(),
+                    destination: to.clone(),
+                    options: MigrateOptions {
+                        downtime_target_ms: args.downtime_target,
+                        max_rounds: args.max_rounds,
+                        hashing: !args.no_hashing,
+                        verify_guest: !args.no_verify,
+                        hot_last: args.order == "hot-last",
+                        mode: args.mode,
+                    },
+                };
+                eprintln!("migrating {name} from {} to {to} ({}) ...", args.from, args.mode.name());
+                client
+                    .migrate(request, |round| eprintln!("  {}", round.progress_line()))
+                    .await?
+            };
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

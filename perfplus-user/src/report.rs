@@ -41,8 +41,37 @@ pub struct MigrationReport {
     pub vm: String,
     pub source: String,
     pub destination: String,
-    /// "precopy".
+    /// "precopy", "postcopy" or "hybrid" (as asked).
     pub mode: String,
+    /// Names the migration (for `perfplus migrate --resume ID`).
+    pub migration_id: String,
+    /// Hybrid: pre-copy could not converge and the migration finished in post-copy (always true for
+    /// mode "postcopy").
+    pub switched_to_postcopy: bool,
+    /// Post-copy: from the resume on the destination until every page was present there.
+    pub postcopy_ms: f64,
+    /// Post-copy: pages the destination lacked at the switch (never sent, or dirtied since).
+    pub postcopy_pages: u64,
+    /// Post-copy: faults (guest or agent) that needed a page from the source.
+    pub demand_faults: u64,
+    /// Post-copy: faults the destination resolved locally (pages known to be zero).
+    pub local_faults: u64,
+    /// Post-copy: fault to page installed, for the faults that went to the source.
+    pub fault_latency_us: Latency,
+    /// Post-copy: missing pages sent because the destination asked for them.
+    pub pages_demanded: u64,
+    /// Post-copy: missing pages sent by the background push (eager pages sent with the switch included).
+    pub pages_pushed: u64,
+    /// Post-copy: pages sent a second time (lost with a connection, or a reference the destination
+    /// could not resolve). Zero means every missing page crossed the network exactly once.
+    pub pages_resent: u64,
+    /// Post-copy: pages first sent as a reference the destination could not resolve, then in full.
+    pub refs_resent: u64,
+    /// Post-copy: of the pages demanded and pushed, how many went with their full content (the others as
+    /// zero markers or references to content the destination held).
+    pub postcopy_full_pages: u64,
+    /// Post-copy: times the migration resumed after a lost connection.
+    pub reconnects: u32,
     /// Dirty tracker used on the source.
     pub tracker: String,
     /// Whether Perf+ hashing (skip unchanged, references to held content) was on.
@@ -88,6 +117,32 @@ pub struct MigrationReport {
     /// `downtime_ms`.
     pub predicted_rounds: Option<u32>,
     pub predicted_downtime_ms: Option<f64>,
+}
+
+/// Percentiles of a latency distribution, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl Latency {
+    /// Percentiles of `samples` (sorted here).
+    pub fn of(samples: &mut [f64]) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Latency {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: samples[samples.len() - 1],
+            count: samples.len() as u64,
+        }
+    }
 }
 
 /// Availability in percent over a 30-day month for a given downtime.
@@ -212,6 +267,29 @@ impl MigrationReport {
                 format!("NOT verified (mismatches: {:?})", self.guest_mismatches)
             }
         );
+        if self.switched_to_postcopy {
+            let _ = writeln!(
+                out,
+                "post-copy           {:.1} ms until all {} missing pages were present: {} demanded, {} pushed, {} resent, {} refs resent in full, {} in full; {} reconnects",
+                self.postcopy_ms,
+                self.postcopy_pages,
+                self.pages_demanded,
+                self.pages_pushed,
+                self.pages_resent,
+                self.refs_resent,
+                self.postcopy_full_pages,
+                self.reconnects
+            );
+            let _ = writeln!(
+                out,
+                "demand faults       {} (+{} resolved locally), latency p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+                self.demand_faults,
+                self.local_faults,
+                self.fault_latency_us.p50,
+                self.fault_latency_us.p99,
+                self.fault_latency_us.max
+            );
+        }
         let _ = writeln!(out, "availability        {:.9} % over a 30-day month", self.sla_percent);
         out
     }
@@ -247,6 +325,13 @@ mod tests {
             "guest_verified",
             "guest_max_stall_ms",
             "memory_digest_equal",
+            "mode",
+            "switched_to_postcopy",
+            "postcopy_ms",
+            "demand_faults",
+            "fault_latency_us",
+            "pages_demanded",
+            "pages_pushed",
         ] {
             assert!(json.get(field).is_some(), "missing {field}");
         }
@@ -261,5 +346,9 @@ mod tests {
             assert!(json["rounds"][0].get(field).is_some(), "missing rounds[].{field}");
         }
         assert!(report.to_table().contains("lost pages"));
+        assert!(json["fault_latency_us"].get("p99").is_some());
+        let mut samples = vec![3.0, 1.0, 2.0];
+        let l = Latency::of(&mut samples);
+        assert_eq!((l.p50, l.max, l.count), (2.0, 3.0, 3));
     }
 }

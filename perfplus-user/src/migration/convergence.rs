@@ -6,6 +6,11 @@
 //! lower of the last round's and the average, so a round made cheap by zero pages does not make the
 //! engine stop too early.
 //!
+//! **Switch to post-copy (hybrid mode).** From round 2 on, if a round left more than 90 % of the pages
+//! it sent dirty again, or if the rate at which the dirty set shrinks cannot reach the target within the
+//! round limit, iterating is pointless: the engine switches to post-copy instead of stopping and
+//! copying. Without hybrid mode, pre-copy goes on to the round limit and then stops and copies.
+//!
 //! **Prediction.** After round 2 the source has a dirty rate (pages dirtied per second while a round ran)
 //! and a processing rate. Each round then lasts `n / rate` and leaves `dirty_rate * n / rate` pages:
 //! a geometric series of ratio `q = dirty_rate / rate`. If `q < 1`, the number of rounds until the
@@ -27,6 +32,8 @@ pub enum Decision {
     Continue,
     /// Pause the guest and send the rest; the text says why.
     StopAndCopy(String),
+    /// Pause the guest, resume it on the destination and send the rest after (hybrid mode).
+    SwitchToPostcopy(String),
 }
 
 /// The first forecast the engine made (after round 2), to compare with the outcome.
@@ -41,6 +48,7 @@ pub struct Prediction {
 pub struct Convergence {
     target_ms: f64,
     max_rounds: u32,
+    hybrid: bool,
     processed_pages: u64,
     processing_secs: f64,
     last_rate: f64,
@@ -48,10 +56,12 @@ pub struct Convergence {
 }
 
 impl Convergence {
-    pub fn new(target_ms: f64, max_rounds: u32) -> Self {
+    /// `hybrid`: switch to post-copy instead of iterating in vain.
+    pub fn new(target_ms: f64, max_rounds: u32, hybrid: bool) -> Self {
         Self {
             target_ms,
             max_rounds,
+            hybrid,
             processed_pages: 0,
             processing_secs: 0.0,
             last_rate: 0.0,
@@ -87,11 +97,33 @@ impl Convergence {
                 self.target_ms
             ));
         }
+        if self.hybrid && round.round >= 2 {
+            let previous = round.dirty_pages.max(1) as f64;
+            let shrink = dirty_now as f64 / previous;
+            if shrink > 0.9 {
+                return Decision::SwitchToPostcopy(format!(
+                    "pre-copy stopped converging: the dirty set went from {previous:.0} to {dirty_now} pages; switched to post-copy"
+                ));
+            }
+            let target_pages = (self.target_ms / 1e3 * rate).max(1.0);
+            let rounds_needed = (target_pages / dirty_now as f64).ln() / shrink.ln();
+            if f64::from(round.round) + rounds_needed > f64::from(self.max_rounds) {
+                return Decision::SwitchToPostcopy(format!(
+                    "pre-copy would need {rounds_needed:.1} more rounds (dirty set x{shrink:.2} per round) to reach the {} ms target, past the round limit {}; switched to post-copy",
+                    self.target_ms, self.max_rounds
+                ));
+            }
+        }
         if round.round >= self.max_rounds {
-            return Decision::StopAndCopy(format!(
+            let why = format!(
                 "round limit {} reached with {dirty_now} dirty pages ({predicted_ms:.1} ms predicted)",
                 self.max_rounds
-            ));
+            );
+            return if self.hybrid {
+                Decision::SwitchToPostcopy(format!("{why}; switched to post-copy"))
+            } else {
+                Decision::StopAndCopy(why)
+            };
         }
         Decision::Continue
     }
@@ -176,7 +208,7 @@ mod tests {
 
     #[test]
     fn stops_when_the_dirty_set_fits_the_target() {
-        let mut c = Convergence::new(30.0, 30);
+        let mut c = Convergence::new(30.0, 30, false);
         // 100k pages/s: 30 ms fits 3000 pages.
         assert_eq!(c.after_round(&round(1, 100_000, 1000.0), 10_000), Decision::Continue);
         match c.after_round(&round(2, 10_000, 100.0), 1_000) {
@@ -187,7 +219,7 @@ mod tests {
 
     #[test]
     fn predicts_a_geometric_series_and_a_round_limit() {
-        let mut c = Convergence::new(10.0, 30);
+        let mut c = Convergence::new(10.0, 30, false);
         c.after_round(&round(1, 100_000, 1000.0), 20_000);
         // Round 2: 20k pages in 200 ms (100k pages/s); 10k dirtied meanwhile (50k pages/s, q = 0.5).
         c.after_round(&round(2, 20_000, 200.0), 10_000);
@@ -196,7 +228,7 @@ mod tests {
         assert_eq!(p.rounds, Some(7));
         assert!((p.downtime_ms.unwrap() - 6.25).abs() < 1e-9, "{p:?}");
 
-        let mut c = Convergence::new(10.0, 5);
+        let mut c = Convergence::new(10.0, 5, false);
         c.after_round(&round(1, 100_000, 1000.0), 50_000);
         assert_eq!(c.after_round(&round(2, 50_000, 500.0), 60_000), Decision::Continue);
         assert_eq!(
@@ -208,6 +240,23 @@ mod tests {
         c.after_round(&round(4, 60_000, 600.0), 60_000);
         match c.after_round(&round(5, 60_000, 600.0), 60_000) {
             Decision::StopAndCopy(why) => assert!(why.starts_with("round limit 5"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hybrid_switches_when_the_dirty_set_stops_shrinking() {
+        let mut c = Convergence::new(10.0, 30, true);
+        assert_eq!(c.after_round(&round(1, 100_000, 1000.0), 20_000), Decision::Continue);
+        match c.after_round(&round(2, 20_000, 200.0), 19_000) {
+            Decision::SwitchToPostcopy(why) => assert!(why.starts_with("pre-copy stopped converging"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Shrinking, but too slowly for the round limit.
+        let mut c = Convergence::new(1.0, 4, true);
+        c.after_round(&round(1, 100_000, 1000.0), 20_000);
+        match c.after_round(&round(2, 20_000, 200.0), 16_000) {
+            Decision::SwitchToPostcopy(why) => assert!(why.contains("past the round limit 4"), "{why}"),
             other => panic!("{other:?}"),
         }
     }

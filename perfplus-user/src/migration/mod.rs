@@ -6,6 +6,7 @@
 
 pub mod convergence;
 pub mod page_sender;
+pub mod postcopy;
 pub mod receiver;
 pub mod source;
 

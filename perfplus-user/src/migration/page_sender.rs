@@ -41,6 +41,8 @@ pub struct PageSender {
     at_destination: Vec<PageDigest>,
     /// Digest prefixes of content the destination holds somewhere.
     held: HashSet<u64>,
+    /// What the destination advertised at the start (outside this migration's pages).
+    advertised: Vec<u64>,
 }
 
 impl PageSender {
@@ -53,7 +55,8 @@ impl PageSender {
             hasher,
             zero_digest,
             at_destination: vec![zero_digest; pages as usize],
-            held: held.into_iter().collect(),
+            held: held.iter().copied().collect(),
+            advertised: held,
         }
     }
 
@@ -146,6 +149,25 @@ impl PageSender {
             self.held.insert(digest_prefix(&digest));
         }
         batch.push_full(page, &digest, data);
+    }
+
+    /// The destination no longer has anything at `page` (post-copy dropped it): the next `add` sends it
+    /// whatever its content (a zero page as a zero marker).
+    pub fn forget(&mut self, page: u64) {
+        self.at_destination[page as usize] = [0; 16];
+    }
+
+    /// Recomputes what the destination holds after pages were dropped there (post-copy switch): what
+    /// it advertised, plus the content of the pages it still has. References then point at content the
+    /// destination can resolve without asking back.
+    pub fn rebuild_held(&mut self) {
+        let unknown = [0u8; 16];
+        self.held = self.advertised.iter().copied().collect();
+        for d in &self.at_destination {
+            if *d != unknown {
+                self.held.insert(digest_prefix(d));
+            }
+        }
     }
 
     /// Digest of what the destination has at each page (meaningful with hashing on).

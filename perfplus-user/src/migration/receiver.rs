@@ -13,13 +13,17 @@ use anyhow::{bail, Context};
 use perfplus_common::guest_abi::state;
 use perfplus_common::PAGE_SIZE;
 
+use super::postcopy::dest::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
+use super::postcopy::uffd::{punch_pages, GuestUffd};
+use super::postcopy::AttachRx;
 use super::source::describe;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::content_index::{ContentIndex, HeldSource};
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
 use crate::protocol::connection::Connection;
 use crate::protocol::frame::{PageBatch, PageItem};
-use crate::protocol::{GuestCheck, Message, MigrateBegin, MigrateReady};
+use crate::protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
+use crate::tracking::DirtyPages;
 use crate::vm::{GuestStatus, Vm};
 
 /// How many digest prefixes the destination advertises at most (8 bytes each on the wire).
@@ -41,13 +45,28 @@ struct Counters {
     from_same_vm: u64,
 }
 
+/// How the guest came to run here.
+enum Resumed {
+    /// Every page was here at the resume; their checksums.
+    Precopy(Vec<u64>),
+    /// Post-copy: pages still arrive.
+    Postcopy {
+        session: Box<Session>,
+        demand: Box<Connection>,
+    },
+}
+
 /// Receives the VM `begin` announces. `install` is called with the running VM once it has resumed
-/// (the agent registers it); before that any error destroys the half-built VM and leaves nothing.
+/// (the agent registers it; the flag says post-copy is still filling its memory); before that any
+/// error destroys the half-built VM and leaves nothing. `attach` delivers the other connections of a
+/// post-copy migration (demand channel, resumed connections). After the resume in post-copy, `conn`
+/// may be replaced by the source's new connection.
 pub async fn receive(
     conn: &mut Connection,
     begin: MigrateBegin,
     ctx: &Inbound,
-    install: impl FnOnce(Arc<Vm>) -> anyhow::Result<()>,
+    mut attach: AttachRx,
+    install: impl FnOnce(Arc<Vm>, bool) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let cpu_start = agent_cpu_ms();
     let mut vm = Vm::create(&begin.vm, begin.memory_bytes, begin.vcpus).with_context(|| {
@@ -65,8 +84,8 @@ pub async fn receive(
             .context("registering the incoming VM's memory")?;
         index.held_prefixes(MAX_ADVERTISED)
     };
-    let result = receive_pages(conn, &begin, ctx, &mut vm, held).await;
-    let (checksums, counters) = match result {
+    let result = receive_pages(conn, &begin, ctx, &mut vm, held, &mut attach).await;
+    let (resumed, mut counters) = match result {
         Ok(done) => done,
         Err(err) => {
             ctx.index.lock().expect("content index lock").remove_vm(&key);
@@ -77,7 +96,24 @@ pub async fn receive(
     // The guest is running here now.
     let vm = Arc::new(vm);
     let at_resume = vm.guest_status();
-    install(vm.clone())?;
+    let mut postcopy = None;
+    let mut _demand_channel = None;
+    let checksums = match resumed {
+        Resumed::Precopy(checksums) => {
+            install(vm.clone(), false)?;
+            checksums
+        }
+        Resumed::Postcopy { mut session, demand } => {
+            install(vm.clone(), true)?;
+            let (stats, demand) = dest::run(&mut session, conn, *demand, &mut attach).await?;
+            _demand_channel = demand;
+            counters.from_store += session.held.from_store;
+            counters.from_hosted += session.held.from_hosted;
+            counters.from_same_vm += session.held.from_same_vm;
+            postcopy = Some(stats);
+            session.table.checksums()
+        }
+    };
     conn.send(&Message::PageChecksums { checksums }).await?;
     let after = if begin.options.verify_guest {
         wait_for_guest_check(&vm, at_resume.as_ref()).await
@@ -104,6 +140,7 @@ pub async fn receive(
         held_from_store: counters.from_store,
         held_from_hosted_vms: counters.from_hosted,
         held_from_this_migration: counters.from_same_vm,
+        postcopy,
     })))
     .await?;
     match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
@@ -129,12 +166,14 @@ async fn receive_pages(
     ctx: &Inbound,
     vm: &mut Vm,
     held: Vec<u64>,
-) -> anyhow::Result<(Vec<u64>, Counters)> {
+    attach: &mut AttachRx,
+) -> anyhow::Result<(Resumed, Counters)> {
     conn.send(&Message::MigrateReady(MigrateReady { held })).await?;
     let memory = vm.memory().clone();
     let zero = [0u8; PAGE_SIZE];
     let zero_digest = ctx.hasher.digest(&zero);
     let mut checksums = vec![page_checksum(&zero); memory.page_count() as usize];
+    let mut written = vec![false; memory.page_count() as usize];
     let mut missing = Vec::new();
     let mut counters = Counters::default();
     let mut scratch = Box::new([0u8; PAGE_SIZE]);
@@ -153,6 +192,7 @@ async fn receive_pages(
                     hashing: begin.options.hashing,
                     zero_digest: &zero_digest,
                     checksums: &mut checksums,
+                    written: &mut written,
                     missing: &mut missing,
                     counters: &mut counters,
                     scratch: &mut scratch,
@@ -176,7 +216,17 @@ async fn receive_pages(
                 vm.start().context("starting the migrated guest")?;
                 conn.send(&Message::Running).await?;
                 tracing::info!(vm = %begin.vm, "guest resumed here");
-                return Ok((checksums, counters));
+                return Ok((Resumed::Precopy(checksums), counters));
+            }
+            Message::PostcopyBegin { missing: bitmap } => {
+                if !missing.is_empty() {
+                    bail!(
+                        "source switched to post-copy while {} referenced pages are still missing",
+                        missing.len()
+                    );
+                }
+                let session = start_postcopy(begin, ctx, &memory, bitmap, checksums, &written, attach).await?;
+                return finish_switch(conn, begin, vm, session, counters).await;
             }
             other => bail!("source sent {} during the page transfer", describe(&other)),
         }
@@ -191,6 +241,7 @@ struct Apply<'a> {
     hashing: bool,
     zero_digest: &'a PageDigest,
     checksums: &'a mut [u64],
+    written: &'a mut [bool],
     missing: &'a mut Vec<u64>,
     counters: &'a mut Counters,
     scratch: &'a mut [u8; PAGE_SIZE],
@@ -236,8 +287,117 @@ impl Apply<'_> {
             }
             self.memory.read_page(page, self.scratch);
             self.checksums[page as usize] = page_checksum(self.scratch);
+            self.written[page as usize] = true;
         }
         Ok(())
+    }
+}
+
+/// The switch to post-copy, before the resume: drop the pages the source says are stale, register the
+/// memory with userfaultfd, start the fault thread.
+async fn start_postcopy(
+    begin: &MigrateBegin,
+    ctx: &Inbound,
+    memory: &Arc<crate::memory::GuestMemory>,
+    bitmap: Vec<u64>,
+    checksums: Vec<u64>,
+    written: &[bool],
+    attach: &mut AttachRx,
+) -> anyhow::Result<(Box<Session>, Connection)> {
+    let pages = memory.page_count();
+    if bitmap.len() as u64 != pages.div_ceil(64) {
+        bail!("post-copy bitmap has {} words for {pages} pages", bitmap.len());
+    }
+    let missing = DirtyPages::from_bitmap(bitmap, pages);
+    let demand = match tokio::time::timeout(Duration::from_secs(10), attach.recv()).await {
+        Ok(Some((conn, Channel::Demand))) => conn,
+        Ok(Some((_, Channel::Bulk))) => bail!("a second bulk connection arrived before the post-copy switch"),
+        Ok(None) => bail!("the agent stopped handing over connections"),
+        Err(_) => bail!("the source opened no demand channel for post-copy"),
+    };
+    let missing_list: Vec<u64> = missing.iter().collect();
+    ctx.index
+        .lock()
+        .expect("content index lock")
+        .forget_pages(&begin.vm, &missing_list)?;
+    // Pages written by pre-copy and dirtied since hold stale content: make them missing.
+    let mut run_start = None;
+    for page in 0..=pages {
+        let stale = page < pages && missing.contains(page) && written[page as usize];
+        match (stale, run_start) {
+            (true, None) => run_start = Some(page),
+            (false, Some(first)) => {
+                punch_pages(memory, first, page - first)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    let states: Vec<u8> = (0..pages)
+        .map(|p| {
+            if missing.contains(p) {
+                MISSING
+            } else if written[p as usize] {
+                PRESENT
+            } else {
+                ZERO_LOCAL
+            }
+        })
+        .collect();
+    let uffd = GuestUffd::register(memory.clone())?;
+    let table = Arc::new(PageTable::new(uffd, states, checksums));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let fault_thread = FaultThread::spawn(table.clone(), tx)?;
+    tracing::info!(vm = %begin.vm, missing = missing.count(), "post-copy: memory registered with userfaultfd");
+    let session = Session {
+        table,
+        fault_thread: Some(fault_thread),
+        requests: rx,
+        vm_key: begin.vm.clone(),
+        index: ctx.index.clone(),
+        hashing: begin.options.hashing,
+        zero_digest: ctx.hasher.digest(&[0; PAGE_SIZE]),
+        held: Default::default(),
+        unresolved: Default::default(),
+        resumed_at: Instant::now(),
+        reconnects: 0,
+    };
+    Ok((Box::new(session), demand))
+}
+
+/// Eager pages, the vCPU state, the resume.
+async fn finish_switch(
+    conn: &mut Connection,
+    begin: &MigrateBegin,
+    vm: &mut Vm,
+    (mut session, demand): (Box<Session>, Connection),
+    counters: Counters,
+) -> anyhow::Result<(Resumed, Counters)> {
+    loop {
+        let message = match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
+            Ok(result) => result.context("receiving from the source")?,
+            Err(_) => bail!("the source sent nothing for {} s", PEER_TIMEOUT.as_secs()),
+        };
+        match message {
+            Message::Pages(batch) => session.apply(&batch)?,
+            Message::VmState(bytes) => {
+                let state = postcard::from_bytes(&bytes).context("decoding the VM state from the source")?;
+                vm.restore_state(&state)
+                    .context("restoring the vCPU and device state")?;
+                session.resumed_at = Instant::now();
+                vm.start().context("starting the migrated guest")?;
+                conn.send(&Message::Running).await?;
+                tracing::info!(vm = %begin.vm, "guest resumed here in post-copy");
+                return Ok((
+                    Resumed::Postcopy {
+                        session,
+                        demand: Box::new(demand),
+                    },
+                    counters,
+                ));
+            }
+            other => bail!("source sent {} during the post-copy switch", describe(&other)),
+        }
     }
 }
 

@@ -11,6 +11,13 @@
 //! Until `Running` arrives every failure resumes the source guest and leaves it as it was (dirty
 //! logging off again when the tracker is dropped). After `Running` the guest belongs to the
 //! destination: the source never resumes it again, whatever happens next.
+//!
+//! Modes ([`MigrationMode`]): `precopy` as above; `postcopy` skips the rounds and switches at once;
+//! `hybrid` runs rounds while the dirty set shrinks and switches to post-copy when it stops shrinking
+//! (by less than 10 % from one round to the next), when the shrink rate seen could not reach the
+//! downtime target within the round limit, or at the round limit. The switch (pause → `PostcopyBegin`
+//! with the pages the destination lacks → eager pages → `VmState` → `Running`) is followed by
+//! [`postcopy::source::run`], which returns only once the destination has every page.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,11 +28,12 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::convergence::{Convergence, Decision, Heat, Prediction};
 use super::page_sender::{Content, PageSender};
+use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
 use crate::protocol::connection::Connection;
 use crate::protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
-use crate::protocol::{ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, Role};
+use crate::protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
 use crate::tracking::dirty_log::DirtyLogTracker;
 use crate::tracking::{DirtyPages, DirtyTracker};
@@ -43,6 +51,10 @@ pub struct Outbound {
     pub options: MigrateOptions,
     pub key: ClusterKey,
     pub hasher: PageHasher,
+    /// Names the migration (post-copy attach and resume).
+    pub migration_id: String,
+    /// Wakes a post-copy migration's reconnection loop at once (`perfplus migrate --resume`).
+    pub resume: postcopy::source::ResumeSignal,
 }
 
 /// A migration that reached the destination.
@@ -61,7 +73,7 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
         .with_context(|| format!("connecting to destination agent {}", job.destination))?;
     let mut paused = false;
     let result = precopy(&job, &mut conn, &progress, started, &mut paused).await;
-    let switched = match result {
+    let mut switched = match result {
         Ok(switched) => switched,
         Err(err) => {
             if paused {
@@ -74,7 +86,19 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
             return Err(err);
         }
     };
-    finish(&job, conn, switched, started, cpu_start).await
+    let outcome = match switched.handoff.take() {
+        Some(handoff) => {
+            tracing::info!(vm = %job.vm_name, id = %job.migration_id, "post-copy: guest runs on the destination, memory follows");
+            let (outcome, sender) =
+                postcopy::source::run(&job, &job.migration_id, &mut conn, handoff, &job.resume).await;
+            switched.sender = sender;
+            // Total time covers the post-copy phase: the migration ends when every page is there.
+            switched.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            Some(outcome)
+        }
+        None => None,
+    };
+    finish(&job, conn, switched, outcome, started, cpu_start).await
 }
 
 /// What pre-copy hands to the switch-over bookkeeping.
@@ -86,6 +110,8 @@ struct Switched {
     sender: PageSender,
     stall_reset: Option<u64>,
     written_before: Option<u64>,
+    /// Set when the migration switched to post-copy.
+    handoff: Option<postcopy::source::Handoff>,
     prediction: Option<Prediction>,
 }
 
@@ -103,6 +129,7 @@ async fn precopy(
         vcpus: job.vcpus,
         cmdline: job.cmdline.clone(),
         options: job.options.clone(),
+        migration_id: job.migration_id.clone(),
     }))
     .await?;
     let held = match recv(conn, "MigrateReady").await? {
@@ -115,23 +142,31 @@ async fn precopy(
     let stall_reset = Some(job.vm.request_stall_reset());
     let written_before = job.vm.guest_status().map(|s| s.pages_written);
 
-    let mut tracker = DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?;
+    let mode = job.options.mode;
+    let mut demand = None;
+    if mode != MigrationMode::Precopy {
+        demand = Some(postcopy::source::attach(job, &job.migration_id, Channel::Demand).await?);
+    }
+    let mut tracker = match mode {
+        MigrationMode::Postcopy => None,
+        _ => Some(DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?),
+    };
     let mut sender = PageSender::new(job.options.hashing, job.hasher.clone(), pages, held);
-    let mut convergence = Convergence::new(job.options.downtime_target_ms, job.options.max_rounds);
+    let mut convergence = Convergence::new(
+        job.options.downtime_target_ms,
+        job.options.max_rounds,
+        mode == MigrationMode::Hybrid,
+    );
     let mut heat = Heat::new(pages);
-    let mut rounds = Vec::new();
+    let mut rounds: Vec<RoundReport> = Vec::new();
+    let mut dirty = DirtyPages::all(pages);
+    let mut order: Vec<u64> = (0..pages).collect();
     // Holes of guest memory are zero: round 1 need not read them (tracking started before this, so a
     // page written after the look is in round 2).
-    let mut holes = DirtyPages::all(pages);
-    for range in job.vm.memory().data_page_ranges()? {
-        for page in range {
-            holes.remove(page);
-        }
-    }
-    let mut known_zero = Some(holes);
-    let mut order: Vec<u64> = (0..pages).collect();
-    let stop_reason;
-    loop {
+    let mut known_zero = Some(holes(&job.vm)?);
+    let mut stop_reason = String::from("post-copy from the start");
+    let mut to_postcopy = mode == MigrationMode::Postcopy;
+    while let Some(tracker) = tracker.as_mut().filter(|_| !to_postcopy) {
         let number = rounds.len() as u32 + 1;
         let report = send_round(
             job,
@@ -145,7 +180,7 @@ async fn precopy(
         .await?;
         let _ = progress.send(report.clone());
         log_round(&job.vm_name, &report);
-        let dirty = tracker.collect()?;
+        dirty = tracker.collect()?;
         heat.update(&dirty);
         order = if job.options.hot_last {
             heat.order(&dirty)
@@ -154,28 +189,57 @@ async fn precopy(
         };
         let decision = convergence.after_round(&report, dirty.count());
         rounds.push(report);
-        if let Decision::StopAndCopy(why) = decision {
-            stop_reason = why;
-            break;
+        match decision {
+            Decision::Continue => {}
+            Decision::StopAndCopy(why) => {
+                stop_reason = why;
+                break;
+            }
+            Decision::SwitchToPostcopy(why) => {
+                stop_reason = why;
+                to_postcopy = true;
+                break;
+            }
         }
     }
     tracing::info!(vm = %job.vm_name, "{stop_reason}");
+    let link_rate = rounds.last().map(|r| r.bandwidth_mbps * 1e6 / 8.0).filter(|r| *r > 0.0);
 
-    // Stop and copy: what was dirty after the last live round plus what the guest wrote since.
+    // Stop, then copy the rest (pre-copy) or hand over at once (post-copy).
     let paused_at = Instant::now();
     job.vm.pause().context("pausing the source guest")?;
     *paused = true;
-    let mut dirty = DirtyPages::new(pages);
-    for page in &order {
-        dirty.insert(*page);
+    if let Some(tracker) = tracker.as_mut() {
+        dirty.union_with(&tracker.collect()?);
     }
-    dirty.union_with(&tracker.collect()?);
-    let order: Vec<u64> = dirty.iter().collect();
-    let number = rounds.len() as u32 + 1;
-    let report = send_round(job, conn, &mut sender, &order, None, number, true).await?;
-    let _ = progress.send(report.clone());
-    log_round(&job.vm_name, &report);
-    rounds.push(report);
+    let mut handoff = None;
+    if to_postcopy {
+        let missing = dirty;
+        for page in missing.iter() {
+            sender.forget(page);
+        }
+        sender.rebuild_held();
+        conn.send(&Message::PostcopyBegin {
+            missing: missing.words().to_vec(),
+        })
+        .await?;
+        let eager = postcopy::source::eager_pages(&missing);
+        postcopy::source::send_eager(job, conn, &mut sender, &eager).await?;
+        handoff = Some(postcopy::source::Handoff {
+            demand: demand.take().expect("demand channel opened for post-copy modes"),
+            missing,
+            sender: PageSender::new(job.options.hashing, job.hasher.clone(), 0, Vec::new()),
+            link_rate,
+            eager,
+        });
+    } else {
+        let number = rounds.len() as u32 + 1;
+        let pages: Vec<u64> = dirty.iter().collect();
+        let report = send_round(job, conn, &mut sender, &pages, None, number, true).await?;
+        let _ = progress.send(report.clone());
+        log_round(&job.vm_name, &report);
+        rounds.push(report);
+    }
     let state = job.vm.save_state().context("saving the vCPU and device state")?;
     let state = postcard::to_allocvec(&state).context("encoding the VM state")?;
     conn.send(&Message::VmState(state)).await?;
@@ -186,7 +250,12 @@ async fn precopy(
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(tracker);
+    if let Some(handoff) = handoff.as_mut() {
+        // The post-copy phase owns the sender now (it knows what the destination holds).
+        std::mem::swap(&mut handoff.sender, &mut sender);
+    }
     Ok(Switched {
+        handoff,
         rounds,
         downtime_ms,
         total_ms,
@@ -198,8 +267,19 @@ async fn precopy(
     })
 }
 
-/// Sends one round: every page of `pages` in that order, then RoundEnd, then whatever the destination reports
-/// missing, until it misses nothing. Pages in `known_zero` are counted as zero without being read.
+/// The holes of `vm`'s memory: pages nobody ever wrote, so zero.
+fn holes(vm: &Vm) -> anyhow::Result<DirtyPages> {
+    let mut holes = DirtyPages::all(vm.memory().page_count());
+    for range in vm.memory().data_page_ranges()? {
+        for page in range {
+            holes.remove(page);
+        }
+    }
+    Ok(holes)
+}
+
+/// Sends one round: every page of `pages` in that order, then RoundEnd, then whatever the destination
+/// reports missing, until it misses nothing. Pages in `known_zero` are counted as zero without being read.
 async fn send_round(
     job: &Outbound,
     conn: &mut Connection,
@@ -319,6 +399,7 @@ async fn finish(
     job: &Outbound,
     mut conn: Connection,
     switched: Switched,
+    outcome: Option<postcopy::source::Outcome>,
     started: Instant,
     cpu_start: f64,
 ) -> anyhow::Result<Completed> {
@@ -335,7 +416,8 @@ async fn finish(
         vm: job.vm_name.clone(),
         source: job.source_name.clone(),
         destination: job.destination.clone(),
-        mode: "precopy".into(),
+        mode: job.options.mode.name().into(),
+        migration_id: job.migration_id.clone(),
         tracker: crate::tracking::TrackerKind::DirtyLog.name().into(),
         hashing: job.options.hashing,
         memory_bytes: job.memory_bytes,
@@ -350,6 +432,16 @@ async fn finish(
         ..Default::default()
     };
     report.rounds = switched.rounds;
+    if let Some(o) = &outcome {
+        report.switched_to_postcopy = true;
+        report.postcopy_pages = o.postcopy_pages;
+        report.pages_demanded = o.pages_demanded;
+        report.pages_pushed = o.pages_pushed;
+        report.pages_resent = o.pages_resent;
+        report.refs_resent = o.refs_resent;
+        report.postcopy_full_pages = o.full_pages;
+        report.reconnects = o.reconnects;
+    }
 
     let theirs = match recv(&mut conn, "PageChecksums").await {
         Ok(Message::PageChecksums { checksums }) => Some(checksums),
@@ -397,6 +489,7 @@ async fn finish(
         held_from_store,
         held_from_hosted_vms,
         held_from_this_migration,
+        postcopy,
         ..
     }) = check
     {
@@ -404,6 +497,12 @@ async fn finish(
         report.held_from_store = held_from_store;
         report.held_from_hosted_vms = held_from_hosted_vms;
         report.held_from_this_migration = held_from_this_migration;
+        if let Some(stats) = postcopy {
+            report.demand_faults = stats.demand_faults;
+            report.local_faults = stats.local_faults;
+            report.fault_latency_us = stats.fault_latency_us;
+            report.postcopy_ms = stats.postcopy_ms;
+        }
         if let Some(after) = after.as_ref() {
             report.guest_pages_written_after = Some(after.pages_written);
             report.guest_mismatches = Some(after.mismatches);
@@ -418,7 +517,8 @@ async fn finish(
         }
     }
 
-    report.bytes_on_wire = conn.bytes_sent() + conn.bytes_received();
+    report.bytes_on_wire =
+        conn.bytes_sent() + conn.bytes_received() + outcome.as_ref().map_or(0, |o| o.other_connection_bytes);
     report.average_mbps = report.bytes_on_wire as f64 * 8.0 / (report.total_ms.max(1e-3) * 1e3);
     report.source_cpu_ms = agent_cpu_ms() - cpu_start;
     report.destination_cpu_ms = destination_cpu_ms;

@@ -24,6 +24,10 @@
 //! - `MigrateReady`: `u32 count`, `count × u64` held digest prefixes.
 //! - `Running`: empty.
 //! - `PageChecksums`: `u32 count`, `count × u64` page checksums.
+//! - `PostcopyBegin`, `ResumeState`: `u32 count`, `count × u64` bitmap words.
+//! - `PageRequest`: `u8 full` (0 or 1), `u32 count`, `count × u64` pages (at most [`PAGE_REQUEST_MAX`]).
+//! - `PushAck`: `u64 bytes`, `u64 present`.
+//! - `AllPresent`, `Ping`: empty.
 //! - `VmState`: the bytes as given (already a postcard encoding, see [`Message::VmState`]).
 //! - `Pages`: a sequence of page items (see [`PageBatch`]).
 //! - every other frame: the postcard encoding of the variant's payload struct or field.
@@ -67,6 +71,10 @@ pub const VM_LIST_MAX: usize = 16 * MIB;
 /// Largest payload that carries a kernel image or a per-page array (`VmStart`, `MigrateReady`,
 /// `RoundAck`, `PageChecksums`): 128 MiB, i.e. 16 Mi pages = 64 GiB of guest memory for the arrays.
 pub const BULK_MAX: usize = 128 * MIB;
+/// Pages in one `PageRequest` at most.
+pub const PAGE_REQUEST_MAX: usize = 4096;
+/// Largest `PostcopyAttach` / `MigrateResume` payload (an id and a tag).
+pub const ATTACH_MAX: usize = 256;
 /// Largest `VmState` payload.
 pub const VM_STATE_MAX: usize = 4 * MIB;
 
@@ -200,6 +208,8 @@ frame_types! {
     Progress = 0x0109, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateDone`].
     MigrateDone = 0x010a, Limit::Max(CONTROL_MAX);
+    /// [`Message::MigrateResume`].
+    MigrateResume = 0x010b, Limit::Max(ATTACH_MAX);
     /// [`Message::MigrateBegin`].
     MigrateBegin = 0x0201, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateReady`].
@@ -220,6 +230,20 @@ frame_types! {
     PageChecksums = 0x0209, Limit::Max(BULK_MAX);
     /// [`Message::GuestCheck`].
     GuestCheck = 0x020a, Limit::Max(CONTROL_MAX);
+    /// [`Message::PostcopyBegin`].
+    PostcopyBegin = 0x020b, Limit::Max(BULK_MAX);
+    /// [`Message::PostcopyAttach`].
+    PostcopyAttach = 0x020c, Limit::Max(ATTACH_MAX);
+    /// [`Message::PageRequest`].
+    PageRequest = 0x020d, Limit::Max(1 + 4 + 8 * PAGE_REQUEST_MAX);
+    /// [`Message::PushAck`].
+    PushAck = 0x020e, Limit::Exact(16);
+    /// [`Message::AllPresent`].
+    AllPresent = 0x020f, Limit::Exact(0);
+    /// [`Message::ResumeState`].
+    ResumeState = 0x0210, Limit::Max(BULK_MAX);
+    /// [`Message::Ping`].
+    Ping = 0x0211, Limit::Exact(0);
 }
 
 impl fmt::Display for FrameType {
@@ -237,6 +261,7 @@ impl FrameType {
             Message::VmStatus { .. } => FrameType::VmStatus,
             Message::VmStop { .. } => FrameType::VmStop,
             Message::Migrate(_) => FrameType::Migrate,
+            Message::MigrateResume { .. } => FrameType::MigrateResume,
             Message::Vm(_) => FrameType::Vm,
             Message::Vms(_) => FrameType::Vms,
             Message::Done => FrameType::Done,
@@ -252,6 +277,13 @@ impl FrameType {
             Message::PageChecksums { .. } => FrameType::PageChecksums,
             Message::GuestCheck(_) => FrameType::GuestCheck,
             Message::Complete(_) => FrameType::Complete,
+            Message::PostcopyBegin { .. } => FrameType::PostcopyBegin,
+            Message::PostcopyAttach(_) => FrameType::PostcopyAttach,
+            Message::PageRequest { .. } => FrameType::PageRequest,
+            Message::PushAck { .. } => FrameType::PushAck,
+            Message::AllPresent => FrameType::AllPresent,
+            Message::ResumeState { .. } => FrameType::ResumeState,
+            Message::Ping => FrameType::Ping,
             Message::Error { .. } => FrameType::Error,
         }
     }
@@ -363,6 +395,7 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::VmList | Message::Done => {}
         Message::VmStatus { name } | Message::VmStop { name } => put_postcard(out, name),
         Message::Migrate(req) => put_postcard(out, req),
+        Message::MigrateResume { id } => put_postcard(out, id),
         Message::Vm(info) => put_postcard(out, info),
         Message::Vms(list) => put_postcard(out, list),
         Message::Progress(round) => put_postcard(out, round),
@@ -382,6 +415,17 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::Running => {}
         Message::PageChecksums { checksums } => put_u64s(out, checksums),
         Message::GuestCheck(check) => put_postcard(out, check),
+        Message::PostcopyBegin { missing } | Message::ResumeState { missing } => put_u64s(out, missing),
+        Message::PostcopyAttach(attach) => put_postcard(out, attach),
+        Message::PageRequest { full, pages } => {
+            out.push(u8::from(*full));
+            put_u64s(out, pages);
+        }
+        Message::PushAck { bytes, present } => {
+            out.extend_from_slice(&bytes.to_le_bytes());
+            out.extend_from_slice(&present.to_le_bytes());
+        }
+        Message::AllPresent | Message::Ping => {}
         Message::Error { message } => out.extend_from_slice(message.as_bytes()),
     }
     Ok(())
@@ -511,6 +555,9 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
             name: get_postcard(frame_type, p)?,
         },
         FrameType::Migrate => Message::Migrate(get_postcard(frame_type, p)?),
+        FrameType::MigrateResume => Message::MigrateResume {
+            id: get_postcard(frame_type, p)?,
+        },
         FrameType::Vm => Message::Vm(get_postcard(frame_type, p)?),
         FrameType::Vms => Message::Vms(get_postcard(frame_type, p)?),
         FrameType::Done => Message::Done,
@@ -535,6 +582,37 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         },
         FrameType::GuestCheck => Message::GuestCheck(Box::new(get_postcard(frame_type, p)?)),
         FrameType::Complete => Message::Complete(Box::new(get_postcard(frame_type, p)?)),
+        FrameType::PostcopyBegin => Message::PostcopyBegin {
+            missing: get_u64s(frame_type, p, "bitmap words")?,
+        },
+        FrameType::ResumeState => Message::ResumeState {
+            missing: get_u64s(frame_type, p, "bitmap words")?,
+        },
+        FrameType::PostcopyAttach => Message::PostcopyAttach(get_postcard(frame_type, p)?),
+        FrameType::PageRequest => {
+            let (&flag, rest) = p
+                .split_first()
+                .ok_or_else(|| malformed(frame_type, "no room for the full flag"))?;
+            let full = match flag {
+                0 => false,
+                1 => true,
+                other => return Err(malformed(frame_type, format!("full flag {other} is neither 0 nor 1"))),
+            };
+            let pages = get_u64s(frame_type, rest, "pages")?;
+            if pages.len() > PAGE_REQUEST_MAX {
+                return Err(malformed(
+                    frame_type,
+                    format!("{} pages requested, at most {PAGE_REQUEST_MAX}", pages.len()),
+                ));
+            }
+            Message::PageRequest { full, pages }
+        }
+        FrameType::PushAck => Message::PushAck {
+            bytes: u64::from_le_bytes(p[0..8].try_into().expect("exact size checked")),
+            present: u64::from_le_bytes(p[8..16].try_into().expect("exact size checked")),
+        },
+        FrameType::AllPresent => Message::AllPresent,
+        FrameType::Ping => Message::Ping,
     };
     Ok(Frame::Message(msg))
 }
@@ -951,6 +1029,7 @@ mod tests {
             hashing: false,
             verify_guest: true,
             hot_last: false,
+            mode: crate::protocol::MigrationMode::Postcopy,
         };
         vec![
             Message::VmStart(VmStartRequest {
@@ -987,6 +1066,7 @@ mod tests {
                 vcpus: 2,
                 cmdline: "x=1".into(),
                 options,
+                migration_id: "0123abcd".into(),
             }),
             Message::MigrateReady(MigrateReady {
                 held: vec![0, 1, u64::MAX, 0x0123_4567_89ab_cdef],
@@ -1012,8 +1092,35 @@ mod tests {
                 held_from_store: 1,
                 held_from_hosted_vms: 2,
                 held_from_this_migration: 3,
+                postcopy: Some(crate::protocol::PostcopyStats {
+                    demand_faults: 5,
+                    ..Default::default()
+                }),
             })),
             Message::Complete(Box::new(report())),
+            Message::MigrateResume { id: "0123abcd".into() },
+            Message::PostcopyBegin {
+                missing: vec![u64::MAX, 1],
+            },
+            Message::ResumeState { missing: vec![] },
+            Message::PostcopyAttach(crate::protocol::PostcopyAttach {
+                id: "0123abcd".into(),
+                channel: crate::protocol::Channel::Demand,
+            }),
+            Message::PageRequest {
+                full: true,
+                pages: vec![7, 0x1234],
+            },
+            Message::PageRequest {
+                full: false,
+                pages: vec![],
+            },
+            Message::PushAck {
+                bytes: 1 << 40,
+                present: 77,
+            },
+            Message::AllPresent,
+            Message::Ping,
             Message::Error {
                 message: "no VM named \"x\" ✗".into(),
             },

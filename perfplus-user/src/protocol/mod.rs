@@ -41,6 +41,33 @@
 //! and the destination destroys its copy. An `Error` frame may come from either side at any time and ends
 //! the migration with its message.
 //!
+//! ## Post-copy and hybrid (`MigrateOptions::mode`)
+//! Two connections: the one above (*bulk*: rounds, the switch, the background push, acks, the end) and
+//! a *demand* channel the source opens right after `MigrateReady` (`PostcopyAttach{id, Demand}` as its
+//! first message), so that a faulting vCPU never waits behind bulk traffic.
+//! ```text
+//! source                                        destination
+//! |   hybrid: pre-copy rounds as above while the dirty set shrinks; postcopy: none
+//! |   (guest paused)
+//! |-- PostcopyBegin{bitmap of pages missing} ---->|  drops those pages, registers RAM with userfaultfd
+//! |-- Pages{status page …} (eager) -------------->|
+//! |-- VmState ----------------------------------->|  restores, resumes: faults on missing pages
+//! |<-- Running ----------------------------------|
+//! |<== PageRequest{pages} ======================= |  demand channel: a fault (or an unresolvable Ref)
+//! |=== Pages{requested pages} ==================> |  demand channel
+//! |-- Pages{pushed pages, address order} -------->|  bulk: every missing page, paced under the link
+//! |<-- PushAck{bytes applied, pages present} -----|  rate; a page crosses at most once
+//! |<== Ping ==> (both ways, every 250 ms, demand channel; silence for 2 s = link lost)
+//! |<-- AllPresent --------------------------------|  only now may the source release the guest's memory
+//! |<-- PageChecksums (as installed) --------------|
+//! |<-- GuestCheck --------------------------------|
+//! |-- Complete{report} -------------------------->|
+//! ```
+//! After `Running` neither side holds the whole guest. A lost connection ends nothing: the destination's
+//! vCPUs wait on their faults, the source keeps every page and reconnects with back-off (or at once on
+//! `MigrateResume{id}` from a CLI): new bulk connection `PostcopyAttach{id, Bulk}` ⇒ `ResumeState{bitmap
+//! of pages still missing}`, then a new demand connection; outstanding requests are sent again.
+//!
 //! ## Control (CLI → agent, role Control)
 //! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
 //! `MigrateDone` (or `Error`).
@@ -118,6 +145,77 @@ pub struct MigrateOptions {
     pub verify_guest: bool,
     /// Send the pages of a round cold first and hot (recently rewritten) last, instead of in address order.
     pub hot_last: bool,
+    /// Pre-copy, post-copy, or pre-copy that switches to post-copy when it cannot converge.
+    pub mode: MigrationMode,
+}
+
+/// How a migration moves memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationMode {
+    /// Rounds while the guest runs, then stop-and-copy.
+    Precopy,
+    /// Pause, move the vCPU state, resume on the destination at once; memory follows on demand and by
+    /// background push.
+    Postcopy,
+    /// Pre-copy rounds while they make progress, then post-copy if they cannot converge.
+    #[default]
+    Hybrid,
+}
+
+impl MigrationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" | "pre-copy" => Ok(MigrationMode::Precopy),
+            "postcopy" | "post-copy" => Ok(MigrationMode::Postcopy),
+            "hybrid" => Ok(MigrationMode::Hybrid),
+            other => Err(format!("unknown mode {other:?}: use precopy, postcopy or hybrid")),
+        }
+    }
+}
+
+/// Which connection of a post-copy migration a `PostcopyAttach` opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Channel {
+    /// A new bulk connection after the old one was lost (a resume).
+    Bulk,
+    /// The demand channel (page requests and their answers, keepalives).
+    Demand,
+}
+
+/// First message of a connection that joins post-copy migration `id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyAttach {
+    pub id: String,
+    pub channel: Channel,
+}
+
+/// Longest migration id accepted.
+pub const MIGRATION_ID_MAX: usize = 64;
+
+/// What the destination measured of the post-copy phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    /// Guest (or agent) faults that needed a page from the source.
+    pub demand_faults: u64,
+    /// Faults resolved locally (pages known to be zero).
+    pub local_faults: u64,
+    /// Fault to page installed, for the faults that went to the source, in microseconds.
+    pub fault_latency_us: crate::report::Latency,
+    /// From the resume until every page was present.
+    pub postcopy_ms: f64,
+    /// Times the migration resumed after a lost connection.
+    pub reconnects: u32,
 }
 
 impl Default for MigrateOptions {
@@ -128,6 +226,7 @@ impl Default for MigrateOptions {
             hashing: true,
             verify_guest: true,
             hot_last: true,
+            mode: MigrationMode::Hybrid,
         }
     }
 }
@@ -147,6 +246,8 @@ pub struct MigrateBegin {
     pub vcpus: u8,
     pub cmdline: String,
     pub options: MigrateOptions,
+    /// Names this migration for post-copy attach and resume (empty: pre-copy only).
+    pub migration_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +274,8 @@ pub struct GuestCheck {
     pub held_from_store: u64,
     pub held_from_hosted_vms: u64,
     pub held_from_this_migration: u64,
+    /// Post-copy measurements (None for a pre-copy migration).
+    pub postcopy: Option<PostcopyStats>,
 }
 
 /// Every message after the handshake.
@@ -188,6 +291,10 @@ pub enum Message {
         name: String,
     },
     Migrate(MigrateRequest),
+    /// Resume post-copy migration `id` now (after a lost connection); streams like `Migrate`.
+    MigrateResume {
+        id: String,
+    },
     /// Reply to VmStart / VmStatus.
     Vm(VmInfo),
     /// Reply to VmList.
@@ -222,6 +329,32 @@ pub enum Message {
     GuestCheck(Box<GuestCheck>),
     /// The source's final word: the report, so that the destination can log it too.
     Complete(Box<MigrationReport>),
+    /// Post-copy switch: bitmap (bit `i % 64` of word `i / 64`) of the pages the destination lacks.
+    PostcopyBegin {
+        missing: Vec<u64>,
+    },
+    /// First message of a post-copy connection that is not the one `MigrateBegin` opened.
+    PostcopyAttach(PostcopyAttach),
+    /// Destination → source on the demand channel: pages faults wait for. `full`: pages whose `Ref`
+    /// could not be resolved, to be sent in full.
+    PageRequest {
+        full: bool,
+        pages: Vec<u64>,
+    },
+    /// Destination → source on the bulk channel: payload bytes of pushed page batches applied on this
+    /// connection so far, and pages present in all.
+    PushAck {
+        bytes: u64,
+        present: u64,
+    },
+    /// Every page is present on the destination.
+    AllPresent,
+    /// Answer to a resumed bulk connection: bitmap of the pages still missing.
+    ResumeState {
+        missing: Vec<u64>,
+    },
+    /// Keepalive on the demand channel.
+    Ping,
 
     // ---- both
     /// Ends whatever was going on; the text says what went wrong.

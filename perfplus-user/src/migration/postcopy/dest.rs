@@ -1,0 +1,516 @@
+//! Destination side of post-copy: per-page state, the fault thread, and the loop that installs pages
+//! as they come (demanded or pushed) until every page is present.
+//!
+//! Per page ([`PageTable`]): `MISSING` (the source has it) → `REQUESTED` (a fault asked for it) →
+//! `PRESENT`; or `ZERO_LOCAL` (absent here, known to be zero: a fault resolves it locally with
+//! `UFFDIO_ZEROPAGE`). Every transition to `PRESENT` installs the page with one `UFFDIO_COPY`, which
+//! wakes the vCPUs waiting on it; a page is requested at most once per connection, and a page already
+//! present is never requested.
+//!
+//! A lost connection changes nothing for the guest: its vCPUs wait on their faults. The loop waits for
+//! the source to attach a new bulk connection (answers `ResumeState` with the pages still missing), then
+//! a new demand channel, and sends the outstanding requests again.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use perfplus_common::PAGE_SIZE;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::uffd::{GuestUffd, Installed};
+use super::{bitmap_of, AttachRx, LINK_TIMEOUT, PING_INTERVAL};
+use crate::content_index::{ContentIndex, HeldSource};
+use crate::hashing::{page_checksum, PageDigest};
+use crate::migration::source::describe;
+use crate::protocol::connection::Connection;
+use crate::protocol::frame::{PageBatch, PageItem, PAGE_REQUEST_MAX};
+use crate::protocol::{Channel, Message, PostcopyStats};
+use crate::report::Latency;
+
+pub const MISSING: u8 = 0;
+pub const ZERO_LOCAL: u8 = 1;
+pub const REQUESTED: u8 = 2;
+pub const PRESENT: u8 = 3;
+
+/// What the destination knows of each page; shared with the fault thread.
+pub struct PageTable {
+    uffd: GuestUffd,
+    state: Vec<AtomicU8>,
+    /// xxh3 of each page's content as installed (what the source compares at the end).
+    checksums: Vec<AtomicU64>,
+    /// Pages that need nothing more from the source (PRESENT or ZERO_LOCAL).
+    done: AtomicU64,
+    faults: Mutex<HashMap<u64, Instant>>,
+    latencies_us: Mutex<Vec<f64>>,
+    demand_faults: AtomicU64,
+    local_faults: AtomicU64,
+}
+
+impl PageTable {
+    /// `states[i]` is MISSING, ZERO_LOCAL or PRESENT; `checksums` the content of present pages.
+    pub fn new(uffd: GuestUffd, states: Vec<u8>, checksums: Vec<u64>) -> PageTable {
+        let done = states.iter().filter(|&&s| s != MISSING).count() as u64;
+        PageTable {
+            uffd,
+            state: states.into_iter().map(AtomicU8::new).collect(),
+            checksums: checksums.into_iter().map(AtomicU64::new).collect(),
+            done: AtomicU64::new(done),
+            faults: Mutex::new(HashMap::new()),
+            latencies_us: Mutex::new(Vec::new()),
+            demand_faults: AtomicU64::new(0),
+            local_faults: AtomicU64::new(0),
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.state.len() as u64
+    }
+
+    pub fn all_done(&self) -> bool {
+        self.done.load(Ordering::Acquire) == self.pages()
+    }
+
+    pub fn done_count(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn state(&self, page: u64) -> u8 {
+        self.state[page as usize].load(Ordering::Acquire)
+    }
+
+    /// Installs `data` at `page` unless it is present already. True if it was installed now.
+    pub fn install(&self, page: u64, data: &[u8; PAGE_SIZE]) -> anyhow::Result<bool> {
+        if matches!(self.state(page), PRESENT | ZERO_LOCAL) {
+            return Ok(false);
+        }
+        let installed = self.uffd.copy(page, data)?;
+        if installed == Installed::New {
+            self.checksums[page as usize].store(page_checksum(data), Ordering::Release);
+        }
+        self.mark_present(page);
+        Ok(installed == Installed::New)
+    }
+
+    /// Installs a zero page at `page` unless it is present already.
+    pub fn install_zero(&self, page: u64) -> anyhow::Result<bool> {
+        if self.state(page) == PRESENT {
+            return Ok(false);
+        }
+        let installed = self.uffd.zero(page)?;
+        if installed == Installed::New {
+            self.checksums[page as usize].store(page_checksum(&[0; PAGE_SIZE]), Ordering::Release);
+        }
+        self.mark_present(page);
+        Ok(installed == Installed::New)
+    }
+
+    fn mark_present(&self, page: u64) {
+        let old = self.state[page as usize].swap(PRESENT, Ordering::AcqRel);
+        if matches!(old, MISSING | REQUESTED) {
+            self.done.fetch_add(1, Ordering::AcqRel);
+        }
+        if old == REQUESTED {
+            let started = self.faults.lock().expect("faults lock").remove(&page);
+            if let Some(started) = started {
+                let us = started.elapsed().as_secs_f64() * 1e6;
+                self.latencies_us.lock().expect("latency lock").push(us);
+            }
+        }
+    }
+
+    /// A fault on `page`: request it (once), resolve it locally, or wake a stale waiter.
+    fn on_fault(&self, page: u64, requests: &UnboundedSender<u64>) {
+        loop {
+            match self.state(page) {
+                MISSING => {
+                    if self.state[page as usize]
+                        .compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        self.faults.lock().expect("faults lock").insert(page, Instant::now());
+                        self.demand_faults.fetch_add(1, Ordering::Relaxed);
+                        let _ = requests.send(page);
+                        return;
+                    }
+                }
+                ZERO_LOCAL => {
+                    self.local_faults.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.uffd.zero(page) {
+                        tracing::error!("resolving a fault on zero page {page}: {e:#}");
+                    }
+                    // Stays ZERO_LOCAL (already counted as done); a later fault is a stale message.
+                    return;
+                }
+                REQUESTED => return,
+                _ => {
+                    self.uffd.wake(page);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pages not done yet, as a bitmap.
+    pub fn missing_bitmap(&self) -> Vec<u64> {
+        bitmap_of(self.pages(), |p| matches!(self.state(p), MISSING | REQUESTED))
+    }
+
+    pub fn requested_pages(&self) -> Vec<u64> {
+        (0..self.pages()).filter(|&p| self.state(p) == REQUESTED).collect()
+    }
+
+    pub fn checksums(&self) -> Vec<u64> {
+        self.checksums.iter().map(|c| c.load(Ordering::Acquire)).collect()
+    }
+
+    pub fn unregister(&self) -> anyhow::Result<()> {
+        self.uffd.unregister()
+    }
+}
+
+/// The fault thread: reads faults until `stop`, hands requests to the network loop.
+pub struct FaultThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultThread {
+    pub fn spawn(table: Arc<PageTable>, requests: UnboundedSender<u64>) -> anyhow::Result<FaultThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    match table.uffd.next_fault(50) {
+                        Ok(Some(page)) => table.on_fault(page, &requests),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!("userfaultfd: {e:#}");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })
+            .context("starting the userfaultfd fault thread")?;
+        Ok(FaultThread {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Counts of content resolved from the index during post-copy.
+#[derive(Default)]
+pub struct Held {
+    pub from_store: u64,
+    pub from_hosted: u64,
+    pub from_same_vm: u64,
+}
+
+/// What the loop needs besides the connections.
+pub struct Session {
+    pub table: Arc<PageTable>,
+    pub fault_thread: Option<FaultThread>,
+    pub requests: UnboundedReceiver<u64>,
+    pub vm_key: String,
+    pub index: Arc<Mutex<ContentIndex>>,
+    pub hashing: bool,
+    pub zero_digest: PageDigest,
+    pub held: Held,
+    /// References that could not be resolved: to be requested in full.
+    pub unresolved: BTreeSet<u64>,
+    pub resumed_at: Instant,
+    pub reconnects: u32,
+}
+
+impl Session {
+    /// Applies a batch of pages (pushed, demanded or eager).
+    pub fn apply(&mut self, batch: &PageBatch) -> anyhow::Result<()> {
+        let pages = self.table.pages();
+        let mut index = self.index.lock().expect("content index lock");
+        let mut scratch = [0u8; PAGE_SIZE];
+        for (i, item) in batch.iter().enumerate() {
+            let item = item.with_context(|| format!("malformed page batch from the source (item {i})"))?;
+            let page = item.page();
+            if page >= pages {
+                bail!("source sent page {page}, but the guest has {pages} pages");
+            }
+            match item {
+                PageItem::Full { page, digest, data } => {
+                    if self.table.install(page, data)? && self.hashing {
+                        index.record_pages(&self.vm_key, &[(page, *digest)])?;
+                    }
+                }
+                PageItem::Zero { page } => {
+                    if self.table.install_zero(page)? {
+                        index.record_pages(&self.vm_key, &[(page, self.zero_digest)])?;
+                    }
+                }
+                PageItem::Ref { page, digest } => match index.resolve(digest, &self.vm_key, &mut scratch) {
+                    Some(source) => {
+                        if self.table.install(page, &scratch)? {
+                            index.record_pages(&self.vm_key, &[(page, *digest)])?;
+                        }
+                        match source {
+                            HeldSource::Store => self.held.from_store += 1,
+                            HeldSource::HostedVm => self.held.from_hosted += 1,
+                            HeldSource::SameVm => self.held.from_same_vm += 1,
+                        }
+                    }
+                    None => {
+                        self.unresolved.insert(page);
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The measurements so far.
+    pub fn stats(&self) -> PostcopyStats {
+        let mut samples = self.table.latencies_us.lock().expect("latency lock").clone();
+        PostcopyStats {
+            demand_faults: self.table.demand_faults.load(Ordering::Relaxed),
+            local_faults: self.table.local_faults.load(Ordering::Relaxed),
+            fault_latency_us: Latency::of(&mut samples),
+            postcopy_ms: self.resumed_at.elapsed().as_secs_f64() * 1e3,
+            reconnects: self.reconnects,
+        }
+    }
+}
+
+enum Event {
+    Demand(anyhow::Result<Message>),
+    Bulk(anyhow::Result<Message>),
+    Request(u64),
+    Tick,
+    Attach(Connection, Channel),
+}
+
+/// Sends `pages` as page requests (in frames of at most [`PAGE_REQUEST_MAX`]).
+async fn request(demand: &mut Connection, full: bool, pages: &[u64]) -> anyhow::Result<()> {
+    for chunk in pages.chunks(PAGE_REQUEST_MAX) {
+        demand
+            .send(&Message::PageRequest {
+                full,
+                pages: chunk.to_vec(),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Runs post-copy until every page is present, surviving lost connections; `bulk` is replaced by the
+/// source's new bulk connection after a resume. Sends `AllPresent` at the end and unregisters the
+/// memory from userfaultfd. Returns the measurements and the demand channel, to be closed only after
+/// the final exchange (a source that sees it close before `AllPresent` would take the link for lost).
+pub async fn run(
+    session: &mut Session,
+    bulk: &mut Connection,
+    demand: Connection,
+    attach: &mut AttachRx,
+) -> anyhow::Result<(PostcopyStats, Option<Connection>)> {
+    let mut demand = Some(demand);
+    let mut applied_bytes = 0u64;
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if session.table.all_done() {
+            break;
+        }
+        let event = match demand.as_mut() {
+            Some(dem) => tokio::select! {
+                msg = dem.recv() => Event::Demand(msg),
+                msg = bulk.recv() => Event::Bulk(msg),
+                Some(page) = session.requests.recv() => Event::Request(page),
+                _ = tick.tick() => Event::Tick,
+                Some((conn, channel)) = attach.recv() => Event::Attach(conn, channel),
+            },
+            // Link down: the guest's faults wait; their requests are kept in the table for the resume.
+            None => tokio::select! {
+                Some((conn, channel)) = attach.recv() => Event::Attach(conn, channel),
+                Some(_page) = session.requests.recv() => continue,
+            },
+        };
+        let lost: Option<anyhow::Error> = match event {
+            Event::Demand(msg) => {
+                let dem = demand.as_mut().expect("demand channel up");
+                match msg {
+                    Ok(Message::Pages(batch)) => {
+                        last_heard = Instant::now();
+                        session.apply(&batch)?;
+                        flush_unresolved(session, dem).await.err()
+                    }
+                    Ok(Message::Ping) => {
+                        last_heard = Instant::now();
+                        None
+                    }
+                    Ok(other) => Some(anyhow::anyhow!(
+                        "source sent {} on the demand channel",
+                        describe(&other)
+                    )),
+                    Err(e) => Some(e),
+                }
+            }
+            Event::Bulk(msg) => match msg {
+                Ok(Message::Pages(batch)) => {
+                    session.apply(&batch)?;
+                    applied_bytes += batch.payload_len() as u64;
+                    let ack = Message::PushAck {
+                        bytes: applied_bytes,
+                        present: session.table.done_count(),
+                    };
+                    match bulk.send(&ack).await {
+                        Ok(()) => flush_unresolved(session, demand.as_mut().expect("demand channel up"))
+                            .await
+                            .err(),
+                        Err(e) => Some(e),
+                    }
+                }
+                Ok(Message::Ping) => None,
+                Ok(other) => Some(anyhow::anyhow!("source sent {} on the bulk channel", describe(&other))),
+                Err(e) => Some(e),
+            },
+            Event::Request(page) => {
+                let mut pages = vec![page];
+                while pages.len() < PAGE_REQUEST_MAX {
+                    match session.requests.try_recv() {
+                        Ok(p) => pages.push(p),
+                        Err(_) => break,
+                    }
+                }
+                request(demand.as_mut().expect("demand channel up"), false, &pages)
+                    .await
+                    .err()
+            }
+            Event::Tick => {
+                if last_heard.elapsed() > LINK_TIMEOUT {
+                    Some(anyhow::anyhow!(
+                        "nothing from the source for {:.1} s",
+                        last_heard.elapsed().as_secs_f64()
+                    ))
+                } else {
+                    demand
+                        .as_mut()
+                        .expect("demand channel up")
+                        .send(&Message::Ping)
+                        .await
+                        .err()
+                }
+            }
+            Event::Attach(conn, Channel::Bulk) => {
+                // A new bulk connection replaces whatever was there (the source saw the link die,
+                // perhaps before this side did).
+                *bulk = conn;
+                demand = None;
+                match resume(session, bulk, attach).await {
+                    Ok(d) => {
+                        demand = Some(d);
+                        applied_bytes = 0;
+                        last_heard = Instant::now();
+                    }
+                    Err(e) => tracing::warn!("post-copy resume failed: {e:#}"),
+                }
+                None
+            }
+            Event::Attach(_, Channel::Demand) => {
+                tracing::warn!("a demand channel arrived without a new bulk connection; ignored");
+                None
+            }
+        };
+        if let Some(err) = lost {
+            if demand.is_some() {
+                tracing::warn!(
+                    missing = session.table.pages() - session.table.done_count(),
+                    "post-copy link lost, the guest waits on its faults until the source reconnects: {err:#}"
+                );
+            }
+            demand = None;
+        }
+    }
+    // Every page is here: stop intercepting faults.
+    session.fault_thread.take();
+    session.table.unregister()?;
+    let stats = session.stats();
+    tracing::info!(
+        postcopy_ms = format!("{:.1}", stats.postcopy_ms),
+        demand_faults = stats.demand_faults,
+        p99_us = format!("{:.0}", stats.fault_latency_us.p99),
+        "post-copy: every page present"
+    );
+    if bulk.send(&Message::AllPresent).await.is_err() {
+        // The source will reconnect and learn from ResumeState that nothing is missing.
+        await_final_attach(session, bulk, attach).await?;
+    }
+    Ok((stats, demand))
+}
+
+async fn flush_unresolved(session: &mut Session, demand: &mut Connection) -> anyhow::Result<()> {
+    if session.unresolved.is_empty() {
+        return Ok(());
+    }
+    let pages: Vec<u64> = std::mem::take(&mut session.unresolved).into_iter().collect();
+    request(demand, true, &pages).await
+}
+
+/// A new bulk connection arrived: tell the source what is missing, wait for the new demand channel,
+/// and send the outstanding requests again.
+async fn resume(session: &mut Session, bulk: &mut Connection, attach: &mut AttachRx) -> anyhow::Result<Connection> {
+    bulk.send(&Message::ResumeState {
+        missing: session.table.missing_bitmap(),
+    })
+    .await?;
+    let (mut demand, channel) = tokio::time::timeout(Duration::from_secs(10), attach.recv())
+        .await
+        .context("no demand channel within 10 s of the resume")?
+        .context("the agent stopped handing over connections")?;
+    if channel != Channel::Demand {
+        bail!("expected the demand channel after a resumed bulk connection");
+    }
+    // Requests made while the link was down are in the table (REQUESTED): send them all again.
+    while session.requests.try_recv().is_ok() {}
+    let requested = session.table.requested_pages();
+    request(&mut demand, false, &requested).await?;
+    flush_unresolved(session, &mut demand).await?;
+    session.reconnects += 1;
+    tracing::info!(
+        outstanding = requested.len(),
+        missing = session.table.pages() - session.table.done_count(),
+        "post-copy resumed"
+    );
+    Ok(demand)
+}
+
+/// The link died right as the last page arrived: answer the source's reconnection with an empty
+/// `ResumeState` (it then knows everything is present), within a minute.
+async fn await_final_attach(session: &mut Session, bulk: &mut Connection, attach: &mut AttachRx) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (conn, channel) = tokio::time::timeout(left, attach.recv())
+            .await
+            .context("the source did not reconnect after the last page")?
+            .context("the agent stopped handing over connections")?;
+        if channel == Channel::Bulk {
+            *bulk = conn;
+            bulk.send(&Message::ResumeState {
+                missing: session.table.missing_bitmap(),
+            })
+            .await?;
+            return Ok(());
+        }
+    }
+}

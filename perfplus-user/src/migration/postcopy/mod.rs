@@ -1,0 +1,54 @@
+//! Post-copy: the guest runs on the destination before its memory is there.
+//!
+//! - [`uffd`]: guest RAM registered with userfaultfd (MISSING mode), pages installed with `UFFDIO_COPY`.
+//! - [`dest`]: the destination's per-page state (missing / requested / present), the fault thread and
+//!   the loop that installs demanded and pushed pages, surviving lost connections.
+//! - [`source`]: the source's demand server and background push (address order, pages next to recent
+//!   faults first, paced just under the measured link rate), reconnecting with back-off.
+//!
+//! ```text
+//!  source (guest paused, memory kept)          destination (guest running)
+//!  demand server  <== PageRequest ==========   fault thread <- uffd <- vCPU faults
+//!                 === Pages (requested) ===>   UFFDIO_COPY (wakes the vCPU)
+//!  push           --- Pages (address order) ->  UFFDIO_COPY
+//!                 <-- PushAck (bytes applied)   (paces the push)
+//!                 <-- AllPresent                only now does the source drop the guest
+//! ```
+//! The protocol is documented in [`crate::protocol`].
+pub mod dest;
+pub mod source;
+pub mod uffd;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::protocol::connection::Connection;
+use crate::protocol::Channel;
+
+/// Keepalives on the demand channel, both ways.
+pub const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// Silence on the demand channel after which a side considers the link lost and starts over.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections the agent hands to a running post-copy migration (`PostcopyAttach`).
+pub type AttachTx = UnboundedSender<(Connection, Channel)>;
+pub type AttachRx = UnboundedReceiver<(Connection, Channel)>;
+
+/// A bitmap (bit `i % 64` of word `i / 64`) of the pages `0..pages` for which `f` holds.
+pub fn bitmap_of(pages: u64, f: impl Fn(u64) -> bool) -> Vec<u64> {
+    let mut words = vec![0u64; pages.div_ceil(64) as usize];
+    for p in 0..pages {
+        if f(p) {
+            words[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    words
+}
+
+/// A fresh random migration id (16 hex digits).
+pub fn new_migration_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source");
+    hex::encode(bytes)
+}

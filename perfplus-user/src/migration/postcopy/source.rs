@@ -1,0 +1,472 @@
+//! Source side of post-copy, after the destination answered `Running`: serve page requests on the
+//! demand channel, push every other missing page on the bulk connection, and never give the guest up.
+//!
+//! Per page: `NOT_NEEDED` (the destination has it), `NEEDED` (missing there, not sent on the current
+//! connection), `SENT`. A request for a `SENT` page is not answered (the page is on its way), so a page
+//! crosses the network once unless a connection is lost with it in flight (then the destination's
+//! `ResumeState` says it is missing and it is sent again, counted in `pages_resent`).
+//!
+//! Push order: pages next to recent faults first (the 32 after each requested page), then address
+//! order. Pacing: at most a window of unacknowledged push bytes, `max(128 KiB, rate × 10 ms)`, and
+//! batches spaced to 95 % of the best delivery rate seen (from `PushAck`s, or the pre-copy rounds), so
+//! the bottleneck queue stays short and a demanded page waits behind at most ~10 ms of push traffic.
+//!
+//! A lost link (an error, or 2 s without a keepalive) is retried with back-off (0.1 s doubling to 5 s,
+//! forever; `MigrateResume` from a CLI retries at once). The guest's memory is kept until `AllPresent`.
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use perfplus_common::guest_abi::STATUS_PAGE_GPA;
+use perfplus_common::PAGE_SIZE;
+use tokio::sync::Notify;
+
+use super::{LINK_TIMEOUT, PING_INTERVAL};
+use crate::migration::page_sender::{PageDecision, PageSender};
+use crate::migration::source::{describe, Outbound};
+use crate::protocol::connection::Connection;
+use crate::protocol::frame::{PageBatch, FULL_ITEM_LEN};
+use crate::protocol::{Channel, Message, PostcopyAttach, Role};
+use crate::report::RoundReport;
+use crate::tracking::DirtyPages;
+
+const NOT_NEEDED: u8 = 0;
+const NEEDED: u8 = 1;
+const SENT: u8 = 2;
+
+/// Pages per pushed batch (64 KiB of content when full).
+pub const PUSH_BATCH: usize = 16;
+/// Pages after a requested one that the push sends next.
+const PREFETCH: u64 = 32;
+/// Smallest window of unacknowledged push bytes.
+const MIN_WINDOW: u64 = 2 * (PUSH_BATCH * FULL_ITEM_LEN) as u64;
+/// Queue the push may build at the bottleneck, in seconds of link time.
+const QUEUE_TARGET_S: f64 = 0.010;
+/// The push paces itself to this share of the best delivery rate seen.
+const PACE_SHARE: f64 = 0.95;
+
+/// What pre-copy hands over at the switch.
+pub struct Handoff {
+    pub demand: Connection,
+    pub missing: DirtyPages,
+    pub sender: PageSender,
+    /// Link rate measured by the pre-copy rounds, bytes/s.
+    pub link_rate: Option<f64>,
+    /// Pages sent with the switch (already `SENT`).
+    pub eager: Vec<u64>,
+}
+
+/// What the post-copy phase did, for the report.
+#[derive(Default, Debug)]
+pub struct Outcome {
+    pub postcopy_pages: u64,
+    pub pages_demanded: u64,
+    pub pages_pushed: u64,
+    pub pages_resent: u64,
+    /// References the destination could not resolve, sent again in full.
+    pub refs_resent: u64,
+    pub full_pages: u64,
+    pub reconnects: u32,
+    /// Bytes moved on connections that are closed now (the demand channels, lost bulk connections).
+    pub other_connection_bytes: u64,
+}
+
+/// The pages to send with the switch, before the vCPU state: the guest's status page (the agent reads
+/// it, and must not fault on it), if it is missing.
+pub fn eager_pages(missing: &DirtyPages) -> Vec<u64> {
+    let status = STATUS_PAGE_GPA / PAGE_SIZE as u64;
+    if status < missing.capacity() && missing.contains(status) {
+        vec![status]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Adds `page` to `batch` as the destination needs it (never "unchanged": it has nothing there).
+/// Returns true if the content went in full.
+fn add_page(job: &Outbound, sender: &mut PageSender, page: u64, batch: &mut PageBatch) -> bool {
+    let mut data = [0u8; PAGE_SIZE];
+    job.vm.memory().read_page(page, &mut data);
+    let mut scratch = RoundReport::default();
+    match sender.add(page, &data, batch, &mut scratch) {
+        PageDecision::Full => true,
+        PageDecision::Unchanged => {
+            // Cannot happen for a forgotten page; send it in full rather than nothing.
+            sender.add_full(page, &data, batch);
+            true
+        }
+        PageDecision::Zero | PageDecision::Held => false,
+    }
+}
+
+/// Sends the eager pages (the caller sends the VM state next).
+pub async fn send_eager(
+    job: &Outbound,
+    conn: &mut Connection,
+    sender: &mut PageSender,
+    eager: &[u64],
+) -> anyhow::Result<()> {
+    if eager.is_empty() {
+        return Ok(());
+    }
+    let mut batch = PageBatch::with_capacity(eager.len());
+    for &page in eager {
+        add_page(job, sender, page, &mut batch);
+    }
+    conn.send(&Message::Pages(batch)).await
+}
+
+/// Opens the demand channel of migration `id`.
+pub async fn attach(job: &Outbound, id: &str, channel: Channel) -> anyhow::Result<Connection> {
+    let mut conn = Connection::connect_timeout(&job.destination, Role::Peer, &job.key, Duration::from_secs(3))
+        .await
+        .with_context(|| format!("connecting to destination agent {}", job.destination))?;
+    conn.send(&Message::PostcopyAttach(PostcopyAttach {
+        id: id.to_string(),
+        channel,
+    }))
+    .await?;
+    Ok(conn)
+}
+
+struct Push {
+    state: Vec<u8>,
+    cursor: u64,
+    priority: VecDeque<u64>,
+    /// Push payload bytes sent and acknowledged on the current bulk connection.
+    sent_bytes: u64,
+    acked_bytes: u64,
+    /// Best delivery rate seen (bytes/s) and the last sample point.
+    rate: Option<f64>,
+    sample: (Instant, u64),
+    next_send: Instant,
+}
+
+impl Push {
+    fn next_page(&mut self) -> Option<u64> {
+        while let Some(p) = self.priority.pop_front() {
+            if self.state[p as usize] == NEEDED {
+                return Some(p);
+            }
+        }
+        while (self.cursor as usize) < self.state.len() {
+            let p = self.cursor;
+            self.cursor += 1;
+            if self.state[p as usize] == NEEDED {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    fn window(&self) -> u64 {
+        self.rate
+            .map_or(MIN_WINDOW, |r| ((r * QUEUE_TARGET_S) as u64).max(MIN_WINDOW))
+    }
+
+    fn can_push(&self) -> bool {
+        self.sent_bytes.saturating_sub(self.acked_bytes) < self.window()
+    }
+
+    fn on_ack(&mut self, bytes: u64) {
+        self.acked_bytes = bytes;
+        let (t0, b0) = self.sample;
+        let dt = t0.elapsed().as_secs_f64();
+        if dt >= 0.05 {
+            let r = bytes.saturating_sub(b0) as f64 / dt;
+            if r > 0.0 && self.rate.is_none_or(|best| r > best) {
+                self.rate = Some(r);
+            }
+            self.sample = (Instant::now(), bytes);
+        }
+    }
+
+    fn after_send(&mut self, bytes: u64) {
+        self.sent_bytes += bytes;
+        if let Some(rate) = self.rate {
+            let gap = Duration::from_secs_f64(bytes as f64 / (rate * PACE_SHARE));
+            self.next_send = self.next_send.max(Instant::now() - Duration::from_millis(5)) + gap;
+        }
+    }
+}
+
+enum Event {
+    Demand(anyhow::Result<Message>),
+    Bulk(anyhow::Result<Message>),
+    Tick,
+    Push,
+    PaceWait,
+}
+
+/// Runs post-copy until the destination has every page. Never gives up: a lost link is retried until it
+/// comes back (the guest cannot continue anywhere else). `bulk` is replaced on a reconnection.
+pub async fn run(
+    job: &Outbound,
+    id: &str,
+    bulk: &mut Connection,
+    handoff: Handoff,
+    resume: &Notify,
+) -> (Outcome, PageSender) {
+    let pages = handoff.missing.capacity();
+    let mut outcome = Outcome {
+        postcopy_pages: handoff.missing.count(),
+        ..Default::default()
+    };
+    let mut sender = handoff.sender;
+    let mut push = Push {
+        state: (0..pages)
+            .map(|p| {
+                if handoff.missing.contains(p) {
+                    NEEDED
+                } else {
+                    NOT_NEEDED
+                }
+            })
+            .collect(),
+        cursor: 0,
+        priority: VecDeque::new(),
+        sent_bytes: 0,
+        acked_bytes: 0,
+        rate: handoff.link_rate,
+        sample: (Instant::now(), 0),
+        next_send: Instant::now(),
+    };
+    for &p in &handoff.eager {
+        push.state[p as usize] = SENT;
+        outcome.pages_pushed += 1;
+        outcome.full_pages += 1;
+    }
+    let mut demand = Some(handoff.demand);
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Duration::from_millis(100);
+    let mut exhausted = false;
+    loop {
+        let Some(dem) = demand.as_mut() else {
+            // Link lost: reconnect with back-off, or at once when asked to resume.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = resume.notified() => tracing::info!(id, "resume requested"),
+            }
+            match reconnect(job, id).await {
+                Ok((new_bulk, new_demand, missing)) => {
+                    outcome.other_connection_bytes += bulk.bytes_sent() + bulk.bytes_received();
+                    *bulk = new_bulk;
+                    let mut now_missing = 0;
+                    for p in 0..pages {
+                        let slot = &mut push.state[p as usize];
+                        if missing.contains(p) {
+                            if *slot == SENT {
+                                outcome.pages_resent += 1;
+                            }
+                            *slot = NEEDED;
+                            sender.forget(p);
+                            now_missing += 1;
+                        } else {
+                            *slot = NOT_NEEDED;
+                        }
+                    }
+                    push.cursor = 0;
+                    push.priority.clear();
+                    push.sent_bytes = 0;
+                    push.acked_bytes = 0;
+                    push.sample = (Instant::now(), 0);
+                    exhausted = false;
+                    outcome.reconnects += 1;
+                    backoff = Duration::from_millis(100);
+                    last_heard = Instant::now();
+                    tracing::info!(id, missing = now_missing, "post-copy link back, resuming");
+                    if now_missing == 0 {
+                        // The destination has everything: it wants to finish on this connection.
+                        return (finish(outcome, new_demand), sender);
+                    }
+                    demand = Some(new_demand);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        id,
+                        "post-copy reconnection failed (retrying in {:?}): {e:#}",
+                        backoff * 2
+                    );
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            continue;
+        };
+        let can_push = !exhausted && push.can_push();
+        let paced = can_push && push.next_send > Instant::now();
+        let event = tokio::select! {
+            biased;
+            msg = dem.recv() => Event::Demand(msg),
+            msg = bulk.recv() => Event::Bulk(msg),
+            _ = tick.tick() => Event::Tick,
+            _ = tokio::time::sleep_until(push.next_send.into()), if paced => Event::PaceWait,
+            _ = std::future::ready(()), if can_push && !paced => Event::Push,
+        };
+        let lost: Option<anyhow::Error> = match event {
+            Event::Demand(Ok(Message::PageRequest { full, pages: wanted })) => {
+                last_heard = Instant::now();
+                serve(job, &mut sender, &mut push, &mut outcome, dem, full, &wanted)
+                    .await
+                    .err()
+            }
+            Event::Demand(Ok(Message::Ping)) => {
+                last_heard = Instant::now();
+                None
+            }
+            Event::Demand(Ok(other)) => Some(anyhow::anyhow!(
+                "destination sent {} on the demand channel",
+                describe(&other)
+            )),
+            Event::Demand(Err(e)) | Event::Bulk(Err(e)) => Some(e),
+            Event::Bulk(Ok(Message::PushAck { bytes, .. })) => {
+                push.on_ack(bytes);
+                None
+            }
+            Event::Bulk(Ok(Message::AllPresent)) => {
+                return (finish(outcome, demand.take().expect("demand up")), sender)
+            }
+            Event::Bulk(Ok(other)) => Some(anyhow::anyhow!(
+                "destination sent {} on the bulk channel",
+                describe(&other)
+            )),
+            Event::Tick => {
+                if last_heard.elapsed() > LINK_TIMEOUT {
+                    Some(anyhow::anyhow!(
+                        "nothing from the destination for {:.1} s",
+                        last_heard.elapsed().as_secs_f64()
+                    ))
+                } else {
+                    dem.send(&Message::Ping).await.err()
+                }
+            }
+            Event::PaceWait => None,
+            Event::Push => {
+                let mut batch = PageBatch::with_capacity(PUSH_BATCH);
+                let mut n = 0;
+                while n < PUSH_BATCH {
+                    let Some(p) = push.next_page() else {
+                        exhausted = true;
+                        break;
+                    };
+                    if add_page(job, &mut sender, p, &mut batch) {
+                        outcome.full_pages += 1;
+                    }
+                    push.state[p as usize] = SENT;
+                    outcome.pages_pushed += 1;
+                    n += 1;
+                }
+                if batch.is_empty() {
+                    None
+                } else {
+                    let len = batch.payload_len() as u64;
+                    match bulk.send(&Message::Pages(batch)).await {
+                        Ok(()) => {
+                            push.after_send(len);
+                            None
+                        }
+                        Err(e) => Some(e),
+                    }
+                }
+            }
+        };
+        if let Some(err) = lost {
+            tracing::warn!(
+                id,
+                "post-copy link lost; the source keeps the guest's memory and reconnects: {err:#}"
+            );
+            if let Some(d) = demand.take() {
+                outcome.other_connection_bytes += d.bytes_sent() + d.bytes_received();
+            }
+        }
+    }
+}
+
+fn finish(mut outcome: Outcome, demand: Connection) -> Outcome {
+    outcome.other_connection_bytes += demand.bytes_sent() + demand.bytes_received();
+    outcome
+}
+
+/// Answers one page request on the demand channel.
+async fn serve(
+    job: &Outbound,
+    sender: &mut PageSender,
+    push: &mut Push,
+    outcome: &mut Outcome,
+    demand: &mut Connection,
+    full: bool,
+    wanted: &[u64],
+) -> anyhow::Result<()> {
+    let pages = push.state.len() as u64;
+    let mut batch = PageBatch::with_capacity(wanted.len().min(PUSH_BATCH));
+    for &page in wanted {
+        if page >= pages {
+            bail!("destination requested page {page}, but the guest has {pages} pages");
+        }
+        let slot = push.state[page as usize];
+        if full {
+            // A reference the destination could not resolve: the content, whatever it was told before.
+            let mut data = [0u8; PAGE_SIZE];
+            job.vm.memory().read_page(page, &mut data);
+            sender.add_full(page, &data, &mut batch);
+            outcome.refs_resent += 1;
+            outcome.full_pages += 1;
+        } else if slot == SENT {
+            // On its way already (pushed, or requested twice): it arrives without being sent again.
+            continue;
+        } else {
+            if slot == NOT_NEEDED {
+                // The destination should have it; send it anyway rather than leave a vCPU waiting.
+                tracing::warn!(page, "destination requested a page it was not missing");
+                sender.forget(page);
+                outcome.pages_resent += 1;
+            }
+            if add_page(job, sender, page, &mut batch) {
+                outcome.full_pages += 1;
+            }
+            outcome.pages_demanded += 1;
+        }
+        push.state[page as usize] = SENT;
+        // The pages after a fault are likely next: push them first.
+        for next in (page + 1..(page + 1 + PREFETCH).min(pages)).rev() {
+            if push.state[next as usize] == NEEDED {
+                push.priority.push_front(next);
+            }
+        }
+        if batch.len() >= PUSH_BATCH {
+            let full_batch = std::mem::replace(&mut batch, PageBatch::with_capacity(PUSH_BATCH));
+            demand.send(&Message::Pages(full_batch)).await?;
+        }
+    }
+    push.priority.truncate(4096);
+    if !batch.is_empty() {
+        demand.send(&Message::Pages(batch)).await?;
+    }
+    Ok(())
+}
+
+/// A new bulk connection (answered with the pages still missing) and a new demand channel.
+async fn reconnect(job: &Outbound, id: &str) -> anyhow::Result<(Connection, Connection, DirtyPages)> {
+    let mut bulk = attach(job, id, Channel::Bulk).await?;
+    let missing = match tokio::time::timeout(Duration::from_secs(5), bulk.recv()).await {
+        Ok(Ok(Message::ResumeState { missing })) => missing,
+        Ok(Ok(other)) => bail!("destination answered the resume with {}", describe(&other)),
+        Ok(Err(e)) => return Err(e.context("waiting for the destination's resume state")),
+        Err(_) => bail!("no resume state from the destination within 5 s"),
+    };
+    let pages = job.memory_bytes / PAGE_SIZE as u64;
+    if missing.len() as u64 != pages.div_ceil(64) {
+        bail!(
+            "destination's resume bitmap has {} words for {pages} pages",
+            missing.len()
+        );
+    }
+    let missing = DirtyPages::from_bitmap(missing, pages);
+    let demand = attach(job, id, Channel::Demand).await?;
+    Ok((bulk, demand, missing))
+}
+
+/// Shared between the agent and a migration in post-copy: wakes its reconnection loop.
+pub type ResumeSignal = Arc<Notify>;
