@@ -53,6 +53,8 @@ struct Ring {
     size: u32,
     /// Index of the next entry to harvest (wraps modulo `size`).
     fetch: u32,
+    /// Full-ring exits in a row that found nothing to harvest (see [`DirtyRings::harvest_vcpu`]).
+    empty_full_exits: u32,
 }
 
 impl Ring {
@@ -171,6 +173,7 @@ impl DirtyRings {
             entries: addr as *mut kvm_dirty_gfn,
             size: (self.ring_bytes / std::mem::size_of::<kvm_dirty_gfn>()) as u32,
             fetch: 0,
+            empty_full_exits: 0,
         });
         Ok(())
     }
@@ -187,6 +190,13 @@ impl DirtyRings {
     /// Called by vCPU `vcpu`'s thread on `KVM_EXIT_DIRTY_RING_FULL`: moves its ring into the pending
     /// set and resets it, so that the vCPU can run again. Nothing is lost: the tracker's next
     /// `take` returns these pages.
+    ///
+    /// Fails if the ring overflowed: KVM then keeps reporting it full although every entry was
+    /// harvested and reset (its indices are more than a ring apart, entries were overwritten and
+    /// their pages lost; the kernel warns "kvm_dirty_ring_push"). kvm-pvm does that when it emulates
+    /// guest code: it runs up to 1024 instructions per batch without honouring the soft limit, so a
+    /// batch that dirties more pages than the 64 reserved entries overruns the ring. One empty
+    /// harvest is normal (the tracker may have just harvested the ring); two in a row are not.
     pub fn harvest_vcpu(&self, vcpu: usize) -> anyhow::Result<()> {
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -195,7 +205,16 @@ impl DirtyRings {
             .rings
             .get_mut(vcpu)
             .with_context(|| format!("dirty ring of vCPU {vcpu} not mapped"))?;
-        ring.harvest(self.pages, &mut state.pending, &mut state.strays);
+        let taken = ring.harvest(self.pages, &mut state.pending, &mut state.strays);
+        ring.empty_full_exits = if taken == 0 { ring.empty_full_exits + 1 } else { 0 };
+        if ring.empty_full_exits >= 2 {
+            bail!(
+                "the dirty ring of vCPU {vcpu} overflowed ({} entries): KVM pushed past its hard limit and \
+                 dirtied pages were lost (kvm-pvm's emulator ignores the soft limit; use a bigger ring or \
+                 another tracker)",
+                ring.size
+            );
+        }
         self.reset()
     }
 
