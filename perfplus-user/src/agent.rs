@@ -19,7 +19,10 @@ use crate::migration::receiver;
 use crate::migration::source::{self, describe, Outbound};
 use crate::page_store::PageStore;
 use crate::protocol::connection::Connection;
-use crate::protocol::{ClusterKey, KernelSource, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
+use crate::protocol::{
+    ClusterKey, KernelSource, Message, MigrateOptions, MigrateRequest, Role, VmInfo, VmStartRequest,
+};
+use crate::tracking::TrackerKind;
 use crate::vm::{builtin_guest, RunState, Vm};
 
 /// Label the page-hash key is derived under from the cluster key.
@@ -43,6 +46,8 @@ struct HostedVm {
     memory_bytes: u64,
     vcpus: u8,
     cmdline: String,
+    /// The dirty tracker the VM was created for (its migrations' default).
+    tracker: TrackerKind,
     /// A migration of this VM is under way.
     migrating: bool,
 }
@@ -226,9 +231,9 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         }
     }
     let name = req.name.clone();
-    let (memory_bytes, vcpus) = (req.memory_bytes, req.vcpus);
+    let (memory_bytes, vcpus, tracker) = (req.memory_bytes, req.vcpus, req.tracker);
     let (vm, cmdline) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vm, String)> {
-        let mut vm = Vm::create(&name, memory_bytes, vcpus)?;
+        let mut vm = Vm::create_with(&name, memory_bytes, vcpus, tracker.vm_options())?;
         let (kernel, cmdline) = match req.kernel {
             // The built-in guest paces itself and measures its stalls with the TSC.
             KernelSource::Builtin => (
@@ -247,6 +252,7 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         memory_bytes,
         vcpus,
         cmdline,
+        tracker,
         migrating: false,
     };
     let info = vm_info(&req.name, &hosted);
@@ -255,7 +261,7 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         bail!("a VM named {:?} appeared on agent {} meanwhile", req.name, state.name);
     }
     vms.insert(req.name.clone(), hosted);
-    tracing::info!(vm = %req.name, memory_bytes, vcpus, "started");
+    tracing::info!(vm = %req.name, memory_bytes, vcpus, %tracker, "started");
     Ok(info)
 }
 
@@ -274,6 +280,10 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
         if hosted.vm.run_state() != RunState::Running {
             bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
         }
+        // The tracker: the one asked for, else the one the VM was started with; refused early (with
+        // what to do) if the VM was not created in the mode it needs.
+        let tracker = req.options.tracker.unwrap_or(hosted.tracker);
+        tracker.check_vm(&hosted.vm)?;
         hosted.migrating = true;
         Outbound {
             vm: hosted.vm.clone(),
@@ -283,7 +293,10 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             cmdline: hosted.cmdline.clone(),
             source_name: state.name.clone(),
             destination: req.destination.clone(),
-            options: req.options.clone(),
+            options: MigrateOptions {
+                tracker: Some(tracker),
+                ..req.options.clone()
+            },
             key: state.key.clone(),
             hasher: state.hasher.clone(),
         }
@@ -394,6 +407,7 @@ async fn migrate_in(
         index: state.index.clone(),
     };
     let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
+    let tracker = begin.options.tracker.unwrap_or_default();
     let install_state = state.clone();
     let install_name = name.clone();
     let result = receiver::receive(conn, begin, &inbound, move |vm| {
@@ -405,6 +419,7 @@ async fn migrate_in(
                 memory_bytes,
                 vcpus,
                 cmdline,
+                tracker,
                 migrating: false,
             },
         );

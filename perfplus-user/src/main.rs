@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use perfplus::agent::{Agent, AgentConfig};
 use perfplus::client::AgentClient;
 use perfplus::protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+use perfplus::tracking::TrackerKind;
 use perfplus_common::PAGE_SIZE;
 
 /// Live migration of KVM guests between perfplus agents, with Perf+ page hashing.
@@ -121,6 +122,11 @@ struct VmStartArgs {
     /// Command line for `--kernel`.
     #[arg(long, default_value = "", requires = "kernel")]
     cmdline: String,
+    /// Dirty tracker the VM is made for: dirty-log (KVM bitmap), dirty-ring (KVM per-vCPU rings; the
+    /// VM is created in ring mode, which excludes dirty-log) or uffd-wp (userfaultfd write-protect).
+    /// Its migrations use it unless `migrate --tracker` names another.
+    #[arg(long, default_value = "dirty-log")]
+    tracker: TrackerKind,
     #[arg(long)]
     json: bool,
 }
@@ -148,6 +154,10 @@ struct MigrateArgs {
     /// Do not wait for the guest's self-check on the destination before reporting.
     #[arg(long)]
     no_verify: bool,
+    /// Dirty tracker of the pre-copy rounds: dirty-log, dirty-ring or uffd-wp. Default: the one the
+    /// VM was started with (`vm start --tracker`).
+    #[arg(long)]
+    tracker: Option<TrackerKind>,
     /// Print the report as one JSON object instead of a table (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -224,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vcpus: args.vcpus,
                 kernel,
                 cmdline,
+                tracker: args.tracker,
             };
             let info = AgentClient::connect(&args.agent, &key).await?.start_vm(request).await?;
             print_vm(&info, args.json)
@@ -259,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_rounds: args.max_rounds,
                     hashing: !args.no_hashing,
                     verify_guest: !args.no_verify,
+                    tracker: args.tracker,
                 },
             };
             eprintln!("migrating {} from {} to {} ...", args.name, args.from, args.to);

@@ -26,8 +26,7 @@ use crate::protocol::connection::Connection;
 use crate::protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
 use crate::protocol::{ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, Role};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
-use crate::tracking::dirty_log::DirtyLogTracker;
-use crate::tracking::{DirtyPages, DirtyTracker};
+use crate::tracking::{self, DirtyPages, TrackerKind};
 use crate::vm::Vm;
 
 /// What the source needs to move one VM.
@@ -113,7 +112,8 @@ async fn precopy(
     let stall_reset = Some(job.vm.request_stall_reset());
     let written_before = job.vm.guest_status().map(|s| s.pages_written);
 
-    let mut tracker = DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?;
+    let mut tracker = tracking::start(tracker_kind(job), &job.vm)
+        .with_context(|| format!("starting the {} tracker", tracker_kind(job)))?;
     let mut sender = PageSender::new(job.options.hashing, job.hasher.clone(), pages, held);
     let mut rounds = Vec::new();
     let mut dirty = DirtyPages::all(pages);
@@ -280,7 +280,7 @@ async fn finish(
         source: job.source_name.clone(),
         destination: job.destination.clone(),
         mode: "precopy".into(),
-        tracker: crate::tracking::TrackerKind::DirtyLog.name().into(),
+        tracker: tracker_kind(job).name().into(),
         hashing: job.options.hashing,
         memory_bytes: job.memory_bytes,
         downtime_ms: switched.downtime_ms,
@@ -373,6 +373,11 @@ async fn finish(
         .hashing
         .then(|| switched.sender.destination_digests().to_vec());
     Ok(Completed { report, page_digests })
+}
+
+/// The tracker of this migration (the agent resolves the VM's own before the job starts).
+fn tracker_kind(job: &Outbound) -> TrackerKind {
+    job.options.tracker.unwrap_or_default()
 }
 
 async fn recv(conn: &mut Connection, expecting: &str) -> anyhow::Result<Message> {

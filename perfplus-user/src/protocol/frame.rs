@@ -950,6 +950,7 @@ mod tests {
             max_rounds: 7,
             hashing: false,
             verify_guest: true,
+            tracker: Some(crate::tracking::TrackerKind::UffdWp),
         };
         vec![
             Message::VmStart(VmStartRequest {
@@ -958,6 +959,7 @@ mod tests {
                 vcpus: 4,
                 kernel: KernelSource::Image(vec![0x7f, b'E', b'L', b'F', 0, 1, 2]),
                 cmdline: "console=ttyS0".into(),
+                tracker: crate::tracking::TrackerKind::DirtyRing,
             }),
             Message::VmStart(VmStartRequest {
                 name: String::new(),
@@ -965,6 +967,7 @@ mod tests {
                 vcpus: 1,
                 kernel: KernelSource::Builtin,
                 cmdline: String::new(),
+                tracker: crate::tracking::TrackerKind::DirtyLog,
             }),
             Message::VmList,
             Message::VmStatus { name: "web".into() },
