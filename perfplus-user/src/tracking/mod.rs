@@ -5,9 +5,9 @@
 //!
 //! | kind | module | how | cost of one `collect` grows with |
 //! |---|---|---|---|
-//! | `dirty-log` | [`dirty_log`] | KVM dirty bitmap, manual clear | guest memory (bitmap size) |
+//! | `dirty-log` | [`dirty_log`] | KVM dirty bitmap, manual clear | guest memory (bitmap size; small: 0.05 → 0.13 ms from 1 to 16 GiB) |
 //! | `dirty-ring` | [`dirty_ring`] | KVM per-vCPU dirty rings (VM created in ring mode) | dirty pages |
-//! | `uffd-wp` | [`uffd_wp`] | userfaultfd async write-protect + `PAGEMAP_SCAN` | populated memory (page-table walk) |
+//! | `uffd-wp` | [`uffd_wp`] | userfaultfd async write-protect + `PAGEMAP_SCAN` | the tracked range (`PAGEMAP_SCAN` walk, ~1 ms/GiB here) plus dirty pages |
 //!
 //! All three re-arm tracking of a page before `collect` returns it (each module says how), so a
 //! caller that reads the returned pages after `collect` never misses a write. All may over-report
@@ -79,6 +79,13 @@ impl DirtyPages {
     pub fn insert(&mut self, page: u64) {
         assert!(page < self.pages, "page {page} outside a set of {} pages", self.pages);
         self.words[(page / 64) as usize] |= 1 << (page % 64);
+    }
+
+    /// Adds pages `range.start..range.end`.
+    pub fn insert_range(&mut self, range: std::ops::Range<u64>) {
+        for page in range {
+            self.insert(page);
+        }
     }
 
     pub fn contains(&self, page: u64) -> bool {

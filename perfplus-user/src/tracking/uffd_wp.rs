@@ -11,12 +11,22 @@
 //! `PM_SCAN_WP_MATCHING` returns the written regions **and** write-protects them in the same
 //! page-table walk, under the page-table lock; `PM_SCAN_CHECK_WPASYNC` makes it fail instead of
 //! skipping silently if the range is not registered. The walk can stop early (full output vector),
-//! so [`DirtyTracker::collect`] loops until `walk_end == end`.
+//! so every scan loops until `walk_end == end`.
+//!
+//! **Two passes per [`DirtyTracker::collect`].** A scan with `WP_MATCHING` opens an MMU-notifier
+//! invalidation over its *whole* range, and KVM answers it by walking every guest frame of that
+//! range (measured: 38 ms per scan of a 16 GiB guest with 1000 dirty pages, 0.8 ms at 1 GiB). So
+//! `collect` first scans the whole range read-only (no notifier), then scans-and-protects only
+//! windows around the written regions it found (regions less than [`MERGE_GAP`] apart share a
+//! window). It reports what the *second* pass found: a page written after the first pass outside
+//! those windows stays unprotected and is reported next time. (Measured on Linux 6.18: this cut a
+//! 16 GiB collect from 38 to 27 ms median. The read-only walk itself still costs ~0.4-1.7 ms per GiB
+//! of *range* even over holes with no page tables, so uffd-wp's cost grows with the guest size;
+//! the dirty ring's does not.)
 //!
 //! **Starting.** The tracker protects only the pages that are populated at start, with one
 //! scan-and-protect whose result is dropped. Holes (pages never touched, which a memfd does not
-//! even back yet) stay holes without page tables, so the scan skips them at the PMD or PUD level and
-//! its cost follows the populated memory, not the size of the range. A hole that gets populated later
+//! even back yet) stay holes without page tables. A hole that gets populated later
 //! has no uffd-wp bit and reads as `PAGE_IS_WRITTEN`: it is reported once (then protected), *even if
 //! it was only read*. That is the one over-report of this tracker; no written page can be missed,
 //! as every page without protection is reported. (Protecting the whole range up front instead,
@@ -48,6 +58,9 @@ use crate::vm::Vm;
 
 /// Regions fetched per `PAGEMAP_SCAN` call (24 bytes each).
 const REGIONS_PER_CALL: usize = 4096;
+/// Written regions closer than this share one scan-and-protect window: one ioctl (a few µs) costs
+/// about as much as KVM's notifier walk over 1 MiB of guest frames.
+pub const MERGE_GAP: u64 = 1 << 20;
 
 /// Write tracking of one address range through userfaultfd async write-protect and `PAGEMAP_SCAN`.
 pub struct UffdWpTracker {
@@ -103,7 +116,12 @@ impl UffdWpTracker {
             _memory: None,
         };
         // Protect what is populated now (see the module doc); what was written before does not count.
-        tracker.collect().context("uffd-wp tracker: initial write-protect")?;
+        let mut ignored = DirtyPages::new(tracker.page_count());
+        tracker
+            .scan(tracker.start, tracker.start + len, true, &mut |r| {
+                ignored.insert_range(r)
+            })
+            .context("uffd-wp tracker: initial write-protect")?;
         Ok(tracker)
     }
 
@@ -111,20 +129,21 @@ impl UffdWpTracker {
     pub fn page_count(&self) -> u64 {
         self.len / PAGE_SIZE as u64
     }
-}
 
-impl DirtyTracker for UffdWpTracker {
-    fn kind(&self) -> TrackerKind {
-        TrackerKind::UffdWp
-    }
-
-    fn collect(&mut self) -> anyhow::Result<DirtyPages> {
+    /// `PAGEMAP_SCAN` of `[from, to)` for written pages (and write-protecting them if `protect`),
+    /// looping until the walk reaches `to`; calls `found` with each region as page indices.
+    fn scan(
+        &mut self,
+        from: u64,
+        to: u64,
+        protect: bool,
+        found: &mut dyn FnMut(std::ops::Range<u64>),
+    ) -> anyhow::Result<()> {
         let end = self.start + self.len;
-        let mut dirty = DirtyPages::new(self.page_count());
         let mut arg = PmScanArg {
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            start: self.start,
-            end,
+            flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
+            start: from,
+            end: to,
             category_mask: PAGE_IS_WRITTEN,
             return_mask: PAGE_IS_WRITTEN,
             ..Default::default()
@@ -132,8 +151,8 @@ impl DirtyTracker for UffdWpTracker {
         loop {
             let filled = pagemap_scan(&self.pagemap, &mut arg, &mut self.regions).with_context(|| {
                 format!(
-                    "PAGEMAP_SCAN of {:#x}..{end:#x} (from {:#x}) on /proc/self/pagemap",
-                    self.start, arg.start
+                    "PAGEMAP_SCAN of {from:#x}..{to:#x} (at {:#x}, protect: {protect}) on /proc/self/pagemap",
+                    arg.start
                 )
             })?;
             for region in &self.regions[..filled] {
@@ -144,21 +163,46 @@ impl DirtyTracker for UffdWpTracker {
                     region.end,
                     self.start
                 );
-                let first = (region.start - self.start) / PAGE_SIZE as u64;
-                let last = (region.end - self.start).div_ceil(PAGE_SIZE as u64);
-                for page in first..last {
-                    dirty.insert(page);
-                }
+                let page = PAGE_SIZE as u64;
+                found((region.start - self.start) / page..(region.end - self.start).div_ceil(page));
             }
             ensure!(
                 arg.walk_end > arg.start || filled > 0,
                 "PAGEMAP_SCAN made no progress at {:#x}",
                 arg.start
             );
-            if arg.walk_end >= end {
-                break;
+            if arg.walk_end >= to {
+                return Ok(());
             }
             arg.start = arg.walk_end;
+        }
+    }
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::UffdWp
+    }
+
+    fn collect(&mut self) -> anyhow::Result<DirtyPages> {
+        // Pass 1, read-only: where were pages written? Merged into windows.
+        let mut windows: Vec<std::ops::Range<u64>> = Vec::new();
+        let gap = MERGE_GAP / PAGE_SIZE as u64;
+        self.scan(
+            self.start,
+            self.start + self.len,
+            false,
+            &mut |r| match windows.last_mut() {
+                Some(last) if r.start <= last.end + gap => last.end = last.end.max(r.end),
+                _ => windows.push(r),
+            },
+        )?;
+        // Pass 2: scan-and-protect each window; what it reports is the answer.
+        let mut dirty = DirtyPages::new(self.page_count());
+        let page = PAGE_SIZE as u64;
+        for window in windows {
+            let (from, to) = (self.start + window.start * page, self.start + window.end * page);
+            self.scan(from, to, true, &mut |r| dirty.insert_range(r))?;
         }
         Ok(dirty)
     }
