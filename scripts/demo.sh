@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: two agents on localhost, one built-in guest, one live migration,
-# the report. Usage: scripts/demo.sh [--json] [any `perfplus migrate` option, e.g. --no-hashing,
-#   --mode precopy|postcopy|hybrid (default hybrid: pre-copy, then post-copy if it cannot converge)]
+# the report. Usage: scripts/demo.sh [--json] [--tracker dirty-log|dirty-ring|uffd-wp]
+#   [--mode precopy|postcopy|hybrid (default hybrid: pre-copy, then post-copy if it cannot converge)]
+#   [any other `perfplus migrate` option, e.g. --no-hashing]
 #   MEMORY=1G WORKLOAD=dirtier:working-set=256M,rate=20k,... scripts/demo.sh
+# --tracker goes to `vm start` too (a dirty-ring VM must be created in ring mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -10,7 +12,14 @@ source scripts/setup.sh
 MEMORY=${MEMORY:-1G}
 WORKLOAD=${WORKLOAD:-dirtier:working-set=256M,rate=20k,mix=unique:40,dup:30,zero:10,same:20}
 json=0
-for arg in "$@"; do [ "$arg" = "--json" ] && json=1; done
+tracker=dirty-log
+prev=
+for arg in "$@"; do
+    [ "$arg" = "--json" ] && json=1
+    [ "$prev" = "--tracker" ] && tracker=$arg
+    case $arg in --tracker=*) tracker=${arg#--tracker=} ;; esac
+    prev=$arg
+done
 
 cargo build --release --quiet -p perfplus
 bin=$PWD/target/release/perfplus
@@ -46,8 +55,8 @@ a=$(start_agent a)
 b=$(start_agent b)
 say "agents: A on $a, B on $b (logs in $work while the demo runs)"
 
-"$bin" vm start --agent "$a" --name web1 --memory "$MEMORY" --workload "$WORKLOAD" >/dev/null
-say "started web1 ($MEMORY, $WORKLOAD) on A; waiting for its workload to run"
+"$bin" vm start --agent "$a" --name web1 --memory "$MEMORY" --workload "$WORKLOAD" --tracker "$tracker" >/dev/null
+say "started web1 ($MEMORY, $WORKLOAD, tracker $tracker) on A; waiting for its workload to run"
 for _ in $(seq 600); do
     state=$("$bin" vm status web1 --agent "$a" --json | sed -n 's/.*"verify_sweeps": *\([0-9]*\).*/\1/p')
     [ "${state:-0}" -ge 1 ] && break

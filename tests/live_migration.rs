@@ -192,3 +192,103 @@ fn a_kernel_file_boots_migrates_and_shares_its_image_with_a_hosted_vm() {
     // B hosts file2, booted from the same image: its kernel pages travel as references.
     assert!(report["held_from_hosted_vms"].as_u64().unwrap() > 0, "{report}");
 }
+
+/// Migrates a guest started with `--tracker kind` there and back with the VM's own tracker: the
+/// destination must have created the VM in the same mode (a dirty-ring VM can only migrate on with
+/// the ring).
+fn migrates_there_and_back_with(kind: &str) {
+    if kvm_missing() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let a = cluster.agent("a");
+    let b = cluster.agent("b");
+    let name = format!("t-{kind}");
+    cluster.start_guest_with(
+        &a,
+        &name,
+        "64M",
+        "dirtier:working-set=16M,rate=5k",
+        &["--tracker", kind],
+    );
+    let pages = 64 * 256;
+    let there = cluster.cli_json(&["migrate", &name, "--from", &a.addr, "--to", &b.addr, "--json"]);
+    assert_sound_report(&there, pages);
+    assert_eq!(there["tracker"], kind, "report: {there}");
+    let back = cluster.cli_json(&["migrate", &name, "--from", &b.addr, "--to", &a.addr, "--json"]);
+    assert_sound_report(&back, pages);
+    assert_eq!(back["tracker"], kind, "the destination kept the VM's tracker: {back}");
+    assert_eq!(cluster.status(&a, &name)["run_state"], "running");
+}
+
+#[test]
+fn migrates_with_the_dirty_log_tracker() {
+    migrates_there_and_back_with("dirty-log");
+}
+
+#[test]
+fn migrates_with_the_dirty_ring_tracker() {
+    migrates_there_and_back_with("dirty-ring");
+}
+
+#[test]
+fn migrates_with_the_uffd_wp_tracker() {
+    migrates_there_and_back_with("uffd-wp");
+}
+
+/// `migrate --tracker` overrides the VM's own where the VM allows it, and says what to do where not.
+#[test]
+fn migrate_tracker_option_overrides_or_explains() {
+    if kvm_missing() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let a = cluster.agent("a");
+    let b = cluster.agent("b");
+    cluster.start_guest(&a, "web1", "32M", "dirtier:working-set=8M,rate=2k");
+    let refused = cluster.cli(&[
+        "migrate",
+        "web1",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        "--tracker",
+        "dirty-ring",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("VM web1 was started without a dirty ring; start it with --tracker dirty-ring"),
+        "{stderr}"
+    );
+    assert_eq!(
+        cluster.status(&a, "web1")["run_state"],
+        "running",
+        "the refusal left the guest alone"
+    );
+    let bad = cluster.cli(&[
+        "migrate",
+        "web1",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        "--tracker",
+        "soft-dirty",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("dirty-log, dirty-ring, uffd-wp"));
+    let report = cluster.cli_json(&[
+        "migrate",
+        "web1",
+        "--from",
+        &a.addr,
+        "--to",
+        &b.addr,
+        "--tracker",
+        "uffd-wp",
+        "--json",
+    ]);
+    assert_sound_report(&report, 32 * 256);
+    assert_eq!(report["tracker"], "uffd-wp");
+}

@@ -21,9 +21,11 @@ use crate::migration::source::{self, describe, Outbound};
 use crate::page_store::PageStore;
 use crate::protocol::connection::Connection;
 use crate::protocol::{
-    ClusterKey, KernelSource, Message, MigrateRequest, MigrationMode, Role, VmInfo, VmStartRequest, MIGRATION_ID_MAX,
+    ClusterKey, KernelSource, Message, MigrateOptions, MigrateRequest, MigrationMode, Role, VmInfo, VmStartRequest,
+    MIGRATION_ID_MAX,
 };
 use crate::report::MigrationReport;
+use crate::tracking::TrackerKind;
 use crate::vm::{builtin_guest, RunState, Vm};
 
 /// Label the page-hash key is derived under from the cluster key.
@@ -47,6 +49,8 @@ struct HostedVm {
     memory_bytes: u64,
     vcpus: u8,
     cmdline: String,
+    /// The dirty tracker the VM was created for (its migrations' default).
+    tracker: TrackerKind,
     /// A migration of this VM is under way.
     migrating: bool,
 }
@@ -280,10 +284,10 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         }
     }
     let name = req.name.clone();
-    let (memory_bytes, vcpus) = (req.memory_bytes, req.vcpus);
+    let (memory_bytes, vcpus, tracker) = (req.memory_bytes, req.vcpus, req.tracker);
     let hasher = state.hasher.clone();
     let (vm, cmdline, image_pages) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vm, String, _)> {
-        let mut vm = Vm::create(&name, memory_bytes, vcpus)?;
+        let mut vm = Vm::create_with(&name, memory_bytes, vcpus, tracker.vm_options())?;
         let (kernel, cmdline) = match req.kernel {
             // The built-in guest paces itself and measures its stalls with the TSC.
             KernelSource::Builtin => (
@@ -305,6 +309,7 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         memory_bytes,
         vcpus,
         cmdline,
+        tracker,
         migrating: false,
     };
     let info = vm_info(&req.name, &hosted);
@@ -324,7 +329,7 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
             tracing::warn!(vm = %req.name, "not indexing the VM's image: {err}");
         }
     }
-    tracing::info!(vm = %req.name, memory_bytes, vcpus, image_pages = image_pages.len(), "started");
+    tracing::info!(vm = %req.name, memory_bytes, vcpus, image_pages = image_pages.len(), %tracker, "started");
     Ok(info)
 }
 
@@ -357,6 +362,10 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
         if hosted.vm.run_state() != RunState::Running {
             bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
         }
+        // The tracker: the one asked for, else the one the VM was started with; refused early (with
+        // what to do) if the VM was not created in the mode it needs.
+        let tracker = req.options.tracker.unwrap_or(hosted.tracker);
+        tracker.check_vm(&hosted.vm)?;
         hosted.migrating = true;
         let migration_id = postcopy::new_migration_id();
         Outbound {
@@ -369,7 +378,10 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             cmdline: hosted.cmdline.clone(),
             source_name: state.name.clone(),
             destination: req.destination.clone(),
-            options: req.options.clone(),
+            options: MigrateOptions {
+                tracker: Some(tracker),
+                ..req.options.clone()
+            },
             key: state.key.clone(),
             hasher: state.hasher.clone(),
         }
@@ -494,6 +506,7 @@ async fn migrate_in(
         index: state.index.clone(),
     };
     let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
+    let tracker = begin.options.tracker.unwrap_or_default();
     let install_state = state.clone();
     let install_name = name.clone();
     let (attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -517,6 +530,7 @@ async fn migrate_in(
                 memory_bytes,
                 vcpus,
                 cmdline,
+                tracker,
                 // A guest whose memory is still arriving cannot be stopped or migrated.
                 migrating: filling,
             },

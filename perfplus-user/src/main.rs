@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use perfplus::agent::{Agent, AgentConfig};
 use perfplus::client::AgentClient;
 use perfplus::protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+use perfplus::tracking::TrackerKind;
 use perfplus_common::PAGE_SIZE;
 
 /// Live migration of KVM guests between perfplus agents, with Perf+ page hashing.
@@ -121,6 +122,11 @@ struct VmStartArgs {
     /// Command line for `--kernel`.
     #[arg(long, default_value = "", requires = "kernel")]
     cmdline: String,
+    /// Dirty tracker the VM is made for: dirty-log (KVM bitmap), dirty-ring (KVM per-vCPU rings; the
+    /// VM is created in ring mode, which excludes dirty-log) or uffd-wp (userfaultfd write-protect).
+    /// Its migrations use it unless `migrate --tracker` names another.
+    #[arg(long, default_value = "dirty-log")]
+    tracker: TrackerKind,
     #[arg(long)]
     json: bool,
 }
@@ -161,6 +167,10 @@ struct MigrateArgs {
     /// (they would likely be dirtied again before the round ends); `address` sends in address order.
     #[arg(long, default_value = "hot-last", value_parser = ["hot-last", "address"])]
     order: String,
+    /// Dirty tracker of the pre-copy rounds: dirty-log, dirty-ring or uffd-wp. Default: the one the
+    /// VM was started with (`vm start --tracker`).
+    #[arg(long)]
+    tracker: Option<TrackerKind>,
     /// Print the report as one JSON object instead of a table (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -237,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vcpus: args.vcpus,
                 kernel,
                 cmdline,
+                tracker: args.tracker,
             };
             let info = AgentClient::connect(&args.agent, &key).await?.start_vm(request).await?;
             print_vm(&info, args.json)
@@ -283,6 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         verify_guest: !args.no_verify,
                         hot_last: args.order == "hot-last",
                         mode: args.mode,
+                        tracker: args.tracker,
                     },
                 };
                 eprintln!("migrating {name} from {} to {to} ({}) ...", args.from, args.mode.name());

@@ -84,7 +84,12 @@ impl Cluster {
 
     /// Starts the built-in guest and waits until its workload runs.
     pub fn start_guest(&self, agent: &TestAgent, name: &str, memory: &str, workload: &str) {
-        let out = self.cli(&[
+        self.start_guest_with(agent, name, memory, workload, &[]);
+    }
+
+    /// [`Cluster::start_guest`] with more `vm start` arguments (e.g. `--tracker dirty-ring`).
+    pub fn start_guest_with(&self, agent: &TestAgent, name: &str, memory: &str, workload: &str, extra: &[&str]) {
+        let mut args = vec![
             "vm",
             "start",
             "--agent",
@@ -95,7 +100,9 @@ impl Cluster {
             memory,
             "--workload",
             workload,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
         assert!(
             out.status.success(),
             "vm start failed: {}",

@@ -69,12 +69,15 @@ pub async fn receive(
     install: impl FnOnce(Arc<Vm>, bool) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let cpu_start = agent_cpu_ms();
-    let mut vm = Vm::create(&begin.vm, begin.memory_bytes, begin.vcpus).with_context(|| {
-        format!(
-            "creating VM {} ({} bytes, {} vCPUs)",
-            begin.vm, begin.memory_bytes, begin.vcpus
-        )
-    })?;
+    // Created in the mode the migration's tracker needs, so that the VM can migrate on with it.
+    let tracker = begin.options.tracker.unwrap_or_default();
+    let mut vm =
+        Vm::create_with(&begin.vm, begin.memory_bytes, begin.vcpus, tracker.vm_options()).with_context(|| {
+            format!(
+                "creating VM {} ({} bytes, {} vCPUs, for the {tracker} tracker)",
+                begin.vm, begin.memory_bytes, begin.vcpus
+            )
+        })?;
     let memory = vm.memory().clone();
     let key = begin.vm.clone();
     let held = {

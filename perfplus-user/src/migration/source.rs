@@ -35,8 +35,7 @@ use crate::protocol::connection::Connection;
 use crate::protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
 use crate::protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
-use crate::tracking::dirty_log::DirtyLogTracker;
-use crate::tracking::{DirtyPages, DirtyTracker};
+use crate::tracking::{self, DirtyPages, TrackerKind};
 use crate::vm::Vm;
 
 /// What the source needs to move one VM.
@@ -149,7 +148,10 @@ async fn precopy(
     }
     let mut tracker = match mode {
         MigrationMode::Postcopy => None,
-        _ => Some(DirtyLogTracker::new(&job.vm).context("starting dirty tracking")?),
+        _ => Some(
+            tracking::start(tracker_kind(job), &job.vm)
+                .with_context(|| format!("starting the {} tracker", tracker_kind(job)))?,
+        ),
     };
     let mut sender = PageSender::new(job.options.hashing, job.hasher.clone(), pages, held);
     let mut convergence = Convergence::new(
@@ -418,7 +420,7 @@ async fn finish(
         destination: job.destination.clone(),
         mode: job.options.mode.name().into(),
         migration_id: job.migration_id.clone(),
-        tracker: crate::tracking::TrackerKind::DirtyLog.name().into(),
+        tracker: tracker_kind(job).name().into(),
         hashing: job.options.hashing,
         memory_bytes: job.memory_bytes,
         downtime_ms: switched.downtime_ms,
@@ -532,6 +534,11 @@ async fn finish(
         .hashing
         .then(|| switched.sender.destination_digests().to_vec());
     Ok(Completed { report, page_digests })
+}
+
+/// The tracker of this migration (the agent resolves the VM's own before the job starts).
+fn tracker_kind(job: &Outbound) -> TrackerKind {
+    job.options.tracker.unwrap_or_default()
 }
 
 async fn recv(conn: &mut Connection, expecting: &str) -> anyhow::Result<Message> {

@@ -1030,6 +1030,7 @@ mod tests {
             verify_guest: true,
             hot_last: false,
             mode: crate::protocol::MigrationMode::Postcopy,
+            tracker: Some(crate::tracking::TrackerKind::UffdWp),
         };
         vec![
             Message::VmStart(VmStartRequest {
@@ -1038,6 +1039,7 @@ mod tests {
                 vcpus: 4,
                 kernel: KernelSource::Image(vec![0x7f, b'E', b'L', b'F', 0, 1, 2]),
                 cmdline: "console=ttyS0".into(),
+                tracker: crate::tracking::TrackerKind::DirtyRing,
             }),
             Message::VmStart(VmStartRequest {
                 name: String::new(),
@@ -1045,6 +1047,7 @@ mod tests {
                 vcpus: 1,
                 kernel: KernelSource::Builtin,
                 cmdline: String::new(),
+                tracker: crate::tracking::TrackerKind::DirtyLog,
             }),
             Message::VmList,
             Message::VmStatus { name: "web".into() },

@@ -81,6 +81,7 @@ pub use handshake::ClusterKey;
 use serde::{Deserialize, Serialize};
 
 use crate::report::{MigrationReport, RoundReport};
+use crate::tracking::TrackerKind;
 
 /// Protocol version this build speaks. A peer whose range does not include it is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -114,6 +115,9 @@ pub struct VmStartRequest {
     /// Kernel command line. For the built-in guest: the workload parameters (see
     /// `perfplus_common::guest_abi::cmdline`); the agent appends `tsc_khz=`.
     pub cmdline: String,
+    /// The dirty tracker the VM is made for (a dirty-ring VM is created in ring mode); its migrations
+    /// use it unless they name another.
+    pub tracker: TrackerKind,
 }
 
 /// What an agent says about one of its VMs.
@@ -147,6 +151,10 @@ pub struct MigrateOptions {
     pub hot_last: bool,
     /// Pre-copy, post-copy, or pre-copy that switches to post-copy when it cannot converge.
     pub mode: MigrationMode,
+    /// Dirty tracker of the pre-copy rounds. In a `Migrate` request, `None` means the one the VM was
+    /// started with; the source agent always fills it in `MigrateBegin`, and the destination creates
+    /// the VM in the mode that tracker needs, so that the VM can migrate on with it.
+    pub tracker: Option<TrackerKind>,
 }
 
 /// How a migration moves memory.
@@ -227,6 +235,7 @@ impl Default for MigrateOptions {
             verify_guest: true,
             hot_last: true,
             mode: MigrationMode::Hybrid,
+            tracker: None,
         }
     }
 }

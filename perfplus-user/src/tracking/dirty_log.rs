@@ -41,6 +41,10 @@ impl DirtyLogTracker {
     /// Starts tracking the RAM slot (turns dirty logging on).
     pub fn from_slot(ram: Arc<RamSlot>) -> anyhow::Result<Self> {
         anyhow::ensure!(
+            !ram.ring_mode(),
+            "the VM was created with a dirty ring, which excludes the dirty bitmap (use the dirty-ring tracker)"
+        );
+        anyhow::ensure!(
             !ram.dirty_logging(),
             "dirty logging is already on for this VM (another tracker?)"
         );

@@ -20,6 +20,7 @@
 pub mod builtin_guest;
 pub mod cpu;
 pub mod devices;
+pub mod dirty_ring;
 pub mod multiboot;
 pub mod ram;
 pub mod status;
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cpu::VcpuState;
 pub use devices::DeviceState;
+pub use dirty_ring::DirtyRings;
 pub use ram::RamSlot;
 
 use crate::memory::GuestMemory;
@@ -103,6 +105,15 @@ pub struct VmState {
     pub tsc_khz: u32,
 }
 
+/// How a VM is created. The default is what [`Vm::create`] makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmOptions {
+    /// Create the VM with a KVM dirty ring of this many entries per vCPU (a power of two) instead of
+    /// the dirty bitmap: then only the dirty-ring tracker can log its guest writes (see
+    /// [`dirty_ring`]). Must be chosen at creation: KVM only enables rings before vCPUs exist.
+    pub dirty_ring_entries: Option<u32>,
+}
+
 /// Where the VM's vCPUs are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunState {
@@ -122,6 +133,8 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     memory: Arc<GuestMemory>,
     ram: Arc<RamSlot>,
+    /// The dirty rings, if the VM was created with them.
+    dirty_rings: Option<Arc<DirtyRings>>,
     vcpus: Vec<VcpuHandle>,
     /// The CPUID each vCPU was given (saved with its state).
     cpuids: Vec<CpuId>,
@@ -147,8 +160,13 @@ fn open_kvm() -> anyhow::Result<Kvm> {
 }
 
 impl Vm {
-    /// Creates a VM with `memory_bytes` of RAM and `vcpus` vCPUs; nothing runs yet.
+    /// Creates a VM with `memory_bytes` of RAM and `vcpus` vCPUs, dirty bitmap mode; nothing runs yet.
     pub fn create(name: &str, memory_bytes: u64, vcpus: u8) -> anyhow::Result<Vm> {
+        Self::create_with(name, memory_bytes, vcpus, VmOptions::default())
+    }
+
+    /// [`Vm::create`] with options (e.g. a dirty ring instead of the bitmap).
+    pub fn create_with(name: &str, memory_bytes: u64, vcpus: u8, options: VmOptions) -> anyhow::Result<Vm> {
         ensure!(
             memory_bytes.is_multiple_of(4096) && memory_bytes >= MIN_MEMORY,
             "VM {name}: memory must be a multiple of 4 KiB and at least 16 MiB (got {memory_bytes} bytes)"
@@ -191,7 +209,14 @@ impl Vm {
             GuestMemory::new(memory_bytes)
                 .with_context(|| format!("VM {name}: allocating {memory_bytes} bytes of RAM"))?,
         );
-        let ram = Arc::new(RamSlot::register(vm_fd.clone(), memory.clone())?);
+        let dirty_rings = match options.dirty_ring_entries {
+            Some(entries) => Some(Arc::new(
+                DirtyRings::enable(vm_fd.clone(), entries, memory_bytes / 4096)
+                    .with_context(|| format!("VM {name}: creating it with a dirty ring"))?,
+            )),
+            None => None,
+        };
+        let ram = Arc::new(RamSlot::register(vm_fd.clone(), memory.clone(), dirty_rings.is_some())?);
 
         let mut handles = Vec::new();
         let mut cpuids = Vec::new();
@@ -202,6 +227,11 @@ impl Vm {
             let cpuid = cpu::vcpu_cpuid(&kvm, id)?;
             fd.set_cpuid2(&cpuid)
                 .with_context(|| format!("KVM_SET_CPUID2 on vCPU {id}"))?;
+            if let Some(rings) = &dirty_rings {
+                rings
+                    .add_vcpu(&fd)
+                    .with_context(|| format!("VM {name}: dirty ring of vCPU {id}"))?;
+            }
             let immediate_exit = vcpu::ImmediateExit::of(&mut fd);
             handles.push(VcpuHandle {
                 id,
@@ -228,6 +258,7 @@ impl Vm {
             vm_fd,
             memory,
             ram,
+            dirty_rings,
             vcpus: handles,
             cpuids,
             msr_indices,
@@ -284,6 +315,7 @@ impl Vm {
             immediate_exit: boot.immediate_exit,
             control: self.control.clone(),
             devices: self.devices.clone(),
+            dirty_rings: self.dirty_rings.clone(),
         });
         match thread {
             Ok(t) => self.threads.push(t),
@@ -407,6 +439,11 @@ impl Vm {
     /// The RAM slot (shareable with a dirty tracker on another thread).
     pub fn ram_slot(&self) -> &Arc<RamSlot> {
         &self.ram
+    }
+
+    /// The VM's dirty rings, if it was created with them ([`VmOptions::dirty_ring_entries`]).
+    pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
+        self.dirty_rings.as_ref()
     }
 
     /// Turns KVM dirty logging of guest RAM on or off.

@@ -34,15 +34,19 @@ pub struct RamSlot {
     memory: Arc<GuestMemory>,
     /// Whether `KVM_MEM_LOG_DIRTY_PAGES` is set; the lock also serialises re-registrations.
     logging: Mutex<bool>,
+    /// The VM logs into dirty rings: the bitmap ioctls are unavailable (KVM refuses them).
+    ring_mode: bool,
 }
 
 impl RamSlot {
     /// Registers `memory` as slot [`RAM_SLOT`] at guest physical address 0, without dirty logging.
-    pub(crate) fn register(vm_fd: Arc<VmFd>, memory: Arc<GuestMemory>) -> anyhow::Result<Self> {
+    /// `ring_mode`: the VM has dirty rings, so logging goes there and the bitmap calls are refused.
+    pub(crate) fn register(vm_fd: Arc<VmFd>, memory: Arc<GuestMemory>, ring_mode: bool) -> anyhow::Result<Self> {
         let slot = Self {
             vm_fd,
             memory,
             logging: Mutex::new(false),
+            ring_mode,
         };
         slot.set_region(0).context("KVM_SET_USER_MEMORY_REGION for guest RAM")?;
         Ok(slot)
@@ -73,6 +77,11 @@ impl RamSlot {
         self.memory.page_count()
     }
 
+    /// Whether the VM logs into dirty rings rather than the bitmap.
+    pub fn ring_mode(&self) -> bool {
+        self.ring_mode
+    }
+
     /// Whether dirty logging is on.
     pub fn dirty_logging(&self) -> bool {
         *self.logging.lock().unwrap_or_else(|e| e.into_inner())
@@ -95,6 +104,10 @@ impl RamSlot {
     /// `KVM_GET_DIRTY_LOG`: the bitmap of pages written since they were last cleared (one bit per
     /// page, bit `i % 64` of word `i / 64`). With manual protection this does not clear anything.
     pub fn get_dirty_log(&self) -> anyhow::Result<Vec<u64>> {
+        ensure!(
+            !self.ring_mode,
+            "KVM_GET_DIRTY_LOG: the VM logs into dirty rings, not the bitmap"
+        );
         ensure!(self.dirty_logging(), "KVM_GET_DIRTY_LOG: dirty logging is off");
         let bitmap = self
             .vm_fd
@@ -111,6 +124,10 @@ impl RamSlot {
     /// are ignored).
     pub fn clear_dirty_log(&self, first_page: u64, bitmap: &[u64]) -> anyhow::Result<()> {
         let pages = self.page_count();
+        ensure!(
+            !self.ring_mode,
+            "KVM_CLEAR_DIRTY_LOG: the VM logs into dirty rings, not the bitmap"
+        );
         ensure!(
             first_page.is_multiple_of(64),
             "KVM_CLEAR_DIRTY_LOG: first page {first_page} is not a multiple of 64"

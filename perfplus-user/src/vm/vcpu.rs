@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::devices::Devices;
+use super::dirty_ring::DirtyRings;
 use super::RunState;
 
 /// Offset from SIGRTMIN of the signal that kicks vCPU threads out of KVM_RUN.
@@ -166,6 +168,8 @@ pub struct VcpuContext {
     pub immediate_exit: ImmediateExit,
     pub control: Arc<Control>,
     pub devices: Arc<Mutex<Devices>>,
+    /// The VM's dirty rings (ring mode only): a full ring is harvested by its own vCPU thread.
+    pub dirty_rings: Option<Arc<DirtyRings>>,
 }
 
 /// Starts the thread of one vCPU (counted in `control` before this returns).
@@ -281,6 +285,17 @@ fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
                     data.len()
                 );
                 return Some(failure(&vcpu, ctx.id, &what));
+            }
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                // The ring reached its soft limit: KVM will not enter the guest again until it is
+                // harvested and reset. Move it to the pending set (nothing is lost) and go on.
+                let harvested = match &ctx.dirty_rings {
+                    Some(rings) => rings.harvest_vcpu(usize::from(ctx.id)),
+                    None => Err(anyhow::anyhow!("KVM_EXIT_DIRTY_RING_FULL on a VM without dirty rings")),
+                };
+                if let Err(e) = harvested {
+                    return Some(failure(&vcpu, ctx.id, &format!("{e:#}")));
+                }
             }
             Ok(other) => {
                 let what = format!("unexpected KVM exit {other:?}");

@@ -1,0 +1,127 @@
+//! The KVM dirty-ring tracker: per-vCPU rings of dirtied frames (`KVM_CAP_DIRTY_LOG_RING`), for VMs
+//! created in ring mode ([`crate::vm::VmOptions::dirty_ring_entries`]; the rings themselves, their
+//! mapping and the full-ring handling of the vCPU threads are in [`crate::vm::dirty_ring`]).
+//!
+//! Creating the tracker drops whatever the rings hold from an earlier tracker, then turns dirty logging
+//! on for the RAM slot (`KVM_MEM_LOG_DIRTY_PAGES`): KVM write-protects every page, and the first guest
+//! write to a page pushes one entry into the writing vCPU's ring. Each [`DirtyTracker::collect`]:
+//! 1. harvests every vCPU's ring from its fetch index (acquire-load of `flags`, take the frame, store
+//!    `RESET` with release), into the pending set where full vCPUs already put theirs;
+//! 2. `KVM_RESET_DIRTY_RINGS`: KVM recycles the harvested entries and write-protects their pages;
+//! 3. hands out the pending set and starts an empty one.
+//!
+//! All three steps run under one lock that the vCPU threads take too when their ring is full, so a
+//! ring is never harvested twice at once and the pending set never loses an entry.
+//!
+//! **Ordering guarantee.** Every returned page was write-protected again (step 2, or the full vCPU's
+//! own reset) before `collect` returns, hence before the caller reads it. A guest write after the
+//! re-protection pushes a new entry and is reported by the next `collect`; a write before it is in
+//! the memory the caller is about to read. An entry pushed after step 1 passed its ring stays `DIRTY`,
+//! so step 2 (which stops at the first entry that is not `RESET`) leaves it and its page for the next
+//! `collect`.
+//!
+//! Cost: proportional to the entries harvested (dirty pages), not to memory size, except for the
+//! fresh [`DirtyPages`] bitmap (memory / 32 KiB bytes). Dropping the tracker turns dirty logging off.
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::{DirtyPages, DirtyTracker, TrackerKind};
+use crate::vm::{DirtyRings, RamSlot, Vm};
+
+/// Dirty tracking through a VM's KVM dirty rings.
+pub struct DirtyRingTracker {
+    rings: Arc<DirtyRings>,
+    ram: Arc<RamSlot>,
+}
+
+impl DirtyRingTracker {
+    /// Starts tracking `vm`'s RAM. Fails if the VM has no dirty rings.
+    pub fn new(vm: &Vm) -> anyhow::Result<Self> {
+        let rings = vm.dirty_rings().cloned().with_context(|| {
+            format!(
+                "VM {} was started without a dirty ring; start it with --tracker dirty-ring",
+                vm.name()
+            )
+        })?;
+        let ram = vm.ram_slot().clone();
+        anyhow::ensure!(
+            !ram.dirty_logging(),
+            "VM {}: dirty logging is already on (another tracker?)",
+            vm.name()
+        );
+        // Entries left from an earlier tracker are not writes since now: drop them while logging is
+        // off (nothing new can arrive), then start.
+        rings.take().context("draining the dirty rings")?;
+        ram.set_dirty_logging(true).context("starting the dirty-ring tracker")?;
+        Ok(Self { rings, ram })
+    }
+
+    /// How many times a vCPU found its ring full (and harvested it itself) so far.
+    pub fn full_exits(&self) -> u64 {
+        self.rings.full_exits()
+    }
+}
+
+impl DirtyTracker for DirtyRingTracker {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::DirtyRing
+    }
+
+    fn collect(&mut self) -> anyhow::Result<DirtyPages> {
+        self.rings.take().context("harvesting the dirty rings")
+    }
+}
+
+impl Drop for DirtyRingTracker {
+    fn drop(&mut self) {
+        if let Err(e) = self.ram.set_dirty_logging(false) {
+            tracing::warn!("stopping the dirty-ring tracker: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn tracker_is_send() {
+        assert_send::<DirtyRingTracker>();
+    }
+
+    #[test]
+    fn host_writes_are_not_in_the_ring_and_logging_toggles() {
+        let vm = Vm::create_with("ring-idle", 16 << 20, 2, TrackerKind::DirtyRing.vm_options()).unwrap();
+        assert_eq!(vm.dirty_rings().unwrap().entries(), 4096);
+        let mut tracker = DirtyRingTracker::new(&vm).unwrap();
+        assert!(DirtyRingTracker::new(&vm).is_err(), "a second tracker is refused");
+        vm.memory().write(0x20_0000, &[1; 64]).unwrap();
+        let dirty = tracker.collect().unwrap();
+        assert_eq!(dirty.capacity(), 4096);
+        assert!(dirty.is_empty(), "{dirty:?}");
+        drop(tracker);
+        assert!(!vm.ram_slot().dirty_logging());
+    }
+
+    #[test]
+    fn ring_sizes_are_checked() {
+        let options = |n| crate::vm::VmOptions {
+            dirty_ring_entries: Some(n),
+        };
+        let err = format!(
+            "{:#}",
+            Vm::create_with("ring-bad", 16 << 20, 1, options(1000)).err().unwrap()
+        );
+        assert!(err.contains("not a power of two"), "{err}");
+        let err = format!(
+            "{:#}",
+            Vm::create_with("ring-big", 16 << 20, 1, options(1 << 30))
+                .err()
+                .unwrap()
+        );
+        assert!(err.contains("exceeds KVM's limit"), "{err}");
+    }
+}

@@ -1,0 +1,265 @@
+//! KVM dirty rings (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`): per-vCPU rings of dirtied guest frames.
+//! `kvm-ioctls` 0.25 does not wrap them; this module does, in its style.
+//!
+//! **Protocol (Documentation/virt/kvm/api.rst, `KVM_CAP_DIRTY_LOG_RING`).** The capability is enabled
+//! on the VM with the ring size in bytes *before any vCPU exists*. Each vCPU fd then offers its ring
+//! for `mmap` at page offset `KVM_DIRTY_LOG_PAGE_OFFSET` (64): `entries` × `struct kvm_dirty_gfn
+//! {u32 flags; u32 slot; u64 offset}`. While a memslot has `KVM_MEM_LOG_DIRTY_PAGES`, KVM pushes one
+//! entry (flags `DIRTY`) for the first write to a write-protected page, into the ring of the vCPU that
+//! wrote it, and the bitmap ioctls are refused. Userspace harvests from its own fetch index: read
+//! `flags` with acquire; while `DIRTY` is set, take `slot`/`offset`, store `RESET` with release, and
+//! move on. `KVM_RESET_DIRTY_RINGS` on the VM fd then, for every ring, recycles the entries marked
+//! `RESET` (in order, stopping at the first that is not) and write-protects their pages again.
+//!
+//! **Full rings.** A ring has a soft limit (its size minus entries KVM reserves, 64 here plus the CPU's
+//! PML buffer on Intel). When a vCPU's ring reaches it, KVM finishes the current exit with room to
+//! spare (the reserved entries; the hard limit is never reached, so nothing is dropped) and the next
+//! `KVM_RUN` returns `KVM_EXIT_DIRTY_RING_FULL` without entering the guest, again and again, until
+//! the ring is harvested and reset. The vCPU thread then calls [`DirtyRings::harvest_vcpu`]: it
+//! moves its own ring's entries into a pending set shared with the tracker, resets, and re-enters.
+//!
+//! **Locking.** One mutex guards every ring's fetch index, the pending set and the reset ioctl, so
+//! two harvests never walk one ring at the same time and an entry is never taken twice or skipped.
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{bail, ensure, Context};
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+use super::ram::RAM_SLOT;
+use crate::tracking::DirtyPages;
+
+/// `KVM_DIRTY_GFN_F_DIRTY`: KVM pushed the entry.
+const GFN_DIRTY: u32 = 1;
+/// `KVM_DIRTY_GFN_F_RESET`: userspace harvested it; `KVM_RESET_DIRTY_RINGS` may recycle it.
+const GFN_RESET: u32 = 2;
+/// Entries per vCPU ring when the caller does not choose (64 KiB per vCPU).
+pub const DEFAULT_RING_ENTRIES: u32 = 4096;
+
+const KVMIO: u32 = 0xAE;
+// _IO(KVMIO, 0xc7), include/uapi/linux/kvm.h.
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+
+/// One vCPU's ring, mapped from its fd.
+struct Ring {
+    entries: *mut kvm_dirty_gfn,
+    /// Number of entries (a power of two).
+    size: u32,
+    /// Index of the next entry to harvest (wraps modulo `size`).
+    fetch: u32,
+    /// Full-ring exits in a row that found nothing to harvest (see [`DirtyRings::harvest_vcpu`]).
+    empty_full_exits: u32,
+}
+
+impl Ring {
+    /// Moves every harvestable entry into `into`; returns how many.
+    fn harvest(&mut self, pages: u64, into: &mut DirtyPages, strays: &mut u64) -> u32 {
+        let mut taken = 0;
+        loop {
+            let entry = self.entries.wrapping_add((self.fetch % self.size) as usize);
+            // SAFETY: `entry` is inside the ring mapping (index < size); `flags` is a u32 at offset 0
+            // of an 8-aligned entry, shared with KVM, which writes it with release semantics, so it is
+            // only accessed atomically.
+            let flags = unsafe { AtomicU32::from_ptr(&raw mut (*entry).flags) };
+            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                return taken;
+            }
+            // SAFETY: the acquire load above orders these reads after KVM's writes of the entry,
+            // which it does not touch again until we mark it RESET and ask for a reset.
+            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            if slot == RAM_SLOT && offset < pages {
+                into.insert(offset);
+            } else {
+                *strays += 1;
+            }
+            flags.store(GFN_RESET, Ordering::Release);
+            self.fetch = self.fetch.wrapping_add(1);
+            taken += 1;
+        }
+    }
+}
+
+struct Harvest {
+    rings: Vec<Ring>,
+    /// Pages harvested and reset but not yet handed to a tracker.
+    pending: DirtyPages,
+    /// Entries for another slot or past the end of RAM (never expected; counted for diagnostics).
+    strays: u64,
+    /// Times a vCPU found its ring full.
+    full_exits: u64,
+}
+
+/// The dirty rings of one VM. Shared (`Arc`) between the VM, its vCPU threads and a tracker.
+pub struct DirtyRings {
+    // Field order: the mappings (in `state`) are unmapped in Drop, before the VM fd closes.
+    state: Mutex<Harvest>,
+    ring_bytes: usize,
+    vm_fd: Arc<VmFd>,
+    pages: u64,
+}
+
+// SAFETY: the raw ring pointers refer to mappings owned by this struct (unmapped only in Drop) and
+// are only dereferenced under `state`'s lock, with atomic accesses to the flags shared with KVM.
+unsafe impl Send for DirtyRings {}
+// SAFETY: as above: every access goes through the mutex.
+unsafe impl Sync for DirtyRings {}
+
+impl DirtyRings {
+    /// Enables dirty rings of `entries` entries on a VM that has no vCPU yet (prefers the
+    /// acquire/release flavour). Then [`DirtyRings::add_vcpu`] maps each vCPU's ring.
+    pub(crate) fn enable(vm_fd: Arc<VmFd>, entries: u32, pages: u64) -> anyhow::Result<Self> {
+        ensure!(
+            entries.is_power_of_two(),
+            "dirty ring: {entries} entries is not a power of two"
+        );
+        let bytes = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        let acq_rel = vm_fd.check_extension_raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into());
+        let plain = vm_fd.check_extension_raw(KVM_CAP_DIRTY_LOG_RING.into());
+        let (cap, max) = match (acq_rel, plain) {
+            (max, _) if max > 0 => (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, max),
+            (_, max) if max > 0 => (KVM_CAP_DIRTY_LOG_RING, max),
+            _ => bail!("KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL] unsupported)"),
+        };
+        ensure!(
+            bytes <= max as usize,
+            "dirty ring of {entries} entries ({bytes} bytes) exceeds KVM's limit of {max} bytes"
+        );
+        let enable = kvm_enable_cap {
+            cap,
+            args: [bytes as u64, 0, 0, 0],
+            ..Default::default()
+        };
+        vm_fd
+            .enable_cap(&enable)
+            .with_context(|| format!("enabling a dirty ring of {entries} entries (cap {cap})"))?;
+        Ok(Self {
+            state: Mutex::new(Harvest {
+                rings: Vec::new(),
+                pending: DirtyPages::new(pages),
+                strays: 0,
+                full_exits: 0,
+            }),
+            ring_bytes: bytes,
+            vm_fd,
+            pages,
+        })
+    }
+
+    /// Maps the ring of the next vCPU (vCPUs are added in id order: ring `i` is vCPU `i`'s).
+    pub(crate) fn add_vcpu(&self, vcpu: &VcpuFd) -> anyhow::Result<()> {
+        let page = 4096i64;
+        // SAFETY: maps `ring_bytes` of the vCPU fd at the offset KVM documents for the dirty ring;
+        // a new shared mapping aliases no Rust object. The result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.ring_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mapping a vCPU's dirty ring");
+        }
+        self.lock().rings.push(Ring {
+            entries: addr as *mut kvm_dirty_gfn,
+            size: (self.ring_bytes / std::mem::size_of::<kvm_dirty_gfn>()) as u32,
+            fetch: 0,
+            empty_full_exits: 0,
+        });
+        Ok(())
+    }
+
+    /// Entries per ring.
+    pub fn entries(&self) -> u32 {
+        (self.ring_bytes / std::mem::size_of::<kvm_dirty_gfn>()) as u32
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Harvest> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by vCPU `vcpu`'s thread on `KVM_EXIT_DIRTY_RING_FULL`: moves its ring into the pending
+    /// set and resets it, so that the vCPU can run again. Nothing is lost: the tracker's next
+    /// `take` returns these pages.
+    ///
+    /// Fails if the ring overflowed: KVM then keeps reporting it full although every entry was
+    /// harvested and reset (its indices are more than a ring apart, entries were overwritten and
+    /// their pages lost; the kernel warns "kvm_dirty_ring_push"). kvm-pvm does that when it emulates
+    /// guest code: it runs up to 1024 instructions per batch without honouring the soft limit, so a
+    /// batch that dirties more pages than the 64 reserved entries overruns the ring. One empty
+    /// harvest is normal (the tracker may have just harvested the ring); two in a row are not.
+    pub fn harvest_vcpu(&self, vcpu: usize) -> anyhow::Result<()> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.full_exits += 1;
+        let ring = state
+            .rings
+            .get_mut(vcpu)
+            .with_context(|| format!("dirty ring of vCPU {vcpu} not mapped"))?;
+        let taken = ring.harvest(self.pages, &mut state.pending, &mut state.strays);
+        ring.empty_full_exits = if taken == 0 { ring.empty_full_exits + 1 } else { 0 };
+        if ring.empty_full_exits >= 2 {
+            bail!(
+                "the dirty ring of vCPU {vcpu} overflowed ({} entries): KVM pushed past its hard limit and \
+                 dirtied pages were lost (kvm-pvm's emulator ignores the soft limit; use a bigger ring or \
+                 another tracker)",
+                ring.size
+            );
+        }
+        self.reset()
+    }
+
+    /// Harvests every ring, resets them (re-protecting the pages), and returns every page harvested
+    /// since the previous call (including by full vCPUs). When this returns, every returned page is
+    /// write-protected again, so a later guest write to it makes a new entry.
+    pub fn take(&self) -> anyhow::Result<DirtyPages> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        for ring in &mut state.rings {
+            ring.harvest(self.pages, &mut state.pending, &mut state.strays);
+        }
+        self.reset()?;
+        if state.strays > 0 {
+            tracing::warn!(
+                strays = state.strays,
+                "dirty ring entries outside the RAM slot were ignored"
+            );
+            state.strays = 0;
+        }
+        Ok(std::mem::replace(&mut state.pending, DirtyPages::new(self.pages)))
+    }
+
+    /// How many times a vCPU found its ring full so far.
+    pub fn full_exits(&self) -> u64 {
+        self.lock().full_exits
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` (call with the lock held, after marking entries RESET).
+    fn reset(&self) -> anyhow::Result<()> {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; it only reads the rings' shared entries.
+        let ret = unsafe { ioctl(self.vm_fd.as_ref(), KVM_RESET_DIRTY_RINGS()) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error()).context("KVM_RESET_DIRTY_RINGS");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DirtyRings {
+    fn drop(&mut self) {
+        for ring in &self.lock().rings {
+            // SAFETY: unmapping a mapping made in `add_vcpu` of exactly `ring_bytes`; the pointer is
+            // not used afterwards (the Harvest goes with self).
+            unsafe { libc::munmap(ring.entries as *mut libc::c_void, self.ring_bytes) };
+        }
+    }
+}
