@@ -9,6 +9,10 @@
 //! longest stall and total time. Each pair of runs is repeated `PERFPLUS_BENCH_REPEAT` times (default 1)
 //! and the median is reported.
 //!
+//! Order: the same pre-copy migration of a guest with a hot set (`hot=10:90`, 40k writes/s) with the
+//! pages of each round sent hot-last and in address order; it reports the pages sent after round 1,
+//! rounds, downtime and total time of each, and their ratios.
+//!
 //! The peer: when `qemu-system-x86_64` is installed (`scripts/bench.sh` installs it), the same guest
 //! image with the same workload and memory size boots under QEMU (`-enable-kvm -kernel`) and QEMU
 //! live-migrates it to a second QEMU over loopback (QMP `migrate`, downtime limit = our target 30 ms,
@@ -60,6 +64,8 @@ const WORKLOADS: [Workload; 3] = [
 #[derive(Clone, Copy, Default)]
 struct Figures {
     bytes: f64,
+    /// Pages sent in full after round 1 (pages sent again, or first written during the migration).
+    resent: f64,
     rounds: f64,
     sent_per_round: f64,
     downtime_ms: f64,
@@ -68,13 +74,17 @@ struct Figures {
     cpu_ms: f64,
 }
 
-fn run(memory: &str, workload: &Workload, hashing: bool) -> Figures {
+fn run(memory: &str, workload: &Workload, hashing: bool, extra: &[&str]) -> Figures {
     let cluster = Cluster::new();
     let a = cluster.agent_with_store("a", "0");
     let b = cluster.agent_with_store("b", "0");
     cluster.start_guest(&a, "bench", memory, &workload.spec());
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let mut args = vec!["migrate", "bench", "--from", &a.addr, "--to", &b.addr, "--json"];
+    // Pre-copy only: this benchmark compares pre-copy variants (post-copy has its own bench).
+    let mut args = vec![
+        "migrate", "bench", "--from", &a.addr, "--to", &b.addr, "--json", "--mode", "precopy",
+    ];
+    args.extend_from_slice(extra);
     if !hashing {
         args.push("--no-hashing");
     }
@@ -82,9 +92,11 @@ fn run(memory: &str, workload: &Workload, hashing: bool) -> Figures {
     assert_eq!(report["lost_pages"], 0, "a benchmark run lost pages: {report}");
     let rounds = report["rounds"].as_array().expect("rounds");
     let sent: u64 = rounds.iter().map(|r| r["sent_pages"].as_u64().unwrap()).sum();
+    let resent: u64 = rounds.iter().skip(1).map(|r| r["sent_pages"].as_u64().unwrap()).sum();
     Figures {
         bytes: report["bytes_on_wire"].as_f64().unwrap(),
         rounds: rounds.len() as f64,
+        resent: resent as f64,
         sent_per_round: sent as f64 / rounds.len() as f64,
         downtime_ms: report["downtime_ms"].as_f64().unwrap(),
         stall_ms: report["guest_max_stall_ms"].as_f64().unwrap_or(f64::NAN),
@@ -103,6 +115,7 @@ fn median_figures(runs: &[Figures]) -> Figures {
     Figures {
         bytes: m(|f| f.bytes),
         rounds: m(|f| f.rounds),
+        resent: m(|f| f.resent),
         sent_per_round: m(|f| f.sent_per_round),
         downtime_ms: m(|f| f.downtime_ms),
         stall_ms: m(|f| f.stall_ms),
@@ -130,8 +143,8 @@ fn main() {
         let mut on = Vec::new();
         let mut off = Vec::new();
         for _ in 0..repeat {
-            on.push(run(&memory, workload, true));
-            off.push(run(&memory, workload, false));
+            on.push(run(&memory, workload, true, &[]));
+            off.push(run(&memory, workload, false, &[]));
         }
         let (on, off) = (median_figures(&on), median_figures(&off));
         for (label, f) in [("on", on), ("off", off)] {
@@ -159,7 +172,38 @@ fn main() {
         );
         results.push((workload, on));
     }
+    compare_order(&memory, repeat);
     compare_with_qemu(&memory, &results);
+}
+
+/// Hot-last against address order on a workload with a hot set (90 % of the writes to 10 % of the
+/// working set): pages re-sent (sent in more than one round), rounds, downtime.
+fn compare_order(memory: &str, repeat: usize) {
+    let workload = Workload {
+        name: "hot set 10:90",
+        cmdline: "working-set=128M rate=40k hot=10:90",
+    };
+    let mut hot_last = Vec::new();
+    let mut address = Vec::new();
+    for _ in 0..repeat {
+        hot_last.push(run(memory, &workload, true, &["--order", "hot-last"]));
+        address.push(run(memory, &workload, true, &["--order", "address"]));
+    }
+    let (hot, addr) = (median_figures(&hot_last), median_figures(&address));
+    println!();
+    println!("order of a round, workload {} ({}):", workload.name, workload.cmdline);
+    for (label, f) in [("hot-last", hot), ("address", addr)] {
+        println!(
+            "  {label:<9} sent after round 1 {:>7.0} pages, rounds {:>3.0}, downtime {:>6.1} ms, guest stall {:>6.1} ms, total {:>6.0} ms",
+            f.resent, f.rounds, f.downtime_ms, f.stall_ms, f.total_ms
+        );
+    }
+    println!(
+        "  hot-last/address: pages sent after round 1 {:.3}, downtime {:.3}, total time {:.3}",
+        hot.resent / addr.resent,
+        hot.downtime_ms / addr.downtime_ms,
+        hot.total_ms / addr.total_ms
+    );
 }
 
 fn memory_mib(memory: &str) -> u64 {
