@@ -5,6 +5,7 @@
 //! eBPF write-heat sources plug in behind the same interface.
 
 pub mod dirty_log;
+pub mod ebpf;
 
 use std::fmt;
 
