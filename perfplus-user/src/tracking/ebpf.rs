@@ -412,6 +412,152 @@ pub fn vcpu_threads_of(name: &str, vcpus: usize) -> anyhow::Result<Vec<u32>> {
 mod tests {
     use super::*;
 
+    /// A child process that writes `pages` fresh pages `rounds` times when told to, and reports the
+    /// base address of its pages.
+    ///
+    /// Write faults happen on the *first* write to a page that is not present (or not writable), not
+    /// on every store: so each round writes one byte to every page, then drops the pages with
+    /// `MADV_DONTNEED`, and the next round's write to each page faults again. The expected count is
+    /// exactly `rounds` write faults on each of the `pages` pages.
+    struct Writer {
+        pid: libc::pid_t,
+        go: libc::c_int,
+        done: libc::c_int,
+        base: u64,
+    }
+
+    impl Writer {
+        fn spawn(pages: usize, rounds: usize) -> Writer {
+            let mut go = [0; 2];
+            let mut done = [0; 2];
+            // SAFETY: pipe() writes two fds into each 2-element array.
+            assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::pipe(done.as_mut_ptr()) }, 0);
+            let len = pages * PAGE_SIZE;
+            // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(base, libc::MAP_FAILED);
+            // SAFETY: the child only makes raw syscalls and plain stores to the mapping (no
+            // allocation, no locks) before _exit, which is what is allowed after fork in a
+            // multi-threaded process.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: child side: fds and mapping are valid copies from the parent; each store is
+                // inside the mapping of `len` bytes.
+                unsafe {
+                    let mut byte = 0u8;
+                    libc::read(go[0], (&raw mut byte).cast(), 1);
+                    for round in 0..rounds {
+                        for page in 0..pages {
+                            std::ptr::write_volatile(base.cast::<u8>().add(page * PAGE_SIZE), round as u8 + 1);
+                        }
+                        libc::madvise(base, len, libc::MADV_DONTNEED);
+                    }
+                    libc::write(done[1], (&raw const byte).cast(), 1);
+                    libc::read(go[0], (&raw mut byte).cast(), 1);
+                    libc::_exit(0);
+                }
+            }
+            // SAFETY: the parent does not use the mapping; unmapping its copy is harmless to the child.
+            unsafe { libc::munmap(base, len) };
+            Writer {
+                pid,
+                go: go[1],
+                done: done[0],
+                base: base as u64,
+            }
+        }
+
+        fn run_and_wait(&self) {
+            let byte = 1u8;
+            let mut got = 0u8;
+            // SAFETY: valid pipe fds owned by this struct; one-byte buffers.
+            unsafe {
+                assert_eq!(libc::write(self.go, (&raw const byte).cast(), 1), 1);
+                assert_eq!(libc::read(self.done, (&raw mut got).cast(), 1), 1);
+            }
+        }
+    }
+
+    impl Drop for Writer {
+        fn drop(&mut self) {
+            let byte = 1u8;
+            // SAFETY: valid fds and pid owned by this struct; the child exits on the second byte.
+            unsafe {
+                libc::write(self.go, (&raw const byte).cast(), 1);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+                libc::close(self.go);
+                libc::close(self.done);
+            }
+        }
+    }
+
+    #[test]
+    fn page_fault_program_counts_a_known_write_pattern() {
+        const PAGES: usize = 64;
+        const ROUNDS: usize = 3;
+        let writer = Writer::spawn(PAGES, ROUNDS);
+        let mut heat = EbpfHeat::attach(HeatSource::Process { pid: writer.pid as u32 }).unwrap();
+        let before = heat.sample().unwrap();
+        assert_eq!(before.write_events, 0, "the writer waits before writing: {before:?}");
+        writer.run_and_wait();
+        let sample = heat.sample().unwrap();
+        let range = writer.base..writer.base + (PAGES * PAGE_SIZE) as u64;
+        let ours: Vec<(u64, u64)> = sample
+            .pages
+            .iter()
+            .copied()
+            .filter(|(a, _)| range.contains(a))
+            .collect();
+        assert_eq!(ours.len(), PAGES, "every page faulted: {ours:?}");
+        assert!(
+            ours.iter().all(|&(_, w)| w == ROUNDS as u64),
+            "{ROUNDS} write faults per page: {ours:?}"
+        );
+        // The child may also fault on its own stack (copy-on-write after fork): a few more pages.
+        assert!(sample.write_events >= (PAGES * ROUNDS) as u64);
+        assert!(sample.write_events <= (PAGES * ROUNDS + 16) as u64, "{sample:?}");
+        assert!(sample.working_set_pages() <= PAGES as u64 + 16);
+        assert_eq!(sample.map_errors, 0);
+        // The keys of the interval were consumed: nothing is reported twice.
+        let after = heat.sample().unwrap();
+        assert!(after.pages.iter().all(|(a, _)| !range.contains(a)), "{after:?}");
+        assert_eq!(heat.max_pages(), FAULT_PAGES_MAX);
+    }
+
+    #[test]
+    fn dirty_ring_program_attaches_and_ignores_other_threads() {
+        // No VM of this process is in dirty-ring mode here; the program must attach and count
+        // nothing for threads it was not given.
+        let mut heat = EbpfHeat::attach(HeatSource::VmThreads {
+            vm_id: 7,
+            tids: vec![u32::MAX - 1],
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let sample = heat.sample().unwrap();
+        assert_eq!(sample.write_events, 0);
+        assert!(sample.pages.is_empty());
+        assert_eq!(sample.kernel_rate, None);
+    }
+
+    #[test]
+    fn a_missing_process_is_refused() {
+        let err = EbpfHeat::attach(HeatSource::Process { pid: u32::MAX / 2 }).unwrap_err();
+        assert!(format!("{err:#}").contains("no process"), "{err:#}");
+    }
+
     #[test]
     fn regions_aggregate_and_sort() {
         let mb2 = 2 << 20;
