@@ -583,10 +583,16 @@ mod tests {
     #[test]
     fn vcpu_thread_names_are_found() {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        // The new thread sets its kernel name itself when it starts: wait until it runs.
         let t = std::thread::Builder::new()
             .name("vcpu0-heat-test-vm-long".into())
-            .spawn(move || rx.recv().ok())
+            .spawn(move || {
+                ready_tx.send(()).unwrap();
+                rx.recv().ok()
+            })
             .unwrap();
+        ready_rx.recv().unwrap();
         let tids = vcpu_threads_of("heat-test-vm-long", 1).unwrap();
         assert_eq!(tids.len(), 1);
         assert!(vcpu_threads_of("no-such-vm", 1).is_err());
