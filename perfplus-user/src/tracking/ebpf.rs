@@ -230,36 +230,38 @@ impl EbpfHeat {
             HeatSource::Process { .. } => {
                 let mut map: BpfHashMap<&mut MapData, FaultPageKey, u64> =
                     BpfHashMap::try_from(self.ebpf.map_mut(ebpf_abi::MAP_FAULT_PAGES).context("fault map")?)?;
-                let mut done = Vec::new();
+                // A key the LRU evicts during the walk makes the kernel restart it from the first
+                // key: keep each key once.
+                let mut done: HashMap<FaultPageKey, u64> = HashMap::new();
                 for entry in map.iter() {
                     let (key, writes) = entry?;
                     if key.generation != self.generation {
-                        sample.pages.push((key.page * page, writes));
-                        done.push(key);
+                        done.insert(key, writes);
                     }
                 }
-                for key in &done {
-                    map.remove(key)?;
+                for (key, writes) in done {
+                    sample.pages.push((key.page * page, writes));
+                    remove_key(&mut map, &key)?;
                 }
             }
             HeatSource::VmThreads { vm_id, .. } => {
                 let vm_id = *vm_id;
                 let mut map: BpfHashMap<&mut MapData, RingPageKey, u64> =
                     BpfHashMap::try_from(self.ebpf.map_mut(ebpf_abi::MAP_RING_PAGES).context("ring map")?)?;
-                let mut done = Vec::new();
-                let mut by_gpa: HashMap<u64, u64> = HashMap::new();
+                let mut done: HashMap<RingPageKey, u64> = HashMap::new();
                 for entry in map.iter() {
                     let (key, writes) = entry?;
                     if key.generation != self.generation {
-                        if key.vm_id == vm_id {
-                            // The agent's VMs have one RAM slot at guest-physical 0.
-                            *by_gpa.entry(key.gfn * page).or_default() += writes;
-                        }
-                        done.push(key);
+                        done.insert(key, writes);
                     }
                 }
-                for key in &done {
-                    map.remove(key)?;
+                let mut by_gpa: HashMap<u64, u64> = HashMap::new();
+                for (key, writes) in done {
+                    if key.vm_id == vm_id {
+                        // The agent's VMs have one RAM slot, at guest-physical 0.
+                        *by_gpa.entry(key.gfn * page).or_default() += writes;
+                    }
+                    remove_key(&mut map, &key)?;
                 }
                 sample.pages = by_gpa.into_iter().collect();
                 let vms: BpfHashMap<&mut MapData, u32, RingVmStats> =
@@ -294,6 +296,15 @@ impl EbpfHeat {
             logger.flush();
         }
         Ok(sample)
+    }
+}
+
+/// Removes a key; one the LRU evicted meanwhile is already gone, which is fine.
+fn remove_key<K: aya::Pod>(map: &mut BpfHashMap<&mut MapData, K, u64>, key: &K) -> anyhow::Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
