@@ -140,6 +140,25 @@ fn track_pid_of_a_missing_process_fails_clearly() {
 }
 
 #[test]
+fn track_pid_without_root_says_it_needs_root() {
+    if ebpf_missing() {
+        return;
+    }
+    if !std::path::Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("SKIPPED: setpriv (util-linux) is absent, cannot drop root for this test");
+        return;
+    }
+    let out = Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([PERFPLUS, "track", "--pid", "1", "--seconds", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root"), "{err}");
+}
+
+#[test]
 fn track_vm_reports_the_guest_dirty_rate_and_blocks_migration() {
     if kvm_missing() || ebpf_missing() {
         return;

@@ -141,6 +141,7 @@ pub fn perfplus_kvm_dirty_ring_push(ctx: TracePointContext) -> u32 {
     };
     if !bump(&RING_PAGES, &key) {
         count(stat::MAP_ERRORS);
+        warn!(&ctx, "perfplus: cannot count a dirty-ring push of gfn {:x}", gfn);
     }
     vm_stats(vm_id);
     0

@@ -338,7 +338,7 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
-        bail!("tracefs is not mounted and mounting it on {TRACEFS} failed: {err} (eBPF tracking needs root)");
+        bail!("eBPF tracking needs root: tracefs is not mounted (or not readable) and mounting it on {TRACEFS} failed: {err}");
     }
     Ok(())
 }
