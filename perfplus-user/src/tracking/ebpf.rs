@@ -84,6 +84,14 @@ impl HeatSample {
         self.pages.len() as u64
     }
 
+    /// The `n` pages with the most write events, hottest first (ties: lower address first).
+    pub fn hottest_pages(&self, n: usize) -> Vec<(u64, u64)> {
+        let mut pages = self.pages.clone();
+        pages.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        pages.truncate(n);
+        pages
+    }
+
     /// The `n` regions of `region_bytes` (a power of two) with the most write events, hottest first.
     pub fn hottest_regions(&self, region_bytes: u64, n: usize) -> Vec<Region> {
         hottest_regions(self.pages.iter().copied(), region_bytes, n)
@@ -137,7 +145,16 @@ impl EbpfHeat {
     /// Loads the programs, configures them for `source` and attaches the one it needs.
     pub fn attach(source: HeatSource) -> anyhow::Result<EbpfHeat> {
         ensure_tracefs()?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| refused("loading the eBPF object", e.into()))?;
+        // Only the map of the attached program gets its full size: an LRU hash preallocates every
+        // entry (about 20 MiB of kernel memory for 2^18 pages).
+        let unused = match source {
+            HeatSource::Process { .. } => ebpf_abi::MAP_RING_PAGES,
+            HeatSource::VmThreads { .. } => ebpf_abi::MAP_FAULT_PAGES,
+        };
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(unused, 1)
+            .load(OBJECT)
+            .map_err(|e| refused("loading the eBPF object", e.into()))?;
         // Log records of the programs go to the `log` crate, which tracing-subscriber forwards.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -545,6 +562,8 @@ mod tests {
         let after = heat.sample().unwrap();
         assert!(after.pages.iter().all(|(a, _)| !range.contains(a)), "{after:?}");
         assert_eq!(heat.max_pages(), FAULT_PAGES_MAX);
+        let top = sample.hottest_pages(1);
+        assert!(top[0].1 >= ROUNDS as u64, "{top:?}");
     }
 
     #[test]
