@@ -416,6 +416,7 @@ fn measure(target: TrackTarget, req: TrackRequest, tx: tokio::sync::mpsc::Sender
     let interval = Duration::from_millis(u64::from(req.interval_ms));
     let guest_written = |vm: &Weak<Vm>| vm.upgrade().and_then(|v| v.guest_status()).map(|g| g.pages_written);
     let mut last_written = guest_written(&target.vm);
+    let mut log_failed = false;
     let start = Instant::now();
     let mut last = start;
     let mut i = 0u32;
@@ -423,7 +424,24 @@ fn measure(target: TrackTarget, req: TrackRequest, tx: tokio::sync::mpsc::Sender
         i += 1;
         sleep_until(start + interval * i);
         let result = (|| -> anyhow::Result<TrackSample> {
-            let dirty = tracker.as_mut().map(|t| t.collect()).transpose()?;
+            // A VM in dirty-ring mode has no dirty bitmap: its first collect fails. Then the tracker
+            // stays (its dirty logging feeds the rings) and the eBPF ring events are the source.
+            let dirty = match tracker
+                .as_mut()
+                .filter(|_| !log_failed)
+                .map(|t| t.collect())
+                .transpose()
+            {
+                Ok(d) => d,
+                Err(e) if heat.is_some() => {
+                    log_failed = true;
+                    notes.push(format!(
+                        "dirty log unavailable ({e:#}); dirty pages from eBPF dirty-ring events"
+                    ));
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             let ebpf = heat.as_mut().map(|h| h.sample()).transpose()?;
             let now = Instant::now();
             let written = guest_written(&target.vm);
