@@ -384,6 +384,17 @@ pub async fn serve_vm(conn: &mut Connection, target: TrackTarget, req: TrackRequ
     conn.send(&Message::Done).await
 }
 
+/// Turns dirty logging off again when dropped.
+struct LoggingOn(Arc<RamSlot>);
+
+impl Drop for LoggingOn {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_dirty_logging(false) {
+            tracing::warn!("turning dirty logging off after tracking: {e:#}");
+        }
+    }
+}
+
 /// The measuring loop (blocking). Errors go to the channel.
 fn measure(target: TrackTarget, req: TrackRequest, tx: tokio::sync::mpsc::Sender<anyhow::Result<TrackSample>>) {
     let mut notes: Vec<String> = Vec::new();
@@ -400,12 +411,21 @@ fn measure(target: TrackTarget, req: TrackRequest, tx: tokio::sync::mpsc::Sender
     } else {
         None
     };
+    let mut _logging: Option<LoggingOn> = None;
     let mut tracker = match DirtyLogTracker::from_slot(target.ram.clone()) {
         Ok(t) => Some(t),
         Err(e) if heat.is_some() => {
+            // E.g. a VM in dirty-ring mode (no bitmap): KVM pushes to the rings only while dirty
+            // logging is on, so turn it on for the tracking's duration.
             notes.push(format!(
                 "dirty log unavailable ({e:#}); dirty pages from eBPF dirty-ring events"
             ));
+            if !target.ram.dirty_logging() {
+                match target.ram.set_dirty_logging(true) {
+                    Ok(()) => _logging = Some(LoggingOn(target.ram.clone())),
+                    Err(e) => notes.push(format!("turning dirty logging on failed: {e:#}")),
+                }
+            }
             None
         }
         Err(e) => {
