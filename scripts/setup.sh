@@ -23,6 +23,31 @@ need_component clippy
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-*.so* >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev
 fi
+
+# eBPF programs (perfplus-ebpf, built by perfplus-user/build.rs through aya-build): the bpfel target
+# needs core built from source (rust-src, with RUSTC_BOOTSTRAP=1 on the stable toolchain) and the
+# bpf-linker, which must be linked against LLVM 22 (rustc 1.95's LLVM); without LLVM_PREFIX it finds
+# Debian's LLVM 14 and fails.
+PERFPLUS_BPF_LINKER_VERSION=0.13.0
+PERFPLUS_LLVM_PREFIX=/usr/lib/llvm-22
+need_component rust-src
+if [ ! -e "$PERFPLUS_LLVM_PREFIX/bin/llvm-config" ]; then
+    if ! apt-cache show llvm-22-dev >/dev/null 2>&1; then
+        apt-get update -qq
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq llvm-22-dev >/dev/null
+fi
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+if ! bpf-linker --version 2>/dev/null | grep -q " $PERFPLUS_BPF_LINKER_VERSION\$"; then
+    echo "setup: installing bpf-linker $PERFPLUS_BPF_LINKER_VERSION (LLVM 22; takes a minute or two)" >&2
+    LLVM_PREFIX=$PERFPLUS_LLVM_PREFIX cargo install bpf-linker --version "$PERFPLUS_BPF_LINKER_VERSION" \
+        --locked --no-default-features --features llvm-22 --quiet
+fi
+# aya loads the programs through tracefs; some machines do not mount it.
+if [ "$(id -u)" = 0 ] && [ -d /sys/kernel/tracing ] && [ ! -e /sys/kernel/tracing/events ]; then
+    mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+
 if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is absent; VMs cannot run here" >&2
 fi

@@ -1,4 +1,4 @@
-//! Types shared by the perfplus agent, its built-in guest and (later) its eBPF programs.
+//! Types shared by the perfplus agent, its built-in guest and its eBPF programs.
 //!
 //! Everything here is `no_std`, `#[repr(C)]` and free of pointers, so that the same definition can be
 //! compiled into the host agent, into the `x86_64-unknown-none` guest and into BPF programs.
@@ -103,4 +103,144 @@ pub mod guest_abi {
         /// Seed of the guest's pseudo-random generator.
         pub const SEED: &str = "seed";
     }
+}
+
+/// The contract between the eBPF programs of `perfplus-ebpf` and their loader in the agent
+/// (`perfplus-user/src/tracking/ebpf.rs`): program and map names, map key and value layouts.
+///
+/// Two tracepoint programs, loaded from one object (every load has its own maps):
+///
+/// - [`PROG_FAULT`] on `exceptions:page_fault_user`: counts the user page faults of ONE process (the
+///   tgid in [`Config::target_tgid`]); write faults (error code bit 1) are counted per 4 KiB page of
+///   the process's virtual address space in [`MAP_FAULT_PAGES`]. A page faults for a write when it is
+///   first written (fresh anonymous memory, or after `MADV_DONTNEED`), on copy-on-write and when the
+///   kernel write-protected it (e.g. dirty tracking); later writes to a writable present page do not
+///   fault, so this counts *write faults*, not stores.
+/// - [`PROG_RING`] on `kvm:kvm_dirty_ring_push`: every page KVM pushes to a vCPU's dirty ring
+///   (only VMs in dirty-ring mode; it sees nothing in bitmap mode). The event runs on the vCPU thread,
+///   so the program keys the VM by the pushing thread: [`MAP_RING_THREADS`] maps a vCPU thread id
+///   (kernel tid) to a VM id the agent chooses; pushes from other threads are only counted in
+///   [`stat::RING_PUSHES_OTHER`]. Per page: [`RingPageKey`] (VM id, KVM slot, gfn offset in the slot).
+///
+/// **Intervals without loss.** Per-page keys carry a `generation`; the programs take the current one
+/// from [`Config::generation`]. The loader bumps the generation, waits for programs in flight
+/// (they run for microseconds) and then reads and deletes every key of the previous generation, so
+/// each event lands in exactly one interval. Per-page maps are LRU hashes of [`FAULT_PAGES_MAX`] /
+/// [`RING_PAGES_MAX`] entries (pages written in one interval beyond that evict the least recently
+/// written ones; the totals in [`MAP_STATS`] stay exact).
+pub mod ebpf_abi {
+    /// Program on `exceptions:page_fault_user`.
+    pub const PROG_FAULT: &str = "perfplus_page_fault_user";
+    /// Program on `kvm:kvm_dirty_ring_push`.
+    pub const PROG_RING: &str = "perfplus_kvm_dirty_ring_push";
+
+    /// `Array<Config>` with one entry (index 0), written by the loader.
+    pub const MAP_CONFIG: &str = "PERFPLUS_CONFIG";
+    /// `Array<u64>` of [`stat`] counters (cumulative since load).
+    pub const MAP_STATS: &str = "PERFPLUS_STATS";
+    /// `LruHashMap<FaultPageKey, u64>`: write faults per page of the target process.
+    pub const MAP_FAULT_PAGES: &str = "PERFPLUS_FAULT_PAGES";
+    /// `HashMap<u32 (tid), u32 (VM id)>`: the vCPU threads whose dirty-ring pushes are tracked.
+    pub const MAP_RING_THREADS: &str = "PERFPLUS_RING_THREADS";
+    /// `LruHashMap<RingPageKey, u64>`: dirty-ring pushes per guest page.
+    pub const MAP_RING_PAGES: &str = "PERFPLUS_RING_PAGES";
+    /// `HashMap<u32 (VM id), RingVmStats>`: per-VM totals and dirty rate.
+    pub const MAP_RING_VMS: &str = "PERFPLUS_RING_VMS";
+
+    /// Entries of [`MAP_FAULT_PAGES`]: 1 GiB of 4 KiB pages per interval.
+    pub const FAULT_PAGES_MAX: u32 = 1 << 18;
+    /// Entries of [`MAP_RING_PAGES`]: 1 GiB of 4 KiB guest pages per interval.
+    pub const RING_PAGES_MAX: u32 = 1 << 18;
+    /// Entries of [`MAP_RING_THREADS`] (vCPU threads tracked at once).
+    pub const RING_THREADS_MAX: u32 = 1024;
+    /// Entries of [`MAP_RING_VMS`].
+    pub const RING_VMS_MAX: u32 = 256;
+
+    /// Length of the window of the in-kernel dirty-rate counters ([`RingVmStats::last_window_pushes`]).
+    pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
+
+    /// Indices of [`MAP_STATS`].
+    pub mod stat {
+        /// `page_fault_user` events of the target process.
+        pub const FAULTS: u32 = 0;
+        /// Of which write faults (error code bit 1).
+        pub const WRITE_FAULTS: u32 = 1;
+        /// `kvm_dirty_ring_push` events of tracked vCPU threads.
+        pub const RING_PUSHES: u32 = 2;
+        /// `kvm_dirty_ring_push` events of any other thread (seen, not tracked).
+        pub const RING_PUSHES_OTHER: u32 = 3;
+        /// Per-page map updates that failed (should stay 0).
+        pub const MAP_ERRORS: u32 = 4;
+        /// Number of counters.
+        pub const COUNT: u32 = 5;
+    }
+
+    /// Error-code bit of a write access in `page_fault_user` (x86 `X86_PF_WRITE`).
+    pub const PF_WRITE: u64 = 1 << 1;
+
+    /// What the loader tells the programs.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        /// Process (tgid) whose page faults [`PROG_FAULT`] counts; 0 = none.
+        pub target_tgid: u32,
+        /// Generation stamped into the per-page keys (see the module doc).
+        pub generation: u32,
+    }
+
+    /// Key of [`MAP_FAULT_PAGES`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct FaultPageKey {
+        /// Virtual page number (faulting address >> 12) in the target process.
+        pub page: u64,
+        /// [`Config::generation`] when the fault happened.
+        pub generation: u32,
+        pub _pad: u32,
+    }
+
+    /// Key of [`MAP_RING_PAGES`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct RingPageKey {
+        /// Page offset in the memslot (the tracepoint's `offset`, a gfn relative to the slot base).
+        pub gfn: u64,
+        /// The VM id of the pushing thread ([`MAP_RING_THREADS`]).
+        pub vm_id: u32,
+        /// KVM slot as the tracepoint reports it: address-space id << 16 | slot id.
+        pub slot: u32,
+        /// [`Config::generation`] when the page was pushed.
+        pub generation: u32,
+        pub _pad: u32,
+    }
+
+    /// Value of [`MAP_RING_VMS`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RingVmStats {
+        /// Pages pushed to the dirty rings of this VM since load.
+        pub pushes: u64,
+        /// Start (bpf_ktime_get_ns) of the current rate window.
+        pub window_start_ns: u64,
+        /// Pushes in the current window so far.
+        pub window_pushes: u64,
+        /// Pushes in the last complete window of [`RATE_WINDOW_NS`] (the in-kernel dirty rate, pages/s;
+        /// approximate: concurrent vCPUs may race on the window switch).
+        pub last_window_pushes: u64,
+    }
+}
+
+// SAFETY: every type below is `#[repr(C)]`, made of integers only, with explicit padding fields, so
+// any byte pattern is a valid value and there are no uninitialised padding bytes.
+#[cfg(feature = "user")]
+mod pod {
+    use super::ebpf_abi::{Config, FaultPageKey, RingPageKey, RingVmStats};
+    // SAFETY: see above (repr(C), integers only, no implicit padding).
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FaultPageKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RingPageKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RingVmStats {}
 }

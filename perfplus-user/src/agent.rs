@@ -53,6 +53,8 @@ struct HostedVm {
     tracker: TrackerKind,
     /// A migration of this VM is under way.
     migrating: bool,
+    /// `perfplus track` is measuring this VM (it uses the VM's dirty log, as a migration does).
+    tracking: bool,
 }
 
 struct AgentState {
@@ -235,6 +237,7 @@ async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Messag
                 Err(text) => bail!(text),
             }
         }
+        Message::Track(req) => track(state, conn, req).await,
         other => bail!("{} is not a control request", describe(&other)),
     }
 }
@@ -311,6 +314,7 @@ async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Resul
         cmdline,
         tracker,
         migrating: false,
+        tracking: false,
     };
     let info = vm_info(&req.name, &hosted);
     let mut vms = state.vms.lock().expect("vms lock");
@@ -358,6 +362,12 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
         };
         if hosted.migrating {
             bail!("VM {:?} is already being migrated", req.vm);
+        }
+        if hosted.tracking {
+            bail!(
+                "VM {:?} is being tracked (`perfplus track`); migrate it when that ends",
+                req.vm
+            );
         }
         if hosted.vm.run_state() != RunState::Running {
             bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
@@ -442,6 +452,40 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
             )))
         }
     }
+}
+
+/// `perfplus track --vm`: measures the VM with its dirty log (and eBPF heat) for the CLI. Refused while
+/// the VM migrates; a migration is refused while it is tracked.
+async fn track(
+    state: &Arc<AgentState>,
+    conn: &mut Connection,
+    req: crate::protocol::TrackRequest,
+) -> anyhow::Result<()> {
+    let target = {
+        let mut vms = state.vms.lock().expect("vms lock");
+        let Some(hosted) = vms.get_mut(&req.vm) else {
+            bail!("no VM named {:?} on agent {}", req.vm, state.name);
+        };
+        if hosted.migrating {
+            bail!("VM {:?} is being migrated; track it when that ends", req.vm);
+        }
+        if hosted.tracking {
+            bail!("VM {:?} is already being tracked", req.vm);
+        }
+        hosted.tracking = true;
+        crate::track::TrackTarget {
+            name: req.vm.clone(),
+            vm: Arc::downgrade(&hosted.vm),
+            ram: hosted.vm.ram_slot().clone(),
+            vcpus: hosted.vm.vcpu_count(),
+        }
+    };
+    let name = req.vm.clone();
+    let result = crate::track::serve_vm(conn, target, req).await;
+    if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&name) {
+        hosted.tracking = false;
+    }
+    result
 }
 
 /// Puts the pages of a VM that left into the page store, so that its content is held here if it (or a
@@ -533,6 +577,7 @@ async fn migrate_in(
                 tracker,
                 // A guest whose memory is still arriving cannot be stopped or migrated.
                 migrating: filling,
+                tracking: false,
             },
         );
         install_state

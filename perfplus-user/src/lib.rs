@@ -15,5 +15,6 @@ pub mod migration;
 pub mod page_store;
 pub mod protocol;
 pub mod report;
+pub mod track;
 pub mod tracking;
 pub mod vm;

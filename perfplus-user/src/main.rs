@@ -40,6 +40,9 @@ enum Command {
     Vm(VmCommand),
     /// Live-migrate a running VM from one agent to another (pre-copy), then print the report.
     Migrate(MigrateArgs),
+    /// Watch how fast a process or a VM writes its memory (eBPF write faults, KVM dirty log), and
+    /// whether pre-copy migration could keep up with it over a given link.
+    Track(TrackArgs),
     /// Write the built-in workload guest (a multiboot ELF kernel) to a file, e.g. to boot it under
     /// QEMU with `-kernel FILE -append "working-set=64M rate=10k tsc_khz=..."`.
     GuestImage {
@@ -176,6 +179,32 @@ struct MigrateArgs {
     json: bool,
 }
 
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["pid", "vm"])))]
+struct TrackArgs {
+    /// Any process: count its write faults with eBPF (`exceptions:page_fault_user`); needs root.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A VM the agent hosts: the agent measures it with its dirty log, plus eBPF dirty-ring heat.
+    #[arg(long)]
+    vm: Option<String>,
+    /// The agent that hosts `--vm`.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    agent: String,
+    /// Stop after this many seconds (default: until interrupted).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Length of one interval (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
+    interval: f64,
+    /// Migration link to judge convergence against (e.g. 1gbit, 10gbit, 100mbit).
+    #[arg(long, default_value = "1gbit", value_parser = perfplus::track::parse_link)]
+    link: f64,
+    /// One JSON object per interval instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
 /// The built-in guest's workload when `--workload` names none: every kind of content, so that a
 /// report shows every kind of skip.
 const DEFAULT_WORKLOAD: &str = "working-set=64M rate=10k mix=unique:40,dup:30,zero:10,same:20";
@@ -207,6 +236,14 @@ fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Keygen { out } => return keygen(out.as_deref()),
+        Command::Track(TrackArgs { pid: Some(pid), .. }) => {
+            let options = track_options(match &cli.command {
+                Command::Track(args) => args,
+                _ => unreachable!("matched above"),
+            })?;
+            let pid = *pid;
+            return tokio::task::spawn_blocking(move || perfplus::track::track_pid(pid, options)).await?;
+        }
         Command::GuestImage { out } => {
             std::fs::write(out, perfplus::vm::builtin_guest::IMAGE)
                 .with_context(|| format!("writing the built-in guest to {}", out.display()))?;
@@ -218,6 +255,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("reading the cluster key (see `perfplus keygen`, --cluster-key-file)")?;
     match cli.command {
         Command::Keygen { .. } | Command::GuestImage { .. } => unreachable!("handled above"),
+        Command::Track(args) => {
+            let options = track_options(&args)?;
+            let vm = args.vm.as_deref().expect("clap requires --pid or --vm");
+            perfplus::track::track_vm(&args.agent, &key, vm, options).await
+        }
         Command::Agent(args) => {
             let agent = Agent::bind(AgentConfig {
                 listen: args.listen,
@@ -313,6 +355,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn track_options(args: &TrackArgs) -> anyhow::Result<perfplus::track::TrackOptions> {
+    let duration = match args.seconds {
+        Some(s) if !(s > 0.0 && s.is_finite()) => bail!("--seconds must be positive"),
+        Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+        None => None,
+    };
+    Ok(perfplus::track::TrackOptions {
+        interval: std::time::Duration::from_secs_f64(args.interval / 1000.0),
+        duration,
+        json: args.json,
+        link_bits_per_s: args.link,
+    })
 }
 
 fn keygen(out: Option<&std::path::Path>) -> anyhow::Result<()> {

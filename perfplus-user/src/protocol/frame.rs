@@ -210,6 +210,10 @@ frame_types! {
     MigrateDone = 0x010a, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateResume`].
     MigrateResume = 0x010b, Limit::Max(ATTACH_MAX);
+    /// [`Message::Track`].
+    Track = 0x0120, Limit::Max(CONTROL_MAX);
+    /// [`Message::TrackSample`].
+    TrackSample = 0x0121, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateBegin`].
     MigrateBegin = 0x0201, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateReady`].
@@ -267,6 +271,8 @@ impl FrameType {
             Message::Done => FrameType::Done,
             Message::Progress(_) => FrameType::Progress,
             Message::MigrateDone(_) => FrameType::MigrateDone,
+            Message::Track(_) => FrameType::Track,
+            Message::TrackSample(_) => FrameType::TrackSample,
             Message::MigrateBegin(_) => FrameType::MigrateBegin,
             Message::MigrateReady(_) => FrameType::MigrateReady,
             Message::Pages(_) => FrameType::Pages,
@@ -400,6 +406,8 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::Vms(list) => put_postcard(out, list),
         Message::Progress(round) => put_postcard(out, round),
         Message::MigrateDone(report) | Message::Complete(report) => put_postcard(out, &**report),
+        Message::Track(req) => put_postcard(out, req),
+        Message::TrackSample(sample) => put_postcard(out, &**sample),
         Message::MigrateBegin(begin) => put_postcard(out, begin),
         Message::MigrateReady(ready) => put_u64s(out, &ready.held),
         Message::Pages(batch) => {
@@ -563,6 +571,8 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::Done => Message::Done,
         FrameType::Progress => Message::Progress(get_postcard(frame_type, p)?),
         FrameType::MigrateDone => Message::MigrateDone(Box::new(get_postcard(frame_type, p)?)),
+        FrameType::Track => Message::Track(get_postcard(frame_type, p)?),
+        FrameType::TrackSample => Message::TrackSample(Box::new(get_postcard(frame_type, p)?)),
         FrameType::MigrateBegin => Message::MigrateBegin(get_postcard(frame_type, p)?),
         FrameType::MigrateReady => Message::MigrateReady(MigrateReady {
             held: get_u64s(frame_type, p, "held digest prefixes")?,
@@ -1063,6 +1073,28 @@ mod tests {
             Message::Done,
             Message::Progress(round()),
             Message::MigrateDone(Box::new(report())),
+            Message::Track(crate::protocol::TrackRequest {
+                vm: "web".into(),
+                interval_ms: 1000,
+                intervals: 0,
+                ebpf: true,
+            }),
+            Message::TrackSample(Box::new(crate::protocol::TrackSample {
+                interval: 3,
+                elapsed_s: 3.01,
+                interval_s: 1.002,
+                source: "dirty-log".into(),
+                dirty_pages: 1999,
+                hottest: vec![crate::protocol::TrackRegion {
+                    start: 0x20_0000,
+                    pages: 12,
+                    writes: 40,
+                }],
+                ebpf_events: Some(0),
+                ebpf_pages: None,
+                guest_pages_written: Some(2000),
+                note: Some("bitmap mode".into()),
+            })),
             Message::MigrateBegin(MigrateBegin {
                 vm: "web".into(),
                 memory_bytes: 1 << 30,

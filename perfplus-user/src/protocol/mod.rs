@@ -70,7 +70,8 @@
 //!
 //! ## Control (CLI → agent, role Control)
 //! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
-//! `MigrateDone` (or `Error`).
+//! `MigrateDone` (or `Error`), and `Track`, which streams one `TrackSample` per interval and ends
+//! with `Done` (or `Error`; the CLI may also just hang up).
 
 pub mod connection;
 pub mod frame;
@@ -287,6 +288,54 @@ pub struct GuestCheck {
     pub postcopy: Option<PostcopyStats>,
 }
 
+/// `perfplus track --vm`: measure how a hosted VM writes its memory, interval by interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrackRequest {
+    pub vm: String,
+    /// Length of one interval.
+    pub interval_ms: u32,
+    /// Intervals to measure (0: until the CLI hangs up).
+    pub intervals: u32,
+    /// Also attach the eBPF dirty-ring program (write heat per page, when the VM uses the dirty ring).
+    pub ebpf: bool,
+}
+
+/// A range of guest memory and the writes seen in it during one interval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackRegion {
+    /// Guest-physical address of the region's first byte.
+    pub start: u64,
+    /// Distinct pages written in the region.
+    pub pages: u64,
+    /// Write events in the region (the dirty log sees at most one per page and interval).
+    pub writes: u64,
+}
+
+/// One interval of `perfplus track --vm`, measured by the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrackSample {
+    /// 1, 2, 3, ...
+    pub interval: u32,
+    /// Seconds since tracking started, at the end of this interval.
+    pub elapsed_s: f64,
+    /// Measured length of this interval, in seconds.
+    pub interval_s: f64,
+    /// "dirty-log" (KVM's dirty bitmap, exact) or "ebpf" (dirty-ring pushes only).
+    pub source: String,
+    /// Distinct pages the source reported written in the interval.
+    pub dirty_pages: u64,
+    /// Hottest 2 MiB regions, hottest first.
+    pub hottest: Vec<TrackRegion>,
+    /// Pages pushed to the VM's dirty rings in the interval (None: eBPF not attached).
+    pub ebpf_events: Option<u64>,
+    /// Distinct pages the eBPF program saw in the interval.
+    pub ebpf_pages: Option<u64>,
+    /// The guest's own `pages_written` counter advanced by this much (built-in guest only).
+    pub guest_pages_written: Option<u64>,
+    /// Why eBPF heat is missing, or anything else the operator should know.
+    pub note: Option<String>,
+}
+
 /// Every message after the handshake.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
@@ -314,6 +363,10 @@ pub enum Message {
     Progress(RoundReport),
     /// The migration the CLI asked for completed.
     MigrateDone(Box<MigrationReport>),
+    /// Measure a VM's writes (`perfplus track --vm`); answered by `TrackSample`s, then `Done`.
+    Track(TrackRequest),
+    /// One measured interval of a `Track`.
+    TrackSample(Box<TrackSample>),
 
     // ---- migration: source agent → destination agent, and replies
     MigrateBegin(MigrateBegin),

@@ -19,6 +19,7 @@
 
 pub mod dirty_log;
 pub mod dirty_ring;
+pub mod ebpf;
 pub mod uapi;
 pub mod uffd_wp;
 

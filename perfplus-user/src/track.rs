@@ -1,0 +1,573 @@
+//! `perfplus track`: how fast a process or a hosted VM writes its memory, and whether pre-copy can
+//! keep up with it.
+//!
+//! - `--pid PID`: the CLI itself attaches the eBPF `page_fault_user` program to the process and reports
+//!   its write faults per interval (see [`crate::tracking::ebpf`] for what a write fault is).
+//! - `--vm NAME --agent ADDR`: the agent that hosts the VM measures it ([`serve_vm`]): exactly, with a
+//!   [`DirtyLogTracker`] on the VM (the same KVM dirty bitmap a migration uses, so tracking is refused
+//!   while the VM migrates and a migration is refused while it is tracked), plus the eBPF dirty-ring
+//!   heat when the kernel lets the agent attach it (it only sees VMs in dirty-ring mode).
+//!
+//! Each interval prints a line (or, with `--json`, one JSON object): dirty pages and their rate, the
+//! working set (distinct pages written in the interval), the hottest 2 MiB regions, and a verdict: the
+//! dirty rate against the migration link (`--link`, default 1 Gbit/s).
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use perfplus_common::PAGE_SIZE;
+use serde_json::{json, Value};
+
+use crate::migration::source::describe;
+use crate::protocol::connection::Connection;
+use crate::protocol::{ClusterKey, Message, Role, TrackRegion, TrackRequest, TrackSample};
+use crate::tracking::dirty_log::DirtyLogTracker;
+use crate::tracking::ebpf::{hottest_regions, vcpu_threads_of, EbpfHeat, HeatSource};
+use crate::tracking::DirtyTracker;
+use crate::vm::{RamSlot, RunState, Vm};
+
+/// Size of the regions the hottest-region lists aggregate to.
+pub const REGION_BYTES: u64 = 2 << 20;
+/// Regions listed per interval.
+pub const HOTTEST: usize = 5;
+
+/// What the CLI asked for.
+#[derive(Clone, Debug)]
+pub struct TrackOptions {
+    pub interval: Duration,
+    /// Stop after this long (None: until interrupted).
+    pub duration: Option<Duration>,
+    pub json: bool,
+    /// Migration link, bits per second.
+    pub link_bits_per_s: f64,
+}
+
+impl TrackOptions {
+    /// Intervals to run (0: unlimited).
+    fn intervals(&self) -> u32 {
+        match self.duration {
+            None => 0,
+            Some(d) => ((d.as_secs_f64() / self.interval.as_secs_f64()).round() as u32).max(1),
+        }
+    }
+
+    fn link_pages_per_s(&self) -> f64 {
+        self.link_bits_per_s / 8.0 / PAGE_SIZE as f64
+    }
+}
+
+/// `1gbit`, `10Gbit`, `100mbit`, `2.5gbit`, `800kbit`, `1000000` (bits/s) → bits per second.
+pub fn parse_link(text: &str) -> Result<f64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| c.is_ascii_alphabetic() || c == '/').unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a link speed like 1gbit or 100mbit"))?;
+    let scale = match unit.trim() {
+        "" | "bit" | "bps" | "bit/s" => 1.0,
+        "kbit" | "kbps" | "kbit/s" => 1e3,
+        "mbit" | "mbps" | "mbit/s" => 1e6,
+        "gbit" | "gbps" | "gbit/s" => 1e9,
+        other => {
+            return Err(format!(
+                "unknown link unit {other:?} in {text:?} (use kbit, mbit or gbit)"
+            ))
+        }
+    };
+    if !(value > 0.0 && value.is_finite()) {
+        return Err(format!("{text:?}: the link speed must be positive"));
+    }
+    Ok(value * scale)
+}
+
+/// Whether pre-copy keeps up with a dirty rate over a link.
+pub fn verdict(dirty_pages_per_s: f64, link_pages_per_s: f64) -> String {
+    let share = dirty_pages_per_s / link_pages_per_s;
+    let pct = share * 100.0;
+    if share < 0.5 {
+        format!("converges: dirtying {pct:.1}% of the link")
+    } else if share < 1.0 {
+        format!("converges slowly: dirtying {pct:.0}% of the link, each round shrinks little")
+    } else {
+        format!(
+            "will not converge under pre-copy: dirtying {share:.1}x the link (throttle the guest, use \
+             post-copy, or count on hashing skipping unchanged pages)"
+        )
+    }
+}
+
+/// One interval, as printed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntervalReport {
+    pub interval: u32,
+    pub elapsed_s: f64,
+    pub interval_s: f64,
+    pub dirty_pages: u64,
+    pub working_set_pages: u64,
+    pub hottest: Vec<TrackRegion>,
+    pub source: String,
+    pub ebpf_events: Option<u64>,
+    /// `true`: hottest addresses are guest-physical, else process virtual addresses.
+    pub guest: bool,
+    pub guest_pages_written: Option<u64>,
+    pub note: Option<String>,
+}
+
+impl IntervalReport {
+    pub fn dirty_rate(&self) -> f64 {
+        self.dirty_pages as f64 / self.interval_s.max(1e-9)
+    }
+
+    /// Distinct pages written per second: what each pre-copy round has to send again, so what the
+    /// verdict is about (a process's write faults may hit the same page several times).
+    pub fn working_set_rate(&self) -> f64 {
+        self.working_set_pages as f64 / self.interval_s.max(1e-9)
+    }
+
+    pub fn to_json(&self, link_pages_per_s: f64) -> Value {
+        let addr_key = if self.guest { "region_gpa" } else { "addr" };
+        let hottest: Vec<Value> = self
+            .hottest
+            .iter()
+            .map(|r| json!({ addr_key: r.start, "writes": r.writes, "pages": r.pages }))
+            .collect();
+        let mut v = json!({
+            "interval": self.interval,
+            "elapsed_s": round3(self.elapsed_s),
+            "interval_s": round3(self.interval_s),
+            "dirty_pages": self.dirty_pages,
+            "dirty_rate_pages_per_s": round3(self.dirty_rate()),
+            "working_set_pages": self.working_set_pages,
+            "hottest": hottest,
+            "source": self.source,
+            "ebpf_events": self.ebpf_events,
+            "link_pages_per_s": round3(link_pages_per_s),
+            "verdict": verdict(self.working_set_rate(), link_pages_per_s),
+        });
+        if let Some(written) = self.guest_pages_written {
+            v["guest_pages_written"] = json!(written);
+            v["guest_write_rate_pages_per_s"] = json!(round3(written as f64 / self.interval_s.max(1e-9)));
+        }
+        if let Some(note) = &self.note {
+            v["note"] = json!(note);
+        }
+        v
+    }
+
+    pub fn to_line(&self, link_pages_per_s: f64) -> String {
+        let hot: Vec<String> = self
+            .hottest
+            .iter()
+            .take(3)
+            .map(|r| format!("{:#x}:{}", r.start, r.writes))
+            .collect();
+        let mut line = format!(
+            "[{:>3}] {:>7.1}s  dirty {:>8} pages ({:>9.0}/s)  working set {:>8} pages  [{}]",
+            self.interval,
+            self.elapsed_s,
+            self.dirty_pages,
+            self.dirty_rate(),
+            self.working_set_pages,
+            self.source
+        );
+        if let Some(events) = self.ebpf_events {
+            line.push_str(&format!("  ebpf {events}"));
+        }
+        if let Some(written) = self.guest_pages_written {
+            line.push_str(&format!(
+                "  guest wrote {:.0}/s",
+                written as f64 / self.interval_s.max(1e-9)
+            ));
+        }
+        line.push_str(&format!("  hottest 2M: {}", hot.join(" ")));
+        line.push_str(&format!(
+            "\n      {}",
+            verdict(self.working_set_rate(), link_pages_per_s)
+        ));
+        line
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Prints reports as they come and a summary at the end.
+struct Printer {
+    options: TrackOptions,
+    reports: Vec<IntervalReport>,
+}
+
+impl Printer {
+    fn print(&mut self, report: IntervalReport) {
+        let link = self.options.link_pages_per_s();
+        if self.options.json {
+            println!("{}", report.to_json(link));
+        } else {
+            println!("{}", report.to_line(link));
+        }
+        self.reports.push(report);
+    }
+
+    fn finish(&self) {
+        if self.options.json || self.reports.is_empty() {
+            return;
+        }
+        // The first interval includes the start of tracking; average the later ones when there are any.
+        let steady: Vec<&IntervalReport> = if self.reports.len() > 1 {
+            self.reports.iter().skip(1).collect()
+        } else {
+            self.reports.iter().collect()
+        };
+        let pages: u64 = steady.iter().map(|r| r.working_set_pages).sum();
+        let secs: f64 = steady.iter().map(|r| r.interval_s).sum();
+        let rate = pages as f64 / secs.max(1e-9);
+        let link = self.options.link_pages_per_s();
+        println!(
+            "average rate of distinct dirty pages {rate:.0} pages/s ({:.1} MiB/s) over {} interval(s); link {:.0} Mbit/s = {link:.0} pages/s",
+            rate * PAGE_SIZE as f64 / (1 << 20) as f64,
+            steady.len(),
+            self.options.link_bits_per_s / 1e6
+        );
+        println!("verdict: {}", verdict(rate, link));
+    }
+}
+
+/// `perfplus track --pid PID`: eBPF write faults of any process, measured here.
+pub fn track_pid(pid: u32, options: TrackOptions) -> anyhow::Result<()> {
+    let mut heat = EbpfHeat::attach(HeatSource::Process { pid }).context("tracking the process's write faults")?;
+    if !options.json {
+        println!(
+            "tracking write faults of pid {pid} every {:?} (up to {} distinct pages per interval)",
+            options.interval,
+            heat.max_pages()
+        );
+    }
+    let intervals = options.intervals();
+    let mut printer = Printer {
+        options: options.clone(),
+        reports: Vec::new(),
+    };
+    let start = Instant::now();
+    let mut last = start;
+    let mut i = 0u32;
+    while intervals == 0 || i < intervals {
+        i += 1;
+        sleep_until(start + options.interval * i);
+        let sample = heat.sample()?;
+        let now = Instant::now();
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        printer.print(IntervalReport {
+            interval: i,
+            elapsed_s: (now - start).as_secs_f64(),
+            interval_s: (now - last).as_secs_f64(),
+            dirty_pages: sample.write_events,
+            working_set_pages: sample.working_set_pages(),
+            hottest: regions(&sample.hottest_regions(REGION_BYTES, HOTTEST)),
+            source: "ebpf".into(),
+            ebpf_events: Some(sample.write_events),
+            guest: false,
+            guest_pages_written: None,
+            note: (!alive).then(|| format!("process {pid} exited")),
+        });
+        last = now;
+        if !alive {
+            break;
+        }
+    }
+    printer.finish();
+    Ok(())
+}
+
+fn regions(list: &[crate::tracking::ebpf::Region]) -> Vec<TrackRegion> {
+    list.iter()
+        .map(|r| TrackRegion {
+            start: r.start,
+            pages: r.pages,
+            writes: r.writes,
+        })
+        .collect()
+}
+
+fn sleep_until(deadline: Instant) {
+    let now = Instant::now();
+    if deadline > now {
+        std::thread::sleep(deadline - now);
+    }
+}
+
+/// `perfplus track --vm NAME --agent ADDR`: asks the agent to measure, prints what it sends.
+pub async fn track_vm(agent: &str, key: &ClusterKey, vm: &str, options: TrackOptions) -> anyhow::Result<()> {
+    let mut conn = Connection::connect(agent, Role::Control, key).await?;
+    let request = TrackRequest {
+        vm: vm.to_string(),
+        interval_ms: options.interval.as_millis().clamp(10, u32::MAX as u128) as u32,
+        intervals: options.intervals(),
+        ebpf: true,
+    };
+    conn.send(&Message::Track(request)).await?;
+    if !options.json {
+        println!("tracking VM {vm} on {agent} every {:?}", options.interval);
+    }
+    let mut printer = Printer {
+        options,
+        reports: Vec::new(),
+    };
+    loop {
+        tokio::select! {
+            msg = conn.recv() => match msg? {
+                Message::TrackSample(s) => printer.print(report_of(&s)),
+                Message::Done => break,
+                other => bail!("agent {agent} sent {} while tracking", describe(&other)),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    printer.finish();
+    Ok(())
+}
+
+fn report_of(s: &TrackSample) -> IntervalReport {
+    IntervalReport {
+        interval: s.interval,
+        elapsed_s: s.elapsed_s,
+        interval_s: s.interval_s,
+        dirty_pages: s.dirty_pages,
+        working_set_pages: s.dirty_pages,
+        hottest: s.hottest.clone(),
+        source: s.source.clone(),
+        ebpf_events: s.ebpf_events,
+        guest: true,
+        guest_pages_written: s.guest_pages_written,
+        note: s.note.clone(),
+    }
+}
+
+/// A hosted VM to measure, as the agent hands it over. Holds no strong reference to the VM, so that
+/// stopping the VM is not delayed by tracking.
+pub struct TrackTarget {
+    pub name: String,
+    pub vm: Weak<Vm>,
+    pub ram: Arc<RamSlot>,
+    pub vcpus: usize,
+}
+
+/// The agent's side of `Track`: measures the VM interval by interval and sends a `TrackSample` for
+/// each, then `Done`. Stops early when the CLI hangs up or the VM goes away.
+pub async fn serve_vm(conn: &mut Connection, target: TrackTarget, req: TrackRequest) -> anyhow::Result<()> {
+    if req.interval_ms == 0 {
+        bail!("the tracking interval must be positive");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<TrackSample>>(4);
+    let worker = tokio::task::spawn_blocking(move || measure(target, req, tx));
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(sample) => {
+                if conn.send(&Message::TrackSample(Box::new(sample))).await.is_err() {
+                    // The CLI left: dropping the receiver stops the worker at its next interval.
+                    drop(rx);
+                    worker.await.context("tracking task")?;
+                    return Ok(());
+                }
+            }
+            Err(err) => {
+                drop(rx);
+                worker.await.context("tracking task")?;
+                return Err(err);
+            }
+        }
+    }
+    worker.await.context("tracking task")?;
+    conn.send(&Message::Done).await
+}
+
+/// Turns dirty logging off again when dropped.
+struct LoggingOn(Arc<RamSlot>);
+
+impl Drop for LoggingOn {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_dirty_logging(false) {
+            tracing::warn!("turning dirty logging off after tracking: {e:#}");
+        }
+    }
+}
+
+/// The measuring loop (blocking). Errors go to the channel.
+fn measure(target: TrackTarget, req: TrackRequest, tx: tokio::sync::mpsc::Sender<anyhow::Result<TrackSample>>) {
+    let mut notes: Vec<String> = Vec::new();
+    let mut heat = if req.ebpf {
+        match vcpu_threads_of(&target.name, target.vcpus)
+            .and_then(|tids| EbpfHeat::attach(HeatSource::VmThreads { vm_id: 1, tids }))
+        {
+            Ok(h) => Some(h),
+            Err(e) => {
+                notes.push(format!("eBPF heat unavailable: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut _logging: Option<LoggingOn> = None;
+    let mut tracker = match DirtyLogTracker::from_slot(target.ram.clone()) {
+        Ok(t) => Some(t),
+        Err(e) if heat.is_some() => {
+            // E.g. a VM in dirty-ring mode (no bitmap): KVM pushes to the rings only while dirty
+            // logging is on, so turn it on for the tracking's duration.
+            notes.push(format!(
+                "dirty log unavailable ({e:#}); dirty pages from eBPF dirty-ring events"
+            ));
+            if !target.ram.dirty_logging() {
+                match target.ram.set_dirty_logging(true) {
+                    Ok(()) => _logging = Some(LoggingOn(target.ram.clone())),
+                    Err(e) => notes.push(format!("turning dirty logging on failed: {e:#}")),
+                }
+            }
+            None
+        }
+        Err(e) => {
+            let _ = tx.blocking_send(Err(e.context("starting the dirty-log tracker")));
+            return;
+        }
+    };
+    let interval = Duration::from_millis(u64::from(req.interval_ms));
+    let guest_written = |vm: &Weak<Vm>| vm.upgrade().and_then(|v| v.guest_status()).map(|g| g.pages_written);
+    let mut last_written = guest_written(&target.vm);
+    let mut log_failed = false;
+    let start = Instant::now();
+    let mut last = start;
+    let mut i = 0u32;
+    while req.intervals == 0 || i < req.intervals {
+        i += 1;
+        sleep_until(start + interval * i);
+        let result = (|| -> anyhow::Result<TrackSample> {
+            // A VM in dirty-ring mode has no dirty bitmap: its first collect fails. Then the tracker
+            // stays (its dirty logging feeds the rings) and the eBPF ring events are the source.
+            let dirty = match tracker
+                .as_mut()
+                .filter(|_| !log_failed)
+                .map(|t| t.collect())
+                .transpose()
+            {
+                Ok(d) => d,
+                Err(e) if heat.is_some() => {
+                    log_failed = true;
+                    notes.push(format!(
+                        "dirty log unavailable ({e:#}); dirty pages from eBPF dirty-ring events"
+                    ));
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            let ebpf = heat.as_mut().map(|h| h.sample()).transpose()?;
+            let now = Instant::now();
+            let written = guest_written(&target.vm);
+            let guest_pages_written = match (last_written, written) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            };
+            last_written = written;
+            let page = PAGE_SIZE as u64;
+            let (source, dirty_pages, hottest) = match (&dirty, &ebpf) {
+                (Some(d), _) => (
+                    "dirty-log",
+                    d.count(),
+                    regions(&hottest_regions(d.iter().map(|p| (p * page, 1)), REGION_BYTES, HOTTEST)),
+                ),
+                (None, Some(e)) => (
+                    "ebpf",
+                    e.working_set_pages(),
+                    regions(&e.hottest_regions(REGION_BYTES, HOTTEST)),
+                ),
+                (None, None) => unreachable!("a tracker or eBPF heat is always there"),
+            };
+            let sample = TrackSample {
+                interval: i,
+                elapsed_s: (now - start).as_secs_f64(),
+                interval_s: (now - last).as_secs_f64(),
+                source: source.to_string(),
+                dirty_pages,
+                hottest,
+                ebpf_events: ebpf.as_ref().map(|e| e.write_events),
+                ebpf_pages: ebpf.as_ref().map(|e| e.working_set_pages()),
+                guest_pages_written,
+                note: (!notes.is_empty()).then(|| notes.join("; ")),
+            };
+            last = now;
+            Ok(sample)
+        })();
+        let stop = result.is_err();
+        if tx.blocking_send(result).is_err() || stop {
+            return;
+        }
+        match target.vm.upgrade().map(|v| v.run_state()) {
+            Some(RunState::Running) | Some(RunState::Paused) => {}
+            Some(other) => {
+                let _ = tx.blocking_send(Err(anyhow::anyhow!("VM {} is {other:?}; tracking ends", target.name)));
+                return;
+            }
+            None => {
+                let _ = tx.blocking_send(Err(anyhow::anyhow!("VM {} was stopped; tracking ends", target.name)));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_and_verdicts() {
+        assert_eq!(parse_link("1gbit"), Ok(1e9));
+        assert_eq!(parse_link("100Mbit"), Ok(1e8));
+        assert_eq!(parse_link("2.5gbit"), Ok(2.5e9));
+        assert!(parse_link("fast").is_err());
+        assert!(parse_link("1 furlong").is_err());
+        let link = 1e9 / 8.0 / 4096.0; // 30518 pages/s
+        assert!(verdict(1000.0, link).starts_with("converges:"));
+        assert!(verdict(20000.0, link).starts_with("converges slowly"));
+        assert!(verdict(40000.0, link).starts_with("will not converge"));
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let r = IntervalReport {
+            interval: 2,
+            elapsed_s: 2.0,
+            interval_s: 1.0,
+            dirty_pages: 500,
+            working_set_pages: 400,
+            hottest: vec![TrackRegion {
+                start: 0x40_0000,
+                pages: 10,
+                writes: 30,
+            }],
+            source: "ebpf".into(),
+            ebpf_events: Some(500),
+            guest: false,
+            guest_pages_written: None,
+            note: None,
+        };
+        let v = r.to_json(30518.0);
+        for field in [
+            "interval",
+            "elapsed_s",
+            "dirty_pages",
+            "dirty_rate_pages_per_s",
+            "working_set_pages",
+            "hottest",
+            "source",
+            "ebpf_events",
+            "verdict",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing in {v}");
+        }
+        assert_eq!(v["hottest"][0]["addr"], 0x40_0000);
+        assert_eq!(v["dirty_rate_pages_per_s"], 500.0);
+    }
+}
