@@ -215,6 +215,13 @@ fn migrates_there_and_back_with(kind: &str) {
     let there = cluster.cli_json(&["migrate", &name, "--from", &a.addr, "--to", &b.addr, "--json"]);
     assert_sound_report(&there, pages);
     assert_eq!(there["tracker"], kind, "report: {there}");
+    if kind == "dirty-ring" {
+        // The eBPF tracepoint program ran beside the ring and saw the guest's writes.
+        let events = there["ebpf"]["write_events"].as_u64().unwrap_or(0);
+        assert!(events > 0, "no eBPF write events in {there}");
+    } else {
+        assert!(there["ebpf"].is_null(), "eBPF only runs with the dirty ring: {there}");
+    }
     let back = cluster.cli_json(&["migrate", &name, "--from", &b.addr, "--to", &a.addr, "--json"]);
     assert_sound_report(&back, pages);
     assert_eq!(back["tracker"], kind, "the destination kept the VM's tracker: {back}");

@@ -117,6 +117,15 @@ pub struct MigrationReport {
     /// `downtime_ms`.
     pub predicted_rounds: Option<u32>,
     pub predicted_downtime_ms: Option<f64>,
+    /// What the eBPF dirty-ring program saw during the pre-copy rounds (dirty-ring VMs only).
+    pub ebpf: Option<EbpfReport>,
+}
+
+/// eBPF figures of one migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EbpfReport {
+    /// Pages the guest's vCPUs pushed to their dirty rings, as the tracepoint program counted them.
+    pub write_events: u64,
 }
 
 /// Percentiles of a latency distribution, in microseconds.
@@ -288,6 +297,13 @@ impl MigrationReport {
                 self.fault_latency_us.p50,
                 self.fault_latency_us.p99,
                 self.fault_latency_us.max
+            );
+        }
+        if let Some(ebpf) = &self.ebpf {
+            let _ = writeln!(
+                out,
+                "eBPF write events   {} (dirty-ring tracepoint, used as write heat)",
+                ebpf.write_events
             );
         }
         let _ = writeln!(out, "availability        {:.9} % over a 30-day month", self.sla_percent);

@@ -181,6 +181,16 @@ impl Heat {
         }
     }
 
+    /// Warms pages by `(page, writes)` seen by another source (eBPF write counts): a page written
+    /// several times in a round is hot whatever the dirty set says.
+    pub fn warm(&mut self, writes: impl IntoIterator<Item = (u64, u64)>) {
+        for (page, count) in writes {
+            if let Some(score) = self.score.get_mut(page as usize) {
+                *score = score.saturating_add((count.min(4) as u8) * 16);
+            }
+        }
+    }
+
     pub fn is_hot(&self, page: u64) -> bool {
         self.score.get(page as usize).is_some_and(|&s| s >= HOT)
     }

@@ -35,6 +35,7 @@ use crate::protocol::connection::Connection;
 use crate::protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
 use crate::protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
+use crate::tracking::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
 use crate::tracking::{self, DirtyPages, TrackerKind};
 use crate::vm::Vm;
 
@@ -112,6 +113,8 @@ struct Switched {
     /// Set when the migration switched to post-copy.
     handoff: Option<postcopy::source::Handoff>,
     prediction: Option<Prediction>,
+    /// Write events the eBPF program saw, when it ran.
+    ebpf_events: Option<u64>,
 }
 
 async fn precopy(
@@ -160,6 +163,7 @@ async fn precopy(
         mode == MigrationMode::Hybrid,
     );
     let mut heat = Heat::new(pages);
+    let mut ebpf = attach_ebpf(job);
     let mut rounds: Vec<RoundReport> = Vec::new();
     let mut dirty = DirtyPages::all(pages);
     let mut order: Vec<u64> = (0..pages).collect();
@@ -184,6 +188,21 @@ async fn precopy(
         log_round(&job.vm_name, &report);
         dirty = tracker.collect()?;
         heat.update(&dirty);
+        if let Some((probe, events)) = ebpf.as_mut() {
+            // Write heat from the kernel's tracepoint: pages written often in this round are hot too.
+            match probe.sample() {
+                Ok(sample) => {
+                    *events += sample.write_events;
+                    heat.warm(
+                        sample
+                            .pages
+                            .iter()
+                            .map(|&(gpa, writes)| (gpa / PAGE_SIZE as u64, writes)),
+                    );
+                }
+                Err(err) => tracing::warn!(vm = %job.vm_name, "eBPF write heat: {err:#}"),
+            }
+        }
         order = if job.options.hot_last {
             heat.order(&dirty)
         } else {
@@ -266,6 +285,7 @@ async fn precopy(
         stall_reset,
         written_before,
         prediction: convergence.prediction(),
+        ebpf_events: ebpf.map(|(_, events)| events),
     })
 }
 
@@ -431,6 +451,9 @@ async fn finish(
         order: if job.options.hot_last { "hot-last" } else { "address" }.into(),
         predicted_rounds: switched.prediction.and_then(|p| p.rounds),
         predicted_downtime_ms: switched.prediction.and_then(|p| p.downtime_ms),
+        ebpf: switched
+            .ebpf_events
+            .map(|write_events| crate::report::EbpfReport { write_events }),
         ..Default::default()
     };
     report.rounds = switched.rounds;
@@ -537,6 +560,23 @@ async fn finish(
 }
 
 /// The tracker of this migration (the agent resolves the VM's own before the job starts).
+/// The eBPF dirty-ring program on the VM's vCPU threads, when the VM uses the dirty ring (the program
+/// sees nothing otherwise). An extra source of heat, never of truth: failing to attach only logs.
+fn attach_ebpf(job: &Outbound) -> Option<(EbpfHeat, u64)> {
+    if tracker_kind(job) != TrackerKind::DirtyRing || job.options.mode == MigrationMode::Postcopy {
+        return None;
+    }
+    let attached = vcpu_threads_of(&job.vm_name, usize::from(job.vcpus))
+        .and_then(|tids| EbpfHeat::attach(HeatSource::VmThreads { vm_id: 1, tids }));
+    match attached {
+        Ok(probe) => Some((probe, 0)),
+        Err(err) => {
+            tracing::warn!(vm = %job.vm_name, "no eBPF write heat for this migration: {err:#}");
+            None
+        }
+    }
+}
+
 fn tracker_kind(job: &Outbound) -> TrackerKind {
     job.options.tracker.unwrap_or_default()
 }
