@@ -27,6 +27,9 @@ pub struct RoundReport {
     pub skipped_held: u64,
     /// References the destination could not resolve and that were sent again in full.
     pub resent_missing: u64,
+    /// Pages read from guest memory (and hashed) in this round: the dirty pages less those known to be
+    /// zero without reading (holes of guest memory, in round 1). What the round's time was spent on.
+    pub read_pages: u64,
     /// Bytes this round put on the wire (frames, both directions).
     pub bytes_on_wire: u64,
     /// Wall time of the round.

@@ -1,7 +1,8 @@
 //! When to stop iterating, what to expect, and in which order to send a round.
 //!
 //! **Stop rule.** After each round the source knows how many pages are dirty now and how fast it
-//! processed pages in the rounds so far (read, hash, send, acknowledged). If the dirty set can be sent
+//! processed pages in the rounds so far (read, hash, send, acknowledged; pages known to be zero
+//! without being read, the holes of round 1, do not count: the next rounds have none). If the dirty set can be sent
 //! within the downtime target at that rate, the next round is the stop-and-copy. The rate used is the
 //! lower of the last round's and the average, so a round made cheap by zero pages does not make the
 //! engine stop too early.
@@ -81,10 +82,13 @@ impl Convergence {
 
     /// Takes the round that just finished and the dirty set found after it.
     pub fn after_round(&mut self, round: &RoundReport, dirty_now: u64) -> Decision {
+        // The rate counts the pages the round had to read: pages known to be zero cost nothing, and
+        // every page of a later round will have to be read.
         let secs = (round.duration_ms / 1e3).max(1e-6);
-        self.processed_pages += round.dirty_pages;
+        let work = round.read_pages.max(1);
+        self.processed_pages += work;
         self.processing_secs += secs;
-        self.last_rate = round.dirty_pages as f64 / secs;
+        self.last_rate = work as f64 / secs;
         let rate = self.rate();
         if round.round == 2 && self.prediction.is_none() {
             let dirty_rate = dirty_now as f64 / secs;
@@ -211,6 +215,7 @@ mod tests {
         RoundReport {
             round: number,
             dirty_pages: dirty,
+            read_pages: dirty,
             duration_ms: ms,
             ..Default::default()
         }
@@ -252,6 +257,18 @@ mod tests {
             Decision::StopAndCopy(why) => assert!(why.starts_with("round limit 5"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn pages_known_to_be_zero_do_not_inflate_the_rate() {
+        let mut c = Convergence::new(30.0, 30, false);
+        // Round 1: 100k pages in 100 ms, but only 1000 were read (the rest were holes): 10k pages/s.
+        let first = RoundReport {
+            read_pages: 1000,
+            ..round(1, 100_000, 100.0)
+        };
+        // 1000 dirty pages would take 100 ms at the real rate: not within 30 ms.
+        assert_eq!(c.after_round(&first, 1000), Decision::Continue);
     }
 
     #[test]

@@ -329,6 +329,7 @@ async fn send_round(
             for (page, data, content) in inspect_in_parallel(sender, memory, chunk) {
                 sender.add_inspected(page, &data, content, &mut batch, &mut report);
             }
+            report.read_pages += chunk.len() as u64;
             flush(conn, &mut batch).await?;
         }
     } else {
@@ -338,6 +339,7 @@ async fn send_round(
             } else {
                 memory.read_page(page, &mut data);
                 sender.add(page, &data, &mut batch, &mut report);
+                report.read_pages += 1;
             }
             in_batch += 1;
             if in_batch == PAGE_BATCH_MAX_ITEMS {

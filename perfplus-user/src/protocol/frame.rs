@@ -973,6 +973,7 @@ mod tests {
             skipped_zero: 20,
             skipped_held: 10,
             resent_missing: 2,
+            read_pages: 90,
             bytes_on_wire: 123_456,
             duration_ms: 1.5,
             bandwidth_mbps: 9400.25,
