@@ -186,23 +186,23 @@ async fn precopy(
         .await?;
         let _ = progress.send(report.clone());
         log_round(&job.vm_name, &report);
+        // eBPF heat first: reading its maps takes a few ms, and the dirty set must be collected as
+        // late as possible before the decision (what is written after it goes to the next round).
+        let writes = match ebpf.as_mut().map(|(probe, events)| (probe.sample(), events)) {
+            Some((Ok(sample), events)) => {
+                *events += sample.write_events;
+                sample.pages
+            }
+            Some((Err(err), _)) => {
+                tracing::warn!(vm = %job.vm_name, "eBPF write heat: {err:#}");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         dirty = tracker.collect()?;
         heat.update(&dirty);
-        if let Some((probe, events)) = ebpf.as_mut() {
-            // Write heat from the kernel's tracepoint: pages written often in this round are hot too.
-            match probe.sample() {
-                Ok(sample) => {
-                    *events += sample.write_events;
-                    heat.warm(
-                        sample
-                            .pages
-                            .iter()
-                            .map(|&(gpa, writes)| (gpa / PAGE_SIZE as u64, writes)),
-                    );
-                }
-                Err(err) => tracing::warn!(vm = %job.vm_name, "eBPF write heat: {err:#}"),
-            }
-        }
+        // Pages written often in the round are hot too, whatever the dirty set says.
+        heat.warm(writes.iter().map(|&(gpa, count)| (gpa / PAGE_SIZE as u64, count)));
         order = if job.options.hot_last {
             heat.order(&dirty)
         } else {
