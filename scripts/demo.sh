@@ -36,23 +36,24 @@ say() { [ "$json" = 1 ] && echo "$*" >&2 || echo "$*"; }
 export PERFPLUS_CLUSTER_KEY_FILE=$work/cluster.key
 "$bin" keygen --out "$PERFPLUS_CLUSTER_KEY_FILE"
 
-start_agent() { # name -> prints the address it listens on
+start_agent() { # name -> starts the agent in the background; sets $addr to its address
     local name=$1
     "$bin" agent --listen 127.0.0.1:0 --state-dir "$work/$name" >"$work/$name.out" 2>"$work/$name.log" &
     pids+=($!)
     for _ in $(seq 100); do
-        if grep -q "listening on" "$work/$name.out" 2>/dev/null; then
-            sed -n 's/.*listening on //p' "$work/$name.out"
-            return
-        fi
+        addr=$(sed -n 's/.*listening on //p' "$work/$name.out" 2>/dev/null)
+        [ -n "$addr" ] && return
         sleep 0.1
     done
     echo "agent $name did not start:" >&2
     cat "$work/$name.log" >&2
     exit 1
 }
-a=$(start_agent a)
-b=$(start_agent b)
+# Not in $(...): the agents must be children of this shell, so that the trap can stop them.
+start_agent a
+a=$addr
+start_agent b
+b=$addr
 say "agents: A on $a, B on $b (logs in $work while the demo runs)"
 
 "$bin" vm start --agent "$a" --name web1 --memory "$MEMORY" --workload "$WORKLOAD" --tracker "$tracker" >/dev/null
