@@ -5,7 +5,8 @@
 //! without being read, the holes of round 1, do not count: the next rounds have none). If the dirty set can be sent
 //! within the downtime target at that rate, the next round is the stop-and-copy. The rate used is the
 //! lower of the last round's and the average, so a round made cheap by zero pages does not make the
-//! engine stop too early.
+//! engine stop too early. Once the dirty set fits, the engine still goes on while each round halves
+//! it (and it is above a quarter of the target): such rounds are cheap and shorten the downtime.
 //!
 //! **Switch to post-copy (hybrid mode).** From round 2 on, if a round left more than 90 % of the pages
 //! it sent dirty again, or if the rate at which the dirty set shrinks cannot reach the target within the
@@ -95,7 +96,11 @@ impl Convergence {
             self.prediction = Some(self.predict(dirty_now, dirty_rate, rate, round.round));
         }
         let predicted_ms = dirty_now as f64 / rate * 1e3;
-        if predicted_ms <= self.target_ms {
+        // Within the target, but another round still halves the dirty set: it costs little and
+        // shortens the downtime, so go on until the gain flattens (or a quarter of the target).
+        let shrink = dirty_now as f64 / round.dirty_pages.max(1) as f64;
+        let worth_another = shrink < 0.5 && predicted_ms > self.target_ms / 4.0 && round.round < self.max_rounds;
+        if predicted_ms <= self.target_ms && !worth_another {
             return Decision::StopAndCopy(format!(
                 "converged: {dirty_now} dirty pages fit the {} ms target ({predicted_ms:.1} ms at {rate:.0} pages/s)",
                 self.target_ms
@@ -226,7 +231,7 @@ mod tests {
         let mut c = Convergence::new(30.0, 30, false);
         // 100k pages/s: 30 ms fits 3000 pages.
         assert_eq!(c.after_round(&round(1, 100_000, 1000.0), 10_000), Decision::Continue);
-        match c.after_round(&round(2, 10_000, 100.0), 1_000) {
+        match c.after_round(&round(2, 10_000, 100.0), 600) {
             Decision::StopAndCopy(why) => assert!(why.starts_with("converged"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -257,6 +262,24 @@ mod tests {
             Decision::StopAndCopy(why) => assert!(why.starts_with("round limit 5"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn goes_on_while_rounds_still_halve_the_dirty_set() {
+        let mut c = Convergence::new(30.0, 30, false);
+        // 100k pages/s: 2000 pages take 20 ms, within the target, but the round cut 10000 to 2000.
+        assert_eq!(c.after_round(&round(2, 10_000, 100.0), 2_000), Decision::Continue);
+        // 2000 -> 1500: the gain flattened.
+        assert!(matches!(
+            c.after_round(&round(3, 2_000, 20.0), 1_500),
+            Decision::StopAndCopy(_)
+        ));
+        // Under a quarter of the target: stop whatever the trend.
+        let mut c = Convergence::new(30.0, 30, false);
+        assert!(matches!(
+            c.after_round(&round(2, 10_000, 100.0), 500),
+            Decision::StopAndCopy(_)
+        ));
     }
 
     #[test]
