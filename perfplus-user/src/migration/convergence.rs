@@ -152,6 +152,11 @@ impl Convergence {
             n *= q;
             rounds += 1;
         }
+        // As the stop rule does: within the target, rounds that still halve the set go on.
+        while q < 0.5 && n > fits / 4.0 && rounds < self.max_rounds {
+            n *= q;
+            rounds += 1;
+        }
         // The last live round is followed by the stop-and-copy.
         Prediction {
             rounds: Some(rounds + 1),
@@ -247,6 +252,15 @@ mod tests {
         // 10k -> 5k -> 2.5k -> 1.25k -> 625 (fits 1000): rounds 3, 4, 5, 6 live, then stop-and-copy.
         assert_eq!(p.rounds, Some(7));
         assert!((p.downtime_ms.unwrap() - 6.25).abs() < 1e-9, "{p:?}");
+
+        // q = 0.25: 5000 -> 1250 -> 312 fits 1000, yet is above a quarter of it (250), so one more
+        // round (78): rounds 3, 4, 5 live, then stop-and-copy.
+        let mut c = Convergence::new(10.0, 30, false);
+        c.after_round(&round(1, 100_000, 1000.0), 20_000);
+        c.after_round(&round(2, 20_000, 200.0), 5_000);
+        let p = c.prediction().unwrap();
+        assert_eq!(p.rounds, Some(6), "{p:?}");
+        assert!((p.downtime_ms.unwrap() - 0.78125).abs() < 1e-9, "{p:?}");
 
         let mut c = Convergence::new(10.0, 5, false);
         c.after_round(&round(1, 100_000, 1000.0), 50_000);
