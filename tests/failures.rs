@@ -7,9 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use perfplus::protocol::connection::Connection;
-use perfplus::protocol::frame::{self, PageBatch};
-use perfplus::protocol::{ClusterKey, Message, MigrateBegin, MigrateOptions, Role};
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::frame::{self, PageBatch};
+use perfplus_protocol::{ClusterKey, Message, MigrateBegin, MigrateOptions, Role};
 use support::{cli_with_key, guest_counter, kvm_missing, wait_until, Cluster, PERFPLUS};
 
 #[test]

@@ -224,8 +224,8 @@ fn compare_with_qemu(memory: &str, ours: &[(&Workload, Figures)]) {
     }
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("perfplus-guest.elf");
-    std::fs::write(&kernel, perfplus::vm::builtin_guest::IMAGE).unwrap();
-    let tsc_khz = perfplus::vm::Vm::create("tsc-probe", 16 << 20, 1)
+    std::fs::write(&kernel, perfplus_vmm::vm::builtin_guest::IMAGE).unwrap();
+    let tsc_khz = perfplus_vmm::vm::Vm::create("tsc-probe", 16 << 20, 1)
         .expect("a probe VM")
         .tsc_khz();
     println!();

@@ -25,8 +25,8 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use perfplus::memory::GuestMemory;
-use perfplus::migration::postcopy::uffd::GuestUffd;
+use perfplus_vmm::demand_paging::GuestUffd;
+use perfplus_vmm::memory::GuestMemory;
 use serde_json::Value;
 use support::Cluster;
 
@@ -45,7 +45,7 @@ fn uffd_floor() -> (f64, f64, f64) {
     for p in 0..pages {
         memory.write_page(p, &[1; PAGE]);
     }
-    perfplus::migration::postcopy::uffd::punch_pages(&memory, 0, pages).expect("punch");
+    perfplus_vmm::demand_paging::punch_pages(&memory, 0, pages).expect("punch");
     let uffd = Arc::new(GuestUffd::register(memory.clone()).expect("userfaultfd"));
     let mut order: Vec<u64> = (0..pages).collect();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

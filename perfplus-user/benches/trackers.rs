@@ -18,9 +18,9 @@
 //! Run: `cargo bench -p perfplus --bench trackers` (`PERFPLUS_BENCH_SIZES=1G,4G` to choose sizes).
 use std::time::{Duration, Instant};
 
-use perfplus::tracking::{self, TrackerKind};
-use perfplus::vm::{builtin_guest, GuestStatus, RunState, Vm};
 use perfplus_common::guest_abi::state;
+use perfplus_vmm::tracking::{self, TrackerKind};
+use perfplus_vmm::vm::{builtin_guest, GuestStatus, RunState, Vm};
 
 fn boot(name: &str, memory: u64, kind: TrackerKind, workload: &str) -> Vm {
     let mut vm = Vm::create_with(name, memory, 1, kind.vm_options()).expect("creating the VM");

@@ -42,8 +42,8 @@ use std::sync::Arc;
 use perfplus_common::PAGE_SIZE;
 
 use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher};
-use crate::memory::GuestMemory;
 use crate::page_store::PageStore;
+use perfplus_vmm::memory::GuestMemory;
 
 /// How the agent names a VM it hosts.
 pub type VmKey = String;

@@ -1,20 +1,18 @@
 //! perfplus: live migration of KVM guests with Perf+ page hashing.
 //!
-//! The data flow, upstream to downstream (see ARCHITECTURE.md):
-//! [`tracking`] (which pages changed) → [`hashing`] (what they contain, what the destination holds)
-//! → [`migration`] (order, rounds, convergence) → [`protocol`] (the wire) → [`migration::receiver`]
-//! (write, resolve references) → [`memory`] of the destination guest; [`report`] is fed by every stage.
-//! [`vm`] is the small KVM VMM that runs guests, [`agent`] the per-host daemon that owns them.
+//! This crate sits on top of `perfplus-vmm` (guest memory, the VMM, the dirty trackers) and
+//! `perfplus-protocol` (the wire); see ARCHITECTURE.md. The data flow, upstream to downstream:
+//! `perfplus_vmm::tracking` (which pages changed) → [`hashing`] and [`content_index`] (what they
+//! contain, what the destination holds) → [`migration`] (order, rounds, convergence) → the wire →
+//! [`migration::receiver`] (write, resolve references) → the destination's guest memory; [`report`]
+//! is fed by every stage. [`agent`] is the per-host daemon that owns the VMs, [`cli`] the operator's
+//! side, [`ebpf`] the loader of the write-heat programs.
 
 pub mod agent;
-pub mod client;
+pub mod cli;
 pub mod content_index;
+pub mod ebpf;
 pub mod hashing;
-pub mod memory;
 pub mod migration;
 pub mod page_store;
-pub mod protocol;
 pub mod report;
-pub mod track;
-pub mod tracking;
-pub mod vm;

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use perfplus::agent::{Agent, AgentConfig};
-use perfplus::client::AgentClient;
-use perfplus::protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
-use perfplus::tracking::TrackerKind;
+use perfplus::cli::client::AgentClient;
 use perfplus_common::PAGE_SIZE;
+use perfplus_protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+use perfplus_vmm::tracking::TrackerKind;
 
 /// Live migration of KVM guests between perfplus agents, with Perf+ page hashing.
 ///
@@ -148,7 +148,7 @@ struct MigrateArgs {
     /// precopy (rounds, then stop-and-copy), postcopy (switch at once, memory follows on demand and by
     /// background push) or hybrid (pre-copy while it converges, then post-copy).
     #[arg(long, default_value = "hybrid")]
-    mode: perfplus::protocol::MigrationMode,
+    mode: perfplus_protocol::MigrationMode,
     /// Resume the post-copy migration with this id (after a lost connection) on the `--from` agent
     /// now, and wait for its report. The id is in the report and in the source agent's log.
     #[arg(long, conflicts_with_all = ["name", "to"])]
@@ -198,7 +198,7 @@ struct TrackArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
     interval: f64,
     /// Migration link to judge convergence against (e.g. 1gbit, 10gbit, 100mbit).
-    #[arg(long, default_value = "1gbit", value_parser = perfplus::track::parse_link)]
+    #[arg(long, default_value = "1gbit", value_parser = perfplus::cli::track::parse_link)]
     link: f64,
     /// One JSON object per interval instead of lines.
     #[arg(long)]
@@ -242,10 +242,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => unreachable!("matched above"),
             })?;
             let pid = *pid;
-            return tokio::task::spawn_blocking(move || perfplus::track::track_pid(pid, options)).await?;
+            return tokio::task::spawn_blocking(move || perfplus::cli::track::track_pid(pid, options)).await?;
         }
         Command::GuestImage { out } => {
-            std::fs::write(out, perfplus::vm::builtin_guest::IMAGE)
+            std::fs::write(out, perfplus_vmm::vm::builtin_guest::IMAGE)
                 .with_context(|| format!("writing the built-in guest to {}", out.display()))?;
             return Ok(());
         }
@@ -258,7 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Track(args) => {
             let options = track_options(&args)?;
             let vm = args.vm.as_deref().expect("clap requires --pid or --vm");
-            perfplus::track::track_vm(&args.agent, &key, vm, options).await
+            perfplus::cli::track::track_vm(&args.agent, &key, vm, options).await
         }
         Command::Agent(args) => {
             let agent = Agent::bind(AgentConfig {
@@ -341,13 +341,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 eprintln!("migrating {name} from {} to {to} ({}) ...", args.from, args.mode.name());
                 client
-                    .migrate(request, |round| eprintln!("  {}", round.progress_line()))
+                    .migrate(request, |round| {
+                        eprintln!("  {}", perfplus::report::render::progress_line(round))
+                    })
                     .await?
             };
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{}", report.to_table());
+                print!("{}", perfplus::report::render::table(&report));
             }
             if report.lost_pages > 0 {
                 bail!("{} pages differ between source and destination", report.lost_pages);
@@ -357,13 +359,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn track_options(args: &TrackArgs) -> anyhow::Result<perfplus::track::TrackOptions> {
+fn track_options(args: &TrackArgs) -> anyhow::Result<perfplus::cli::track::TrackOptions> {
     let duration = match args.seconds {
         Some(s) if !(s > 0.0 && s.is_finite()) => bail!("--seconds must be positive"),
         Some(s) => Some(std::time::Duration::from_secs_f64(s)),
         None => None,
     };
-    Ok(perfplus::track::TrackOptions {
+    Ok(perfplus::cli::track::TrackOptions {
         interval: std::time::Duration::from_secs_f64(args.interval / 1000.0),
         duration,
         json: args.json,

@@ -25,7 +25,7 @@
 //! hot pages last.
 
 use crate::report::RoundReport;
-use crate::tracking::DirtyPages;
+use perfplus_vmm::PageSet;
 
 /// What the rounds so far say about the next step.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,7 +185,7 @@ impl Heat {
     }
 
     /// Ages every page and warms the ones in `dirty`.
-    pub fn update(&mut self, dirty: &DirtyPages) {
+    pub fn update(&mut self, dirty: &PageSet) {
         for score in &mut self.score {
             *score /= 2;
         }
@@ -210,7 +210,7 @@ impl Heat {
     }
 
     /// The pages of `dirty` in sending order: cold pages in address order, then hot ones.
-    pub fn order(&self, dirty: &DirtyPages) -> Vec<u64> {
+    pub fn order(&self, dirty: &PageSet) -> Vec<u64> {
         let (mut cold, hot): (Vec<u64>, Vec<u64>) = dirty.iter().partition(|&p| !self.is_hot(p));
         cold.extend(hot);
         cold
@@ -328,17 +328,17 @@ mod tests {
     #[test]
     fn hot_pages_go_last() {
         let mut heat = Heat::new(8);
-        let mut hot = DirtyPages::new(8);
+        let mut hot = PageSet::new(8);
         hot.insert(1);
         heat.update(&hot);
         heat.update(&hot);
-        let mut dirty = DirtyPages::new(8);
+        let mut dirty = PageSet::new(8);
         for p in [0, 1, 5] {
             dirty.insert(p);
         }
         assert_eq!(heat.order(&dirty), vec![0, 5, 1]);
         // A page that cooled down for a few rounds is cold again.
-        let none = DirtyPages::new(8);
+        let none = PageSet::new(8);
         heat.update(&none);
         heat.update(&none);
         assert!(!heat.is_hot(1));

@@ -1,5 +1,5 @@
 //! The migration engine: the source's pre-copy rounds ([`source`]) and the destination's receiver
-//! ([`receiver`]). Both speak [`crate::protocol::Message`]s over one authenticated connection.
+//! ([`receiver`]). Both speak [`perfplus_protocol::Message`]s over one authenticated connection.
 //!
 //! The CPU an agent spends on a migration is its process CPU time minus that of its vCPU threads (the
 //! guests' own work): see [`agent_cpu_ms`].

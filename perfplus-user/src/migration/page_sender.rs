@@ -12,8 +12,8 @@ use std::collections::HashSet;
 use perfplus_common::PAGE_SIZE;
 
 use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher};
-use crate::protocol::frame::PageBatch;
 use crate::report::RoundReport;
+use perfplus_protocol::frame::PageBatch;
 
 /// What a page holds, as far as the decision is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +183,7 @@ impl PageSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::PageItem;
+    use perfplus_protocol::frame::PageItem;
 
     fn page(byte: u8) -> [u8; PAGE_SIZE] {
         [byte; PAGE_SIZE]

@@ -14,17 +14,16 @@ use perfplus_common::guest_abi::state;
 use perfplus_common::PAGE_SIZE;
 
 use super::postcopy::dest::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
-use super::postcopy::uffd::{punch_pages, GuestUffd};
 use super::postcopy::AttachRx;
-use super::source::describe;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::content_index::{ContentIndex, HeldSource};
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
-use crate::protocol::connection::Connection;
-use crate::protocol::frame::{PageBatch, PageItem};
-use crate::protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
-use crate::tracking::DirtyPages;
-use crate::vm::{GuestStatus, Vm};
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::frame::{PageBatch, PageItem};
+use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
+use perfplus_vmm::demand_paging::{punch_pages, GuestUffd};
+use perfplus_vmm::vm::{GuestStatus, Vm};
+use perfplus_vmm::PageSet;
 
 /// How many digest prefixes the destination advertises at most (8 bytes each on the wire).
 pub const MAX_ADVERTISED: usize = 16 << 20;
@@ -155,7 +154,7 @@ pub async fn receive(
             lost_pages = report.lost_pages,
             "migration in complete"
         ),
-        Ok(Ok(other)) => tracing::warn!("source ended with {}", describe(&other)),
+        Ok(Ok(other)) => tracing::warn!("source ended with {}", other.describe()),
         Ok(Err(err)) => tracing::warn!("source did not send its report: {err:#}"),
         Err(_) => tracing::warn!("source sent no report within {} s", PEER_TIMEOUT.as_secs()),
     }
@@ -231,7 +230,7 @@ async fn receive_pages(
                 let session = start_postcopy(begin, ctx, &memory, bitmap, checksums, &written, attach).await?;
                 return finish_switch(conn, begin, vm, session, counters).await;
             }
-            other => bail!("source sent {} during the page transfer", describe(&other)),
+            other => bail!("source sent {} during the page transfer", other.describe()),
         }
     }
 }
@@ -239,7 +238,7 @@ async fn receive_pages(
 /// Applies one batch of pages to the incoming guest's memory.
 struct Apply<'a> {
     vm_key: &'a String,
-    memory: &'a crate::memory::GuestMemory,
+    memory: &'a perfplus_vmm::memory::GuestMemory,
     index: &'a mut ContentIndex,
     hashing: bool,
     zero_digest: &'a PageDigest,
@@ -301,7 +300,7 @@ impl Apply<'_> {
 async fn start_postcopy(
     begin: &MigrateBegin,
     ctx: &Inbound,
-    memory: &Arc<crate::memory::GuestMemory>,
+    memory: &Arc<perfplus_vmm::memory::GuestMemory>,
     bitmap: Vec<u64>,
     checksums: Vec<u64>,
     written: &[bool],
@@ -311,7 +310,7 @@ async fn start_postcopy(
     if bitmap.len() as u64 != pages.div_ceil(64) {
         bail!("post-copy bitmap has {} words for {pages} pages", bitmap.len());
     }
-    let missing = DirtyPages::from_bitmap(bitmap, pages);
+    let missing = PageSet::from_bitmap(bitmap, pages);
     let demand = match tokio::time::timeout(Duration::from_secs(10), attach.recv()).await {
         Ok(Some((conn, Channel::Demand))) => conn,
         Ok(Some((_, Channel::Bulk))) => bail!("a second bulk connection arrived before the post-copy switch"),
@@ -399,7 +398,7 @@ async fn finish_switch(
                     counters,
                 ));
             }
-            other => bail!("source sent {} during the post-copy switch", describe(&other)),
+            other => bail!("source sent {} during the post-copy switch", other.describe()),
         }
     }
 }

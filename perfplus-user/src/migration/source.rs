@@ -30,14 +30,15 @@ use super::convergence::{Convergence, Decision, Heat, Prediction};
 use super::page_sender::{Content, PageSender};
 use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
+use crate::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
-use crate::protocol::connection::Connection;
-use crate::protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
-use crate::protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
-use crate::tracking::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
-use crate::tracking::{self, DirtyPages, TrackerKind};
-use crate::vm::Vm;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
+use perfplus_protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
+use perfplus_vmm::tracking::{self, TrackerKind};
+use perfplus_vmm::vm::Vm;
+use perfplus_vmm::PageSet;
 
 /// What the source needs to move one VM.
 pub struct Outbound {
@@ -136,7 +137,7 @@ async fn precopy(
     .await?;
     let held = match recv(conn, "MigrateReady").await? {
         Message::MigrateReady(ready) => ready.held,
-        other => bail!("destination answered MigrateBegin with {}", describe(&other)),
+        other => bail!("destination answered MigrateBegin with {}", other.describe()),
     };
     tracing::info!(vm = %job.vm_name, held = held.len(), "destination ready");
 
@@ -165,7 +166,7 @@ async fn precopy(
     let mut heat = Heat::new(pages);
     let mut ebpf = attach_ebpf(job);
     let mut rounds: Vec<RoundReport> = Vec::new();
-    let mut dirty = DirtyPages::all(pages);
+    let mut dirty = PageSet::all(pages);
     let mut order: Vec<u64> = (0..pages).collect();
     // Holes of guest memory are zero: round 1 need not read them (tracking started before this, so a
     // page written after the look is in round 2).
@@ -266,7 +267,7 @@ async fn precopy(
     conn.send(&Message::VmState(state)).await?;
     match recv(conn, "Running").await? {
         Message::Running => {}
-        other => bail!("destination answered VmState with {}", describe(&other)),
+        other => bail!("destination answered VmState with {}", other.describe()),
     }
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -290,8 +291,8 @@ async fn precopy(
 }
 
 /// The holes of `vm`'s memory: pages nobody ever wrote, so zero.
-fn holes(vm: &Vm) -> anyhow::Result<DirtyPages> {
-    let mut holes = DirtyPages::all(vm.memory().page_count());
+fn holes(vm: &Vm) -> anyhow::Result<PageSet> {
+    let mut holes = PageSet::all(vm.memory().page_count());
     for range in vm.memory().data_page_ranges()? {
         for page in range {
             holes.remove(page);
@@ -307,7 +308,7 @@ async fn send_round(
     conn: &mut Connection,
     sender: &mut PageSender,
     pages: &[u64],
-    known_zero: Option<&DirtyPages>,
+    known_zero: Option<&PageSet>,
     number: u32,
     stop_and_copy: bool,
 ) -> anyhow::Result<RoundReport> {
@@ -353,7 +354,7 @@ async fn send_round(
         conn.send(&Message::RoundEnd { round: number }).await?;
         let missing = match recv(conn, "RoundAck").await? {
             Message::RoundAck { round, missing } if round == number => missing,
-            other => bail!("destination answered RoundEnd {number} with {}", describe(&other)),
+            other => bail!("destination answered RoundEnd {number} with {}", other.describe()),
         };
         if missing.is_empty() {
             break;
@@ -388,7 +389,7 @@ async fn send_round(
 /// Reads `pages` and inspects them (zero test, keyed digest) on two threads.
 fn inspect_in_parallel(
     sender: &PageSender,
-    memory: &crate::memory::GuestMemory,
+    memory: &perfplus_vmm::memory::GuestMemory,
     pages: &[u64],
 ) -> Vec<(u64, Box<[u8; PAGE_SIZE]>, Content)> {
     let work = |part: &[u64]| -> Vec<(u64, Box<[u8; PAGE_SIZE]>, Content)> {
@@ -473,7 +474,7 @@ async fn finish(
     let theirs = match recv(&mut conn, "PageChecksums").await {
         Ok(Message::PageChecksums { checksums }) => Some(checksums),
         Ok(other) => {
-            tracing::error!("destination sent {} instead of its page checksums", describe(&other));
+            tracing::error!("destination sent {} instead of its page checksums", other.describe());
             None
         }
         Err(err) => {
@@ -500,7 +501,7 @@ async fn finish(
     let check = match recv(&mut conn, "GuestCheck").await {
         Ok(Message::GuestCheck(check)) => Some(*check),
         Ok(other) => {
-            tracing::error!("destination sent {} instead of the guest check", describe(&other));
+            tracing::error!("destination sent {} instead of the guest check", other.describe());
             None
         }
         Err(err) => {
@@ -591,16 +592,6 @@ async fn recv(conn: &mut Connection, expecting: &str) -> anyhow::Result<Message>
             PEER_TIMEOUT.as_secs()
         ),
     }
-}
-
-/// A short name of a message for error texts (never its payload).
-pub fn describe(message: &Message) -> String {
-    let text = format!("{message:?}");
-    let name: String = text.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-    if let Message::Error { message } = message {
-        return format!("an error: {message}");
-    }
-    format!("an unexpected {name} message")
 }
 
 fn log_round(vm: &str, r: &RoundReport) {

@@ -19,15 +19,14 @@ use anyhow::{bail, Context};
 use perfplus_common::PAGE_SIZE;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use super::uffd::{GuestUffd, Installed};
 use super::{bitmap_of, AttachRx, LINK_TIMEOUT, PING_INTERVAL};
 use crate::content_index::{ContentIndex, HeldSource};
 use crate::hashing::{page_checksum, PageDigest};
-use crate::migration::source::describe;
-use crate::protocol::connection::Connection;
-use crate::protocol::frame::{PageBatch, PageItem, PAGE_REQUEST_MAX};
-use crate::protocol::{Channel, Message, PostcopyStats};
 use crate::report::Latency;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::frame::{PageBatch, PageItem, PAGE_REQUEST_MAX};
+use perfplus_protocol::{Channel, Message, PostcopyStats};
+use perfplus_vmm::demand_paging::{GuestUffd, Installed};
 
 pub const MISSING: u8 = 0;
 pub const ZERO_LOCAL: u8 = 1;
@@ -360,7 +359,7 @@ pub async fn run(
                     }
                     Ok(other) => Some(anyhow::anyhow!(
                         "source sent {} on the demand channel",
-                        describe(&other)
+                        other.describe()
                     )),
                     Err(e) => Some(e),
                 }
@@ -381,7 +380,7 @@ pub async fn run(
                     }
                 }
                 Ok(Message::Ping) => None,
-                Ok(other) => Some(anyhow::anyhow!("source sent {} on the bulk channel", describe(&other))),
+                Ok(other) => Some(anyhow::anyhow!("source sent {} on the bulk channel", other.describe())),
                 Err(e) => Some(e),
             },
             Event::Request(page) => {

@@ -1,6 +1,7 @@
 //! Post-copy: the guest runs on the destination before its memory is there.
 //!
-//! - [`uffd`]: guest RAM registered with userfaultfd (MISSING mode), pages installed with `UFFDIO_COPY`.
+//! - `perfplus_vmm::demand_paging`: guest RAM registered with userfaultfd (MISSING mode), pages
+//!   installed with `UFFDIO_COPY`.
 //! - [`dest`]: the destination's per-page state (missing / requested / present), the fault thread and
 //!   the loop that installs demanded and pushed pages, surviving lost connections.
 //! - [`source`]: the source's demand server and background push (address order, pages next to recent
@@ -14,17 +15,16 @@
 //!                 <-- PushAck (bytes applied)   (paces the push)
 //!                 <-- AllPresent                only now does the source drop the guest
 //! ```
-//! The protocol is documented in [`crate::protocol`].
+//! The protocol is documented in [`perfplus_protocol`].
 pub mod dest;
 pub mod source;
-pub mod uffd;
 
 use std::time::Duration;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use crate::protocol::connection::Connection;
-use crate::protocol::Channel;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::Channel;
 
 /// Keepalives on the demand channel, both ways.
 pub const PING_INTERVAL: Duration = Duration::from_millis(250);

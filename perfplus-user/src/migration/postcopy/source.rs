@@ -24,12 +24,12 @@ use tokio::sync::Notify;
 
 use super::{LINK_TIMEOUT, PING_INTERVAL};
 use crate::migration::page_sender::{PageDecision, PageSender};
-use crate::migration::source::{describe, Outbound};
-use crate::protocol::connection::Connection;
-use crate::protocol::frame::{PageBatch, FULL_ITEM_LEN};
-use crate::protocol::{Channel, Message, PostcopyAttach, Role};
+use crate::migration::source::Outbound;
 use crate::report::RoundReport;
-use crate::tracking::DirtyPages;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::frame::{PageBatch, FULL_ITEM_LEN};
+use perfplus_protocol::{Channel, Message, PostcopyAttach, Role};
+use perfplus_vmm::PageSet;
 
 const NOT_NEEDED: u8 = 0;
 const NEEDED: u8 = 1;
@@ -49,7 +49,7 @@ const PACE_SHARE: f64 = 0.95;
 /// What pre-copy hands over at the switch.
 pub struct Handoff {
     pub demand: Connection,
-    pub missing: DirtyPages,
+    pub missing: PageSet,
     pub sender: PageSender,
     /// Link rate measured by the pre-copy rounds, bytes/s.
     pub link_rate: Option<f64>,
@@ -74,7 +74,7 @@ pub struct Outcome {
 
 /// The pages to send with the switch, before the vCPU state: the guest's status page (the agent reads
 /// it, and must not fault on it), if it is missing.
-pub fn eager_pages(missing: &DirtyPages) -> Vec<u64> {
+pub fn eager_pages(missing: &PageSet) -> Vec<u64> {
     let status = STATUS_PAGE_GPA / PAGE_SIZE as u64;
     if status < missing.capacity() && missing.contains(status) {
         vec![status]
@@ -318,7 +318,7 @@ pub async fn run(
             }
             Event::Demand(Ok(other)) => Some(anyhow::anyhow!(
                 "destination sent {} on the demand channel",
-                describe(&other)
+                other.describe()
             )),
             Event::Demand(Err(e)) | Event::Bulk(Err(e)) => Some(e),
             Event::Bulk(Ok(Message::PushAck { bytes, .. })) => {
@@ -330,7 +330,7 @@ pub async fn run(
             }
             Event::Bulk(Ok(other)) => Some(anyhow::anyhow!(
                 "destination sent {} on the bulk channel",
-                describe(&other)
+                other.describe()
             )),
             Event::Tick => {
                 if last_heard.elapsed() > LINK_TIMEOUT {
@@ -448,11 +448,11 @@ async fn serve(
 }
 
 /// A new bulk connection (answered with the pages still missing) and a new demand channel.
-async fn reconnect(job: &Outbound, id: &str) -> anyhow::Result<(Connection, Connection, DirtyPages)> {
+async fn reconnect(job: &Outbound, id: &str) -> anyhow::Result<(Connection, Connection, PageSet)> {
     let mut bulk = attach(job, id, Channel::Bulk).await?;
     let missing = match tokio::time::timeout(Duration::from_secs(5), bulk.recv()).await {
         Ok(Ok(Message::ResumeState { missing })) => missing,
-        Ok(Ok(other)) => bail!("destination answered the resume with {}", describe(&other)),
+        Ok(Ok(other)) => bail!("destination answered the resume with {}", other.describe()),
         Ok(Err(e)) => return Err(e.context("waiting for the destination's resume state")),
         Err(_) => bail!("no resume state from the destination within 5 s"),
     };
@@ -463,7 +463,7 @@ async fn reconnect(job: &Outbound, id: &str) -> anyhow::Result<(Connection, Conn
             missing.len()
         );
     }
-    let missing = DirtyPages::from_bitmap(missing, pages);
+    let missing = PageSet::from_bitmap(missing, pages);
     let demand = attach(job, id, Channel::Demand).await?;
     Ok((bulk, demand, missing))
 }

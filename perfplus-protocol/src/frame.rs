@@ -959,9 +959,9 @@ fn parse_item(buf: &[u8], index: usize) -> Result<(PageItem<'_>, usize), FrameEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
     use crate::report::{MigrationReport, RoundReport};
-    use crate::vm::GuestStatus;
+    use crate::{KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+    use perfplus_vmm::vm::GuestStatus;
 
     fn round() -> RoundReport {
         RoundReport {
@@ -1040,8 +1040,8 @@ mod tests {
             hashing: false,
             verify_guest: true,
             hot_last: false,
-            mode: crate::protocol::MigrationMode::Postcopy,
-            tracker: Some(crate::tracking::TrackerKind::UffdWp),
+            mode: crate::MigrationMode::Postcopy,
+            tracker: Some(perfplus_vmm::tracking::TrackerKind::UffdWp),
         };
         vec![
             Message::VmStart(VmStartRequest {
@@ -1050,7 +1050,7 @@ mod tests {
                 vcpus: 4,
                 kernel: KernelSource::Image(vec![0x7f, b'E', b'L', b'F', 0, 1, 2]),
                 cmdline: "console=ttyS0".into(),
-                tracker: crate::tracking::TrackerKind::DirtyRing,
+                tracker: perfplus_vmm::tracking::TrackerKind::DirtyRing,
             }),
             Message::VmStart(VmStartRequest {
                 name: String::new(),
@@ -1058,7 +1058,7 @@ mod tests {
                 vcpus: 1,
                 kernel: KernelSource::Builtin,
                 cmdline: String::new(),
-                tracker: crate::tracking::TrackerKind::DirtyLog,
+                tracker: perfplus_vmm::tracking::TrackerKind::DirtyLog,
             }),
             Message::VmList,
             Message::VmStatus { name: "web".into() },
@@ -1074,19 +1074,19 @@ mod tests {
             Message::Done,
             Message::Progress(round()),
             Message::MigrateDone(Box::new(report())),
-            Message::Track(crate::protocol::TrackRequest {
+            Message::Track(crate::TrackRequest {
                 vm: "web".into(),
                 interval_ms: 1000,
                 intervals: 0,
                 ebpf: true,
             }),
-            Message::TrackSample(Box::new(crate::protocol::TrackSample {
+            Message::TrackSample(Box::new(crate::TrackSample {
                 interval: 3,
                 elapsed_s: 3.01,
                 interval_s: 1.002,
                 source: "dirty-log".into(),
                 dirty_pages: 1999,
-                hottest: vec![crate::protocol::TrackRegion {
+                hottest: vec![crate::TrackRegion {
                     start: 0x20_0000,
                     pages: 12,
                     writes: 40,
@@ -1120,15 +1120,15 @@ mod tests {
             Message::PageChecksums {
                 checksums: vec![1, 2, 3, u64::MAX],
             },
-            Message::GuestCheck(Box::new(crate::protocol::GuestCheck {
-                at_resume: Some(crate::vm::GuestStatus::default()),
+            Message::GuestCheck(Box::new(crate::GuestCheck {
+                at_resume: Some(perfplus_vmm::vm::GuestStatus::default()),
                 after: None,
                 verified: true,
                 cpu_ms: 12.5,
                 held_from_store: 1,
                 held_from_hosted_vms: 2,
                 held_from_this_migration: 3,
-                postcopy: Some(crate::protocol::PostcopyStats {
+                postcopy: Some(crate::PostcopyStats {
                     demand_faults: 5,
                     ..Default::default()
                 }),
@@ -1139,9 +1139,9 @@ mod tests {
                 missing: vec![u64::MAX, 1],
             },
             Message::ResumeState { missing: vec![] },
-            Message::PostcopyAttach(crate::protocol::PostcopyAttach {
+            Message::PostcopyAttach(crate::PostcopyAttach {
                 id: "0123abcd".into(),
-                channel: crate::protocol::Channel::Demand,
+                channel: crate::Channel::Demand,
             }),
             Message::PageRequest {
                 full: true,

@@ -19,7 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::devices::Devices;
-use super::dirty_ring::DirtyRings;
+use super::vcpu_rings::DirtyRings;
 use super::RunState;
 
 /// Offset from SIGRTMIN of the signal that kicks vCPU threads out of KVM_RUN.

@@ -4,6 +4,8 @@
 //! ([`Role::Control`] from a CLI, [`Role::Peer`] from another agent). Both are authenticated with the
 //! cluster key. Every connection is handled on its own task; a failure on one never touches the VMs.
 
+pub mod track;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,16 +19,16 @@ use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
 use crate::migration::postcopy::{self, AttachTx};
 use crate::migration::receiver;
-use crate::migration::source::{self, describe, Outbound};
+use crate::migration::source::{self, Outbound};
 use crate::page_store::PageStore;
-use crate::protocol::connection::Connection;
-use crate::protocol::{
+use crate::report::MigrationReport;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::{
     ClusterKey, KernelSource, Message, MigrateOptions, MigrateRequest, MigrationMode, Role, VmInfo, VmStartRequest,
     MIGRATION_ID_MAX,
 };
-use crate::report::MigrationReport;
-use crate::tracking::TrackerKind;
-use crate::vm::{builtin_guest, RunState, Vm};
+use perfplus_vmm::tracking::TrackerKind;
+use perfplus_vmm::vm::{builtin_guest, RunState, Vm};
 
 /// Label the page-hash key is derived under from the cluster key.
 pub const PAGE_DIGEST_KEY_LABEL: &str = "perfplus page digest v1";
@@ -168,7 +170,7 @@ async fn handle(state: Arc<AgentState>, stream: tokio::net::TcpStream) -> anyhow
             other => {
                 let text = format!(
                     "a peer connection must start with MigrateBegin, not {}",
-                    describe(&other)
+                    other.describe()
                 );
                 conn.send_error(&text).await;
                 bail!(text)
@@ -238,7 +240,7 @@ async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Messag
             }
         }
         Message::Track(req) => track(state, conn, req).await,
-        other => bail!("{} is not a control request", describe(&other)),
+        other => bail!("{} is not a control request", other.describe()),
     }
 }
 
@@ -459,7 +461,7 @@ async fn migrate_out(state: &Arc<AgentState>, conn: &mut Connection, req: Migrat
 async fn track(
     state: &Arc<AgentState>,
     conn: &mut Connection,
-    req: crate::protocol::TrackRequest,
+    req: perfplus_protocol::TrackRequest,
 ) -> anyhow::Result<()> {
     let target = {
         let mut vms = state.vms.lock().expect("vms lock");
@@ -473,7 +475,7 @@ async fn track(
             bail!("VM {:?} is already being tracked", req.vm);
         }
         hosted.tracking = true;
-        crate::track::TrackTarget {
+        track::TrackTarget {
             name: req.vm.clone(),
             vm: Arc::downgrade(&hosted.vm),
             ram: hosted.vm.ram_slot().clone(),
@@ -481,7 +483,7 @@ async fn track(
         }
     };
     let name = req.vm.clone();
-    let result = crate::track::serve_vm(conn, target, req).await;
+    let result = track::serve_vm(conn, target, req).await;
     if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&name) {
         hosted.tracking = false;
     }
@@ -524,7 +526,7 @@ fn keep_pages(state: &AgentState, name: &str, vm: &Vm, digests: Option<Vec<crate
 async fn migrate_in(
     state: &Arc<AgentState>,
     conn: &mut Connection,
-    begin: crate::protocol::MigrateBegin,
+    begin: perfplus_protocol::MigrateBegin,
 ) -> anyhow::Result<()> {
     let name = begin.vm.clone();
     let refuse = match check_name(&name) {

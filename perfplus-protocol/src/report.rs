@@ -1,4 +1,5 @@
-//! The measurements of one migration: per round and in total, as a human table and as JSON.
+//! The report of one migration as it travels (`Progress`, `MigrateDone`, `Complete`): per round and in
+//! total. `perfplus::report` assembles it and renders it as a table; as JSON it is this serde form.
 //!
 //! The JSON field names are a fixed point that scripts rely on (`scripts/demo.sh --json`).
 
@@ -162,158 +163,6 @@ pub fn sla_percent(downtime_ms: f64) -> f64 {
     (MONTH_MS - downtime_ms) / MONTH_MS * 100.0
 }
 
-const MIB: f64 = 1024.0 * 1024.0;
-
-impl RoundReport {
-    /// One progress line, as the CLI prints it while the migration runs.
-    pub fn progress_line(&self) -> String {
-        format!(
-            "round {:>2}{}: {} dirty, {} sent, skipped {} unchanged / {} zero / {} held, {:.1} MiB in {:.1} ms ({:.0} Mbit/s)",
-            self.round,
-            if self.stop_and_copy { " (stop-and-copy)" } else { "" },
-            self.dirty_pages,
-            self.sent_pages,
-            self.skipped_unchanged,
-            self.skipped_zero,
-            self.skipped_held,
-            self.bytes_on_wire as f64 / MIB,
-            self.duration_ms,
-            self.bandwidth_mbps
-        )
-    }
-}
-
-impl MigrationReport {
-    /// The report as a human reads it.
-    pub fn to_table(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "Migration of {} ({} MiB): {} -> {}  [{}, tracker {}, Perf+ hashing {}]",
-            self.vm,
-            self.memory_bytes / (1 << 20),
-            self.source,
-            self.destination,
-            self.mode,
-            self.tracker,
-            if self.hashing { "on" } else { "off" }
-        );
-        let _ = writeln!(
-            out,
-            "{:>5} {:>9} {:>9} {:>10} {:>8} {:>8} {:>7} {:>10} {:>9} {:>8}",
-            "round", "dirty", "sent", "unchanged", "zero", "held", "resent", "wire MiB", "ms", "Mbit/s"
-        );
-        for r in &self.rounds {
-            let _ = writeln!(
-                out,
-                "{:>4}{} {:>9} {:>9} {:>10} {:>8} {:>8} {:>7} {:>10.2} {:>9.1} {:>8.0}",
-                r.round,
-                if r.stop_and_copy { "*" } else { " " },
-                r.dirty_pages,
-                r.sent_pages,
-                r.skipped_unchanged,
-                r.skipped_zero,
-                r.skipped_held,
-                r.resent_missing,
-                r.bytes_on_wire as f64 / MIB,
-                r.duration_ms,
-                r.bandwidth_mbps
-            );
-        }
-        let _ = writeln!(out, "  (* = stop-and-copy with the guest paused; {})", self.stop_reason);
-        let forecast = match (self.rounds.len() > 2, self.predicted_rounds, self.predicted_downtime_ms) {
-            (false, _, _) => "none (fewer than 3 rounds)".to_string(),
-            (true, Some(rounds), Some(ms)) => format!("{rounds} rounds, {ms:.1} ms downtime"),
-            (true, _, _) => "no convergence before the round limit".to_string(),
-        };
-        let _ = writeln!(
-            out,
-            "forecast after r2   {forecast}; outcome {} rounds, {:.1} ms (order: {})",
-            self.rounds.len(),
-            self.downtime_ms,
-            self.order
-        );
-        let stall = self
-            .guest_max_stall_ms
-            .map_or("not measured".to_string(), |ms| format!("{ms:.1} ms"));
-        let _ = writeln!(
-            out,
-            "downtime            {:.1} ms (the guest itself saw a longest stall of {stall})",
-            self.downtime_ms
-        );
-        let _ = writeln!(out, "total time          {:.1} ms", self.total_ms);
-        let _ = writeln!(
-            out,
-            "bytes on the wire   {:.1} MiB ({} bytes, average {:.0} Mbit/s)",
-            self.bytes_on_wire as f64 / MIB,
-            self.bytes_on_wire,
-            self.average_mbps
-        );
-        let _ = writeln!(
-            out,
-            "agent CPU           {:.0} ms (source {:.0} ms, destination {:.0} ms)",
-            self.agent_cpu_ms, self.source_cpu_ms, self.destination_cpu_ms
-        );
-        let _ = writeln!(
-            out,
-            "held at destination {} from this migration, {} from hosted VMs, {} from the page store",
-            self.held_from_this_migration, self.held_from_hosted_vms, self.held_from_store
-        );
-        let _ = writeln!(
-            out,
-            "lost pages          {} (memory digests {})",
-            self.lost_pages,
-            if self.memory_digest_equal { "equal" } else { "DIFFER" }
-        );
-        let progress = match (self.guest_pages_written_before, self.guest_pages_written_after) {
-            (Some(before), Some(after)) => format!(", pages written {before} -> {after}"),
-            _ => String::new(),
-        };
-        let _ = writeln!(
-            out,
-            "guest self-check    {}{progress}",
-            if self.guest_verified {
-                "passed on the destination".to_string()
-            } else {
-                format!("NOT verified (mismatches: {:?})", self.guest_mismatches)
-            }
-        );
-        if self.switched_to_postcopy {
-            let _ = writeln!(
-                out,
-                "post-copy           {:.1} ms until all {} missing pages were present: {} demanded, {} pushed, {} resent, {} refs resent in full, {} in full; {} reconnects",
-                self.postcopy_ms,
-                self.postcopy_pages,
-                self.pages_demanded,
-                self.pages_pushed,
-                self.pages_resent,
-                self.refs_resent,
-                self.postcopy_full_pages,
-                self.reconnects
-            );
-            let _ = writeln!(
-                out,
-                "demand faults       {} (+{} resolved locally), latency p50 {:.0} us, p99 {:.0} us, max {:.0} us",
-                self.demand_faults,
-                self.local_faults,
-                self.fault_latency_us.p50,
-                self.fault_latency_us.p99,
-                self.fault_latency_us.max
-            );
-        }
-        if let Some(ebpf) = &self.ebpf {
-            let _ = writeln!(
-                out,
-                "eBPF write events   {} (dirty-ring tracepoint, used as write heat)",
-                ebpf.write_events
-            );
-        }
-        let _ = writeln!(out, "availability        {:.9} % over a 30-day month", self.sla_percent);
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,7 +213,6 @@ mod tests {
         ] {
             assert!(json["rounds"][0].get(field).is_some(), "missing rounds[].{field}");
         }
-        assert!(report.to_table().contains("lost pages"));
         assert!(json["fault_latency_us"].get("p99").is_some());
         let mut samples = vec![3.0, 1.0, 2.0];
         let l = Latency::of(&mut samples);

@@ -33,7 +33,7 @@ use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::ram::RAM_SLOT;
-use crate::tracking::DirtyPages;
+use crate::page_set::PageSet;
 
 /// `KVM_DIRTY_GFN_F_DIRTY`: KVM pushed the entry.
 const GFN_DIRTY: u32 = 1;
@@ -59,7 +59,7 @@ struct Ring {
 
 impl Ring {
     /// Moves every harvestable entry into `into`; returns how many.
-    fn harvest(&mut self, pages: u64, into: &mut DirtyPages, strays: &mut u64) -> u32 {
+    fn harvest(&mut self, pages: u64, into: &mut PageSet, strays: &mut u64) -> u32 {
         let mut taken = 0;
         loop {
             let entry = self.entries.wrapping_add((self.fetch % self.size) as usize);
@@ -88,7 +88,7 @@ impl Ring {
 struct Harvest {
     rings: Vec<Ring>,
     /// Pages harvested and reset but not yet handed to a tracker.
-    pending: DirtyPages,
+    pending: PageSet,
     /// Entries for another slot or past the end of RAM (never expected; counted for diagnostics).
     strays: u64,
     /// Times a vCPU found its ring full.
@@ -141,7 +141,7 @@ impl DirtyRings {
         Ok(Self {
             state: Mutex::new(Harvest {
                 rings: Vec::new(),
-                pending: DirtyPages::new(pages),
+                pending: PageSet::new(pages),
                 strays: 0,
                 full_exits: 0,
             }),
@@ -221,7 +221,7 @@ impl DirtyRings {
     /// Harvests every ring, resets them (re-protecting the pages), and returns every page harvested
     /// since the previous call (including by full vCPUs). When this returns, every returned page is
     /// write-protected again, so a later guest write to it makes a new entry.
-    pub fn take(&self) -> anyhow::Result<DirtyPages> {
+    pub fn take(&self) -> anyhow::Result<PageSet> {
         let mut guard = self.lock();
         let state = &mut *guard;
         for ring in &mut state.rings {
@@ -235,7 +235,7 @@ impl DirtyRings {
             );
             state.strays = 0;
         }
-        Ok(std::mem::replace(&mut state.pending, DirtyPages::new(self.pages)))
+        Ok(std::mem::replace(&mut state.pending, PageSet::new(self.pages)))
     }
 
     /// How many times a vCPU found its ring full so far.

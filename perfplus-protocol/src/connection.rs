@@ -600,9 +600,9 @@ async fn write_all_vectored(stream: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::{decode_frame, PageBatch, PageItem, PAGE_BATCH_MAX_ITEMS};
-    use crate::protocol::handshake::Hello;
-    use crate::protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    use crate::frame::{decode_frame, PageBatch, PageItem, PAGE_BATCH_MAX_ITEMS};
+    use crate::handshake::Hello;
+    use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
     use tokio::net::TcpListener;
 
     fn key(byte: u8) -> ClusterKey {

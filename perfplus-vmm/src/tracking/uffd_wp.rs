@@ -49,12 +49,13 @@ use std::sync::Arc;
 use anyhow::{ensure, Context};
 use perfplus_common::PAGE_SIZE;
 
-use super::uapi::{
+use super::{DirtyTracker, TrackerKind};
+use crate::memory::GuestMemory;
+use crate::page_set::PageSet;
+use crate::sys::userfaultfd::{
     pagemap_scan, PageRegion, PmScanArg, Userfaultfd, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
     UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
 };
-use super::{DirtyPages, DirtyTracker, TrackerKind};
-use crate::memory::GuestMemory;
 use crate::vm::Vm;
 
 /// Regions fetched per `PAGEMAP_SCAN` call (24 bytes each).
@@ -117,7 +118,7 @@ impl UffdWpTracker {
             _memory: None,
         };
         // Protect what is populated now (see the module doc); what was written before does not count.
-        let mut ignored = DirtyPages::new(tracker.page_count());
+        let mut ignored = PageSet::new(tracker.page_count());
         tracker
             .scan(tracker.start, tracker.start + len, true, &mut |r| {
                 ignored.insert_range(r)
@@ -185,7 +186,7 @@ impl DirtyTracker for UffdWpTracker {
         TrackerKind::UffdWp
     }
 
-    fn collect(&mut self) -> anyhow::Result<DirtyPages> {
+    fn collect(&mut self) -> anyhow::Result<PageSet> {
         // Pass 1, read-only: where were pages written? Merged into windows. For guest memory only
         // the memfd's data ranges are walked: a hole has no page to write, and a hole written since
         // is data by now (or, if written after this look, unprotected and reported next time).
@@ -204,7 +205,7 @@ impl DirtyTracker for UffdWpTracker {
             })?;
         }
         // Pass 2: scan-and-protect each window; what it reports is the answer.
-        let mut dirty = DirtyPages::new(self.page_count());
+        let mut dirty = PageSet::new(self.page_count());
         for window in windows {
             let (from, to) = (self.start + window.start * page, self.start + window.end * page);
             self.scan(from, to, true, &mut |r| dirty.insert_range(r))?;

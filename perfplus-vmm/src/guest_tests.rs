@@ -1,11 +1,11 @@
-//! VMM tests on real KVM with a tiny hand-assembled 32-bit guest (and, in `builtin_guest_tests`, the
-//! built-in workload guest).
+//! VMM and tracker tests on real KVM with a tiny hand-assembled 32-bit guest (and, in
+//! `builtin_guest_tests`, the built-in workload guest).
 use std::time::{Duration, Instant};
 
-use super::multiboot::tests::{elf32, header};
-use super::*;
 use crate::tracking::dirty_log::DirtyLogTracker;
 use crate::tracking::DirtyTracker;
+use crate::vm::multiboot::tests::{elf32, header};
+use crate::vm::*;
 
 /// Counter A, incremented first in each iteration.
 const A: u64 = 0x20_0000;
@@ -254,10 +254,7 @@ fn tracker_works_from_another_thread() {
     assert!(dirty.contains(A / 4096), "{dirty:?}");
 }
 
-/// Tests with the built-in workload guest. Until `builtin_guest::IMAGE` is wired into the build, they
-/// load the guest ELF from `$PERFPLUS_GUEST_ELF` or `guest/target/x86_64-unknown-none/release/`
-/// (build it with `cargo build --release --target x86_64-unknown-none` in `guest/`), and skip if
-/// neither exists.
+/// Tests with the built-in workload guest (`builtin_guest::IMAGE`, built by this crate's build.rs).
 mod builtin_guest_tests_support {
     use super::*;
     use perfplus_common::guest_abi::state;

@@ -67,16 +67,13 @@ pub struct HeatSample {
     pub pages: Vec<(u64, u64)>,
 }
 
-/// A range of memory and the writes it got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Region {
-    /// First address of the region.
-    pub start: u64,
-    /// Distinct pages written in it.
-    pub pages: u64,
-    /// Write events in it.
-    pub writes: u64,
-}
+/// A range of memory and the writes it got (the type `perfplus track` carries on the wire).
+pub use perfplus_protocol::TrackRegion as Region;
+
+/// Size of the regions `perfplus track` ranks by write heat.
+pub const REGION_BYTES: u64 = 2 << 20;
+/// Regions `perfplus track` lists per interval, hottest first.
+pub const HOTTEST: usize = 5;
 
 impl HeatSample {
     /// Distinct pages written in the interval.

@@ -7,9 +7,9 @@
 //! 1908-1930 pages/s).
 
 use super::*;
-use crate::tracking::dirty_ring::DirtyRingTracker;
-use crate::tracking::DirtyTracker;
-use crate::vm::{builtin_guest, Vm, VmOptions};
+use perfplus_vmm::tracking::dirty_ring::DirtyRingTracker;
+use perfplus_vmm::tracking::DirtyTracker;
+use perfplus_vmm::vm::{builtin_guest, Vm, VmOptions};
 use std::collections::BTreeSet;
 
 #[test]

@@ -20,14 +20,11 @@
 pub mod builtin_guest;
 pub mod cpu;
 pub mod devices;
-pub mod dirty_ring;
 pub mod multiboot;
 pub mod ram;
 pub mod status;
 pub mod vcpu;
-
-#[cfg(test)]
-mod tests;
+pub mod vcpu_rings;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,8 +37,8 @@ use serde::{Deserialize, Serialize};
 
 pub use cpu::VcpuState;
 pub use devices::DeviceState;
-pub use dirty_ring::DirtyRings;
 pub use ram::RamSlot;
+pub use vcpu_rings::DirtyRings;
 
 use crate::memory::GuestMemory;
 use vcpu::{Control, VcpuContext, VcpuHandle, VcpuThread};
@@ -110,7 +107,7 @@ pub struct VmState {
 pub struct VmOptions {
     /// Create the VM with a KVM dirty ring of this many entries per vCPU (a power of two) instead of
     /// the dirty bitmap: then only the dirty-ring tracker can log its guest writes (see
-    /// [`dirty_ring`]). Must be chosen at creation: KVM only enables rings before vCPUs exist.
+    /// [`vcpu_rings`]). Must be chosen at creation: KVM only enables rings before vCPUs exist.
     pub dirty_ring_entries: Option<u32>,
 }
 

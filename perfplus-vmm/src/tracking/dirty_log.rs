@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::{DirtyPages, DirtyTracker, TrackerKind};
+use super::{DirtyTracker, TrackerKind};
+use crate::page_set::PageSet;
 use crate::vm::{RamSlot, Vm};
 
 /// Words of the bitmap cleared per `KVM_CLEAR_DIRTY_LOG` call when skipping clean stretches.
@@ -58,7 +59,7 @@ impl DirtyTracker for DirtyLogTracker {
         TrackerKind::DirtyLog
     }
 
-    fn collect(&mut self) -> anyhow::Result<DirtyPages> {
+    fn collect(&mut self) -> anyhow::Result<PageSet> {
         let bitmap = self.ram.get_dirty_log()?;
         // Clear (and re-protect) exactly the bits we read, in chunks that skip all-clean stretches.
         for (chunk_index, chunk) in bitmap.chunks(CLEAR_CHUNK_WORDS).enumerate() {
@@ -68,7 +69,7 @@ impl DirtyTracker for DirtyLogTracker {
             let first_page = (chunk_index * CLEAR_CHUNK_WORDS * 64) as u64;
             self.ram.clear_dirty_log(first_page, chunk)?;
         }
-        Ok(DirtyPages::from_bitmap(bitmap, self.ram.page_count()))
+        Ok(PageSet::from_bitmap(bitmap, self.ram.page_count()))
     }
 }
 

@@ -21,12 +21,13 @@
 //! `collect`.
 //!
 //! Cost: proportional to the entries harvested (dirty pages), not to memory size, except for the
-//! fresh [`DirtyPages`] bitmap (memory / 32 KiB bytes). Dropping the tracker turns dirty logging off.
+//! fresh [`PageSet`] bitmap (memory / 32 KiB bytes). Dropping the tracker turns dirty logging off.
 use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::{DirtyPages, DirtyTracker, TrackerKind};
+use super::{DirtyTracker, TrackerKind};
+use crate::page_set::PageSet;
 use crate::vm::{DirtyRings, RamSlot, Vm};
 
 /// Dirty tracking through a VM's KVM dirty rings.
@@ -68,7 +69,7 @@ impl DirtyTracker for DirtyRingTracker {
         TrackerKind::DirtyRing
     }
 
-    fn collect(&mut self) -> anyhow::Result<DirtyPages> {
+    fn collect(&mut self) -> anyhow::Result<PageSet> {
         self.rings.take().context("harvesting the dirty rings")
     }
 }

@@ -2,10 +2,9 @@
 
 use anyhow::bail;
 
-use crate::migration::source::describe;
-use crate::protocol::connection::Connection;
-use crate::protocol::{ClusterKey, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
 use crate::report::{MigrationReport, RoundReport};
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::{ClusterKey, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
 
 /// A connection from the CLI to one agent.
 pub struct AgentClient {
@@ -31,7 +30,7 @@ impl AgentClient {
         let agent = self.agent.clone();
         match self.call(Message::VmStart(request)).await? {
             Message::Vm(info) => Ok(info),
-            other => bail!("agent {agent} answered VmStart with {}", describe(&other)),
+            other => bail!("agent {agent} answered VmStart with {}", other.describe()),
         }
     }
 
@@ -39,7 +38,7 @@ impl AgentClient {
         let agent = self.agent.clone();
         match self.call(Message::VmList).await? {
             Message::Vms(vms) => Ok(vms),
-            other => bail!("agent {agent} answered VmList with {}", describe(&other)),
+            other => bail!("agent {agent} answered VmList with {}", other.describe()),
         }
     }
 
@@ -47,7 +46,7 @@ impl AgentClient {
         let agent = self.agent.clone();
         match self.call(Message::VmStatus { name: name.to_string() }).await? {
             Message::Vm(info) => Ok(info),
-            other => bail!("agent {agent} answered VmStatus with {}", describe(&other)),
+            other => bail!("agent {agent} answered VmStatus with {}", other.describe()),
         }
     }
 
@@ -55,7 +54,7 @@ impl AgentClient {
         let agent = self.agent.clone();
         match self.call(Message::VmStop { name: name.to_string() }).await? {
             Message::Done => Ok(()),
-            other => bail!("agent {agent} answered VmStop with {}", describe(&other)),
+            other => bail!("agent {agent} answered VmStop with {}", other.describe()),
         }
     }
 
@@ -66,7 +65,7 @@ impl AgentClient {
             match self.conn.recv().await? {
                 Message::Progress(_) => {}
                 Message::MigrateDone(report) => return Ok(*report),
-                other => bail!("agent {} sent {} while resuming", self.agent, describe(&other)),
+                other => bail!("agent {} sent {} while resuming", self.agent, other.describe()),
             }
         }
     }
@@ -82,7 +81,7 @@ impl AgentClient {
             match self.conn.recv().await? {
                 Message::Progress(round) => on_round(&round),
                 Message::MigrateDone(report) => return Ok(*report),
-                other => bail!("agent {} sent {} during the migration", self.agent, describe(&other)),
+                other => bail!("agent {} sent {} during the migration", self.agent, other.describe()),
             }
         }
     }

@@ -131,9 +131,8 @@ impl Userfaultfd {
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
         if fd >= 0 {
             // SAFETY: the syscall returned a fresh fd that nothing else owns.
-            return Ok(Self {
-                fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-            });
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            return Ok(Self { fd });
         }
         let syscall_err = io::Error::last_os_error();
         // USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00) on /dev/userfaultfd.
@@ -149,9 +148,8 @@ impl Userfaultfd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the ioctl returned a fresh fd that nothing else owns.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     /// `UFFDIO_API`: enables `features` (all must be supported, or the call fails with EINVAL);

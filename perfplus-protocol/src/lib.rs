@@ -1,0 +1,88 @@
+//! The perfplus wire protocol: CLI ⇄ agent (control) and agent ⇄ agent (migration), over TCP.
+//!
+//! Layers, each in its own file and knowing nothing of the one above:
+//! - [`frame`]: one frame ⇄ bytes (header, length limits, payload codecs). No sockets.
+//! - [`connection`]: a tokio TCP stream buffered into frames, with the handshake that opens it.
+//! - the migration engine and the agent apply [`Message`]s; they never see bytes.
+//!
+//! ## Handshake (both roles)
+//! ```text
+//! A (initiator)                                  B (responder)
+//! |-- Hello{"PERFPLUS", min..=max, role, nonce_a} -->|
+//! |<-- Hello{"PERFPLUS", min..=max, role, nonce_b} --|  both check the version ranges overlap; B echoes the role
+//! |-- Auth{HMAC(k, "a" || hello_a || hello_b)} ----->|  B checks A's proof before sending its own
+//! |<-- Auth{HMAC(k, "b" || hello_b || hello_a)} -----|  A checks B's proof
+//! ```
+//! `k` = HMAC(cluster key, "perfplus handshake v1"); `hello_x` = the 45 payload bytes of that side's
+//! Hello, so the proofs cover both nonces, both version ranges and the role. The agreed version is the
+//! highest in both ranges; the Hello layout never changes between versions. The whole handshake is
+//! time-limited (10 s). The cluster key is never sent. A peer without it is refused with an error frame
+//! that says so, before any other message is read. The handshake authenticates the ends only: frames
+//! after it are neither encrypted nor authenticated, so agents belong on a trusted network (or a tunnel).
+//!
+//! ## Migration (source agent → destination agent, role Peer)
+//! ```text
+//! source                                        destination
+//! |-- MigrateBegin{vm, memory, vcpus, options} -->|  creates an empty VM (not running)
+//! |<-- MigrateReady{held digest prefixes} --------|  what its content index holds
+//! |   round r = 1 (every page), 2, 3 … while the guest runs:
+//! |-- Pages{Full|Zero|Ref …} ×N ----------------->|  writes pages, resolves references
+//! |-- RoundEnd{r} ------------------------------->|
+//! |<-- RoundAck{r, missing refs} -----------------|  source re-sends the missing pages in full
+//! |   final round (source guest paused):
+//! |-- Pages … RoundEnd … RoundAck (no missing) -->|
+//! |-- VmState{vcpu + device state} -------------->|  restores, resumes the guest
+//! |<-- Running ----------------------------------|  source may now stop its guest for good
+//! |<-- PageChecksums{xxh3 of every page at resume}|  source compares: lost pages
+//! |<-- GuestCheck{self-check after the resume} ---|
+//! |-- Complete{report} --------------------------->|
+//! ```
+//! Anything that fails before `Running` arrives leaves the source guest running: the source resumes it
+//! and the destination destroys its copy. An `Error` frame may come from either side at any time and ends
+//! the migration with its message.
+//!
+//! ## Post-copy and hybrid (`MigrateOptions::mode`)
+//! Two connections: the one above (*bulk*: rounds, the switch, the background push, acks, the end) and
+//! a *demand* channel the source opens right after `MigrateReady` (`PostcopyAttach{id, Demand}` as its
+//! first message), so that a faulting vCPU never waits behind bulk traffic.
+//! ```text
+//! source                                        destination
+//! |   hybrid: pre-copy rounds as above while the dirty set shrinks; postcopy: none
+//! |   (guest paused)
+//! |-- PostcopyBegin{bitmap of pages missing} ---->|  drops those pages, registers RAM with userfaultfd
+//! |-- Pages{status page …} (eager) -------------->|
+//! |-- VmState ----------------------------------->|  restores, resumes: faults on missing pages
+//! |<-- Running ----------------------------------|
+//! |<== PageRequest{pages} ======================= |  demand channel: a fault (or an unresolvable Ref)
+//! |=== Pages{requested pages} ==================> |  demand channel
+//! |-- Pages{pushed pages, address order} -------->|  bulk: every missing page, paced under the link
+//! |<-- PushAck{bytes applied, pages present} -----|  rate; a page crosses at most once
+//! |<== Ping ==> (both ways, every 250 ms, demand channel; silence for 2 s = link lost)
+//! |<-- AllPresent --------------------------------|  only now may the source release the guest's memory
+//! |<-- PageChecksums (as installed) --------------|
+//! |<-- GuestCheck --------------------------------|
+//! |-- Complete{report} -------------------------->|
+//! ```
+//! After `Running` neither side holds the whole guest. A lost connection ends nothing: the destination's
+//! vCPUs wait on their faults, the source keeps every page and reconnects with back-off (or at once on
+//! `MigrateResume{id}` from a CLI): new bulk connection `PostcopyAttach{id, Bulk}` ⇒ `ResumeState{bitmap
+//! of pages still missing}`, then a new demand connection; outstanding requests are sent again.
+//!
+//! ## Control (CLI → agent, role Control)
+//! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
+//! `MigrateDone` (or `Error`), and `Track`, which streams one `TrackSample` per interval and ends
+//! with `Done` (or `Error`; the CLI may also just hang up).
+
+pub mod connection;
+pub mod frame;
+pub mod handshake;
+pub mod message;
+pub mod report;
+
+pub use handshake::ClusterKey;
+pub use message::*;
+
+/// Protocol version this build speaks. A peer whose range does not include it is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;

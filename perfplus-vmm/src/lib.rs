@@ -1,0 +1,27 @@
+//! perfplus's VMM layer: everything that touches KVM, guest memory and the kernel's page tracking,
+//! and nothing of hashing, the wire or migrations (those live in `perfplus-protocol` and `perfplus`,
+//! which build on this crate; nothing here may import from them).
+//!
+//! Modules, lowest first (each imports only from those above it in this list):
+//! - [`memory`]: guest RAM, a memfd mapped shared, read and written by copy.
+//! - [`page_set`]: [`PageSet`], a bitmap of guest pages (dirty pages, holes, missing pages).
+//! - [`sys`]: thin safe wrappers over the kernel interfaces `kvm-ioctls` and the `userfaultfd` crate
+//!   lack, one method per ioctl.
+//! - [`demand_paging`]: guest RAM registered with userfaultfd (MISSING mode), pages installed with
+//!   `UFFDIO_COPY`: the destination's side of post-copy.
+//! - [`vm`]: the VMM proper: KVM VM and vCPU threads, multiboot loader, devices, pause/resume,
+//!   `VmState`, the built-in guest.
+//! - [`tracking`]: which pages the guest wrote: KVM dirty log, KVM dirty ring, userfaultfd
+//!   write-protect.
+pub mod demand_paging;
+pub mod memory;
+pub mod page_set;
+pub mod sys;
+pub mod tracking;
+pub mod vm;
+
+#[cfg(test)]
+mod guest_tests;
+
+pub use memory::GuestMemory;
+pub use page_set::PageSet;
