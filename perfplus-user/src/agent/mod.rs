@@ -19,7 +19,7 @@ use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
 use crate::migration::postcopy::{self, AttachTx};
 use crate::migration::receiver;
-use crate::migration::source::{self, Outbound};
+use crate::migration::{source, Outbound};
 use crate::page_store::PageStore;
 use crate::report::MigrationReport;
 use perfplus_protocol::connection::Connection;
@@ -76,7 +76,7 @@ struct AgentState {
 /// An outgoing migration a CLI can resume (`MigrateResume`) and wait for.
 #[derive(Clone)]
 struct OutboundHandle {
-    resume: postcopy::source::ResumeSignal,
+    resume: crate::migration::outbound::ResumeSignal,
     done: tokio::sync::watch::Receiver<Option<Result<MigrationReport, String>>>,
 }
 

@@ -5,10 +5,13 @@
 //! guests' own work): see [`agent_cpu_ms`].
 
 pub mod convergence;
+pub mod outbound;
 pub mod page_sender;
 pub mod postcopy;
 pub mod receiver;
 pub mod source;
+
+pub use outbound::Outbound;
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use perfplus_common::guest_abi::state;
 use perfplus_common::PAGE_SIZE;
 
-use super::postcopy::dest::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
+use super::postcopy::demand::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
 use super::postcopy::AttachRx;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::content_index::{ContentIndex, HeldSource};
@@ -107,7 +107,7 @@ pub async fn receive(
         }
         Resumed::Postcopy { mut session, demand } => {
             install(vm.clone(), true)?;
-            let (stats, demand) = dest::run(&mut session, conn, *demand, &mut attach).await?;
+            let (stats, demand) = demand::run(&mut session, conn, *demand, &mut attach).await?;
             _demand_channel = demand;
             counters.from_store += session.held.from_store;
             counters.from_hosted += session.held.from_hosted;

@@ -17,9 +17,8 @@
 //! (by less than 10 % from one round to the next), when the shrink rate seen could not reach the
 //! downtime target within the round limit, or at the round limit. The switch (pause → `PostcopyBegin`
 //! with the pages the destination lacks → eager pages → `VmState` → `Running`) is followed by
-//! [`postcopy::source::run`], which returns only once the destination has every page.
+//! [`postcopy::supply::run`], which returns only once the destination has every page.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -27,36 +26,19 @@ use perfplus_common::PAGE_SIZE;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::convergence::{Convergence, Decision, Heat, Prediction};
+use super::outbound::Outbound;
 use super::page_sender::{Content, PageSender};
 use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
-use crate::hashing::{page_checksum, PageDigest, PageHasher};
+use crate::hashing::{page_checksum, PageDigest};
 use crate::report::{sla_percent, MigrationReport, RoundReport};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
-use perfplus_protocol::{Channel, ClusterKey, GuestCheck, Message, MigrateBegin, MigrateOptions, MigrationMode, Role};
+use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrationMode, Role};
 use perfplus_vmm::tracking::{self, TrackerKind};
 use perfplus_vmm::vm::Vm;
 use perfplus_vmm::PageSet;
-
-/// What the source needs to move one VM.
-pub struct Outbound {
-    pub vm: Arc<Vm>,
-    pub vm_name: String,
-    pub memory_bytes: u64,
-    pub vcpus: u8,
-    pub cmdline: String,
-    pub source_name: String,
-    pub destination: String,
-    pub options: MigrateOptions,
-    pub key: ClusterKey,
-    pub hasher: PageHasher,
-    /// Names the migration (post-copy attach and resume).
-    pub migration_id: String,
-    /// Wakes a post-copy migration's reconnection loop at once (`perfplus migrate --resume`).
-    pub resume: postcopy::source::ResumeSignal,
-}
 
 /// A migration that reached the destination.
 pub struct Completed {
@@ -91,7 +73,7 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
         Some(handoff) => {
             tracing::info!(vm = %job.vm_name, id = %job.migration_id, "post-copy: guest runs on the destination, memory follows");
             let (outcome, sender) =
-                postcopy::source::run(&job, &job.migration_id, &mut conn, handoff, &job.resume).await;
+                postcopy::supply::run(&job, &job.migration_id, &mut conn, handoff, &job.resume).await;
             switched.sender = sender;
             // Total time covers the post-copy phase: the migration ends when every page is there.
             switched.total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -112,7 +94,7 @@ struct Switched {
     stall_reset: Option<u64>,
     written_before: Option<u64>,
     /// Set when the migration switched to post-copy.
-    handoff: Option<postcopy::source::Handoff>,
+    handoff: Option<postcopy::supply::Handoff>,
     prediction: Option<Prediction>,
     /// Write events the eBPF program saw, when it ran.
     ebpf_events: Option<u64>,
@@ -148,7 +130,7 @@ async fn precopy(
     let mode = job.options.mode;
     let mut demand = None;
     if mode != MigrationMode::Precopy {
-        demand = Some(postcopy::source::attach(job, &job.migration_id, Channel::Demand).await?);
+        demand = Some(postcopy::supply::attach(job, &job.migration_id, Channel::Demand).await?);
     }
     let mut tracker = match mode {
         MigrationMode::Postcopy => None,
@@ -245,9 +227,9 @@ async fn precopy(
             missing: missing.words().to_vec(),
         })
         .await?;
-        let eager = postcopy::source::eager_pages(&missing);
-        postcopy::source::send_eager(job, conn, &mut sender, &eager).await?;
-        handoff = Some(postcopy::source::Handoff {
+        let eager = postcopy::supply::eager_pages(&missing);
+        postcopy::supply::send_eager(job, conn, &mut sender, &eager).await?;
+        handoff = Some(postcopy::supply::Handoff {
             demand: demand.take().expect("demand channel opened for post-copy modes"),
             missing,
             sender: PageSender::new(job.options.hashing, job.hasher.clone(), 0, Vec::new()),
@@ -424,7 +406,7 @@ async fn finish(
     job: &Outbound,
     mut conn: Connection,
     switched: Switched,
-    outcome: Option<postcopy::source::Outcome>,
+    outcome: Option<postcopy::supply::Outcome>,
     started: Instant,
     cpu_start: f64,
 ) -> anyhow::Result<Completed> {

@@ -2,9 +2,9 @@
 //!
 //! - `perfplus_vmm::demand_paging`: guest RAM registered with userfaultfd (MISSING mode), pages
 //!   installed with `UFFDIO_COPY`.
-//! - [`dest`]: the destination's per-page state (missing / requested / present), the fault thread and
+//! - [`demand`]: the destination's per-page state (missing / requested / present), the fault thread and
 //!   the loop that installs demanded and pushed pages, surviving lost connections.
-//! - [`source`]: the source's demand server and background push (address order, pages next to recent
+//! - [`supply`]: the source's demand server and background push (address order, pages next to recent
 //!   faults first, paced just under the measured link rate), reconnecting with back-off.
 //!
 //! ```text
@@ -16,8 +16,8 @@
 //!                 <-- AllPresent                only now does the source drop the guest
 //! ```
 //! The protocol is documented in [`perfplus_protocol`].
-pub mod dest;
-pub mod source;
+pub mod demand;
+pub mod supply;
 
 use std::time::Duration;
 

@@ -14,7 +14,6 @@
 //! A lost link (an error, or 2 s without a keepalive) is retried with back-off (0.1 s doubling to 5 s,
 //! forever; `MigrateResume` from a CLI retries at once). The guest's memory is kept until `AllPresent`.
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -23,8 +22,8 @@ use perfplus_common::PAGE_SIZE;
 use tokio::sync::Notify;
 
 use super::{LINK_TIMEOUT, PING_INTERVAL};
+use crate::migration::outbound::Outbound;
 use crate::migration::page_sender::{PageDecision, PageSender};
-use crate::migration::source::Outbound;
 use crate::report::RoundReport;
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{PageBatch, FULL_ITEM_LEN};
@@ -467,6 +466,3 @@ async fn reconnect(job: &Outbound, id: &str) -> anyhow::Result<(Connection, Conn
     let demand = attach(job, id, Channel::Demand).await?;
     Ok((bulk, demand, missing))
 }
-
-/// Shared between the agent and a migration in post-copy: wakes its reconnection loop.
-pub type ResumeSignal = Arc<Notify>;

@@ -1,0 +1,30 @@
+//! [`Outbound`]: everything the source side of a migration needs to move one VM, handed from the agent
+//! to the engine (pre-copy rounds in `source`, the post-copy supply in `postcopy::supply`).
+use std::sync::Arc;
+
+use perfplus_protocol::{ClusterKey, MigrateOptions};
+use perfplus_vmm::vm::Vm;
+use tokio::sync::Notify;
+
+use crate::hashing::PageHasher;
+
+/// Shared between the agent and a migration in post-copy: wakes its reconnection loop.
+pub type ResumeSignal = Arc<Notify>;
+
+/// What the source needs to move one VM.
+pub struct Outbound {
+    pub vm: Arc<Vm>,
+    pub vm_name: String,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub cmdline: String,
+    pub source_name: String,
+    pub destination: String,
+    pub options: MigrateOptions,
+    pub key: ClusterKey,
+    pub hasher: PageHasher,
+    /// Names the migration (post-copy attach and resume).
+    pub migration_id: String,
+    /// Wakes a post-copy migration's reconnection loop at once (`perfplus migrate --resume`).
+    pub resume: ResumeSignal,
+}
