@@ -7,6 +7,7 @@
 pub mod convergence;
 pub mod outbound;
 pub mod page_sender;
+pub mod page_sink;
 pub mod postcopy;
 pub mod receiver;
 pub mod source;

@@ -12,7 +12,6 @@ use std::collections::HashSet;
 use perfplus_common::PAGE_SIZE;
 
 use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher};
-use crate::report::RoundReport;
 use perfplus_protocol::frame::PageBatch;
 
 /// What a page holds, as far as the decision is concerned.
@@ -24,12 +23,17 @@ pub enum Content {
     Digest(PageDigest),
 }
 
-/// What was decided for one page.
+/// What was decided for one page. A round report counts them as `sent_pages`, `skipped_zero`,
+/// `skipped_held` and `skipped_unchanged`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageDecision {
+    /// Sent with its content (always, with hashing off).
     Full,
+    /// Zero: a marker was sent, or nothing if the destination's page is zero already.
     Zero,
+    /// Sent as a reference to content the destination holds.
     Held,
+    /// Same content as the destination has at that page: nothing sent.
     Unchanged,
 }
 
@@ -73,16 +77,10 @@ impl PageSender {
     }
 
     /// Decides how to send `page` whose current content is `data`, appends the item to `batch` (nothing
-    /// for an unchanged page) and counts it in `round`.
-    pub fn add(
-        &mut self,
-        page: u64,
-        data: &[u8; PAGE_SIZE],
-        batch: &mut PageBatch,
-        round: &mut RoundReport,
-    ) -> PageDecision {
+    /// for an unchanged page) and returns the decision (the caller counts it).
+    pub fn add(&mut self, page: u64, data: &[u8; PAGE_SIZE], batch: &mut PageBatch) -> PageDecision {
         let content = self.inspect(data);
-        self.add_inspected(page, data, content, batch, round)
+        self.add_inspected(page, data, content, batch)
     }
 
     /// [`PageSender::add`] with the content already inspected (by [`PageSender::inspect`]).
@@ -92,43 +90,37 @@ impl PageSender {
         data: &[u8; PAGE_SIZE],
         content: Content,
         batch: &mut PageBatch,
-        round: &mut RoundReport,
     ) -> PageDecision {
         let slot = page as usize;
         let digest = match content {
             Content::NotInspected => {
                 batch.push_full(page, &[0; 16], data);
-                round.sent_pages += 1;
                 return PageDecision::Full;
             }
-            Content::Zero => return self.add_known_zero(page, batch, round),
+            Content::Zero => return self.add_known_zero(page, batch),
             Content::Digest(digest) => digest,
         };
         if self.at_destination[slot] == digest {
-            round.skipped_unchanged += 1;
             return PageDecision::Unchanged;
         }
         self.at_destination[slot] = digest;
         if self.held.contains(&digest_prefix(&digest)) {
             batch.push_ref(page, &digest);
-            round.skipped_held += 1;
             PageDecision::Held
         } else {
             batch.push_full(page, &digest, data);
             self.held.insert(digest_prefix(&digest));
-            round.sent_pages += 1;
             PageDecision::Full
         }
     }
 
-    /// Counts `page`, known to be zero without reading it (a hole of guest memory), like a zero page.
-    pub fn add_known_zero(&mut self, page: u64, batch: &mut PageBatch, round: &mut RoundReport) -> PageDecision {
+    /// Decides for `page`, known to be zero without reading it (a hole of guest memory), as for a zero
+    /// page.
+    pub fn add_known_zero(&mut self, page: u64, batch: &mut PageBatch) -> PageDecision {
         if !self.hashing {
             batch.push_full(page, &[0; 16], &[0; PAGE_SIZE]);
-            round.sent_pages += 1;
             return PageDecision::Full;
         }
-        round.skipped_zero += 1;
         if self.at_destination[page as usize] != self.zero_digest {
             batch.push_zero(page);
             self.at_destination[page as usize] = self.zero_digest;
@@ -206,39 +198,25 @@ mod tests {
         let held_elsewhere = digest_prefix(&hasher.digest(&page(9)));
         let mut sender = PageSender::new(true, hasher, 8, vec![held_elsewhere]);
         let mut batch = PageBatch::with_capacity(8);
-        let mut round = RoundReport::default();
 
-        assert_eq!(sender.add(0, &page(1), &mut batch, &mut round), PageDecision::Full);
+        assert_eq!(sender.add(0, &page(1), &mut batch), PageDecision::Full);
         assert_eq!(
-            sender.add(1, &page(1), &mut batch, &mut round),
+            sender.add(1, &page(1), &mut batch),
             PageDecision::Held,
             "same content as page 0"
         );
-        assert_eq!(sender.add(2, &page(0), &mut batch, &mut round), PageDecision::Zero);
-        assert_eq!(
-            sender.add(3, &page(9), &mut batch, &mut round),
-            PageDecision::Held,
-            "advertised"
-        );
-        assert_eq!(sender.add(0, &page(1), &mut batch, &mut round), PageDecision::Unchanged);
+        assert_eq!(sender.add(2, &page(0), &mut batch), PageDecision::Zero);
+        assert_eq!(sender.add(3, &page(9), &mut batch), PageDecision::Held, "advertised");
+        assert_eq!(sender.add(0, &page(1), &mut batch), PageDecision::Unchanged);
         assert_eq!(
             kinds(&batch),
             ["full 0", "ref 1", "ref 3"],
             "a zero page the destination has needs no marker"
         );
-        assert_eq!(
-            (
-                round.sent_pages,
-                round.skipped_held,
-                round.skipped_zero,
-                round.skipped_unchanged
-            ),
-            (1, 2, 1, 1)
-        );
 
         // Page 0 becomes zero: now a marker is needed.
         batch.clear();
-        assert_eq!(sender.add(0, &page(0), &mut batch, &mut round), PageDecision::Zero);
+        assert_eq!(sender.add(0, &page(0), &mut batch), PageDecision::Zero);
         assert_eq!(kinds(&batch), ["zero 0"]);
     }
 
@@ -246,11 +224,9 @@ mod tests {
     fn without_hashing_every_page_is_sent_in_full() {
         let mut sender = PageSender::new(false, PageHasher::new(&[7; 32]), 4, vec![]);
         let mut batch = PageBatch::with_capacity(4);
-        let mut round = RoundReport::default();
         for p in 0..4 {
-            assert_eq!(sender.add(p, &page(0), &mut batch, &mut round), PageDecision::Full);
+            assert_eq!(sender.add(p, &page(0), &mut batch), PageDecision::Full);
         }
-        assert_eq!(round.sent_pages, 4);
         assert_eq!(batch.len(), 4);
     }
 }

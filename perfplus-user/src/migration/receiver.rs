@@ -13,15 +13,16 @@ use anyhow::{bail, Context};
 use perfplus_common::guest_abi::state;
 use perfplus_common::PAGE_SIZE;
 
+use super::page_sink::{apply_batch, HeldCounts, IndexedVm, PageSink};
 use super::postcopy::demand::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
 use super::postcopy::AttachRx;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
-use crate::content_index::{ContentIndex, HeldSource};
-use crate::hashing::{page_checksum, PageDigest, PageHasher};
+use crate::content_index::ContentIndex;
+use crate::hashing::{page_checksum, PageHasher};
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::frame::{PageBatch, PageItem};
 use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
 use perfplus_vmm::demand_paging::{punch_pages, GuestUffd};
+use perfplus_vmm::memory::GuestMemory;
 use perfplus_vmm::vm::{GuestStatus, Vm};
 use perfplus_vmm::PageSet;
 
@@ -34,14 +35,6 @@ pub const GUEST_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Inbound {
     pub hasher: PageHasher,
     pub index: Arc<Mutex<ContentIndex>>,
-}
-
-/// Counts of what the receiver did.
-#[derive(Default)]
-struct Counters {
-    from_store: u64,
-    from_hosted: u64,
-    from_same_vm: u64,
 }
 
 /// How the guest came to run here.
@@ -109,9 +102,7 @@ pub async fn receive(
             install(vm.clone(), true)?;
             let (stats, demand) = demand::run(&mut session, conn, *demand, &mut attach).await?;
             _demand_channel = demand;
-            counters.from_store += session.held.from_store;
-            counters.from_hosted += session.held.from_hosted;
-            counters.from_same_vm += session.held.from_same_vm;
+            counters.add(session.held);
             postcopy = Some(stats);
             session.table.checksums()
         }
@@ -169,7 +160,7 @@ async fn receive_pages(
     vm: &mut Vm,
     held: Vec<u64>,
     attach: &mut AttachRx,
-) -> anyhow::Result<(Resumed, Counters)> {
+) -> anyhow::Result<(Resumed, HeldCounts)> {
     conn.send(&Message::MigrateReady(MigrateReady { held })).await?;
     let memory = vm.memory().clone();
     let zero = [0u8; PAGE_SIZE];
@@ -177,8 +168,7 @@ async fn receive_pages(
     let mut checksums = vec![page_checksum(&zero); memory.page_count() as usize];
     let mut written = vec![false; memory.page_count() as usize];
     let mut missing = Vec::new();
-    let mut counters = Counters::default();
-    let mut scratch = Box::new([0u8; PAGE_SIZE]);
+    let mut held_counts = HeldCounts::default();
     loop {
         let message = match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
             Ok(result) => result.context("receiving from the source")?,
@@ -187,19 +177,19 @@ async fn receive_pages(
         match message {
             Message::Pages(batch) => {
                 let mut index = ctx.index.lock().expect("content index lock");
-                let mut apply = Apply {
-                    vm_key: &begin.vm,
+                let mut sink = StoppedGuest {
                     memory: &memory,
-                    index: &mut index,
-                    hashing: begin.options.hashing,
-                    zero_digest: &zero_digest,
                     checksums: &mut checksums,
                     written: &mut written,
-                    missing: &mut missing,
-                    counters: &mut counters,
-                    scratch: &mut scratch,
+                    scratch: [0; PAGE_SIZE],
                 };
-                apply.batch(&batch)?;
+                let mut indexed = IndexedVm {
+                    index: &mut index,
+                    vm_key: &begin.vm,
+                    hashing: begin.options.hashing,
+                    zero_digest: &zero_digest,
+                };
+                apply_batch(&batch, &mut sink, &mut indexed, &mut held_counts, &mut missing)?;
             }
             Message::RoundEnd { round } => {
                 let missing = std::mem::take(&mut missing);
@@ -218,7 +208,7 @@ async fn receive_pages(
                 vm.start().context("starting the migrated guest")?;
                 conn.send(&Message::Running).await?;
                 tracing::info!(vm = %begin.vm, "guest resumed here");
-                return Ok((Resumed::Precopy(checksums), counters));
+                return Ok((Resumed::Precopy(checksums), held_counts));
             }
             Message::PostcopyBegin { missing: bitmap } => {
                 if !missing.is_empty() {
@@ -228,70 +218,45 @@ async fn receive_pages(
                     );
                 }
                 let session = start_postcopy(begin, ctx, &memory, bitmap, checksums, &written, attach).await?;
-                return finish_switch(conn, begin, vm, session, counters).await;
+                return finish_switch(conn, begin, vm, session, held_counts).await;
             }
             other => bail!("source sent {} during the page transfer", other.describe()),
         }
     }
 }
 
-/// Applies one batch of pages to the incoming guest's memory.
-struct Apply<'a> {
-    vm_key: &'a String,
-    memory: &'a perfplus_vmm::memory::GuestMemory,
-    index: &'a mut ContentIndex,
-    hashing: bool,
-    zero_digest: &'a PageDigest,
+/// The stopped incoming guest's memory as a page sink: plain writes (nothing runs it yet), each page
+/// read back and checksummed as written, so that the checksums at resume need no second pass.
+struct StoppedGuest<'a> {
+    memory: &'a GuestMemory,
     checksums: &'a mut [u64],
     written: &'a mut [bool],
-    missing: &'a mut Vec<u64>,
-    counters: &'a mut Counters,
-    scratch: &'a mut [u8; PAGE_SIZE],
+    scratch: [u8; PAGE_SIZE],
 }
 
-impl Apply<'_> {
-    fn batch(&mut self, batch: &PageBatch) -> anyhow::Result<()> {
-        let pages = self.memory.page_count();
-        for (i, item) in batch.iter().enumerate() {
-            let item = item.with_context(|| format!("malformed page batch from the source (item {i})"))?;
-            let page = match item {
-                PageItem::Full { page, .. } | PageItem::Zero { page } | PageItem::Ref { page, .. } => page,
-            };
-            if page >= pages {
-                bail!("source sent page {page}, but the guest has {pages} pages");
-            }
-            match item {
-                PageItem::Full { page, digest, data } => {
-                    self.memory.write_page(page, data);
-                    if self.hashing {
-                        self.index.record_pages(self.vm_key, &[(page, *digest)])?;
-                    }
-                }
-                PageItem::Zero { page } => {
-                    self.memory.write_page(page, &[0; PAGE_SIZE]);
-                    self.index.record_pages(self.vm_key, &[(page, *self.zero_digest)])?;
-                }
-                PageItem::Ref { page, digest } => match self.index.resolve(digest, self.vm_key, self.scratch) {
-                    Some(source) => {
-                        self.memory.write_page(page, self.scratch);
-                        self.index.record_pages(self.vm_key, &[(page, *digest)])?;
-                        match source {
-                            HeldSource::Store => self.counters.from_store += 1,
-                            HeldSource::HostedVm => self.counters.from_hosted += 1,
-                            HeldSource::SameVm => self.counters.from_same_vm += 1,
-                        }
-                    }
-                    None => {
-                        self.missing.push(page);
-                        continue;
-                    }
-                },
-            }
-            self.memory.read_page(page, self.scratch);
-            self.checksums[page as usize] = page_checksum(self.scratch);
-            self.written[page as usize] = true;
-        }
-        Ok(())
+impl StoppedGuest<'_> {
+    fn installed(&mut self, page: u64) {
+        self.memory.read_page(page, &mut self.scratch);
+        self.checksums[page as usize] = page_checksum(&self.scratch);
+        self.written[page as usize] = true;
+    }
+}
+
+impl PageSink for StoppedGuest<'_> {
+    fn pages(&self) -> u64 {
+        self.memory.page_count()
+    }
+
+    fn install(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> anyhow::Result<bool> {
+        self.memory.write_page(page, data);
+        self.installed(page);
+        Ok(true)
+    }
+
+    fn install_zero(&mut self, page: u64) -> anyhow::Result<bool> {
+        self.memory.write_page(page, &[0; PAGE_SIZE]);
+        self.installed(page);
+        Ok(true)
     }
 }
 
@@ -300,7 +265,7 @@ impl Apply<'_> {
 async fn start_postcopy(
     begin: &MigrateBegin,
     ctx: &Inbound,
-    memory: &Arc<perfplus_vmm::memory::GuestMemory>,
+    memory: &Arc<GuestMemory>,
     bitmap: Vec<u64>,
     checksums: Vec<u64>,
     written: &[bool],
@@ -373,8 +338,8 @@ async fn finish_switch(
     begin: &MigrateBegin,
     vm: &mut Vm,
     (mut session, demand): (Box<Session>, Connection),
-    counters: Counters,
-) -> anyhow::Result<(Resumed, Counters)> {
+    counters: HeldCounts,
+) -> anyhow::Result<(Resumed, HeldCounts)> {
     loop {
         let message = match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
             Ok(result) => result.context("receiving from the source")?,

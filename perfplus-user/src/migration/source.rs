@@ -27,15 +27,15 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::convergence::{Convergence, Decision, Heat, Prediction};
 use super::outbound::Outbound;
-use super::page_sender::{Content, PageSender};
+use super::page_sender::{Content, PageDecision, PageSender};
 use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
 use crate::hashing::{page_checksum, PageDigest};
-use crate::report::{sla_percent, MigrationReport, RoundReport};
+use crate::report::{assemble, sla_percent, MigrationReport, RoundReport};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
-use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrationMode, Role};
+use perfplus_protocol::{Channel, Message, MigrateBegin, MigrationMode, Role};
 use perfplus_vmm::tracking::{self, TrackerKind};
 use perfplus_vmm::vm::Vm;
 use perfplus_vmm::PageSet;
@@ -283,6 +283,16 @@ fn holes(vm: &Vm) -> anyhow::Result<PageSet> {
     Ok(holes)
 }
 
+/// Counts one Perf+ decision in the round's report.
+fn count(report: &mut RoundReport, decision: PageDecision) {
+    match decision {
+        PageDecision::Full => report.sent_pages += 1,
+        PageDecision::Zero => report.skipped_zero += 1,
+        PageDecision::Held => report.skipped_held += 1,
+        PageDecision::Unchanged => report.skipped_unchanged += 1,
+    }
+}
+
 /// Sends one round: every page of `pages` in that order, then RoundEnd, then whatever the destination
 /// reports missing, until it misses nothing. Pages in `known_zero` are counted as zero without being read.
 async fn send_round(
@@ -310,7 +320,7 @@ async fn send_round(
         // The guest is paused, so its core is free: hash on two threads.
         for chunk in pages.chunks(PAGE_BATCH_MAX_ITEMS) {
             for (page, data, content) in inspect_in_parallel(sender, memory, chunk) {
-                sender.add_inspected(page, &data, content, &mut batch, &mut report);
+                count(&mut report, sender.add_inspected(page, &data, content, &mut batch));
             }
             report.read_pages += chunk.len() as u64;
             flush(conn, &mut batch).await?;
@@ -318,10 +328,10 @@ async fn send_round(
     } else {
         for &page in pages {
             if known_zero.is_some_and(|zero| zero.contains(page)) {
-                sender.add_known_zero(page, &mut batch, &mut report);
+                count(&mut report, sender.add_known_zero(page, &mut batch));
             } else {
                 memory.read_page(page, &mut data);
-                sender.add(page, &data, &mut batch, &mut report);
+                count(&mut report, sender.add(page, &data, &mut batch));
                 report.read_pages += 1;
             }
             in_batch += 1;
@@ -464,21 +474,7 @@ async fn finish(
             None
         }
     };
-    match theirs {
-        Some(theirs) if theirs.len() == ours.len() => {
-            report.lost_pages = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count() as u64;
-            report.memory_digest_equal = report.lost_pages == 0;
-        }
-        Some(theirs) => {
-            tracing::error!(
-                "destination sent {} page checksums for {} pages",
-                theirs.len(),
-                ours.len()
-            );
-            report.lost_pages = ours.len() as u64;
-        }
-        None => report.lost_pages = ours.len() as u64,
-    }
+    assemble::record_lost_pages(&mut report, &ours, theirs.as_deref());
 
     let check = match recv(&mut conn, "GuestCheck").await {
         Ok(Message::GuestCheck(check)) => Some(*check),
@@ -492,47 +488,18 @@ async fn finish(
         }
     };
     let destination_cpu_ms = check.as_ref().map_or(0.0, |c| c.cpu_ms);
-    if let Some(GuestCheck {
-        at_resume,
-        after,
-        verified,
-        held_from_store,
-        held_from_hosted_vms,
-        held_from_this_migration,
-        postcopy,
-        ..
-    }) = check
-    {
-        report.guest_verified = verified;
-        report.held_from_store = held_from_store;
-        report.held_from_hosted_vms = held_from_hosted_vms;
-        report.held_from_this_migration = held_from_this_migration;
-        if let Some(stats) = postcopy {
-            report.demand_faults = stats.demand_faults;
-            report.local_faults = stats.local_faults;
-            report.fault_latency_us = stats.fault_latency_us;
-            report.postcopy_ms = stats.postcopy_ms;
-        }
-        if let Some(after) = after.as_ref() {
-            report.guest_pages_written_after = Some(after.pages_written);
-            report.guest_mismatches = Some(after.mismatches);
-            // The stall counter was reset on the source before round 1 and migrated with the guest.
-            let reset_seen = switched.stall_reset.is_some_and(|r| after.stall_reset_ack >= r);
-            if reset_seen {
-                report.guest_max_stall_ms = after.max_stall_ms();
-            }
-        }
-        if report.guest_pages_written_before.is_none() {
-            report.guest_pages_written_before = at_resume.map(|s| s.pages_written);
-        }
+    if let Some(check) = &check {
+        assemble::record_guest_check(&mut report, check, switched.stall_reset);
     }
 
-    report.bytes_on_wire =
+    let bytes_on_wire =
         conn.bytes_sent() + conn.bytes_received() + outcome.as_ref().map_or(0, |o| o.other_connection_bytes);
-    report.average_mbps = report.bytes_on_wire as f64 * 8.0 / (report.total_ms.max(1e-3) * 1e3);
-    report.source_cpu_ms = agent_cpu_ms() - cpu_start;
-    report.destination_cpu_ms = destination_cpu_ms;
-    report.agent_cpu_ms = report.source_cpu_ms + report.destination_cpu_ms;
+    assemble::record_totals(
+        &mut report,
+        bytes_on_wire,
+        agent_cpu_ms() - cpu_start,
+        destination_cpu_ms,
+    );
     let _ = started;
     if let Err(err) = conn.send(&Message::Complete(Box::new(report.clone()))).await {
         tracing::warn!("could not send the final report to the destination: {err:#}");

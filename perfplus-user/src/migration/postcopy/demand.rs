@@ -20,11 +20,12 @@ use perfplus_common::PAGE_SIZE;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::{bitmap_of, AttachRx, LINK_TIMEOUT, PING_INTERVAL};
-use crate::content_index::{ContentIndex, HeldSource};
+use crate::content_index::ContentIndex;
 use crate::hashing::{page_checksum, PageDigest};
+use crate::migration::page_sink::{apply_batch, HeldCounts, IndexedVm, PageSink};
 use crate::report::Latency;
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::frame::{PageBatch, PageItem, PAGE_REQUEST_MAX};
+use perfplus_protocol::frame::{PageBatch, PAGE_REQUEST_MAX};
 use perfplus_protocol::{Channel, Message, PostcopyStats};
 use perfplus_vmm::demand_paging::{GuestUffd, Installed};
 
@@ -169,6 +170,22 @@ impl PageTable {
     }
 }
 
+/// Post-copy installs through the page table: `UFFDIO_COPY` wakes the vCPUs waiting on the page, and a
+/// page already present is left alone.
+impl PageSink for &PageTable {
+    fn pages(&self) -> u64 {
+        PageTable::pages(self)
+    }
+
+    fn install(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> anyhow::Result<bool> {
+        PageTable::install(self, page, data)
+    }
+
+    fn install_zero(&mut self, page: u64) -> anyhow::Result<bool> {
+        PageTable::install_zero(self, page)
+    }
+}
+
 /// The fault thread: reads faults until `stop`, hands requests to the network loop.
 pub struct FaultThread {
     stop: Arc<AtomicBool>,
@@ -210,14 +227,6 @@ impl Drop for FaultThread {
     }
 }
 
-/// Counts of content resolved from the index during post-copy.
-#[derive(Default)]
-pub struct Held {
-    pub from_store: u64,
-    pub from_hosted: u64,
-    pub from_same_vm: u64,
-}
-
 /// What the loop needs besides the connections.
 pub struct Session {
     pub table: Arc<PageTable>,
@@ -227,7 +236,7 @@ pub struct Session {
     pub index: Arc<Mutex<ContentIndex>>,
     pub hashing: bool,
     pub zero_digest: PageDigest,
-    pub held: Held,
+    pub held: HeldCounts,
     /// References that could not be resolved: to be requested in full.
     pub unresolved: BTreeSet<u64>,
     pub resumed_at: Instant,
@@ -237,44 +246,20 @@ pub struct Session {
 impl Session {
     /// Applies a batch of pages (pushed, demanded or eager).
     pub fn apply(&mut self, batch: &PageBatch) -> anyhow::Result<()> {
-        let pages = self.table.pages();
         let mut index = self.index.lock().expect("content index lock");
-        let mut scratch = [0u8; PAGE_SIZE];
-        for (i, item) in batch.iter().enumerate() {
-            let item = item.with_context(|| format!("malformed page batch from the source (item {i})"))?;
-            let page = item.page();
-            if page >= pages {
-                bail!("source sent page {page}, but the guest has {pages} pages");
-            }
-            match item {
-                PageItem::Full { page, digest, data } => {
-                    if self.table.install(page, data)? && self.hashing {
-                        index.record_pages(&self.vm_key, &[(page, *digest)])?;
-                    }
-                }
-                PageItem::Zero { page } => {
-                    if self.table.install_zero(page)? {
-                        index.record_pages(&self.vm_key, &[(page, self.zero_digest)])?;
-                    }
-                }
-                PageItem::Ref { page, digest } => match index.resolve(digest, &self.vm_key, &mut scratch) {
-                    Some(source) => {
-                        if self.table.install(page, &scratch)? {
-                            index.record_pages(&self.vm_key, &[(page, *digest)])?;
-                        }
-                        match source {
-                            HeldSource::Store => self.held.from_store += 1,
-                            HeldSource::HostedVm => self.held.from_hosted += 1,
-                            HeldSource::SameVm => self.held.from_same_vm += 1,
-                        }
-                    }
-                    None => {
-                        self.unresolved.insert(page);
-                    }
-                },
-            }
-        }
-        Ok(())
+        let mut indexed = IndexedVm {
+            index: &mut index,
+            vm_key: &self.vm_key,
+            hashing: self.hashing,
+            zero_digest: &self.zero_digest,
+        };
+        apply_batch(
+            batch,
+            &mut &*self.table,
+            &mut indexed,
+            &mut self.held,
+            &mut self.unresolved,
+        )
     }
 
     /// The measurements so far.

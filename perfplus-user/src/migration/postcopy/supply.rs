@@ -24,7 +24,6 @@ use tokio::sync::Notify;
 use super::{LINK_TIMEOUT, PING_INTERVAL};
 use crate::migration::outbound::Outbound;
 use crate::migration::page_sender::{PageDecision, PageSender};
-use crate::report::RoundReport;
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{PageBatch, FULL_ITEM_LEN};
 use perfplus_protocol::{Channel, Message, PostcopyAttach, Role};
@@ -87,8 +86,7 @@ pub fn eager_pages(missing: &PageSet) -> Vec<u64> {
 fn add_page(job: &Outbound, sender: &mut PageSender, page: u64, batch: &mut PageBatch) -> bool {
     let mut data = [0u8; PAGE_SIZE];
     job.vm.memory().read_page(page, &mut data);
-    let mut scratch = RoundReport::default();
-    match sender.add(page, &data, batch, &mut scratch) {
+    match sender.add(page, &data, batch) {
         PageDecision::Full => true,
         PageDecision::Unchanged => {
             // Cannot happen for a forgotten page; send it in full rather than nothing.

@@ -1,0 +1,136 @@
+//! Assembling the report from what the source measured and what the destination answered. Pure
+//! functions over plain data, so that each rule (what counts as lost, which stall is the guest's own,
+//! how the totals add up) is tested without a migration.
+use perfplus_protocol::report::MigrationReport;
+use perfplus_protocol::GuestCheck;
+
+/// Compares the source's checksum of every page with the destination's (None: the destination never
+/// sent them) and records the result: a page whose checksums differ, or every page when the
+/// destination's list is missing or of the wrong length, is lost.
+pub fn record_lost_pages(report: &mut MigrationReport, ours: &[u64], theirs: Option<&[u64]>) {
+    match theirs {
+        Some(theirs) if theirs.len() == ours.len() => {
+            report.lost_pages = ours.iter().zip(theirs).filter(|(a, b)| a != b).count() as u64;
+            report.memory_digest_equal = report.lost_pages == 0;
+        }
+        Some(theirs) => {
+            tracing::error!(
+                "destination sent {} page checksums for {} pages",
+                theirs.len(),
+                ours.len()
+            );
+            report.lost_pages = ours.len() as u64;
+        }
+        None => report.lost_pages = ours.len() as u64,
+    }
+}
+
+/// Records what the destination saw of the guest after the resume. `stall_reset` is the stall-reset
+/// request the source wrote before round 1: the guest's longest stall counts only if the guest
+/// acknowledged it (otherwise the figure could predate the migration).
+pub fn record_guest_check(report: &mut MigrationReport, check: &GuestCheck, stall_reset: Option<u64>) {
+    report.guest_verified = check.verified;
+    report.held_from_store = check.held_from_store;
+    report.held_from_hosted_vms = check.held_from_hosted_vms;
+    report.held_from_this_migration = check.held_from_this_migration;
+    if let Some(stats) = &check.postcopy {
+        report.demand_faults = stats.demand_faults;
+        report.local_faults = stats.local_faults;
+        report.fault_latency_us = stats.fault_latency_us.clone();
+        report.postcopy_ms = stats.postcopy_ms;
+    }
+    if let Some(after) = check.after.as_ref() {
+        report.guest_pages_written_after = Some(after.pages_written);
+        report.guest_mismatches = Some(after.mismatches);
+        // The stall counter was reset on the source before round 1 and migrated with the guest.
+        let reset_seen = stall_reset.is_some_and(|r| after.stall_reset_ack >= r);
+        if reset_seen {
+            report.guest_max_stall_ms = after.max_stall_ms();
+        }
+    }
+    if report.guest_pages_written_before.is_none() {
+        report.guest_pages_written_before = check.at_resume.as_ref().map(|s| s.pages_written);
+    }
+}
+
+/// Records the totals: bytes on every connection of the migration, the average rate over the total
+/// time, and the CPU both agents spent.
+pub fn record_totals(report: &mut MigrationReport, bytes_on_wire: u64, source_cpu_ms: f64, destination_cpu_ms: f64) {
+    report.bytes_on_wire = bytes_on_wire;
+    report.average_mbps = report.bytes_on_wire as f64 * 8.0 / (report.total_ms.max(1e-3) * 1e3);
+    report.source_cpu_ms = source_cpu_ms;
+    report.destination_cpu_ms = destination_cpu_ms;
+    report.agent_cpu_ms = report.source_cpu_ms + report.destination_cpu_ms;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use perfplus_vmm::vm::GuestStatus;
+
+    #[test]
+    fn lost_pages_are_the_pages_whose_checksums_differ_or_all_when_unknown() {
+        let mut r = MigrationReport::default();
+        record_lost_pages(&mut r, &[1, 2, 3], Some(&[1, 2, 3]));
+        assert_eq!((r.lost_pages, r.memory_digest_equal), (0, true));
+        let mut r = MigrationReport::default();
+        record_lost_pages(&mut r, &[1, 2, 3], Some(&[1, 9, 3]));
+        assert_eq!((r.lost_pages, r.memory_digest_equal), (1, false));
+        let mut r = MigrationReport::default();
+        record_lost_pages(&mut r, &[1, 2, 3], Some(&[1, 2]));
+        assert_eq!((r.lost_pages, r.memory_digest_equal), (3, false));
+        let mut r = MigrationReport::default();
+        record_lost_pages(&mut r, &[1, 2, 3], None);
+        assert_eq!((r.lost_pages, r.memory_digest_equal), (3, false));
+    }
+
+    #[test]
+    fn the_guest_stall_counts_only_after_the_guest_acknowledged_the_reset() {
+        let after = GuestStatus {
+            tsc_khz: 1_000_000,
+            max_stall_tsc: 5_000_000,
+            stall_reset_ack: 3,
+            pages_written: 70,
+            ..Default::default()
+        };
+        let check = GuestCheck {
+            at_resume: Some(GuestStatus {
+                pages_written: 50,
+                ..Default::default()
+            }),
+            after: Some(after),
+            verified: true,
+            cpu_ms: 1.0,
+            held_from_store: 1,
+            held_from_hosted_vms: 2,
+            held_from_this_migration: 3,
+            postcopy: None,
+        };
+        let mut r = MigrationReport::default();
+        record_guest_check(&mut r, &check, Some(3));
+        assert!(r.guest_verified);
+        assert_eq!(r.guest_max_stall_ms, check.after.as_ref().unwrap().max_stall_ms());
+        assert_eq!(r.guest_max_stall_ms, Some(5.0));
+        assert_eq!(r.guest_pages_written_before, Some(50));
+        assert_eq!(r.guest_pages_written_after, Some(70));
+        assert_eq!(
+            (r.held_from_store, r.held_from_hosted_vms, r.held_from_this_migration),
+            (1, 2, 3)
+        );
+
+        let mut r = MigrationReport::default();
+        record_guest_check(&mut r, &check, Some(4));
+        assert_eq!(r.guest_max_stall_ms, None, "the guest never saw request 4");
+    }
+
+    #[test]
+    fn totals_add_both_agents_cpu_and_rate_over_total_time() {
+        let mut r = MigrationReport {
+            total_ms: 1000.0,
+            ..Default::default()
+        };
+        record_totals(&mut r, 125_000_000, 30.0, 20.0);
+        assert_eq!(r.average_mbps, 1000.0);
+        assert_eq!(r.agent_cpu_ms, 50.0);
+    }
+}
