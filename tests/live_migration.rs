@@ -180,10 +180,7 @@ fn a_kernel_file_boots_migrates_and_shares_its_image_with_a_hosted_vm() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    wait_until(Duration::from_secs(30), "file1 to run its workload", || {
-        let status = cluster.status(&a, "file1");
-        status["guest"]["state"] == 2 && guest_counter(&status, "verify_sweeps") >= 1
-    });
+    cluster.wait_for_guest(&a, "file1");
 
     let report = cluster.cli_json(&["migrate", "file1", "--from", &a.addr, "--to", &b.addr, "--json"]);
     assert_eq!(report["lost_pages"], 0, "{report}");

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::agent::TestAgent;
 use super::cli::{json_of, perfplus_command};
+use super::guest::guest_is_running_and_verified;
 use super::netns::Netns;
 use super::wait_until;
 
@@ -116,13 +117,16 @@ impl Cluster {
             "vm start failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        self.wait_for_guest(agent, name);
+    }
+
+    /// Waits until guest `name` on `agent` runs its workload and has verified its memory once
+    /// ([`guest_is_running_and_verified`]).
+    pub fn wait_for_guest(&self, agent: &TestAgent, name: &str) {
         wait_until(
             Duration::from_secs(60),
             &format!("guest {name} running its workload"),
-            || {
-                let status = self.status(agent, name);
-                status["guest"]["state"] == 2 && status["guest"]["verify_sweeps"].as_u64().unwrap_or(0) >= 1
-            },
+            || guest_is_running_and_verified(&self.status(agent, name)),
         );
     }
 }

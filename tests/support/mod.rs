@@ -6,6 +6,7 @@
 //! - [`agent`]: a `perfplus agent` process, on loopback or inside a network namespace.
 //! - [`cli`]: the `perfplus` command, run here or inside a network namespace.
 //! - [`netns`], [`link`]: network namespaces, and two of them joined by a veth pair shaped with tbf.
+//! - [`guest`]: what a `vm status --json` says about the built-in guest.
 //!
 //! Every process is started by these tests and stopped by the pid they started (never by name), and
 //! every file, namespace and veth pair they create is removed when its guard is dropped, whether the
@@ -15,17 +16,17 @@
 pub mod agent;
 pub mod cli;
 pub mod cluster;
+pub mod guest;
 pub mod link;
 pub mod netns;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 pub use agent::TestAgent;
 pub use cli::{cli_with_key, json_of, perfplus_command, Spawned};
 pub use cluster::Cluster;
+pub use guest::{guest_counter, guest_is_running_and_verified, GUEST_RUNNING};
 pub use link::ShapedLink;
 pub use netns::Netns;
 
@@ -50,11 +51,4 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A guest counter from a `vm status --json` object.
-pub fn guest_counter(status: &Value, field: &str) -> u64 {
-    status["guest"][field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("status has no guest.{field}: {status}"))
 }
