@@ -1,12 +1,13 @@
 //! Shared pieces of the end-to-end tests (and of the benchmarks, which include this module by
 //! `#[path]`): real agent processes, the real CLI, a cluster key, network namespaces joined by a
-//! shaped link.
+//! shaped link, and the checks every migration report must pass.
 //!
 //! - [`cluster`]: a temporary directory with a cluster key; starts agents and runs the CLI in it.
 //! - [`agent`]: a `perfplus agent` process, on loopback or inside a network namespace.
 //! - [`cli`]: the `perfplus` command, run here or inside a network namespace.
 //! - [`netns`], [`link`]: network namespaces, and two of them joined by a veth pair shaped with tbf.
 //! - [`guest`]: what a `vm status --json` says about the built-in guest.
+//! - [`report`]: the checks of a migration report.
 //!
 //! Every process is started by these tests and stopped by the pid they started (never by name), and
 //! every file, namespace and veth pair they create is removed when its guard is dropped, whether the
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod guest;
 pub mod link;
 pub mod netns;
+pub mod report;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ pub use cluster::Cluster;
 pub use guest::{guest_counter, guest_is_running_and_verified, GUEST_RUNNING};
 pub use link::ShapedLink;
 pub use netns::Netns;
+pub use report::{assert_nothing_lost, assert_sound_report, report_u64, Expect};
 
 pub const PERFPLUS: &str = env!("CARGO_BIN_EXE_perfplus");
 
