@@ -5,54 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{guest_counter, kvm_missing, wait_until, Cluster};
-
-/// Checks what every report must satisfy, whatever the workload.
-fn assert_sound_report(report: &Value, pages: u64) {
-    assert_eq!(report["lost_pages"], 0, "report: {report}");
-    assert_eq!(report["memory_digest_equal"], true, "report: {report}");
-    assert_eq!(
-        report["guest_verified"], true,
-        "the guest's self-check must pass on the destination: {report}"
-    );
-    let rounds = report["rounds"].as_array().expect("rounds");
-    assert!(rounds.len() >= 2, "a first pass and a stop-and-copy at least: {report}");
-    assert_eq!(rounds[0]["dirty_pages"], pages, "round 1 covers every page");
-    assert_eq!(rounds.last().unwrap()["stop_and_copy"], true);
-    let mut wire = 0;
-    for round in rounds {
-        let n = |f: &str| {
-            round[f]
-                .as_u64()
-                .unwrap_or_else(|| panic!("round without {f}: {round}"))
-        };
-        assert_eq!(
-            n("sent_pages") + n("skipped_unchanged") + n("skipped_zero") + n("skipped_held"),
-            n("dirty_pages"),
-            "sent + skipped = dirty in round {round}"
-        );
-        wire += n("bytes_on_wire");
-    }
-    assert!(
-        report["bytes_on_wire"].as_u64().unwrap() >= wire,
-        "the total covers every round"
-    );
-    assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
-    assert!(report["total_ms"].as_f64().unwrap() >= report["downtime_ms"].as_f64().unwrap());
-    let sla = report["sla_percent"].as_f64().unwrap();
-    assert!(sla > 99.0 && sla < 100.0, "sla {sla}");
-    let stall = report["guest_max_stall_ms"]
-        .as_f64()
-        .expect("the guest measured its own stall");
-    assert!(stall > 0.0, "the guest was paused, so it saw a stall");
-    let before = report["guest_pages_written_before"].as_u64().unwrap();
-    let after = report["guest_pages_written_after"].as_u64().unwrap();
-    assert!(
-        after > before,
-        "the guest kept writing on the destination ({before} -> {after})"
-    );
-}
+use support::{assert_nothing_lost, assert_sound_report, guest_counter, kvm_missing, wait_until, Cluster, Expect};
 
 #[test]
 fn a_running_guest_migrates_and_comes_back() {
@@ -76,7 +29,7 @@ fn a_running_guest_migrates_and_comes_back() {
         "30ms",
         "--json",
     ]);
-    assert_sound_report(&report, pages);
+    assert_sound_report(&report, Expect::PreCopy { pages });
     let first = &report["rounds"][0];
     assert!(
         first["skipped_zero"].as_u64().unwrap() > 0,
@@ -104,7 +57,7 @@ fn a_running_guest_migrates_and_comes_back() {
     // Back to A: A kept the pages of the VM that left in its page store, so whatever the guest did
     // not rewrite meanwhile travels as references.
     let back = cluster.cli_json(&["migrate", "web1", "--from", &b.addr, "--to", &a.addr, "--json"]);
-    assert_sound_report(&back, pages);
+    assert_sound_report(&back, Expect::PreCopy { pages });
     assert!(
         back["held_from_store"].as_u64().unwrap() > 0,
         "the page store served pages: {back}"
@@ -135,7 +88,7 @@ fn hashing_off_sends_every_dirty_page_in_full() {
         "--no-hashing",
         "--json",
     ]);
-    assert_sound_report(&report, 32 * 256);
+    assert_sound_report(&report, Expect::PreCopy { pages: 32 * 256 });
     assert_eq!(report["hashing"], false);
     for round in report["rounds"].as_array().unwrap() {
         assert_eq!(
@@ -180,15 +133,10 @@ fn a_kernel_file_boots_migrates_and_shares_its_image_with_a_hosted_vm() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    wait_until(Duration::from_secs(30), "file1 to run its workload", || {
-        let status = cluster.status(&a, "file1");
-        status["guest"]["state"] == 2 && guest_counter(&status, "verify_sweeps") >= 1
-    });
+    cluster.wait_for_guest(&a, "file1");
 
     let report = cluster.cli_json(&["migrate", "file1", "--from", &a.addr, "--to", &b.addr, "--json"]);
-    assert_eq!(report["lost_pages"], 0, "{report}");
-    assert_eq!(report["memory_digest_equal"], true);
-    assert_eq!(report["guest_verified"], true, "{report}");
+    assert_nothing_lost(&report);
     // B hosts file2, booted from the same image: its kernel pages travel as references.
     assert!(report["held_from_hosted_vms"].as_u64().unwrap() > 0, "{report}");
 }
@@ -213,7 +161,7 @@ fn migrates_there_and_back_with(kind: &str) {
     );
     let pages = 64 * 256;
     let there = cluster.cli_json(&["migrate", &name, "--from", &a.addr, "--to", &b.addr, "--json"]);
-    assert_sound_report(&there, pages);
+    assert_sound_report(&there, Expect::PreCopy { pages });
     assert_eq!(there["tracker"], kind, "report: {there}");
     if kind == "dirty-ring" {
         // The eBPF tracepoint program ran beside the ring and saw the guest's writes.
@@ -223,7 +171,7 @@ fn migrates_there_and_back_with(kind: &str) {
         assert!(there["ebpf"].is_null(), "eBPF only runs with the dirty ring: {there}");
     }
     let back = cluster.cli_json(&["migrate", &name, "--from", &b.addr, "--to", &a.addr, "--json"]);
-    assert_sound_report(&back, pages);
+    assert_sound_report(&back, Expect::PreCopy { pages });
     assert_eq!(back["tracker"], kind, "the destination kept the VM's tracker: {back}");
     assert_eq!(cluster.status(&a, &name)["run_state"], "running");
 }
@@ -296,6 +244,6 @@ fn migrate_tracker_option_overrides_or_explains() {
         "uffd-wp",
         "--json",
     ]);
-    assert_sound_report(&report, 32 * 256);
+    assert_sound_report(&report, Expect::PreCopy { pages: 32 * 256 });
     assert_eq!(report["tracker"], "uffd-wp");
 }

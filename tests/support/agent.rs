@@ -1,0 +1,129 @@
+//! A `perfplus agent` process, started on loopback or inside a network namespace by the same helper.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use super::cli::perfplus_command;
+
+/// A `perfplus agent` process, killed (by the pid this test started) and reaped when dropped.
+pub struct TestAgent {
+    child: Child,
+    netns: Option<String>,
+    port: u16,
+    /// The agent's address where it runs: on loopback, or inside its namespace (run the CLI there:
+    /// [`Cluster::cli_in`](super::Cluster::cli_in) with [`TestAgent::netns`]).
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl TestAgent {
+    /// Starts an agent with cluster key `key_file`, its state and its log (`agent.log`) in
+    /// `state_dir`, and a page store of `page_store_size` ("0" = none). With `netns` None it listens
+    /// on a free loopback port; inside namespace `netns` on a free port of every address there, so
+    /// that a peer in another namespace reaches it ([`TestAgent::addr_via`]).
+    pub fn start(key_file: &Path, state_dir: &Path, page_store_size: &str, netns: Option<&str>) -> TestAgent {
+        std::fs::create_dir_all(state_dir).expect("agent state dir");
+        let log = state_dir.join("agent.log");
+        let listen = if netns.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
+        let mut child = perfplus_command(netns)
+            .arg("--cluster-key-file")
+            .arg(key_file)
+            .args([
+                "agent",
+                "--listen",
+                listen,
+                "--page-store-size",
+                page_store_size,
+                "--state-dir",
+            ])
+            .arg(state_dir)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("agent log file"))
+            .spawn()
+            .expect("starting perfplus agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("agent stdout"))
+            .read_line(&mut line)
+            .expect("agent output");
+        let listening: SocketAddr = line
+            .trim()
+            .strip_prefix("perfplus agent listening on ")
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| {
+                // Reap the agent before panicking: Drop does not run for a value never built.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "agent did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let port = listening.port();
+        TestAgent {
+            child,
+            netns: netns.map(str::to_string),
+            port,
+            addr: format!("127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    /// The network namespace the agent runs in (None: this test's own).
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The agent's address as reached through its address `ip` (e.g. from the other end of a link).
+    pub fn addr_via(&self, ip: &str) -> String {
+        format!("{ip}:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills this agent (SIGKILL, by the pid this test started) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The agent's log so far, without terminal colour codes.
+    pub fn log_text(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
