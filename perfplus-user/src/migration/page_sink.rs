@@ -102,3 +102,151 @@ pub fn apply_batch(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, RwLock};
+
+    use super::*;
+    use crate::content_index::PageSource;
+    use crate::hashing::PageHasher;
+
+    /// Guest memory as plain buffers: the sink writes them, the index reads them back for references.
+    /// Pages in `present` refuse a second install, as post-copy's page table does.
+    struct Memory {
+        pages: RwLock<Vec<[u8; PAGE_SIZE]>>,
+        present: RwLock<Vec<bool>>,
+        refuse_present: bool,
+    }
+
+    impl Memory {
+        fn new(pages: usize, refuse_present: bool) -> Arc<Memory> {
+            Arc::new(Memory {
+                pages: RwLock::new(vec![[0; PAGE_SIZE]; pages]),
+                present: RwLock::new(vec![false; pages]),
+                refuse_present,
+            })
+        }
+        fn page(&self, page: u64) -> [u8; PAGE_SIZE] {
+            self.pages.read().unwrap()[page as usize]
+        }
+    }
+
+    impl PageSource for Memory {
+        fn page_count(&self) -> u64 {
+            self.pages.read().unwrap().len() as u64
+        }
+        fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) {
+            *out = self.page(page);
+        }
+    }
+
+    impl PageSink for &Memory {
+        fn pages(&self) -> u64 {
+            self.page_count()
+        }
+        fn install(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> anyhow::Result<bool> {
+            let mut present = self.present.write().unwrap();
+            if self.refuse_present && present[page as usize] {
+                return Ok(false);
+            }
+            present[page as usize] = true;
+            self.pages.write().unwrap()[page as usize] = *data;
+            Ok(true)
+        }
+        fn install_zero(&mut self, page: u64) -> anyhow::Result<bool> {
+            self.install(page, &[0; PAGE_SIZE])
+        }
+    }
+
+    struct Dest {
+        index: ContentIndex,
+        memory: Arc<Memory>,
+        zero_digest: PageDigest,
+        held: HeldCounts,
+        unresolved: Vec<u64>,
+    }
+
+    fn dest(pages: usize, refuse_present: bool) -> Dest {
+        let hasher = PageHasher::new(&[5; 32]);
+        let zero_digest = hasher.digest(&[0; PAGE_SIZE]);
+        let mut index = ContentIndex::new(hasher, None);
+        let memory = Memory::new(pages, refuse_present);
+        index.add_vm("web1", memory.clone()).unwrap();
+        Dest {
+            index,
+            memory,
+            zero_digest,
+            held: HeldCounts::default(),
+            unresolved: Vec::new(),
+        }
+    }
+
+    impl Dest {
+        fn apply(&mut self, batch: &PageBatch) -> anyhow::Result<()> {
+            let mut vm = IndexedVm {
+                index: &mut self.index,
+                vm_key: "web1",
+                hashing: true,
+                zero_digest: &self.zero_digest,
+            };
+            apply_batch(batch, &mut &*self.memory, &mut vm, &mut self.held, &mut self.unresolved)
+        }
+        fn digest(&self, data: &[u8; PAGE_SIZE]) -> PageDigest {
+            self.index.hasher().digest(data)
+        }
+    }
+
+    #[test]
+    fn full_zero_and_references_land_and_unknown_references_come_back() {
+        let mut d = dest(8, false);
+        let a = [0xa5; PAGE_SIZE];
+        let da = d.digest(&a);
+        let unknown = d.digest(&[0x11; PAGE_SIZE]);
+        let mut batch = PageBatch::with_capacity(4);
+        batch.push_full(1, &da, &a);
+        batch.push_ref(2, &da); // the content of page 1, which arrived just before
+        batch.push_ref(3, &unknown);
+        d.apply(&batch).unwrap();
+        assert_eq!(d.memory.page(1), a);
+        assert_eq!(d.memory.page(2), a, "a reference is expanded from what the index holds");
+        assert_eq!(d.memory.page(3), [0; PAGE_SIZE], "nothing is written for an unresolved reference");
+        assert_eq!(d.unresolved, [3]);
+        assert_eq!(
+            d.held,
+            HeldCounts {
+                from_same_vm: 1,
+                ..Default::default()
+            }
+        );
+
+        let mut batch = PageBatch::with_capacity(1);
+        batch.push_zero(1);
+        d.apply(&batch).unwrap();
+        assert_eq!(d.memory.page(1), [0; PAGE_SIZE]);
+        assert!(d.index.contains(&da), "page 2 still holds the content");
+    }
+
+    #[test]
+    fn a_page_already_present_is_neither_written_nor_recorded_again() {
+        let mut d = dest(4, true);
+        let a = [1; PAGE_SIZE];
+        let b = [2; PAGE_SIZE];
+        let (da, db) = (d.digest(&a), d.digest(&b));
+        let mut batch = PageBatch::with_capacity(2);
+        batch.push_full(0, &da, &a);
+        batch.push_full(0, &db, &b);
+        d.apply(&batch).unwrap();
+        assert_eq!(d.memory.page(0), a);
+        assert!(d.index.contains(&da) && !d.index.contains(&db));
+    }
+
+    #[test]
+    fn a_page_outside_guest_memory_is_refused_with_its_number() {
+        let mut d = dest(4, false);
+        let mut batch = PageBatch::with_capacity(1);
+        batch.push_zero(4);
+        let err = d.apply(&batch).unwrap_err().to_string();
+        assert_eq!(err, "source sent page 4, but the guest has 4 pages");
+    }
+}

@@ -4,8 +4,9 @@
 //!   installed with `UFFDIO_COPY`.
 //! - [`demand`]: the destination's per-page state (missing / requested / present), the fault thread and
 //!   the loop that installs demanded and pushed pages, surviving lost connections.
-//! - [`supply`]: the source's demand server and background push (address order, pages next to recent
-//!   faults first, paced just under the measured link rate), reconnecting with back-off.
+//! - [`supply`]: the source's demand server and background push, reconnecting with back-off.
+//! - [`push`]: the push's plan (address order, pages next to recent faults first, paced just under the
+//!   measured link rate), without I/O.
 //!
 //! ```text
 //!  source (guest paused, memory kept)          destination (guest running)
@@ -17,6 +18,7 @@
 //! ```
 //! The protocol is documented in [`perfplus_protocol`].
 pub mod demand;
+pub mod push;
 pub mod supply;
 
 use std::time::Duration;

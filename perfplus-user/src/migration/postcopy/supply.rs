@@ -1,19 +1,13 @@
 //! Source side of post-copy, after the destination answered `Running`: serve page requests on the
 //! demand channel, push every other missing page on the bulk connection, and never give the guest up.
 //!
-//! Per page: `NOT_NEEDED` (the destination has it), `NEEDED` (missing there, not sent on the current
-//! connection), `SENT`. A request for a `SENT` page is not answered (the page is on its way), so a page
+//! Which page is pushed next and when is [`super::push::PushPlan`]'s business (per-page state, order,
+//! pacing). A request for a page already sent is not answered (the page is on its way), so a page
 //! crosses the network once unless a connection is lost with it in flight (then the destination's
 //! `ResumeState` says it is missing and it is sent again, counted in `pages_resent`).
 //!
-//! Push order: pages next to recent faults first (the 32 after each requested page), then address
-//! order. Pacing: at most a window of unacknowledged push bytes, `max(128 KiB, rate × 10 ms)`, and
-//! batches spaced to 95 % of the best delivery rate seen (from `PushAck`s, or the pre-copy rounds), so
-//! the bottleneck queue stays short and a demanded page waits behind at most ~10 ms of push traffic.
-//!
 //! A lost link (an error, or 2 s without a keepalive) is retried with back-off (0.1 s doubling to 5 s,
 //! forever; `MigrateResume` from a CLI retries at once). The guest's memory is kept until `AllPresent`.
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,28 +15,14 @@ use perfplus_common::guest_abi::STATUS_PAGE_GPA;
 use perfplus_common::PAGE_SIZE;
 use tokio::sync::Notify;
 
+use super::push::{PageState, PushPlan, PUSH_BATCH};
 use super::{LINK_TIMEOUT, PING_INTERVAL};
 use crate::migration::outbound::Outbound;
 use crate::migration::page_sender::{PageDecision, PageSender};
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::frame::{PageBatch, FULL_ITEM_LEN};
+use perfplus_protocol::frame::PageBatch;
 use perfplus_protocol::{Channel, Message, PostcopyAttach, Role};
 use perfplus_vmm::PageSet;
-
-const NOT_NEEDED: u8 = 0;
-const NEEDED: u8 = 1;
-const SENT: u8 = 2;
-
-/// Pages per pushed batch (64 KiB of content when full).
-pub const PUSH_BATCH: usize = 16;
-/// Pages after a requested one that the push sends next.
-const PREFETCH: u64 = 32;
-/// Smallest window of unacknowledged push bytes.
-const MIN_WINDOW: u64 = 2 * (PUSH_BATCH * FULL_ITEM_LEN) as u64;
-/// Queue the push may build at the bottleneck, in seconds of link time.
-const QUEUE_TARGET_S: f64 = 0.010;
-/// The push paces itself to this share of the best delivery rate seen.
-const PACE_SHARE: f64 = 0.95;
 
 /// What pre-copy hands over at the switch.
 pub struct Handoff {
@@ -127,67 +107,6 @@ pub async fn attach(job: &Outbound, id: &str, channel: Channel) -> anyhow::Resul
     Ok(conn)
 }
 
-struct Push {
-    state: Vec<u8>,
-    cursor: u64,
-    priority: VecDeque<u64>,
-    /// Push payload bytes sent and acknowledged on the current bulk connection.
-    sent_bytes: u64,
-    acked_bytes: u64,
-    /// Best delivery rate seen (bytes/s) and the last sample point.
-    rate: Option<f64>,
-    sample: (Instant, u64),
-    next_send: Instant,
-}
-
-impl Push {
-    fn next_page(&mut self) -> Option<u64> {
-        while let Some(p) = self.priority.pop_front() {
-            if self.state[p as usize] == NEEDED {
-                return Some(p);
-            }
-        }
-        while (self.cursor as usize) < self.state.len() {
-            let p = self.cursor;
-            self.cursor += 1;
-            if self.state[p as usize] == NEEDED {
-                return Some(p);
-            }
-        }
-        None
-    }
-
-    fn window(&self) -> u64 {
-        self.rate
-            .map_or(MIN_WINDOW, |r| ((r * QUEUE_TARGET_S) as u64).max(MIN_WINDOW))
-    }
-
-    fn can_push(&self) -> bool {
-        self.sent_bytes.saturating_sub(self.acked_bytes) < self.window()
-    }
-
-    fn on_ack(&mut self, bytes: u64) {
-        self.acked_bytes = bytes;
-        let (t0, b0) = self.sample;
-        let dt = t0.elapsed().as_secs_f64();
-        if dt >= 0.05 {
-            let r = bytes.saturating_sub(b0) as f64 / dt;
-            if r > 0.0 && self.rate.is_none_or(|best| r > best) {
-                self.rate = Some(r);
-            }
-            self.sample = (Instant::now(), bytes);
-        }
-    }
-
-    fn after_send(&mut self, bytes: u64) {
-        self.sent_bytes += bytes;
-        if let Some(rate) = self.rate {
-            let gap = Duration::from_secs_f64(bytes as f64 / (rate * PACE_SHARE));
-            self.next_send = self.next_send.max(Instant::now() - Duration::from_millis(5)) + gap;
-        }
-    }
-}
-
 enum Event {
     Demand(anyhow::Result<Message>),
     Bulk(anyhow::Result<Message>),
@@ -205,32 +124,14 @@ pub async fn run(
     handoff: Handoff,
     resume: &Notify,
 ) -> (Outcome, PageSender) {
-    let pages = handoff.missing.capacity();
     let mut outcome = Outcome {
         postcopy_pages: handoff.missing.count(),
         ..Default::default()
     };
     let mut sender = handoff.sender;
-    let mut push = Push {
-        state: (0..pages)
-            .map(|p| {
-                if handoff.missing.contains(p) {
-                    NEEDED
-                } else {
-                    NOT_NEEDED
-                }
-            })
-            .collect(),
-        cursor: 0,
-        priority: VecDeque::new(),
-        sent_bytes: 0,
-        acked_bytes: 0,
-        rate: handoff.link_rate,
-        sample: (Instant::now(), 0),
-        next_send: Instant::now(),
-    };
+    let mut push = PushPlan::new(&handoff.missing, handoff.link_rate, Instant::now());
     for &p in &handoff.eager {
-        push.state[p as usize] = SENT;
+        push.mark_sent(p);
         outcome.pages_pushed += 1;
         outcome.full_pages += 1;
     }
@@ -251,25 +152,8 @@ pub async fn run(
                 Ok((new_bulk, new_demand, missing)) => {
                     outcome.other_connection_bytes += bulk.bytes_sent() + bulk.bytes_received();
                     *bulk = new_bulk;
-                    let mut now_missing = 0;
-                    for p in 0..pages {
-                        let slot = &mut push.state[p as usize];
-                        if missing.contains(p) {
-                            if *slot == SENT {
-                                outcome.pages_resent += 1;
-                            }
-                            *slot = NEEDED;
-                            sender.forget(p);
-                            now_missing += 1;
-                        } else {
-                            *slot = NOT_NEEDED;
-                        }
-                    }
-                    push.cursor = 0;
-                    push.priority.clear();
-                    push.sent_bytes = 0;
-                    push.acked_bytes = 0;
-                    push.sample = (Instant::now(), 0);
+                    let (now_missing, resent) = push.restart(&missing, Instant::now(), |p| sender.forget(p));
+                    outcome.pages_resent += resent;
                     exhausted = false;
                     outcome.reconnects += 1;
                     backoff = Duration::from_millis(100);
@@ -293,13 +177,13 @@ pub async fn run(
             continue;
         };
         let can_push = !exhausted && push.can_push();
-        let paced = can_push && push.next_send > Instant::now();
+        let paced = can_push && push.next_send() > Instant::now();
         let event = tokio::select! {
             biased;
             msg = dem.recv() => Event::Demand(msg),
             msg = bulk.recv() => Event::Bulk(msg),
             _ = tick.tick() => Event::Tick,
-            _ = tokio::time::sleep_until(push.next_send.into()), if paced => Event::PaceWait,
+            _ = tokio::time::sleep_until(push.next_send().into()), if paced => Event::PaceWait,
             _ = std::future::ready(()), if can_push && !paced => Event::Push,
         };
         let lost: Option<anyhow::Error> = match event {
@@ -319,7 +203,7 @@ pub async fn run(
             )),
             Event::Demand(Err(e)) | Event::Bulk(Err(e)) => Some(e),
             Event::Bulk(Ok(Message::PushAck { bytes, .. })) => {
-                push.on_ack(bytes);
+                push.on_ack(bytes, Instant::now());
                 None
             }
             Event::Bulk(Ok(Message::AllPresent)) => {
@@ -351,7 +235,7 @@ pub async fn run(
                     if add_page(job, &mut sender, p, &mut batch) {
                         outcome.full_pages += 1;
                     }
-                    push.state[p as usize] = SENT;
+                    push.mark_sent(p);
                     outcome.pages_pushed += 1;
                     n += 1;
                 }
@@ -361,7 +245,7 @@ pub async fn run(
                     let len = batch.payload_len() as u64;
                     match bulk.send(&Message::Pages(batch)).await {
                         Ok(()) => {
-                            push.after_send(len);
+                            push.after_send(len, Instant::now());
                             None
                         }
                         Err(e) => Some(e),
@@ -390,19 +274,19 @@ fn finish(mut outcome: Outcome, demand: Connection) -> Outcome {
 async fn serve(
     job: &Outbound,
     sender: &mut PageSender,
-    push: &mut Push,
+    push: &mut PushPlan,
     outcome: &mut Outcome,
     demand: &mut Connection,
     full: bool,
     wanted: &[u64],
 ) -> anyhow::Result<()> {
-    let pages = push.state.len() as u64;
+    let pages = push.pages();
     let mut batch = PageBatch::with_capacity(wanted.len().min(PUSH_BATCH));
     for &page in wanted {
         if page >= pages {
             bail!("destination requested page {page}, but the guest has {pages} pages");
         }
-        let slot = push.state[page as usize];
+        let slot = push.state(page);
         if full {
             // A reference the destination could not resolve: the content, whatever it was told before.
             let mut data = [0u8; PAGE_SIZE];
@@ -410,11 +294,11 @@ async fn serve(
             sender.add_full(page, &data, &mut batch);
             outcome.refs_resent += 1;
             outcome.full_pages += 1;
-        } else if slot == SENT {
+        } else if slot == PageState::Sent {
             // On its way already (pushed, or requested twice): it arrives without being sent again.
             continue;
         } else {
-            if slot == NOT_NEEDED {
+            if slot == PageState::NotNeeded {
                 // The destination should have it; send it anyway rather than leave a vCPU waiting.
                 tracing::warn!(page, "destination requested a page it was not missing");
                 sender.forget(page);
@@ -425,19 +309,14 @@ async fn serve(
             }
             outcome.pages_demanded += 1;
         }
-        push.state[page as usize] = SENT;
+        push.mark_sent(page);
         // The pages after a fault are likely next: push them first.
-        for next in (page + 1..(page + 1 + PREFETCH).min(pages)).rev() {
-            if push.state[next as usize] == NEEDED {
-                push.priority.push_front(next);
-            }
-        }
+        push.prioritize_after(page);
         if batch.len() >= PUSH_BATCH {
             let full_batch = std::mem::replace(&mut batch, PageBatch::with_capacity(PUSH_BATCH));
             demand.send(&Message::Pages(full_batch)).await?;
         }
     }
-    push.priority.truncate(4096);
     if !batch.is_empty() {
         demand.send(&Message::Pages(batch)).await?;
     }
