@@ -25,11 +25,12 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
 
 use super::frame::hello_payload;
-use super::{Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use super::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -129,6 +130,15 @@ impl fmt::Debug for ClusterKey {
             .field("fingerprint", &self.fingerprint())
             .finish_non_exhaustive()
     }
+}
+
+/// What a connection is for; each side states it in its Hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A CLI talking to an agent.
+    Control,
+    /// Two agents migrating a VM.
+    Peer,
 }
 
 /// A Hello: what a side speaks and wants, and its nonce. The magic is implied (checked by the codec).

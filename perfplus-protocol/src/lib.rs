@@ -79,7 +79,7 @@ pub mod handshake;
 pub mod message;
 pub mod report;
 
-pub use handshake::ClusterKey;
+pub use handshake::{ClusterKey, Role};
 pub use message::*;
 
 /// Protocol version this build speaks. A peer whose range does not include it is refused.
