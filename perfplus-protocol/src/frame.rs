@@ -13,10 +13,9 @@
 //! so a reader rejects a frame announcing 4 GiB before it allocates or buffers anything.
 //!
 //! ## Payloads
-//! - `Hello`: 45 bytes: `magic "PERFPLUS"`, `u16 min_version`, `u16 max_version`, `u8 role`
-//!   (0 Control, 1 Peer), `[u8; 32] nonce`. This layout never changes between versions: it is what
-//!   negotiates them.
-//! - `Auth`: 32 bytes, the HMAC-SHA256 proof (see `handshake`).
+//! - `Hello`: [`HELLO_LEN`] (45) bytes, laid out by [`Hello::to_bytes`]: magic `"PERFPLUS"`, version
+//!   range, role, nonce. This layout never changes between versions: it is what negotiates them.
+//! - `Auth`: [`AUTH_LEN`] (32) bytes, the HMAC-SHA256 proof (see [`crate::handshake`]).
 //! - `Error`: the message, UTF-8, no length prefix.
 //! - `VmList`, `Done`: empty.
 //! - `RoundEnd`: `u32 round`.
@@ -41,8 +40,8 @@ use std::fmt;
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
 
-use super::handshake::{Auth, Hello, HELLO_MAGIC};
-use super::{Message, MigrateReady, Role};
+use super::handshake::{Auth, Hello, HelloError, AUTH_LEN, HELLO_LEN, HELLO_MAGIC};
+use super::{Message, MigrateReady};
 
 /// Bytes of the frame header.
 pub const HEADER_LEN: usize = 8;
@@ -58,10 +57,6 @@ pub const PAGE_BATCH_MAX_ITEMS: usize = 1024;
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
-/// Payload bytes of a `Hello` frame.
-pub const HELLO_LEN: usize = 8 + 2 + 2 + 1 + 32;
-/// Payload bytes of an `Auth` frame.
-pub const AUTH_LEN: usize = 32;
 /// Largest `Error` payload.
 pub const ERROR_MAX: usize = 64 * KIB;
 /// Largest payload of a control frame (requests, replies, reports).
@@ -442,27 +437,13 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
 /// Appends a `Hello` frame to `out`.
 pub fn encode_hello(hello: &Hello, out: &mut Vec<u8>) {
     out.extend_from_slice(&header_bytes(FrameType::Hello, HELLO_LEN));
-    out.extend_from_slice(&hello_payload(hello));
+    out.extend_from_slice(&hello.to_bytes());
 }
 
 /// Appends an `Auth` frame to `out`.
 pub fn encode_auth(auth: &Auth, out: &mut Vec<u8>) {
     out.extend_from_slice(&header_bytes(FrameType::Auth, AUTH_LEN));
     out.extend_from_slice(&auth.mac);
-}
-
-/// The payload bytes of a `Hello` frame (the handshake authenticates them).
-pub fn hello_payload(hello: &Hello) -> [u8; HELLO_LEN] {
-    let mut p = [0u8; HELLO_LEN];
-    p[0..8].copy_from_slice(HELLO_MAGIC);
-    p[8..10].copy_from_slice(&hello.min_version.to_le_bytes());
-    p[10..12].copy_from_slice(&hello.max_version.to_le_bytes());
-    p[12] = match hello.role {
-        Role::Control => 0,
-        Role::Peer => 1,
-    };
-    p[13..45].copy_from_slice(&hello.nonce);
-    p
 }
 
 /// The header of a `Pages` frame for `batch`, for writers that send the batch bytes themselves
@@ -633,28 +614,9 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
         len: p.len(),
         expected: HELLO_LEN,
     })?;
-    let magic: [u8; 8] = bytes[0..8].try_into().expect("8-byte slice");
-    if &magic != HELLO_MAGIC {
-        return Err(FrameError::BadMagic { found: magic });
-    }
-    let min_version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    let max_version = u16::from_le_bytes([bytes[10], bytes[11]]);
-    if min_version > max_version {
-        return Err(malformed(
-            FrameType::Hello,
-            format!("version range {min_version}..={max_version} is empty"),
-        ));
-    }
-    let role = match bytes[12] {
-        0 => Role::Control,
-        1 => Role::Peer,
-        other => return Err(malformed(FrameType::Hello, format!("unknown role {other}"))),
-    };
-    Ok(Hello {
-        min_version,
-        max_version,
-        role,
-        nonce: bytes[13..45].try_into().expect("32-byte slice"),
+    Hello::from_bytes(bytes).map_err(|e| match e {
+        HelloError::BadMagic { found } => FrameError::BadMagic { found },
+        other => malformed(FrameType::Hello, other),
     })
 }
 
@@ -960,7 +922,7 @@ fn parse_item(buf: &[u8], index: usize) -> Result<(PageItem<'_>, usize), FrameEr
 mod tests {
     use super::*;
     use crate::report::{MigrationReport, RoundReport};
-    use crate::{KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+    use crate::{KernelSource, MigrateBegin, MigrateOptions, MigrateRequest, Role, VmInfo, VmStartRequest};
     use perfplus_vmm::vm::GuestStatus;
 
     fn round() -> RoundReport {
@@ -1276,7 +1238,7 @@ mod tests {
         encode_auth(&auth, &mut out);
         assert_eq!(decode_frame(&out).unwrap(), Some((Frame::Auth(auth), out.len())));
 
-        let mut bad = hello_payload(&hello);
+        let mut bad = hello.to_bytes();
         bad[..8].copy_from_slice(b"NOTPERFP");
         assert_eq!(
             decode_frame(&frame_bytes(FrameType::Hello, &bad))
@@ -1284,7 +1246,7 @@ mod tests {
                 .to_string(),
             "Hello frame carries magic \"NOTPERFP\" instead of \"PERFPLUS\""
         );
-        let mut bad = hello_payload(&hello);
+        let mut bad = hello.to_bytes();
         bad[12] = 9;
         assert_eq!(
             decode_frame(&frame_bytes(FrameType::Hello, &bad))
@@ -1292,7 +1254,7 @@ mod tests {
                 .to_string(),
             "payload of frame Hello malformed: unknown role 9"
         );
-        let mut bad = hello_payload(&hello);
+        let mut bad = hello.to_bytes();
         bad[8] = 5; // min 5 > max 3
         assert_eq!(
             decode_frame(&frame_bytes(FrameType::Hello, &bad))
