@@ -2,10 +2,14 @@
 
 use std::fmt;
 
+use perfplus_common::PAGE_SIZE;
+
 use super::header::{FrameError, FrameType};
 
-/// Bytes of a guest page.
-pub const PAGE_SIZE: usize = 4096;
+// A full item carries exactly 4096 bytes of page content on the wire (see the layout below); a
+// build with another page size would speak a different protocol.
+const _: () = assert!(PAGE_SIZE == 4096, "the Pages frame format carries 4096-byte pages");
+
 /// Bytes of a page digest.
 pub const DIGEST_LEN: usize = 16;
 

@@ -5,6 +5,7 @@ use crate::report::{MigrationReport, RoundReport};
 use crate::{
     KernelSource, Message, MigrateBegin, MigrateOptions, MigrateReady, MigrateRequest, VmInfo, VmStartRequest,
 };
+use perfplus_common::PAGE_SIZE;
 use perfplus_vmm::vm::GuestStatus;
 
 pub(super) fn round() -> RoundReport {
