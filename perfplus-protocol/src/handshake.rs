@@ -1,5 +1,7 @@
-//! The handshake that opens every connection, and the cluster key it proves. No sockets here:
-//! [`Handshake`] is a small state machine that [`super::connection`] drives over the stream.
+//! The handshake that opens every connection, the cluster key it proves, and the bytes of its two
+//! messages ([`Hello::to_bytes`], [`Auth`]). No sockets and no frames here: [`Handshake`] is a small
+//! state machine that [`super::connection`] drives over the stream, and [`super::frame`] wraps the
+//! Hello and Auth bytes in frames.
 //!
 //! ## Exchange
 //! ```text

@@ -161,8 +161,9 @@ fn put_postcard<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
 }
 
 fn put_u64s(out: &mut Vec<u8>, values: &[u64]) {
-    // A count that does not fit a u32 makes a payload far over every limit; it is refused by
-    // finish_frame, so saturating here only keeps the arithmetic defined.
+    // A count that does not fit a u32 makes a payload far over every limit; `encode` refuses it when
+    // it checks the payload length against the frame type's limit, so saturating here only keeps the
+    // arithmetic defined.
     let count = u32::try_from(values.len()).unwrap_or(u32::MAX);
     out.reserve(4 + values.len().saturating_mul(8));
     out.extend_from_slice(&count.to_le_bytes());
