@@ -601,7 +601,7 @@ async fn write_all_vectored(stream: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[
 mod tests {
     use super::*;
     use crate::frame::{decode_frame, PageBatch, PageItem, PAGE_BATCH_MAX_ITEMS};
-    use crate::handshake::Hello;
+    use crate::handshake::{Hello, AUTH_LEN, HELLO_LEN};
     use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
     use tokio::net::TcpListener;
 
@@ -663,7 +663,7 @@ mod tests {
         out
     }
 
-    const HANDSHAKE_BYTES: u64 = (2 * HEADER_LEN + frame::HELLO_LEN + frame::AUTH_LEN) as u64;
+    const HANDSHAKE_BYTES: u64 = (2 * HEADER_LEN + HELLO_LEN + AUTH_LEN) as u64;
 
     #[tokio::test]
     async fn handshake_then_messages_both_ways() {
@@ -905,7 +905,7 @@ mod tests {
         let (l, addr) = listener().await;
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
-            let mut first = [0u8; HEADER_LEN + frame::HELLO_LEN];
+            let mut first = [0u8; HEADER_LEN + HELLO_LEN];
             s.read_exact(&mut first).await.unwrap();
             s.write_all(&hello(7, 9)).await.unwrap();
             let mut sink = Vec::new();

@@ -1,5 +1,7 @@
-//! The handshake that opens every connection, and the cluster key it proves. No sockets here:
-//! [`Handshake`] is a small state machine that [`super::connection`] drives over the stream.
+//! The handshake that opens every connection, the cluster key it proves, and the bytes of its two
+//! messages ([`Hello::to_bytes`], [`Auth`]). No sockets and no frames here: [`Handshake`] is a small
+//! state machine that [`super::connection`] drives over the stream, and [`super::frame`] wraps the
+//! Hello and Auth bytes in frames.
 //!
 //! ## Exchange
 //! ```text
@@ -9,8 +11,8 @@
 //! |-- Auth{HMAC(k, "a" || hello_a || hello_b)} --->|  B checks A's proof before giving its own
 //! |<-- Auth{HMAC(k, "b" || hello_b || hello_a)} ---|  A checks B's proof
 //! ```
-//! `k` is [`ClusterKey::derive`]`("perfplus handshake v1")`, `hello_x` the 45 payload bytes of that side's
-//! Hello (see [`super::frame`]): each proof covers both nonces (fresh, so a proof cannot be replayed),
+//! `k` is [`ClusterKey::derive`]`("perfplus handshake v1")`, `hello_x` the [`HELLO_LEN`] bytes of that
+//! side's Hello as [`Hello::to_bytes`] lays them out (the payload of its Hello frame): each proof covers both nonces (fresh, so a proof cannot be replayed),
 //! both version ranges and the role (so they cannot be altered in flight), and names the side that made it
 //! (so a proof reflected back at its author does not verify). The proofs are compared in constant time.
 //!
@@ -25,16 +27,20 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
 
-use super::frame::hello_payload;
-use super::{Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use super::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// First 8 bytes of every Hello payload.
 pub const HELLO_MAGIC: &[u8; 8] = b"PERFPLUS";
+/// Bytes of a Hello: magic, two versions, role, nonce (see [`Hello::to_bytes`]).
+pub const HELLO_LEN: usize = 8 + 2 + 2 + 1 + 32;
+/// Bytes of an Auth: the HMAC-SHA256 proof.
+pub const AUTH_LEN: usize = 32;
 
 /// Shortest cluster key accepted, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
@@ -131,7 +137,17 @@ impl fmt::Debug for ClusterKey {
     }
 }
 
-/// A Hello: what a side speaks and wants, and its nonce. The magic is implied (checked by the codec).
+/// What a connection is for; each side states it in its Hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A CLI talking to an agent.
+    Control,
+    /// Two agents migrating a VM.
+    Peer,
+}
+
+/// A Hello: what a side speaks and wants, and its nonce. The magic is implied: [`Hello::to_bytes`]
+/// writes it and [`Hello::from_bytes`] checks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub min_version: u16,
@@ -140,10 +156,77 @@ pub struct Hello {
     pub nonce: [u8; 32],
 }
 
-/// An Auth: a side's proof that it holds the cluster key.
+/// Why [`HELLO_LEN`] bytes are not a Hello.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum HelloError {
+    #[error(
+        "magic \"{found}\" instead of \"{expected}\"",
+        found = found.escape_ascii(),
+        expected = HELLO_MAGIC.escape_ascii()
+    )]
+    BadMagic { found: [u8; 8] },
+    #[error("version range {min}..={max} is empty")]
+    EmptyVersionRange { min: u16, max: u16 },
+    #[error("unknown role {0}")]
+    UnknownRole(u8),
+}
+
+impl Hello {
+    /// The Hello's bytes: what the Hello frame carries and what the proofs cover. All integers
+    /// little-endian; this layout never changes between versions, since it is what negotiates them:
+    /// ```text
+    /// offset 0   [u8; 8]   magic "PERFPLUS"
+    /// offset 8   u16       min_version
+    /// offset 10  u16       max_version
+    /// offset 12  u8        role (0 Control, 1 Peer)
+    /// offset 13  [u8; 32]  nonce
+    /// ```
+    pub fn to_bytes(&self) -> [u8; HELLO_LEN] {
+        let mut p = [0u8; HELLO_LEN];
+        p[0..8].copy_from_slice(HELLO_MAGIC);
+        p[8..10].copy_from_slice(&self.min_version.to_le_bytes());
+        p[10..12].copy_from_slice(&self.max_version.to_le_bytes());
+        p[12] = match self.role {
+            Role::Control => 0,
+            Role::Peer => 1,
+        };
+        p[13..45].copy_from_slice(&self.nonce);
+        p
+    }
+
+    /// Parses what [`to_bytes`](Self::to_bytes) writes, checking the magic, that the version range is
+    /// not empty, and the role.
+    pub fn from_bytes(bytes: &[u8; HELLO_LEN]) -> Result<Hello, HelloError> {
+        let magic: [u8; 8] = bytes[0..8].try_into().expect("8-byte slice");
+        if &magic != HELLO_MAGIC {
+            return Err(HelloError::BadMagic { found: magic });
+        }
+        let min_version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        let max_version = u16::from_le_bytes([bytes[10], bytes[11]]);
+        if min_version > max_version {
+            return Err(HelloError::EmptyVersionRange {
+                min: min_version,
+                max: max_version,
+            });
+        }
+        let role = match bytes[12] {
+            0 => Role::Control,
+            1 => Role::Peer,
+            other => return Err(HelloError::UnknownRole(other)),
+        };
+        Ok(Hello {
+            min_version,
+            max_version,
+            role,
+            nonce: bytes[13..45].try_into().expect("32-byte slice"),
+        })
+    }
+}
+
+/// An Auth: a side's proof that it holds the cluster key. Its bytes are the proof, [`AUTH_LEN`] of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Auth {
-    pub mac: [u8; 32],
+    pub mac: [u8; AUTH_LEN],
 }
 
 /// Which end of the connection this side is.
@@ -201,8 +284,8 @@ pub struct Handshake {
 pub struct HelloExchanged {
     side: Side,
     key: [u8; 32],
-    own: [u8; super::frame::HELLO_LEN],
-    peer: [u8; super::frame::HELLO_LEN],
+    own: [u8; HELLO_LEN],
+    peer: [u8; HELLO_LEN],
     version: u16,
     peer_role: Role,
 }
@@ -285,8 +368,8 @@ impl Handshake {
         Ok(HelloExchanged {
             side: self.side,
             key: self.key,
-            own: hello_payload(&self.own),
-            peer: hello_payload(peer),
+            own: self.own.to_bytes(),
+            peer: peer.to_bytes(),
             version: high,
             peer_role: peer.role,
         })
@@ -392,6 +475,36 @@ mod tests {
         assert_eq!(k.derive("perfplus page digest v1"), expected);
         assert_ne!(k.derive("a"), k.derive("b"));
         assert_ne!(key(1).derive("a"), key(2).derive("a"));
+    }
+
+    #[test]
+    fn hello_layout() {
+        let hello = Hello {
+            min_version: 0x0102,
+            max_version: 0x0304,
+            role: Role::Peer,
+            nonce: [7; 32],
+        };
+        let bytes = hello.to_bytes();
+        assert_eq!(&bytes[..13], b"PERFPLUS\x02\x01\x04\x03\x01");
+        assert_eq!(bytes[13..], [7; 32]);
+        assert_eq!(Hello::from_bytes(&bytes), Ok(hello));
+
+        let mut bad = bytes;
+        bad[..8].copy_from_slice(b"NOTPERFP");
+        assert_eq!(
+            Hello::from_bytes(&bad).unwrap_err().to_string(),
+            "magic \"NOTPERFP\" instead of \"PERFPLUS\""
+        );
+        let mut bad = bytes;
+        bad[12] = 9;
+        assert_eq!(Hello::from_bytes(&bad), Err(HelloError::UnknownRole(9)));
+        let mut bad = bytes;
+        bad[8..10].copy_from_slice(&0x0405u16.to_le_bytes()); // min 1029 > max 772
+        assert_eq!(
+            Hello::from_bytes(&bad).unwrap_err().to_string(),
+            "version range 1029..=772 is empty"
+        );
     }
 
     fn run(a_key: &ClusterKey, b_key: &ClusterKey) -> (Result<Established, HandshakeError>, bool) {

@@ -1,9 +1,18 @@
 //! The perfplus wire protocol: CLI ⇄ agent (control) and agent ⇄ agent (migration), over TCP.
 //!
-//! Layers, each in its own file and knowing nothing of the one above:
-//! - [`frame`]: one frame ⇄ bytes (header, length limits, payload codecs). No sockets.
-//! - [`connection`]: a tokio TCP stream buffered into frames, with the handshake that opens it.
+//! Layers, each knowing nothing of the ones above it:
+//! - [`handshake`] (`handshake.rs`): the handshake as a state machine without I/O, the cluster key it
+//!   proves, and the bytes of its Hello and Auth. Knows nothing of frames or sockets.
+//! - [`frame`] (`frame/`): one frame ⇄ bytes, no sockets. `header.rs`: the table of frame types and
+//!   their payload limits, the 8-byte header; `codec.rs`: every [`Message`] ⇄ its payload, and the
+//!   handshake's Hello and Auth wrapped in their frames; `page_batch.rs`: the `Pages` payload
+//!   ([`PageBatch`](frame::PageBatch)).
+//! - [`connection`] (`connection.rs`): a tokio TCP stream buffered into frames; it drives the
+//!   handshake when it opens, then moves [`Message`]s.
 //! - the migration engine and the agent apply [`Message`]s; they never see bytes.
+//!
+//! What the layers carry: [`message`] (`message.rs`: [`Message`] and its payload types) and
+//! [`report`] (`report.rs`: the migration report and its rounds).
 //!
 //! ## Handshake (both roles)
 //! ```text
@@ -79,7 +88,7 @@ pub mod handshake;
 pub mod message;
 pub mod report;
 
-pub use handshake::ClusterKey;
+pub use handshake::{ClusterKey, Role};
 pub use message::*;
 
 /// Protocol version this build speaks. A peer whose range does not include it is refused.

@@ -5,15 +5,6 @@ use crate::frame;
 use crate::report::{MigrationReport, RoundReport};
 use perfplus_vmm::tracking::TrackerKind;
 
-/// What a connection is for; each side states it in its Hello.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    /// A CLI talking to an agent.
-    Control,
-    /// Two agents migrating a VM.
-    Peer,
-}
-
 /// The content of a guest to create or migrate: either the built-in workload guest or a kernel file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KernelSource {

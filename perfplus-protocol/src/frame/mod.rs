@@ -1,0 +1,64 @@
+//! Frames: one [`Message`] (or handshake [`Hello`] / [`Auth`]) ⇄ bytes. No sockets here.
+//!
+//! ## Layout
+//! Every frame is a fixed 8-byte header followed by its payload, all integers little-endian:
+//! ```text
+//! offset 0   u16  frame type   (FrameType, one per Message variant + Hello + Auth)
+//! offset 2   u16  flags        (none defined: must be 0)
+//! offset 4   u32  payload length in bytes
+//! offset 8   payload
+//! ```
+//! Each frame type has a payload limit (an exact size for fixed-size frames, a maximum otherwise), see
+//! [`FrameType::limit`]. It is checked from the header alone, by [`FrameHeader::parse`] / [`peek_header`],
+//! so a reader rejects a frame announcing 4 GiB before it allocates or buffers anything.
+//!
+//! ## Payloads
+//! - `Hello`: [`HELLO_LEN`] (45) bytes, laid out by [`Hello::to_bytes`]: magic `"PERFPLUS"`, version
+//!   range, role, nonce. This layout never changes between versions: it is what negotiates them.
+//! - `Auth`: [`AUTH_LEN`] (32) bytes, the HMAC-SHA256 proof (see [`crate::handshake`]).
+//! - `Error`: the message, UTF-8, no length prefix.
+//! - `VmList`, `Done`: empty.
+//! - `RoundEnd`: `u32 round`.
+//! - `RoundAck`: `u32 round`, `u32 count`, `count × u64` missing pages.
+//! - `MigrateReady`: `u32 count`, `count × u64` held digest prefixes.
+//! - `Running`: empty.
+//! - `PageChecksums`: `u32 count`, `count × u64` page checksums.
+//! - `PostcopyBegin`, `ResumeState`: `u32 count`, `count × u64` bitmap words.
+//! - `PageRequest`: `u8 full` (0 or 1), `u32 count`, `count × u64` pages (at most [`PAGE_REQUEST_MAX`]).
+//! - `PushAck`: `u64 bytes`, `u64 present`.
+//! - `AllPresent`, `Ping`: empty.
+//! - `VmState`: the bytes as given (already a postcard encoding, see [`Message::VmState`]).
+//! - `Pages`: a sequence of page items (see [`PageBatch`]).
+//! - every other frame: the postcard encoding of the variant's payload struct or field.
+//!
+//! Decoding checks everything: counts against lengths, postcard content, trailing bytes. A `Pages`
+//! payload is validated once, when the frame is decoded ([`PageBatch::from_payload`]); the batch then
+//! owns the payload bytes and [`PageBatch::iter`] hands out zero-copy references into them.
+//!
+//! ## Files
+//! - `header.rs`: the frame types and their payload limits (one macro table), [`FrameHeader`],
+//!   [`peek_header`], [`FrameError`].
+//! - `codec.rs`: [`Message`] ⇄ payload, and the handshake's Hello and Auth ⇄ payload:
+//!   [`encode`], [`decode`], [`decode_frame`], [`decode_payload`].
+//! - `page_batch.rs`: [`PageBatch`], the `Pages` payload, and its items.
+
+#[cfg(doc)]
+use crate::handshake::{Auth, Hello, AUTH_LEN, HELLO_LEN};
+#[cfg(doc)]
+use crate::Message;
+
+mod codec;
+mod header;
+mod page_batch;
+#[cfg(test)]
+mod test_support;
+
+pub use codec::{decode, decode_frame, decode_payload, encode, encode_auth, encode_hello, pages_header, Frame};
+pub use header::{
+    peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, ERROR_MAX, HEADER_LEN,
+    PAGE_REQUEST_MAX, VM_LIST_MAX, VM_STATE_MAX,
+};
+pub use page_batch::{
+    PageBatch, PageItem, PageItems, DIGEST_LEN, FULL_ITEM_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD,
+    REF_ITEM_LEN, ZERO_ITEM_LEN,
+};

@@ -1,0 +1,233 @@
+//! Messages and frames the tests of the `frame` files share.
+
+use super::*;
+use crate::report::{MigrationReport, RoundReport};
+use crate::{
+    KernelSource, Message, MigrateBegin, MigrateOptions, MigrateReady, MigrateRequest, VmInfo, VmStartRequest,
+};
+use perfplus_common::PAGE_SIZE;
+use perfplus_vmm::vm::GuestStatus;
+
+pub(super) fn round() -> RoundReport {
+    RoundReport {
+        round: 3,
+        stop_and_copy: true,
+        dirty_pages: 100,
+        sent_pages: 40,
+        skipped_unchanged: 30,
+        skipped_zero: 20,
+        skipped_held: 10,
+        resent_missing: 2,
+        read_pages: 90,
+        bytes_on_wire: 123_456,
+        duration_ms: 1.5,
+        bandwidth_mbps: 9400.25,
+    }
+}
+
+pub(super) fn report() -> MigrationReport {
+    MigrationReport {
+        vm: "web".into(),
+        source: "10.0.0.1:7000".into(),
+        destination: "10.0.0.2:7000".into(),
+        mode: "precopy".into(),
+        tracker: "dirty-log".into(),
+        hashing: true,
+        memory_bytes: 1 << 30,
+        rounds: vec![round(), RoundReport::default()],
+        downtime_ms: 12.5,
+        guest_max_stall_ms: Some(13.0),
+        guest_pages_written_after: Some(77),
+        stop_reason: "converged".into(),
+        ..Default::default()
+    }
+}
+
+pub(super) fn vm_info() -> VmInfo {
+    VmInfo {
+        name: "web".into(),
+        memory_bytes: 256 << 20,
+        vcpus: 2,
+        run_state: "running".into(),
+        cmdline: "wss=1000".into(),
+        guest: Some(GuestStatus {
+            state: 2,
+            tsc_khz: 3_000_000,
+            first_mismatch_page: Some(5),
+            message: "ok ✓".into(),
+            ..Default::default()
+        }),
+        console_tail: "booted\n".into(),
+    }
+}
+
+pub(super) fn page(fill: u8) -> [u8; PAGE_SIZE] {
+    let mut p = [fill; PAGE_SIZE];
+    p[0] = 0xAB;
+    p[PAGE_SIZE - 1] = fill.wrapping_add(1);
+    p
+}
+
+pub(super) fn batch() -> PageBatch {
+    let mut b = PageBatch::with_capacity(4);
+    b.push_full(7, &[1; 16], &page(0x11));
+    b.push_zero(8);
+    b.push_ref(9, &[2; 16]);
+    b.push_full(u64::MAX, &[3; 16], &page(0x22));
+    b
+}
+
+/// One message of every variant.
+pub(super) fn every_message() -> Vec<Message> {
+    let options = MigrateOptions {
+        downtime_target_ms: 12.5,
+        max_rounds: 7,
+        hashing: false,
+        verify_guest: true,
+        hot_last: false,
+        mode: crate::MigrationMode::Postcopy,
+        tracker: Some(perfplus_vmm::tracking::TrackerKind::UffdWp),
+    };
+    vec![
+        Message::VmStart(VmStartRequest {
+            name: "web".into(),
+            memory_bytes: 1 << 28,
+            vcpus: 4,
+            kernel: KernelSource::Image(vec![0x7f, b'E', b'L', b'F', 0, 1, 2]),
+            cmdline: "console=ttyS0".into(),
+            tracker: perfplus_vmm::tracking::TrackerKind::DirtyRing,
+        }),
+        Message::VmStart(VmStartRequest {
+            name: String::new(),
+            memory_bytes: 0,
+            vcpus: 1,
+            kernel: KernelSource::Builtin,
+            cmdline: String::new(),
+            tracker: perfplus_vmm::tracking::TrackerKind::DirtyLog,
+        }),
+        Message::VmList,
+        Message::VmStatus { name: "web".into() },
+        Message::VmStop { name: "db".into() },
+        Message::Migrate(MigrateRequest {
+            vm: "web".into(),
+            destination: "10.0.0.2:7000".into(),
+            options: options.clone(),
+        }),
+        Message::Vm(vm_info()),
+        Message::Vms(vec![vm_info(), vm_info()]),
+        Message::Vms(vec![]),
+        Message::Done,
+        Message::Progress(round()),
+        Message::MigrateDone(Box::new(report())),
+        Message::Track(crate::TrackRequest {
+            vm: "web".into(),
+            interval_ms: 1000,
+            intervals: 0,
+            ebpf: true,
+        }),
+        Message::TrackSample(Box::new(crate::TrackSample {
+            interval: 3,
+            elapsed_s: 3.01,
+            interval_s: 1.002,
+            source: "dirty-log".into(),
+            dirty_pages: 1999,
+            hottest: vec![crate::TrackRegion {
+                start: 0x20_0000,
+                pages: 12,
+                writes: 40,
+            }],
+            ebpf_events: Some(0),
+            ebpf_pages: None,
+            guest_pages_written: Some(2000),
+            note: Some("bitmap mode".into()),
+        })),
+        Message::MigrateBegin(MigrateBegin {
+            vm: "web".into(),
+            memory_bytes: 1 << 30,
+            vcpus: 2,
+            cmdline: "x=1".into(),
+            options,
+            migration_id: "0123abcd".into(),
+        }),
+        Message::MigrateReady(MigrateReady {
+            held: vec![0, 1, u64::MAX, 0x0123_4567_89ab_cdef],
+        }),
+        Message::MigrateReady(MigrateReady { held: vec![] }),
+        Message::Pages(batch()),
+        Message::Pages(PageBatch::new()),
+        Message::RoundEnd { round: 42 },
+        Message::RoundAck {
+            round: 42,
+            missing: vec![3, 99],
+        },
+        Message::VmState(vec![9, 8, 7]),
+        Message::Running,
+        Message::PageChecksums {
+            checksums: vec![1, 2, 3, u64::MAX],
+        },
+        Message::GuestCheck(Box::new(crate::GuestCheck {
+            at_resume: Some(perfplus_vmm::vm::GuestStatus::default()),
+            after: None,
+            verified: true,
+            cpu_ms: 12.5,
+            held_from_store: 1,
+            held_from_hosted_vms: 2,
+            held_from_this_migration: 3,
+            postcopy: Some(crate::PostcopyStats {
+                demand_faults: 5,
+                ..Default::default()
+            }),
+        })),
+        Message::Complete(Box::new(report())),
+        Message::MigrateResume { id: "0123abcd".into() },
+        Message::PostcopyBegin {
+            missing: vec![u64::MAX, 1],
+        },
+        Message::ResumeState { missing: vec![] },
+        Message::PostcopyAttach(crate::PostcopyAttach {
+            id: "0123abcd".into(),
+            channel: crate::Channel::Demand,
+        }),
+        Message::PageRequest {
+            full: true,
+            pages: vec![7, 0x1234],
+        },
+        Message::PageRequest {
+            full: false,
+            pages: vec![],
+        },
+        Message::PushAck {
+            bytes: 1 << 40,
+            present: 77,
+        },
+        Message::AllPresent,
+        Message::Ping,
+        Message::Error {
+            message: "no VM named \"x\" ✗".into(),
+        },
+    ]
+}
+
+pub(super) fn encoded(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(msg, &mut out).unwrap();
+    out
+}
+
+pub(super) fn header(frame_type: u16, flags: u16, len: u32) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&frame_type.to_le_bytes());
+    h.extend_from_slice(&flags.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+pub(super) fn frame_bytes(frame_type: FrameType, payload: &[u8]) -> Vec<u8> {
+    let mut f = header(frame_type as u16, 0, payload.len() as u32);
+    f.extend_from_slice(payload);
+    f
+}
+
+pub(super) fn decode_err(buf: &[u8]) -> String {
+    decode(buf).unwrap_err().to_string()
+}
