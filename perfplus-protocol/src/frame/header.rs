@@ -3,15 +3,36 @@
 
 use std::fmt;
 
+use perfplus_common::PAGE_SIZE;
 use thiserror::Error;
 
-use super::page_batch::PAGE_BATCH_MAX_PAYLOAD;
 use crate::handshake::{AUTH_LEN, HELLO_LEN, HELLO_MAGIC};
 #[cfg(doc)]
 use crate::Message;
 
 /// Bytes of the frame header.
 pub const HEADER_LEN: usize = 8;
+
+// The layout of a `Pages` payload's items (`page_batch.rs` reads and writes them) sets that frame's
+// limit, so their sizes are part of the limit table.
+// A full item carries exactly 4096 bytes of page content on the wire (see the layout below); a
+// build with another page size would speak a different protocol.
+const _: () = assert!(PAGE_SIZE == 4096, "the Pages frame format carries 4096-byte pages");
+
+/// Bytes of a page digest.
+pub const DIGEST_LEN: usize = 16;
+
+/// Page items in one `Pages` frame at most (4 MiB of page content when every item is full).
+pub const PAGE_BATCH_MAX_ITEMS: usize = 1024;
+
+/// Bytes of a zero-page item: kind, page.
+pub const ZERO_ITEM_LEN: usize = 1 + 8;
+/// Bytes of a reference item: kind, page, digest.
+pub const REF_ITEM_LEN: usize = 1 + 8 + DIGEST_LEN;
+/// Bytes of a full-page item: kind, page, digest, content.
+pub const FULL_ITEM_LEN: usize = 1 + 8 + DIGEST_LEN + PAGE_SIZE;
+/// Largest `Pages` payload: [`PAGE_BATCH_MAX_ITEMS`] full items.
+pub const PAGE_BATCH_MAX_PAYLOAD: usize = PAGE_BATCH_MAX_ITEMS * FULL_ITEM_LEN;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;

@@ -55,10 +55,8 @@ mod test_support;
 
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_auth, encode_hello, pages_header, Frame};
 pub use header::{
-    peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, ERROR_MAX, HEADER_LEN,
-    PAGE_REQUEST_MAX, VM_LIST_MAX, VM_STATE_MAX,
+    peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX,
+    FULL_ITEM_LEN, HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX, REF_ITEM_LEN,
+    VM_LIST_MAX, VM_STATE_MAX, ZERO_ITEM_LEN,
 };
-pub use page_batch::{
-    PageBatch, PageItem, PageItems, DIGEST_LEN, FULL_ITEM_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD,
-    REF_ITEM_LEN, ZERO_ITEM_LEN,
-};
+pub use page_batch::{PageBatch, PageItem, PageItems};

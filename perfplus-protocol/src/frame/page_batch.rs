@@ -4,26 +4,9 @@ use std::fmt;
 
 use perfplus_common::PAGE_SIZE;
 
-use super::header::{FrameError, FrameType};
-
-// A full item carries exactly 4096 bytes of page content on the wire (see the layout below); a
-// build with another page size would speak a different protocol.
-const _: () = assert!(PAGE_SIZE == 4096, "the Pages frame format carries 4096-byte pages");
-
-/// Bytes of a page digest.
-pub const DIGEST_LEN: usize = 16;
-
-/// Page items in one `Pages` frame at most (4 MiB of page content when every item is full).
-pub const PAGE_BATCH_MAX_ITEMS: usize = 1024;
-
-/// Bytes of a zero-page item: kind, page.
-pub const ZERO_ITEM_LEN: usize = 1 + 8;
-/// Bytes of a reference item: kind, page, digest.
-pub const REF_ITEM_LEN: usize = 1 + 8 + DIGEST_LEN;
-/// Bytes of a full-page item: kind, page, digest, content.
-pub const FULL_ITEM_LEN: usize = 1 + 8 + DIGEST_LEN + PAGE_SIZE;
-/// Largest `Pages` payload: [`PAGE_BATCH_MAX_ITEMS`] full items.
-pub const PAGE_BATCH_MAX_PAYLOAD: usize = PAGE_BATCH_MAX_ITEMS * FULL_ITEM_LEN;
+use super::header::{
+    FrameError, FrameType, DIGEST_LEN, FULL_ITEM_LEN, PAGE_BATCH_MAX_ITEMS, REF_ITEM_LEN, ZERO_ITEM_LEN,
+};
 
 const KIND_ZERO: u8 = 0;
 const KIND_FULL: u8 = 1;
@@ -267,6 +250,7 @@ fn parse_item(buf: &[u8], index: usize) -> Result<(PageItem<'_>, usize), FrameEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::header::PAGE_BATCH_MAX_PAYLOAD;
     use crate::frame::test_support::*;
     use crate::frame::{decode, encode, pages_header};
     use crate::Message;

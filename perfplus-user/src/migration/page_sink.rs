@@ -210,7 +210,11 @@ mod tests {
         d.apply(&batch).unwrap();
         assert_eq!(d.memory.page(1), a);
         assert_eq!(d.memory.page(2), a, "a reference is expanded from what the index holds");
-        assert_eq!(d.memory.page(3), [0; PAGE_SIZE], "nothing is written for an unresolved reference");
+        assert_eq!(
+            d.memory.page(3),
+            [0; PAGE_SIZE],
+            "nothing is written for an unresolved reference"
+        );
         assert_eq!(d.unresolved, [3]);
         assert_eq!(
             d.held,
