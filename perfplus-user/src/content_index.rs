@@ -525,7 +525,6 @@ impl ContentIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::page_store::TestDir;
     use std::sync::RwLock;
 
     /// A hosted VM's memory as plain buffers, writable behind the index's back.
@@ -580,9 +579,9 @@ mod tests {
 
     #[test]
     fn resolves_from_store() {
-        let dir = TestDir::new("ci-store");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let mut store = PageStore::open(&dir.0, 16, h.key_fingerprint()).unwrap();
+        let mut store = PageStore::open(dir.path(), 16, h.key_fingerprint()).unwrap();
         let d = h.digest(&content(5));
         store.insert(&d, &content(5)).unwrap();
         let mut ix = ContentIndex::new(h, Some(store));
@@ -602,9 +601,9 @@ mod tests {
 
     #[test]
     fn store_page_failing_keyed_check_is_not_used() {
-        let dir = TestDir::new("ci-badstore");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let mut store = PageStore::open(&dir.0, 16, h.key_fingerprint()).unwrap();
+        let mut store = PageStore::open(dir.path(), 16, h.key_fingerprint()).unwrap();
         // Intact on disk (xxh3 matches), but not the content of the digest it is filed under.
         let d = h.digest(&content(1));
         store.insert(&d, &content(2)).unwrap();
@@ -616,8 +615,8 @@ mod tests {
 
     #[test]
     fn store_of_another_key_is_not_used() {
-        let dir = TestDir::new("ci-otherkey");
-        let store = PageStore::open(&dir.0, 4, [1; 16]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::open(dir.path(), 4, [1; 16]).unwrap();
         let ix = ContentIndex::new(hasher(), Some(store));
         assert!(ix.store().is_none());
     }
@@ -665,9 +664,9 @@ mod tests {
 
     #[test]
     fn stale_hosted_page_falls_back_to_store() {
-        let dir = TestDir::new("ci-fallback");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let mut store = PageStore::open(&dir.0, 4, h.key_fingerprint()).unwrap();
+        let mut store = PageStore::open(dir.path(), 4, h.key_fingerprint()).unwrap();
         store.insert(&h.digest(&content(7)), &content(7)).unwrap();
         let mut ix = ContentIndex::new(h, Some(store));
         let a = Mem::new(4);
@@ -763,9 +762,9 @@ mod tests {
 
     #[test]
     fn held_prefixes_dedups_across_sources_and_respects_limit() {
-        let dir = TestDir::new("ci-prefixes");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let mut store = PageStore::open(&dir.0, 16, h.key_fingerprint()).unwrap();
+        let mut store = PageStore::open(dir.path(), 16, h.key_fingerprint()).unwrap();
         for t in [1, 2, 3] {
             store.insert(&h.digest(&content(t)), &content(t)).unwrap();
         }
@@ -788,9 +787,9 @@ mod tests {
 
     #[test]
     fn index_and_archive_a_vm() {
-        let dir = TestDir::new("ci-archive");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let store = PageStore::open(&dir.0, 64, h.key_fingerprint()).unwrap();
+        let store = PageStore::open(dir.path(), 64, h.key_fingerprint()).unwrap();
         let mut ix = ContentIndex::new(h, Some(store));
         let a = Mem::new(6);
         for (p, t) in [(0, 1), (1, 2), (2, 2)] {

@@ -2,7 +2,7 @@
 //!
 //! Every page the source is about to send is hashed. The digest decides two things:
 //! * **Did it change?** A page whose digest equals the digest it had when it was last sent is not sent
-//!   again (dirty logging here also reports pages the guest only read, see ENVIRONMENT.md).
+//!   again (dirty logging under kvm-pvm also reports pages the guest only read).
 //! * **Does the destination already hold it?** A page whose digest the destination holds (its
 //!   [`ContentIndex`](crate::content_index::ContentIndex): on-disk store, hosted VMs, pages already
 //!   received) is sent as a reference — the digest — instead of 4 KiB.

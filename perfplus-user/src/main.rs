@@ -38,7 +38,8 @@ enum Command {
     /// Start, list, inspect and stop VMs on an agent.
     #[command(subcommand)]
     Vm(VmCommand),
-    /// Live-migrate a running VM from one agent to another (pre-copy), then print the report.
+    /// Live-migrate a running VM from one agent to another (hybrid by default: pre-copy, then post-copy
+    /// if it cannot converge), then print the report.
     Migrate(MigrateArgs),
     /// Watch how fast a process or a VM writes its memory (eBPF write faults, KVM dirty log), and
     /// whether pre-copy migration could keep up with it over a given link.

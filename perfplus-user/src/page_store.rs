@@ -476,33 +476,6 @@ fn decode_record(slot: u64, r: &[u8]) -> Option<SlotMeta> {
     })
 }
 
-/// A unique, self-removing temporary directory for tests (this crate has no tempfile dependency).
-#[cfg(test)]
-pub(crate) struct TestDir(pub(crate) PathBuf);
-
-#[cfg(test)]
-impl TestDir {
-    pub(crate) fn new(tag: &str) -> TestDir {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "perfplus-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TestDir(p)
-    }
-}
-
-#[cfg(test)]
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,9 +514,9 @@ mod tests {
 
     #[test]
     fn insert_get_and_duplicate_insert() {
-        let dir = TestDir::new("ps-basic");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let mut s = PageStore::open(&dir.0, 8, FP).unwrap();
+        let mut s = PageStore::open(dir.path(), 8, FP).unwrap();
         assert_eq!((s.len(), s.capacity()), (0, 8));
         let d1 = put(&mut s, &h, 1);
         put(&mut s, &h, 2);
@@ -565,9 +538,9 @@ mod tests {
 
     #[test]
     fn evicts_oldest_when_full() {
-        let dir = TestDir::new("ps-evict");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        let mut s = PageStore::open(&dir.0, 3, FP).unwrap();
+        let mut s = PageStore::open(dir.path(), 3, FP).unwrap();
         for t in 1..=3 {
             put(&mut s, &h, t);
         }
@@ -581,16 +554,16 @@ mod tests {
 
     #[test]
     fn persists_across_reopen_including_ring_position() {
-        let dir = TestDir::new("ps-persist");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
         {
-            let mut s = PageStore::open(&dir.0, 3, FP).unwrap();
+            let mut s = PageStore::open(dir.path(), 3, FP).unwrap();
             for t in 1..=4 {
                 put(&mut s, &h, t); // 4 evicted 1; 2 is now the oldest
             }
             s.flush().unwrap();
         }
-        let mut s = PageStore::open(&dir.0, 3, FP).unwrap();
+        let mut s = PageStore::open(dir.path(), 3, FP).unwrap();
         assert_eq!(s.len(), 3);
         assert!(!has(&s, &h, 1) && has(&s, &h, 2) && has(&s, &h, 3) && has(&s, &h, 4));
         put(&mut s, &h, 5);
@@ -599,9 +572,9 @@ mod tests {
 
     #[test]
     fn second_open_while_in_use_is_refused() {
-        let dir = TestDir::new("ps-lock");
-        let _s = PageStore::open(&dir.0, 2, FP).unwrap();
-        let err = PageStore::open(&dir.0, 2, FP).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let _s = PageStore::open(dir.path(), 2, FP).unwrap();
+        let err = PageStore::open(dir.path(), 2, FP).unwrap_err();
         assert!(err.to_string().contains("in use"), "{err}");
     }
 
@@ -615,14 +588,14 @@ mod tests {
 
     #[test]
     fn other_key_fingerprint_discards() {
-        let dir = TestDir::new("ps-fp");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        closed_store(&dir.0, &h);
-        let s = PageStore::open(&dir.0, 4, [8; 16]).unwrap();
+        closed_store(dir.path(), &h);
+        let s = PageStore::open(dir.path(), 4, [8; 16]).unwrap();
         assert!(s.is_empty());
         drop(s);
         // And the store is now written under the new fingerprint: the old one sees nothing either.
-        assert!(PageStore::open(&dir.0, 4, FP).unwrap().is_empty());
+        assert!(PageStore::open(dir.path(), 4, FP).unwrap().is_empty());
     }
 
     #[test]
@@ -649,10 +622,10 @@ mod tests {
             ("data-missing", |d| std::fs::remove_file(d.join(DATA_FILE)).unwrap()),
         ];
         for (name, f) in damage {
-            let dir = TestDir::new("ps-damage");
-            closed_store(&dir.0, &h);
-            f(&dir.0);
-            let mut s = PageStore::open(&dir.0, 4, FP).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            closed_store(dir.path(), &h);
+            f(dir.path());
+            let mut s = PageStore::open(dir.path(), 4, FP).unwrap();
             assert!(s.is_empty(), "{name}: damaged store must be discarded");
             // The store is usable again after the discard.
             put(&mut s, &h, 3);
@@ -662,42 +635,45 @@ mod tests {
 
     #[test]
     fn capacity_change_discards() {
-        let dir = TestDir::new("ps-cap");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        closed_store(&dir.0, &h);
-        assert!(PageStore::open(&dir.0, 5, FP).unwrap().is_empty());
+        closed_store(dir.path(), &h);
+        assert!(PageStore::open(dir.path(), 5, FP).unwrap().is_empty());
     }
 
     #[test]
     fn torn_record_loses_only_its_slot() {
-        let dir = TestDir::new("ps-torn");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        closed_store(&dir.0, &h);
+        closed_store(dir.path(), &h);
         // Page 1 is in slot 0: tear its record.
-        let f = OpenOptions::new().write(true).open(dir.0.join(INDEX_FILE)).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(INDEX_FILE))
+            .unwrap();
         f.write_all_at(&[0x55; 8], HEADER_LEN + 4).unwrap();
         drop(f);
-        let s = PageStore::open(&dir.0, 4, FP).unwrap();
+        let s = PageStore::open(dir.path(), 4, FP).unwrap();
         assert_eq!(s.len(), 1);
         assert!(!has(&s, &h, 1) && has(&s, &h, 2));
     }
 
     #[test]
     fn record_moved_to_another_slot_is_rejected() {
-        let dir = TestDir::new("ps-move");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        closed_store(&dir.0, &h);
+        closed_store(dir.path(), &h);
         // Copy slot 0's (valid) record over slot 2's: its checksum is bound to slot 0.
         let f = OpenOptions::new()
             .read(true)
             .write(true)
-            .open(dir.0.join(INDEX_FILE))
+            .open(dir.path().join(INDEX_FILE))
             .unwrap();
         let mut rec = [0u8; RECORD_LEN];
         f.read_exact_at(&mut rec, HEADER_LEN).unwrap();
         f.write_all_at(&rec, HEADER_LEN + 2 * RECORD_LEN as u64).unwrap();
         drop(f);
-        let s = PageStore::open(&dir.0, 4, FP).unwrap();
+        let s = PageStore::open(dir.path(), 4, FP).unwrap();
         assert_eq!(s.len(), 2);
         assert!(has(&s, &h, 1) && has(&s, &h, 2));
     }
@@ -705,13 +681,13 @@ mod tests {
     #[test]
     fn data_not_matching_its_record_is_not_returned() {
         // As after a power loss where the data of a new insert reached the disk but its record did not.
-        let dir = TestDir::new("ps-rot");
+        let dir = tempfile::tempdir().unwrap();
         let h = hasher();
-        closed_store(&dir.0, &h);
-        let f = OpenOptions::new().write(true).open(dir.0.join(DATA_FILE)).unwrap();
+        closed_store(dir.path(), &h);
+        let f = OpenOptions::new().write(true).open(dir.path().join(DATA_FILE)).unwrap();
         f.write_all_at(&page(99), PAGE).unwrap(); // slot 1 = page 2
         drop(f);
-        let s = PageStore::open(&dir.0, 4, FP).unwrap();
+        let s = PageStore::open(dir.path(), 4, FP).unwrap();
         assert!(has(&s, &h, 1));
         let mut out = [0u8; PAGE_SIZE];
         assert!(!s.get(&h.digest(&page(2)), &mut out).unwrap());
@@ -720,8 +696,8 @@ mod tests {
 
     #[test]
     fn capacity_zero_is_disabled() {
-        let dir = TestDir::new("ps-off");
-        let sub = dir.0.join("never-created");
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("never-created");
         let h = hasher();
         let mut s = PageStore::open(&sub, 0, FP).unwrap();
         put(&mut s, &h, 1);

@@ -1,6 +1,6 @@
 //! x86 vCPU setup and state: CPUID, the MSRs worth migrating, and [`VcpuState`] save/restore.
 //!
-//! The state follows what this machine's KVM round-trips (see ENVIRONMENT.md): REGS, SREGS, FPU,
+//! The state follows what KVM round-trips on the machines this project runs on (kvm-pvm): REGS, SREGS, FPU,
 //! XSAVE, XCRS, DEBUGREGS, VCPU_EVENTS, MP_STATE, the MSRs of `KVM_GET_MSR_INDEX_LIST` that read back,
 //! and the CPUID the vCPU was given. The VM has no in-kernel irqchip, so there is no LAPIC state.
 //!
