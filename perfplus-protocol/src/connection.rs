@@ -151,6 +151,24 @@ impl Connection {
             .map_err(|_| anyhow!("handshake with {peer} timed out after {:.1} s", limit.as_secs_f64()))?
     }
 
+    /// Two connected ends over loopback TCP, handshake done, `role` agreed: the initiator first. A seam
+    /// for tests of code that talks over a connection (the engine, the agent), with real sockets and
+    /// the real handshake rather than a stand-in.
+    pub async fn pair(role: Role, key: &ClusterKey) -> anyhow::Result<(Connection, Connection)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a loopback listener")?;
+        let addr = listener.local_addr()?.to_string();
+        let accept = async {
+            let (stream, _) = listener.accept().await.context("accepting on loopback")?;
+            Connection::accept(stream, key).await
+        };
+        let (initiator, responder) = tokio::join!(Connection::connect(&addr, role, key), accept);
+        let (responder, agreed) = responder?;
+        anyhow::ensure!(agreed == role, "loopback pair agreed on {agreed:?}, not {role:?}");
+        Ok((initiator?, responder))
+    }
+
     /// Sends `msg` and flushes.
     pub async fn send(&mut self, msg: &Message) -> anyhow::Result<()> {
         self.writer.send(msg).await

@@ -384,3 +384,143 @@ async fn wait_for_guest_check(vm: &Vm, at_resume: Option<&GuestStatus>) -> Optio
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The receive loop against a scripted source over a real loopback connection, with a real VM and
+/// content index: what the destination answers, and what it leaves when the source gives up.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use perfplus_protocol::frame::PageBatch;
+    use perfplus_protocol::{ClusterKey, MigrateOptions, Role};
+
+    use super::*;
+
+    const PAGES: u64 = 4096; // 16 MiB, the smallest VM
+
+    struct Destination {
+        ctx: Inbound,
+        installed: Arc<AtomicBool>,
+    }
+
+    fn destination() -> Destination {
+        let hasher = PageHasher::new(&[9; 32]);
+        Destination {
+            ctx: Inbound {
+                index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), None))),
+                hasher,
+            },
+            installed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn begin() -> MigrateBegin {
+        MigrateBegin {
+            vm: "web1".into(),
+            memory_bytes: PAGES * PAGE_SIZE as u64,
+            vcpus: 1,
+            cmdline: String::new(),
+            options: MigrateOptions {
+                mode: perfplus_protocol::MigrationMode::Precopy,
+                ..Default::default()
+            },
+            migration_id: String::new(),
+        }
+    }
+
+    /// Runs the receiver on one end of a loopback pair and `source` on the other; returns the
+    /// receiver's result.
+    async fn run<F, Fut>(dest: &Destination, source: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let key = ClusterKey::generate();
+        let (source_end, mut dest_end) = Connection::pair(Role::Peer, &key).await.unwrap();
+        let (_attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
+        let installed = dest.installed.clone();
+        let receiving = receive(&mut dest_end, begin(), &dest.ctx, attach_rx, move |_, _| {
+            installed.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        let (result, ()) = tokio::join!(receiving, source(source_end));
+        result
+    }
+
+    async fn expect(conn: &mut Connection) -> Message {
+        conn.recv().await.expect("a message from the destination")
+    }
+
+    #[tokio::test]
+    async fn unresolved_references_come_back_and_an_abort_leaves_nothing() {
+        let dest = destination();
+        let content = [0x5a; PAGE_SIZE];
+        let digest = dest.ctx.hasher.digest(&content);
+        let unknown = dest.ctx.hasher.digest(&[0x11; PAGE_SIZE]);
+        let result = run(&dest, |mut src| async move {
+            let Message::MigrateReady(_) = expect(&mut src).await else {
+                panic!("MigrateReady expected");
+            };
+            let mut batch = PageBatch::with_capacity(4);
+            batch.push_full(10, &digest, &content);
+            batch.push_ref(11, &digest);
+            batch.push_ref(12, &unknown);
+            src.send(&Message::Pages(batch)).await.unwrap();
+            src.send(&Message::RoundEnd { round: 1 }).await.unwrap();
+            match expect(&mut src).await {
+                Message::RoundAck { round: 1, missing } => assert_eq!(missing, [12]),
+                other => panic!("RoundAck expected, got {}", other.name()),
+            }
+            // The source sends the VM state while page 12 is still missing: refused.
+            let mut batch = PageBatch::with_capacity(1);
+            batch.push_ref(13, &unknown);
+            src.send(&Message::Pages(batch)).await.unwrap();
+            src.send(&Message::VmState(Vec::new())).await.unwrap();
+        })
+        .await;
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("source sent the VM state while 1 referenced pages are still missing"),
+            "{err}"
+        );
+        assert!(
+            !dest.installed.load(Ordering::SeqCst),
+            "no guest was handed to the agent"
+        );
+        assert!(
+            !dest.ctx.index.lock().unwrap().has_vm("web1"),
+            "the half-built VM left the content index"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_that_gives_up_ends_the_receiver_with_its_reason() {
+        let dest = destination();
+        let result = run(&dest, |mut src| async move {
+            expect(&mut src).await;
+            src.send_error("source aborts the migration: test").await;
+        })
+        .await;
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains("source aborts the migration: test"), "{err}");
+        assert!(!dest.installed.load(Ordering::SeqCst));
+        assert!(!dest.ctx.index.lock().unwrap().has_vm("web1"));
+    }
+
+    #[tokio::test]
+    async fn a_page_outside_the_guest_is_refused() {
+        let dest = destination();
+        let result = run(&dest, |mut src| async move {
+            expect(&mut src).await;
+            let mut batch = PageBatch::with_capacity(1);
+            batch.push_zero(PAGES);
+            src.send(&Message::Pages(batch)).await.unwrap();
+        })
+        .await;
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("source sent page 4096, but the guest has 4096 pages"),
+            "{err}"
+        );
+    }
+}
