@@ -14,7 +14,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo is missing; this project expects the machine's rustup toolchain" >&2
     exit 1
 fi
-# The built-in guest is a no_std kernel for x86_64-unknown-none, built by perfplus-user/build.rs.
+# The built-in guest is a no_std kernel for x86_64-unknown-none, built by perfplus-vmm/build.rs.
 need_target x86_64-unknown-none
 need_component rustfmt
 need_component clippy

@@ -106,7 +106,7 @@ pub mod guest_abi {
 }
 
 /// The contract between the eBPF programs of `perfplus-ebpf` and their loader in the agent
-/// (`perfplus-user/src/tracking/ebpf.rs`): program and map names, map key and value layouts.
+/// (`perfplus-user/src/ebpf.rs`): program and map names, map key and value layouts.
 ///
 /// Two tracepoint programs, loaded from one object (every load has its own maps):
 ///
