@@ -1,0 +1,97 @@
+//! Control requests from a CLI ([`Role::Control`](perfplus_protocol::Role::Control)): `VmStart`, `VmList`,
+//! `VmStatus`, `VmStop`, `Migrate`, `MigrateResume` and `Track`, each answered on the connection it came on.
+use std::sync::Arc;
+
+use anyhow::bail;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::{Message, VmInfo};
+use perfplus_vmm::vm::RunState;
+
+use super::{boot, outgoing, track, AgentState, HostedVm};
+
+/// Answers one control request.
+pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Message) -> anyhow::Result<()> {
+    match request {
+        Message::VmStart(req) => {
+            let info = boot::start_vm(state, req).await?;
+            conn.send(&Message::Vm(info)).await
+        }
+        Message::VmList => {
+            let mut infos: Vec<VmInfo> = {
+                let vms = state.vms.lock().expect("vms lock");
+                vms.iter().map(|(name, vm)| vm_info(name, vm)).collect()
+            };
+            infos.sort_by(|a, b| a.name.cmp(&b.name));
+            conn.send(&Message::Vms(infos)).await
+        }
+        Message::VmStatus { name } => {
+            let info = {
+                let vms = state.vms.lock().expect("vms lock");
+                vms.get(&name).map(|vm| vm_info(&name, vm))
+            };
+            match info {
+                Some(info) => conn.send(&Message::Vm(info)).await,
+                None => bail!("no VM named {name:?} on agent {}", state.name),
+            }
+        }
+        Message::VmStop { name } => {
+            let removed = {
+                let mut vms = state.vms.lock().expect("vms lock");
+                match vms.get(&name) {
+                    None => bail!("no VM named {name:?} on agent {}", state.name),
+                    Some(vm) if vm.migrating => bail!("VM {name:?} is being migrated; stop it afterwards"),
+                    Some(_) => vms.remove(&name),
+                }
+            };
+            if let Some(hosted) = removed {
+                state.index.lock().expect("index lock").remove_vm(&name);
+                tokio::task::spawn_blocking(move || drop(hosted)).await?;
+                tracing::info!(vm = %name, "stopped");
+            }
+            conn.send(&Message::Done).await
+        }
+        Message::Migrate(req) => outgoing::migrate_out(state, conn, req).await,
+        Message::MigrateResume { id } => {
+            let handle = state.outbound.lock().expect("outbound lock").get(&id).cloned();
+            let Some(mut handle) = handle else {
+                bail!("no migration with id {id:?} is under way on agent {}", state.name);
+            };
+            handle.resume.notify_one();
+            tracing::info!(%id, "resume requested by a CLI");
+            let result = handle
+                .done
+                .wait_for(|r| r.is_some())
+                .await
+                .map_err(|_| anyhow::anyhow!("migration {id} ended without a result"))?
+                .clone()
+                .expect("waited for a result");
+            match result {
+                Ok(report) => conn.send(&Message::MigrateDone(Box::new(report))).await,
+                Err(text) => bail!(text),
+            }
+        }
+        Message::Track(req) => track::track(state, conn, req).await,
+        other => bail!("{} is not a control request", other.describe()),
+    }
+}
+
+/// What `VmList` and `VmStatus` say about a hosted VM.
+pub(super) fn vm_info(name: &str, hosted: &HostedVm) -> VmInfo {
+    let run_state = match hosted.vm.run_state() {
+        RunState::Created => "created".to_string(),
+        RunState::Running => "running".to_string(),
+        RunState::Paused if hosted.migrating => "paused (migrating)".to_string(),
+        RunState::Paused => "paused".to_string(),
+        RunState::Halted => "halted".to_string(),
+        RunState::Failed(why) => format!("failed: {why}"),
+    };
+    VmInfo {
+        name: name.to_string(),
+        memory_bytes: hosted.memory_bytes,
+        vcpus: hosted.vcpus,
+        run_state,
+        cmdline: hosted.cmdline.clone(),
+        guest: hosted.vm.guest_status(),
+        console_tail: hosted.vm.console_tail(),
+    }
+}
