@@ -8,21 +8,9 @@ use perfplus_protocol::{KernelSource, VmInfo, VmStartRequest};
 use perfplus_vmm::vm::{builtin_guest, Vm};
 
 use super::control::vm_info;
+use super::registry::{check_name, Snapshot};
 use super::{AgentState, HostedVm};
 use crate::hashing::PageHasher;
-
-/// Checks a VM name: it appears in logs, paths and command lines.
-pub(super) fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        bail!("invalid VM name {name:?}: use 1 to 64 characters among A-Z a-z 0-9 - _ .");
-    }
-    Ok(())
-}
 
 /// `VmStart`: boots a VM from the built-in guest or a multiboot image and hosts it.
 pub(super) async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Result<VmInfo> {
@@ -30,12 +18,11 @@ pub(super) async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> an
     if !req.memory_bytes.is_multiple_of(PAGE_SIZE as u64) {
         bail!("memory size {} is not a multiple of 4 KiB", req.memory_bytes);
     }
-    {
-        let vms = state.vms.lock().expect("vms lock");
-        if vms.contains_key(&req.name) || state.arriving.lock().expect("arriving lock").contains(&req.name) {
-            bail!("a VM named {:?} already exists on agent {}", req.name, state.name);
-        }
-    }
+    // Held while the VM boots: a VM of that name cannot be started or received meanwhile.
+    let reservation = state
+        .vms
+        .reserve(&req.name)
+        .map_err(|_| anyhow::anyhow!(state.name_taken(&req.name)))?;
     let name = req.name.clone();
     let (memory_bytes, vcpus, tracker) = (req.memory_bytes, req.vcpus, req.tracker);
     let hasher = state.hasher.clone();
@@ -57,23 +44,20 @@ pub(super) async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> an
         Ok((vm, cmdline, image_pages))
     })
     .await??;
-    let hosted = HostedVm {
-        vm: Arc::new(vm),
-        memory_bytes,
-        vcpus,
-        cmdline,
-        tracker,
-        migrating: false,
-        tracking: false,
+    let hosted = Snapshot {
+        name: req.name.clone(),
+        value: HostedVm {
+            vm: Arc::new(vm),
+            memory_bytes,
+            vcpus,
+            cmdline,
+            tracker,
+        },
+        busy: None,
     };
-    let info = vm_info(&req.name, &hosted);
-    let mut vms = state.vms.lock().expect("vms lock");
-    if vms.contains_key(&req.name) {
-        bail!("a VM named {:?} appeared on agent {} meanwhile", req.name, state.name);
-    }
-    let memory = hosted.vm.memory().clone();
-    vms.insert(req.name.clone(), hosted);
-    drop(vms);
+    let info = vm_info(&hosted);
+    let memory = hosted.value.vm.memory().clone();
+    reservation.host(hosted.value);
     {
         let mut index = state.index.lock().expect("index lock");
         if let Err(err) = index

@@ -7,6 +7,7 @@ use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Message, VmInfo};
 use perfplus_vmm::vm::RunState;
 
+use super::registry::{Busy, Refusal, Snapshot};
 use super::{boot, outgoing, track, AgentState, HostedVm};
 
 /// Answers one control request.
@@ -17,37 +18,25 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
             conn.send(&Message::Vm(info)).await
         }
         Message::VmList => {
-            let mut infos: Vec<VmInfo> = {
-                let vms = state.vms.lock().expect("vms lock");
-                vms.iter().map(|(name, vm)| vm_info(name, vm)).collect()
-            };
-            infos.sort_by(|a, b| a.name.cmp(&b.name));
+            let vms = state.vms.list();
+            let infos = tokio::task::spawn_blocking(move || vms.iter().map(vm_info).collect()).await?;
             conn.send(&Message::Vms(infos)).await
         }
         Message::VmStatus { name } => {
-            let info = {
-                let vms = state.vms.lock().expect("vms lock");
-                vms.get(&name).map(|vm| vm_info(&name, vm))
+            let Some(hosted) = state.vms.get(&name) else {
+                return Err(state.no_such_vm(&name));
             };
-            match info {
-                Some(info) => conn.send(&Message::Vm(info)).await,
-                None => bail!("no VM named {name:?} on agent {}", state.name),
-            }
+            let info = tokio::task::spawn_blocking(move || vm_info(&hosted)).await?;
+            conn.send(&Message::Vm(info)).await
         }
         Message::VmStop { name } => {
-            let removed = {
-                let mut vms = state.vms.lock().expect("vms lock");
-                match vms.get(&name) {
-                    None => bail!("no VM named {name:?} on agent {}", state.name),
-                    Some(vm) if vm.migrating => bail!("VM {name:?} is being migrated; stop it afterwards"),
-                    Some(_) => vms.remove(&name),
-                }
-            };
-            if let Some(hosted) = removed {
-                state.index.lock().expect("index lock").remove_vm(&name);
-                tokio::task::spawn_blocking(move || drop(hosted)).await?;
-                tracing::info!(vm = %name, "stopped");
-            }
+            let hosted = state.vms.stop(&name).map_err(|refusal| match refusal {
+                Refusal::NoSuchVm => state.no_such_vm(&name),
+                Refusal::Busy(_) => anyhow::anyhow!("VM {name:?} is being migrated; stop it afterwards"),
+            })?;
+            state.index.lock().expect("index lock").remove_vm(&name);
+            tokio::task::spawn_blocking(move || drop(hosted)).await?;
+            tracing::info!(vm = %name, "stopped");
             conn.send(&Message::Done).await
         }
         Message::Migrate(req) => outgoing::migrate_out(state, conn, req).await,
@@ -75,18 +64,24 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
     }
 }
 
-/// What `VmList` and `VmStatus` say about a hosted VM.
-pub(super) fn vm_info(name: &str, hosted: &HostedVm) -> VmInfo {
+/// What `VmList` and `VmStatus` say about a hosted VM. Blocking: it reads the guest's memory, and the
+/// snapshot may hold the last reference to a VM stopped meanwhile (dropping a VM joins its vCPU threads).
+pub(super) fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
+    let Snapshot {
+        name,
+        value: hosted,
+        busy,
+    } = hosted;
     let run_state = match hosted.vm.run_state() {
         RunState::Created => "created".to_string(),
         RunState::Running => "running".to_string(),
-        RunState::Paused if hosted.migrating => "paused (migrating)".to_string(),
+        RunState::Paused if *busy == Some(Busy::Migrating) => "paused (migrating)".to_string(),
         RunState::Paused => "paused".to_string(),
         RunState::Halted => "halted".to_string(),
         RunState::Failed(why) => format!("failed: {why}"),
     };
     VmInfo {
-        name: name.to_string(),
+        name: name.clone(),
         memory_bytes: hosted.memory_bytes,
         vcpus: hosted.vcpus,
         run_state,

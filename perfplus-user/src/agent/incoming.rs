@@ -7,7 +7,7 @@ use anyhow::bail;
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{MigrationMode, MIGRATION_ID_MAX};
 
-use super::boot::check_name;
+use super::registry::{check_name, Busy};
 use super::{AgentState, HostedVm};
 use crate::migration::receiver;
 
@@ -19,23 +19,19 @@ pub(super) async fn migrate_in(
     begin: perfplus_protocol::MigrateBegin,
 ) -> anyhow::Result<()> {
     let name = begin.vm.clone();
-    let refuse = match check_name(&name) {
-        Err(err) => Some(format!("{err:#}")),
-        Ok(()) => {
-            let vms = state.vms.lock().expect("vms lock");
-            let mut arriving = state.arriving.lock().expect("arriving lock");
-            if vms.contains_key(&name) || arriving.contains(&name) {
-                Some(format!("a VM named {name:?} already exists on agent {}", state.name))
-            } else {
-                arriving.push(name.clone());
-                None
-            }
+    // Held until the VM is hosted (or the arrival fails): a VM of that name cannot be started or
+    // received meanwhile.
+    let reserved = match check_name(&name) {
+        Err(err) => Err(format!("{err:#}")),
+        Ok(()) => state.vms.reserve(&name).map_err(|_| state.name_taken(&name)),
+    };
+    let reservation = match reserved {
+        Ok(reservation) => reservation,
+        Err(text) => {
+            conn.send_error(&text).await;
+            bail!(text);
         }
     };
-    if let Some(text) = refuse {
-        conn.send_error(&text).await;
-        bail!(text);
-    }
     tracing::info!(vm = %name, memory_bytes = begin.memory_bytes, "migration in starts");
     let inbound = receiver::Inbound {
         hasher: state.hasher.clone(),
@@ -43,8 +39,6 @@ pub(super) async fn migrate_in(
     };
     let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
     let tracker = begin.options.tracker.unwrap_or_default();
-    let install_state = state.clone();
-    let install_name = name.clone();
     let (attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = begin.migration_id.clone();
     let postcopy = begin.options.mode != MigrationMode::Precopy;
@@ -52,41 +46,33 @@ pub(super) async fn migrate_in(
         if id.is_empty() || id.len() > MIGRATION_ID_MAX {
             let text = "a post-copy migration needs an id of 1 to 64 characters".to_string();
             conn.send_error(&text).await;
-            state.arriving.lock().expect("arriving lock").retain(|n| n != &name);
             bail!(text);
         }
         state.attach.lock().expect("attach lock").insert(id.clone(), attach_tx);
     }
-    let result = receiver::receive(conn, begin, &inbound, attach_rx, move |vm, filling| {
-        let mut vms = install_state.vms.lock().expect("vms lock");
-        vms.insert(
-            install_name.clone(),
-            HostedVm {
-                vm,
-                memory_bytes,
-                vcpus,
-                cmdline,
-                tracker,
-                // A guest whose memory is still arriving cannot be stopped or migrated.
-                migrating: filling,
-                tracking: false,
-            },
-        );
-        install_state
-            .arriving
-            .lock()
-            .expect("arriving lock")
-            .retain(|n| n != &install_name);
+    // A guest whose memory is still arriving (post-copy) is hosted claimed as migrating: it cannot be
+    // stopped, migrated or tracked until the claim drops, when `receive` returns.
+    let mut filling = None;
+    let result = receiver::receive(conn, begin, &inbound, attach_rx, |vm, still_filling| {
+        let hosted = HostedVm {
+            vm,
+            memory_bytes,
+            vcpus,
+            cmdline,
+            tracker,
+        };
+        if still_filling {
+            filling = Some(reservation.host_claimed(hosted, Busy::Migrating));
+        } else {
+            reservation.host(hosted);
+        }
         Ok(())
     })
     .await;
     if postcopy {
         state.attach.lock().expect("attach lock").remove(&id);
     }
-    state.arriving.lock().expect("arriving lock").retain(|n| n != &name);
-    if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&name) {
-        hosted.migrating = false;
-    }
+    drop(filling);
     if let Err(err) = &result {
         tracing::warn!(vm = %name, "migration in failed, nothing kept: {err:#}");
         conn.send_error(&format!("destination: {err:#}")).await;

@@ -10,6 +10,7 @@
 //! - `outgoing`: migrations of hosted VMs to other agents, and their resumable handles;
 //! - `incoming`: migrations from other agents, and the attachment of their post-copy connections;
 //! - `archive`: keeping the pages of VMs that left in the page store;
+//! - `registry`: the VMs hosted, the names reserved, and what each VM is busy with (one lock, guards);
 //! - [`track`]: the agent's side of `perfplus track --vm`.
 
 mod archive;
@@ -17,6 +18,7 @@ mod boot;
 mod control;
 mod incoming;
 mod outgoing;
+mod registry;
 pub mod track;
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
+use self::registry::Registry;
 use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
 use crate::migration::postcopy::AttachTx;
@@ -51,7 +54,8 @@ pub struct AgentConfig {
     pub page_store_pages: u64,
 }
 
-/// A VM this agent hosts.
+/// What the agent keeps of a VM it hosts (cloned out of the registry: cheap, and it holds the VM by `Arc`).
+#[derive(Clone)]
 struct HostedVm {
     vm: Arc<Vm>,
     memory_bytes: u64,
@@ -59,24 +63,33 @@ struct HostedVm {
     cmdline: String,
     /// The dirty tracker the VM was created for (its migrations' default).
     tracker: TrackerKind,
-    /// A migration of this VM is under way.
-    migrating: bool,
-    /// `perfplus track` is measuring this VM (it uses the VM's dirty log, as a migration does).
-    tracking: bool,
 }
 
+/// What every connection's task shares.
+///
+/// Locks: `vms` (the registry) is a leaf that no method holds across a call; `index`, `attach` and
+/// `outbound` are taken one at a time, never two together and never with the registry's.
 struct AgentState {
     name: String,
     key: ClusterKey,
     hasher: PageHasher,
-    vms: Mutex<HashMap<String, HostedVm>>,
-    /// Names of VMs being received (reserved so that two arrivals cannot collide).
-    arriving: Mutex<Vec<String>>,
+    /// The VMs hosted, the names reserved by boots and arrivals, and which VM is migrating or tracked.
+    vms: Registry<HostedVm>,
     index: Arc<Mutex<ContentIndex>>,
     /// Incoming post-copy migrations by id: where `PostcopyAttach` connections go.
     attach: Mutex<HashMap<String, AttachTx>>,
     /// Outgoing migrations by id: their resume signal and, once done, their result.
     outbound: Mutex<HashMap<String, outgoing::OutboundHandle>>,
+}
+
+impl AgentState {
+    fn no_such_vm(&self, name: &str) -> anyhow::Error {
+        anyhow::anyhow!("no VM named {name:?} on agent {}", self.name)
+    }
+
+    fn name_taken(&self, name: &str) -> String {
+        format!("a VM named {name:?} already exists on agent {}", self.name)
+    }
 }
 
 pub struct Agent {
@@ -109,8 +122,7 @@ impl Agent {
             key: config.key.clone(),
             index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), store))),
             hasher,
-            vms: Mutex::new(HashMap::new()),
-            arriving: Mutex::new(Vec::new()),
+            vms: Registry::default(),
             attach: Mutex::new(HashMap::new()),
             outbound: Mutex::new(HashMap::new()),
         });

@@ -8,6 +8,7 @@ use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Message, MigrateOptions, MigrateRequest};
 use perfplus_vmm::vm::RunState;
 
+use super::registry::{Busy, Refusal};
 use super::{archive, AgentState};
 use crate::migration::outbound::ResumeSignal;
 use crate::migration::{postcopy, source, Outbound};
@@ -30,46 +31,41 @@ pub(super) async fn migrate_out(
     if req.options.downtime_target_ms.is_nan() || req.options.downtime_target_ms <= 0.0 || req.options.max_rounds == 0 {
         bail!("the downtime target must be positive and the round limit at least 1");
     }
-    let job = {
-        let mut vms = state.vms.lock().expect("vms lock");
-        let Some(hosted) = vms.get_mut(&req.vm) else {
-            bail!("no VM named {:?} on agent {}", req.vm, state.name);
-        };
-        if hosted.migrating {
-            bail!("VM {:?} is already being migrated", req.vm);
-        }
-        if hosted.tracking {
-            bail!(
+    // Held until the migration ends: the VM cannot be stopped, tracked or migrated again meanwhile.
+    let (claim, hosted) = state
+        .vms
+        .claim(&req.vm, Busy::Migrating)
+        .map_err(|refusal| match refusal {
+            Refusal::NoSuchVm => state.no_such_vm(&req.vm),
+            Refusal::Busy(Busy::Migrating) => anyhow::anyhow!("VM {:?} is already being migrated", req.vm),
+            Refusal::Busy(Busy::Tracking) => anyhow::anyhow!(
                 "VM {:?} is being tracked (`perfplus track`); migrate it when that ends",
                 req.vm
-            );
-        }
-        if hosted.vm.run_state() != RunState::Running {
-            bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
-        }
-        // The tracker: the one asked for, else the one the VM was started with; refused early (with
-        // what to do) if the VM was not created in the mode it needs.
-        let tracker = req.options.tracker.unwrap_or(hosted.tracker);
-        tracker.check_vm(&hosted.vm)?;
-        hosted.migrating = true;
-        let migration_id = postcopy::new_migration_id();
-        Outbound {
-            migration_id,
-            resume: Default::default(),
-            vm: hosted.vm.clone(),
-            vm_name: req.vm.clone(),
-            memory_bytes: hosted.memory_bytes,
-            vcpus: hosted.vcpus,
-            cmdline: hosted.cmdline.clone(),
-            source_name: state.name.clone(),
-            destination: req.destination.clone(),
-            options: MigrateOptions {
-                tracker: Some(tracker),
-                ..req.options.clone()
-            },
-            key: state.key.clone(),
-            hasher: state.hasher.clone(),
-        }
+            ),
+        })?;
+    if hosted.vm.run_state() != RunState::Running {
+        bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
+    }
+    // The tracker: the one asked for, else the one the VM was started with; refused early (with
+    // what to do) if the VM was not created in the mode it needs.
+    let tracker = req.options.tracker.unwrap_or(hosted.tracker);
+    tracker.check_vm(&hosted.vm)?;
+    let job = Outbound {
+        migration_id: postcopy::new_migration_id(),
+        resume: Default::default(),
+        vm: hosted.vm,
+        vm_name: req.vm.clone(),
+        memory_bytes: hosted.memory_bytes,
+        vcpus: hosted.vcpus,
+        cmdline: hosted.cmdline,
+        source_name: state.name.clone(),
+        destination: req.destination.clone(),
+        options: MigrateOptions {
+            tracker: Some(tracker),
+            ..req.options.clone()
+        },
+        key: state.key.clone(),
+        hasher: state.hasher.clone(),
     };
     let id = job.migration_id.clone();
     tracing::info!(vm = %req.vm, to = %req.destination, %id, mode = req.options.mode.name(), "migration out starts");
@@ -107,7 +103,8 @@ pub(super) async fn migrate_out(
     state.outbound.lock().expect("outbound lock").remove(&id);
     match result {
         Ok(completed) => {
-            let hosted = state.vms.lock().expect("vms lock").remove(&req.vm);
+            // The VM runs on the destination now: it leaves the registry with its claim.
+            let hosted = claim.remove();
             let report = completed.report;
             if let Some(hosted) = hosted {
                 archive::keep_pages(state, &req.vm, &hosted.vm, completed.page_digests);
@@ -118,9 +115,7 @@ pub(super) async fn migrate_out(
             conn.send(&Message::MigrateDone(Box::new(report))).await
         }
         Err(err) => {
-            if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&req.vm) {
-                hosted.migrating = false;
-            }
+            drop(claim);
             Err(err.context(format!(
                 "migrating {} to {} (the VM keeps running here)",
                 req.vm, req.destination

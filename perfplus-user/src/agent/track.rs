@@ -13,6 +13,7 @@ use perfplus_vmm::tracking::dirty_log::DirtyLogTracker;
 use perfplus_vmm::tracking::DirtyTracker;
 use perfplus_vmm::vm::{RamSlot, RunState, Vm};
 
+use super::registry::{Busy, Refusal};
 use super::AgentState;
 use crate::ebpf::{hottest_regions, vcpu_threads_of, EbpfHeat, HeatSource, HOTTEST, REGION_BYTES};
 
@@ -28,30 +29,27 @@ pub struct TrackTarget {
 /// `perfplus track --vm`: measures the VM with its dirty log (and eBPF heat) for the CLI. Refused while
 /// the VM migrates; a migration is refused while it is tracked.
 pub(super) async fn track(state: &Arc<AgentState>, conn: &mut Connection, req: TrackRequest) -> anyhow::Result<()> {
-    let target = {
-        let mut vms = state.vms.lock().expect("vms lock");
-        let Some(hosted) = vms.get_mut(&req.vm) else {
-            bail!("no VM named {:?} on agent {}", req.vm, state.name);
-        };
-        if hosted.migrating {
-            bail!("VM {:?} is being migrated; track it when that ends", req.vm);
-        }
-        if hosted.tracking {
-            bail!("VM {:?} is already being tracked", req.vm);
-        }
-        hosted.tracking = true;
-        TrackTarget {
-            name: req.vm.clone(),
-            vm: Arc::downgrade(&hosted.vm),
-            ram: hosted.vm.ram_slot().clone(),
-            vcpus: hosted.vm.vcpu_count(),
-        }
+    // Held while tracking: the VM cannot be migrated meanwhile (it can be stopped: tracking then ends).
+    let (claim, hosted) = state
+        .vms
+        .claim(&req.vm, Busy::Tracking)
+        .map_err(|refusal| match refusal {
+            Refusal::NoSuchVm => state.no_such_vm(&req.vm),
+            Refusal::Busy(Busy::Migrating) => {
+                anyhow::anyhow!("VM {:?} is being migrated; track it when that ends", req.vm)
+            }
+            Refusal::Busy(Busy::Tracking) => anyhow::anyhow!("VM {:?} is already being tracked", req.vm),
+        })?;
+    let target = TrackTarget {
+        name: req.vm.clone(),
+        vm: Arc::downgrade(&hosted.vm),
+        ram: hosted.vm.ram_slot().clone(),
+        vcpus: hosted.vm.vcpu_count(),
     };
-    let name = req.vm.clone();
+    // No strong reference to the VM while tracking (see `TrackTarget`).
+    drop(hosted);
     let result = serve_vm(conn, target, req).await;
-    if let Some(hosted) = state.vms.lock().expect("vms lock").get_mut(&name) {
-        hosted.tracking = false;
-    }
+    drop(claim);
     result
 }
 
