@@ -40,25 +40,7 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
             conn.send(&Message::Done).await
         }
         Message::Migrate(req) => outgoing::migrate_out(state, conn, req).await,
-        Message::MigrateResume { id } => {
-            let handle = state.outbound.lock().expect("outbound lock").get(&id).cloned();
-            let Some(mut handle) = handle else {
-                bail!("no migration with id {id:?} is under way on agent {}", state.name);
-            };
-            handle.resume.notify_one();
-            tracing::info!(%id, "resume requested by a CLI");
-            let result = handle
-                .done
-                .wait_for(|r| r.is_some())
-                .await
-                .map_err(|_| anyhow::anyhow!("migration {id} ended without a result"))?
-                .clone()
-                .expect("waited for a result");
-            match result {
-                Ok(report) => conn.send(&Message::MigrateDone(Box::new(report))).await,
-                Err(text) => bail!(text),
-            }
-        }
+        Message::MigrateResume { id } => outgoing::resume(state, conn, id).await,
         Message::Track(req) => track::track(state, conn, req).await,
         other => bail!("{} is not a control request", other.describe()),
     }

@@ -42,14 +42,17 @@ pub(super) async fn migrate_in(
     let (attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = begin.migration_id.clone();
     let postcopy = begin.options.mode != MigrationMode::Precopy;
-    if postcopy {
+    // Where the migration's other connections go, until `receive` returns.
+    let attached = if postcopy {
         if id.is_empty() || id.len() > MIGRATION_ID_MAX {
             let text = "a post-copy migration needs an id of 1 to 64 characters".to_string();
             conn.send_error(&text).await;
             bail!(text);
         }
-        state.attach.lock().expect("attach lock").insert(id.clone(), attach_tx);
-    }
+        Some(state.attach.register(id.clone(), attach_tx.clone()))
+    } else {
+        None
+    };
     // A guest whose memory is still arriving (post-copy) is hosted claimed as migrating: it cannot be
     // stopped, migrated or tracked until the claim drops, when `receive` returns.
     let mut filling = None;
@@ -69,9 +72,7 @@ pub(super) async fn migrate_in(
         Ok(())
     })
     .await;
-    if postcopy {
-        state.attach.lock().expect("attach lock").remove(&id);
-    }
+    drop(attached);
     drop(filling);
     if let Err(err) = &result {
         tracing::warn!(vm = %name, "migration in failed, nothing kept: {err:#}");
@@ -86,8 +87,7 @@ pub(super) async fn attach(
     mut conn: Connection,
     attach: perfplus_protocol::PostcopyAttach,
 ) -> anyhow::Result<()> {
-    let tx = state.attach.lock().expect("attach lock").get(&attach.id).cloned();
-    match tx {
+    match state.attach.get(&attach.id) {
         Some(tx) => {
             tracing::info!(id = %attach.id, channel = ?attach.channel, "post-copy connection attached");
             if let Err(tokio::sync::mpsc::error::SendError((mut conn, _))) = tx.send((conn, attach.channel)) {

@@ -10,18 +10,19 @@
 //! - `outgoing`: migrations of hosted VMs to other agents, and their resumable handles;
 //! - `incoming`: migrations from other agents, and the attachment of their post-copy connections;
 //! - `archive`: keeping the pages of VMs that left in the page store;
+//! - `by_id`: the tables of migrations under way by id (outgoing ones, incoming post-copy ones);
 //! - `registry`: the VMs hosted, the names reserved, and what each VM is busy with (one lock, guards);
 //! - [`track`]: the agent's side of `perfplus track --vm`.
 
 mod archive;
 mod boot;
+mod by_id;
 mod control;
 mod incoming;
 mod outgoing;
 mod registry;
 pub mod track;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
+use self::by_id::ById;
 use self::registry::Registry;
 use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
@@ -67,8 +69,9 @@ struct HostedVm {
 
 /// What every connection's task shares.
 ///
-/// Locks: `vms` (the registry) is a leaf that no method holds across a call; `index`, `attach` and
-/// `outbound` are taken one at a time, never two together and never with the registry's.
+/// Locks, one at a time and never two together: `vms`, `attach` and `outbound` are leaves held only
+/// inside their own methods (no other lock is taken, no VM touched, while one is held); the content
+/// `index` lock is taken by the agent and the engine between registry calls, never inside one.
 struct AgentState {
     name: String,
     key: ClusterKey,
@@ -77,9 +80,9 @@ struct AgentState {
     vms: Registry<HostedVm>,
     index: Arc<Mutex<ContentIndex>>,
     /// Incoming post-copy migrations by id: where `PostcopyAttach` connections go.
-    attach: Mutex<HashMap<String, AttachTx>>,
+    attach: ById<AttachTx>,
     /// Outgoing migrations by id: their resume signal and, once done, their result.
-    outbound: Mutex<HashMap<String, outgoing::OutboundHandle>>,
+    outbound: ById<outgoing::OutboundHandle>,
 }
 
 impl AgentState {
@@ -123,8 +126,8 @@ impl Agent {
             index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), store))),
             hasher,
             vms: Registry::default(),
-            attach: Mutex::new(HashMap::new()),
-            outbound: Mutex::new(HashMap::new()),
+            attach: ById::default(),
+            outbound: ById::default(),
         });
         Ok(Agent { listener, state })
     }

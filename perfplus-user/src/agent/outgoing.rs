@@ -70,7 +70,8 @@ pub(super) async fn migrate_out(
     let id = job.migration_id.clone();
     tracing::info!(vm = %req.vm, to = %req.destination, %id, mode = req.options.mode.name(), "migration out starts");
     let (done_tx, done_rx) = tokio::sync::watch::channel(None);
-    state.outbound.lock().expect("outbound lock").insert(
+    // Found by `MigrateResume` until the migration ends.
+    let registration = state.outbound.register(
         id.clone(),
         OutboundHandle {
             resume: job.resume.clone(),
@@ -100,7 +101,7 @@ pub(super) async fn migrate_out(
         Ok(completed) => Ok(completed.report.clone()),
         Err(err) => Err(format!("{err:#}")),
     }));
-    state.outbound.lock().expect("outbound lock").remove(&id);
+    drop(registration);
     match result {
         Ok(completed) => {
             // The VM runs on the destination now: it leaves the registry with its claim.
@@ -121,5 +122,26 @@ pub(super) async fn migrate_out(
                 req.vm, req.destination
             )))
         }
+    }
+}
+
+/// `MigrateResume`: wakes the outgoing migration `id` (a post-copy migration that lost its link
+/// reconnects at once) and answers with its result when it ends.
+pub(super) async fn resume(state: &Arc<AgentState>, conn: &mut Connection, id: String) -> anyhow::Result<()> {
+    let Some(mut handle) = state.outbound.get(&id) else {
+        bail!("no migration with id {id:?} is under way on agent {}", state.name);
+    };
+    handle.resume.notify_one();
+    tracing::info!(%id, "resume requested by a CLI");
+    let result = handle
+        .done
+        .wait_for(|r| r.is_some())
+        .await
+        .map_err(|_| anyhow::anyhow!("migration {id} ended without a result"))?
+        .clone()
+        .expect("waited for a result");
+    match result {
+        Ok(report) => conn.send(&Message::MigrateDone(Box::new(report))).await,
+        Err(text) => bail!(text),
     }
 }
