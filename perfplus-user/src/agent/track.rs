@@ -3,7 +3,7 @@
 //! migrates and a migration is refused while it is tracked), plus the eBPF dirty-ring heat when the
 //! kernel lets the agent attach it. The CLI's side, and what the figures mean, is `crate::cli::track`.
 //!
-//! The VM is claimed as [`Busy::Tracking`] for the request's duration; the claim holds no reference to
+//! The VM is claimed as `Busy::Tracking` for the request's duration; the claim holds no reference to
 //! the VM, so stopping it ends the tracking instead of waiting for it.
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
