@@ -2,6 +2,9 @@
 //! [`DirtyLogTracker`] (the same KVM dirty bitmap a migration uses, so tracking is refused while the VM
 //! migrates and a migration is refused while it is tracked), plus the eBPF dirty-ring heat when the
 //! kernel lets the agent attach it. The CLI's side, and what the figures mean, is `crate::cli::track`.
+//!
+//! The VM is claimed as `Busy::Tracking` for the request's duration; the claim holds no reference to
+//! the VM, so stopping it ends the tracking instead of waiting for it.
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -13,6 +16,8 @@ use perfplus_vmm::tracking::dirty_log::DirtyLogTracker;
 use perfplus_vmm::tracking::DirtyTracker;
 use perfplus_vmm::vm::{RamSlot, RunState, Vm};
 
+use super::registry::{Busy, Refusal};
+use super::AgentState;
 use crate::ebpf::{hottest_regions, vcpu_threads_of, EbpfHeat, HeatSource, HOTTEST, REGION_BYTES};
 
 /// A hosted VM to measure, as the agent hands it over. Holds no strong reference to the VM, so that
@@ -22,6 +27,33 @@ pub struct TrackTarget {
     pub vm: Weak<Vm>,
     pub ram: Arc<RamSlot>,
     pub vcpus: usize,
+}
+
+/// `perfplus track --vm`: measures the VM with its dirty log (and eBPF heat) for the CLI. Refused while
+/// the VM migrates; a migration is refused while it is tracked.
+pub(super) async fn track(state: &Arc<AgentState>, conn: &mut Connection, req: TrackRequest) -> anyhow::Result<()> {
+    // Held while tracking: the VM cannot be migrated meanwhile (it can be stopped: tracking then ends).
+    let (claim, hosted) = state
+        .vms
+        .claim(&req.vm, Busy::Tracking)
+        .map_err(|refusal| match refusal {
+            Refusal::NoSuchVm => state.no_such_vm(&req.vm),
+            Refusal::Busy(Busy::Migrating) => {
+                anyhow::anyhow!("VM {:?} is being migrated; track it when that ends", req.vm)
+            }
+            Refusal::Busy(Busy::Tracking) => anyhow::anyhow!("VM {:?} is already being tracked", req.vm),
+        })?;
+    let target = TrackTarget {
+        name: req.vm.clone(),
+        vm: Arc::downgrade(&hosted.vm),
+        ram: hosted.vm.ram_slot().clone(),
+        vcpus: hosted.vm.vcpu_count(),
+    };
+    // No strong reference to the VM while tracking (see `TrackTarget`).
+    drop(hosted);
+    let result = serve_vm(conn, target, req).await;
+    drop(claim);
+    result
 }
 
 /// The agent's side of `Track`: measures the VM interval by interval and sends a `TrackSample` for

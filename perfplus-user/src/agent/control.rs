@@ -1,0 +1,74 @@
+//! Control requests from a CLI ([`Role::Control`](perfplus_protocol::Role::Control)): `VmStart`, `VmList`,
+//! `VmStatus`, `VmStop`, `Migrate`, `MigrateResume` and `Track`, each answered on the connection it came on.
+use std::sync::Arc;
+
+use anyhow::bail;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::{Message, VmInfo};
+use perfplus_vmm::vm::RunState;
+
+use super::registry::{Busy, Refusal, Snapshot};
+use super::{boot, outgoing, track, AgentState, HostedVm};
+
+/// Answers one control request.
+pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Message) -> anyhow::Result<()> {
+    match request {
+        Message::VmStart(req) => {
+            let info = boot::start_vm(state, req).await?;
+            conn.send(&Message::Vm(info)).await
+        }
+        Message::VmList => {
+            let vms = state.vms.list();
+            let infos = tokio::task::spawn_blocking(move || vms.iter().map(vm_info).collect()).await?;
+            conn.send(&Message::Vms(infos)).await
+        }
+        Message::VmStatus { name } => {
+            let Some(hosted) = state.vms.get(&name) else {
+                return Err(state.no_such_vm(&name));
+            };
+            let info = tokio::task::spawn_blocking(move || vm_info(&hosted)).await?;
+            conn.send(&Message::Vm(info)).await
+        }
+        Message::VmStop { name } => {
+            let hosted = state.vms.stop(&name).map_err(|refusal| match refusal {
+                Refusal::NoSuchVm => state.no_such_vm(&name),
+                Refusal::Busy(_) => anyhow::anyhow!("VM {name:?} is being migrated; stop it afterwards"),
+            })?;
+            state.index.lock().expect("index lock").remove_vm(&name);
+            tokio::task::spawn_blocking(move || drop(hosted)).await?;
+            tracing::info!(vm = %name, "stopped");
+            conn.send(&Message::Done).await
+        }
+        Message::Migrate(req) => outgoing::migrate_out(state, conn, req).await,
+        Message::MigrateResume { id } => outgoing::resume(state, conn, id).await,
+        Message::Track(req) => track::track(state, conn, req).await,
+        other => bail!("{} is not a control request", other.describe()),
+    }
+}
+
+/// What `VmList` and `VmStatus` say about a hosted VM. Blocking: it reads the guest's memory, and the
+/// snapshot may hold the last reference to a VM stopped meanwhile (dropping a VM joins its vCPU threads).
+pub(super) fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
+    let Snapshot {
+        name,
+        value: hosted,
+        busy,
+    } = hosted;
+    let run_state = match hosted.vm.run_state() {
+        RunState::Created => "created".to_string(),
+        RunState::Running => "running".to_string(),
+        RunState::Paused if *busy == Some(Busy::Migrating) => "paused (migrating)".to_string(),
+        RunState::Paused => "paused".to_string(),
+        RunState::Halted => "halted".to_string(),
+        RunState::Failed(why) => format!("failed: {why}"),
+    };
+    VmInfo {
+        name: name.clone(),
+        memory_bytes: hosted.memory_bytes,
+        vcpus: hosted.vcpus,
+        run_state,
+        cmdline: hosted.cmdline.clone(),
+        guest: hosted.vm.guest_status(),
+        console_tail: hosted.vm.console_tail(),
+    }
+}

@@ -1,0 +1,147 @@
+//! Outgoing migrations (`Migrate`): hands a hosted VM to the engine ([`source::migrate`]), forwards its
+//! progress to the CLI, and keeps a handle by migration id that `MigrateResume` uses to wake a post-copy
+//! migration's reconnection and wait for its result.
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::{Message, MigrateOptions, MigrateRequest};
+use perfplus_vmm::vm::RunState;
+
+use super::registry::{Busy, Refusal};
+use super::{archive, AgentState};
+use crate::migration::outbound::ResumeSignal;
+use crate::migration::{postcopy, source, Outbound};
+use crate::report::MigrationReport;
+
+/// An outgoing migration a CLI can resume (`MigrateResume`) and wait for.
+#[derive(Clone)]
+pub(super) struct OutboundHandle {
+    pub(super) resume: ResumeSignal,
+    pub(super) done: tokio::sync::watch::Receiver<Option<Result<MigrationReport, String>>>,
+}
+
+/// `Migrate`: moves a hosted VM to another agent, sending the CLI each round's progress and then the report.
+/// On failure the VM keeps running here.
+pub(super) async fn migrate_out(
+    state: &Arc<AgentState>,
+    conn: &mut Connection,
+    req: MigrateRequest,
+) -> anyhow::Result<()> {
+    if req.options.downtime_target_ms.is_nan() || req.options.downtime_target_ms <= 0.0 || req.options.max_rounds == 0 {
+        bail!("the downtime target must be positive and the round limit at least 1");
+    }
+    // Held until the migration ends: the VM cannot be stopped, tracked or migrated again meanwhile.
+    let (claim, hosted) = state
+        .vms
+        .claim(&req.vm, Busy::Migrating)
+        .map_err(|refusal| match refusal {
+            Refusal::NoSuchVm => state.no_such_vm(&req.vm),
+            Refusal::Busy(Busy::Migrating) => anyhow::anyhow!("VM {:?} is already being migrated", req.vm),
+            Refusal::Busy(Busy::Tracking) => anyhow::anyhow!(
+                "VM {:?} is being tracked (`perfplus track`); migrate it when that ends",
+                req.vm
+            ),
+        })?;
+    if hosted.vm.run_state() != RunState::Running {
+        bail!("VM {:?} is not running (it is {:?})", req.vm, hosted.vm.run_state());
+    }
+    // The tracker: the one asked for, else the one the VM was started with; refused early (with
+    // what to do) if the VM was not created in the mode it needs.
+    let tracker = req.options.tracker.unwrap_or(hosted.tracker);
+    tracker.check_vm(&hosted.vm)?;
+    let job = Outbound {
+        migration_id: postcopy::new_migration_id(),
+        resume: Default::default(),
+        vm: hosted.vm,
+        vm_name: req.vm.clone(),
+        memory_bytes: hosted.memory_bytes,
+        vcpus: hosted.vcpus,
+        cmdline: hosted.cmdline,
+        source_name: state.name.clone(),
+        destination: req.destination.clone(),
+        options: MigrateOptions {
+            tracker: Some(tracker),
+            ..req.options.clone()
+        },
+        key: state.key.clone(),
+        hasher: state.hasher.clone(),
+    };
+    let id = job.migration_id.clone();
+    tracing::info!(vm = %req.vm, to = %req.destination, %id, mode = req.options.mode.name(), "migration out starts");
+    let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+    // Found by `MigrateResume` until the migration ends.
+    let registration = state.outbound.register(
+        id.clone(),
+        OutboundHandle {
+            resume: job.resume.clone(),
+            done: done_rx,
+        },
+    );
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut migration = tokio::spawn(source::migrate(job, progress_tx));
+    // Forward progress to the CLI while the migration runs; a CLI that goes away does not stop it.
+    let mut cli_gone = false;
+    let result = loop {
+        tokio::select! {
+            Some(round) = progress_rx.recv() => {
+                if !cli_gone && conn.send(&Message::Progress(round)).await.is_err() {
+                    cli_gone = true;
+                }
+            }
+            result = &mut migration => break result.context("migration task")?,
+        }
+    };
+    while let Ok(round) = progress_rx.try_recv() {
+        if !cli_gone {
+            let _ = conn.send(&Message::Progress(round)).await;
+        }
+    }
+    let _ = done_tx.send(Some(match &result {
+        Ok(completed) => Ok(completed.report.clone()),
+        Err(err) => Err(format!("{err:#}")),
+    }));
+    drop(registration);
+    match result {
+        Ok(completed) => {
+            // The VM runs on the destination now: it leaves the registry with its claim.
+            let hosted = claim.remove();
+            let report = completed.report;
+            if let Some(hosted) = hosted {
+                archive::keep_pages(state, &req.vm, &hosted.vm, completed.page_digests);
+                tokio::task::spawn_blocking(move || drop(hosted)).await?;
+            }
+            tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
+                lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
+            conn.send(&Message::MigrateDone(Box::new(report))).await
+        }
+        Err(err) => {
+            drop(claim);
+            Err(err.context(format!(
+                "migrating {} to {} (the VM keeps running here)",
+                req.vm, req.destination
+            )))
+        }
+    }
+}
+
+/// `MigrateResume`: wakes the outgoing migration `id` (a post-copy migration that lost its link
+/// reconnects at once) and answers with its result when it ends.
+pub(super) async fn resume(state: &Arc<AgentState>, conn: &mut Connection, id: String) -> anyhow::Result<()> {
+    let Some(mut handle) = state.outbound.get(&id) else {
+        bail!("no migration with id {id:?} is under way on agent {}", state.name);
+    };
+    handle.resume.notify_one();
+    tracing::info!(%id, "resume requested by a CLI");
+    let result = handle
+        .done
+        .wait_for(|r| r.is_some())
+        .await
+        .map_err(|_| anyhow::anyhow!("migration {id} ended without a result"))?
+        .clone()
+        .expect("waited for a result");
+    match result {
+        Ok(report) => conn.send(&Message::MigrateDone(Box::new(report))).await,
+        Err(text) => bail!(text),
+    }
+}
