@@ -7,9 +7,8 @@ use perfplus_common::PAGE_SIZE;
 use perfplus_protocol::{KernelSource, VmInfo, VmStartRequest};
 use perfplus_vmm::vm::{builtin_guest, Vm};
 
-use super::control::vm_info;
 use super::registry::{check_name, Snapshot};
-use super::{AgentState, HostedVm};
+use super::{vm_info, AgentState, HostedVm};
 use crate::hashing::PageHasher;
 
 /// `VmStart`: boots a VM from the built-in guest or a multiboot image and hosts it.

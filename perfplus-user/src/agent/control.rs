@@ -4,11 +4,10 @@ use std::sync::Arc;
 
 use anyhow::bail;
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::{Message, VmInfo};
-use perfplus_vmm::vm::RunState;
+use perfplus_protocol::Message;
 
-use super::registry::{Busy, Refusal, Snapshot};
-use super::{boot, outgoing, track, AgentState, HostedVm};
+use super::registry::Refusal;
+use super::{boot, outgoing, track, vm_info, AgentState};
 
 /// Answers one control request.
 pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Message) -> anyhow::Result<()> {
@@ -43,32 +42,5 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
         Message::MigrateResume { id } => outgoing::resume(state, conn, id).await,
         Message::Track(req) => track::track(state, conn, req).await,
         other => bail!("{} is not a control request", other.describe()),
-    }
-}
-
-/// What `VmList` and `VmStatus` say about a hosted VM. Blocking: it reads the guest's memory, and the
-/// snapshot may hold the last reference to a VM stopped meanwhile (dropping a VM joins its vCPU threads).
-pub(super) fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
-    let Snapshot {
-        name,
-        value: hosted,
-        busy,
-    } = hosted;
-    let run_state = match hosted.vm.run_state() {
-        RunState::Created => "created".to_string(),
-        RunState::Running => "running".to_string(),
-        RunState::Paused if *busy == Some(Busy::Migrating) => "paused (migrating)".to_string(),
-        RunState::Paused => "paused".to_string(),
-        RunState::Halted => "halted".to_string(),
-        RunState::Failed(why) => format!("failed: {why}"),
-    };
-    VmInfo {
-        name: name.clone(),
-        memory_bytes: hosted.memory_bytes,
-        vcpus: hosted.vcpus,
-        run_state,
-        cmdline: hosted.cmdline.clone(),
-        guest: hosted.vm.guest_status(),
-        console_tail: hosted.vm.console_tail(),
     }
 }

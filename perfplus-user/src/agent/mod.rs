@@ -31,15 +31,15 @@ use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
 use self::by_id::ById;
-use self::registry::Registry;
+use self::registry::{Busy, Registry, Snapshot};
 use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
 use crate::migration::postcopy::AttachTx;
 use crate::page_store::PageStore;
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::{ClusterKey, Message, Role};
+use perfplus_protocol::{ClusterKey, Message, Role, VmInfo};
 use perfplus_vmm::tracking::TrackerKind;
-use perfplus_vmm::vm::Vm;
+use perfplus_vmm::vm::{RunState, Vm};
 
 /// Label the page-hash key is derived under from the cluster key.
 pub const PAGE_DIGEST_KEY_LABEL: &str = "perfplus page digest v1";
@@ -65,6 +65,33 @@ struct HostedVm {
     cmdline: String,
     /// The dirty tracker the VM was created for (its migrations' default).
     tracker: TrackerKind,
+}
+
+/// What `VmList` and `VmStatus` say about a hosted VM. Blocking: it reads the guest's memory, and the
+/// snapshot may hold the last reference to a VM stopped meanwhile (dropping a VM joins its vCPU threads).
+fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
+    let Snapshot {
+        name,
+        value: hosted,
+        busy,
+    } = hosted;
+    let run_state = match hosted.vm.run_state() {
+        RunState::Created => "created".to_string(),
+        RunState::Running => "running".to_string(),
+        RunState::Paused if *busy == Some(Busy::Migrating) => "paused (migrating)".to_string(),
+        RunState::Paused => "paused".to_string(),
+        RunState::Halted => "halted".to_string(),
+        RunState::Failed(why) => format!("failed: {why}"),
+    };
+    VmInfo {
+        name: name.clone(),
+        memory_bytes: hosted.memory_bytes,
+        vcpus: hosted.vcpus,
+        run_state,
+        cmdline: hosted.cmdline.clone(),
+        guest: hosted.vm.guest_status(),
+        console_tail: hosted.vm.console_tail(),
+    }
 }
 
 /// What every connection's task shares.
