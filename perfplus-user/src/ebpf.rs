@@ -1,7 +1,7 @@
 //! Write heat from eBPF: which pages are written, and how often, seen by tracepoint programs
 //! (`perfplus-ebpf`, layouts in [`perfplus_common::ebpf_abi`]).
 //!
-//! This is an *extra* source of information next to the [`super::DirtyTracker`]s, not one of them:
+//! This is an *extra* source of information next to the [`perfplus_vmm::tracking::DirtyTracker`]s, not one of them:
 //! - [`HeatSource::Process`]: write faults of any process (`exceptions:page_fault_user`). A write fault
 //!   happens on the first write to a page (fresh memory, after `MADV_DONTNEED`, copy-on-write, or a
 //!   page the kernel write-protected), not on every store; so the counts are write *faults*.

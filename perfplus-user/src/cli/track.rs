@@ -3,8 +3,8 @@
 //!
 //! - `--pid PID`: the CLI itself attaches the eBPF `page_fault_user` program to the process and reports
 //!   its write faults per interval (see [`crate::ebpf`] for what a write fault is).
-//! - `--vm NAME --agent ADDR`: the agent that hosts the VM measures it ([`serve_vm`]): exactly, with a
-//!   [`DirtyLogTracker`] on the VM (the same KVM dirty bitmap a migration uses, so tracking is refused
+//! - `--vm NAME --agent ADDR`: the agent that hosts the VM measures it (`agent::track`): exactly, with a
+//!   `DirtyLogTracker` on the VM (the same KVM dirty bitmap a migration uses, so tracking is refused
 //!   while the VM migrates and a migration is refused while it is tracked), plus the eBPF dirty-ring
 //!   heat when the kernel lets the agent attach it (it only sees VMs in dirty-ring mode).
 //!
