@@ -43,6 +43,9 @@
 //! **Not seen:** writes through another mapping of the same memfd, `write`/`pwrite` to the memfd,
 //! DMA. A page dropped with `MADV_DONTNEED` reads WRITTEN but not PRESENT (it is a zero page).
 //! Dropping the tracker unregisters the range, which also removes the protection of its pages.
+//!
+//! The ioctls are [`crate::sys::userfaultfd`]'s (open, `UFFDIO_API` with `WP_ASYNC`, register in WP
+//! mode, unregister) and [`crate::sys::pagemap`]'s (`PAGEMAP_SCAN`).
 use std::sync::Arc;
 
 use anyhow::{ensure, Context};

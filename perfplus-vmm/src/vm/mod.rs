@@ -15,8 +15,12 @@
 //! any number of [`Vm::pause`] / [`Vm::resume`] → [`Vm::save_state`] while paused → drop (stops and
 //! joins the vCPU threads).
 //!
-//! Files: `ram.rs` (memory slot, dirty log), `cpu.rs` (CPUID, MSRs, [`VcpuState`]), `vcpu.rs` (threads,
-//! run loop, pause/resume), `devices.rs`, `multiboot.rs`, `status.rs` (the guest's status page).
+//! Files: `ram.rs` (memory slot, dirty log), `vcpu_rings.rs` (dirty rings: harvesting for a tracker
+//! and for a vCPU whose ring is full), `cpu.rs` (CPUID, MSRs, [`VcpuState`]), `vcpu.rs` (threads, run
+//! loop, pause/resume), `devices.rs`, `multiboot.rs`, `status.rs` (the guest's status page),
+//! `builtin_guest.rs` (the embedded workload guest). KVM ioctls come from `kvm-ioctls`, or from
+//! [`crate::sys::kvm`] for what it lacks (`KVM_CLEAR_DIRTY_LOG`, `KVM_RESET_DIRTY_RINGS`, the
+//! dirty-ring mapping); no file here defines an ioctl.
 pub mod builtin_guest;
 pub mod cpu;
 pub mod devices;
