@@ -163,6 +163,26 @@ const _: () = {
 };
 
 /// A userfaultfd: close-on-exec, non-blocking, handling kernel-mode faults too.
+///
+/// Installing a page in a missing page of an anonymous mapping (a fault thread would first wait
+/// with [`Userfaultfd::wait_readable`] and take the fault's address from [`Userfaultfd::read_msg`]):
+///
+/// ```
+/// use perfplus_vmm::sys::userfaultfd::{Userfaultfd, UFFDIO_REGISTER_MODE_MISSING};
+///
+/// let uffd = Userfaultfd::open()?;
+/// uffd.api(0)?;
+/// let map = memmap2::MmapMut::map_anon(2 * 4096)?;
+/// let start = map.as_ptr() as u64;
+/// uffd.register(start, 2 * 4096, UFFDIO_REGISTER_MODE_MISSING)?;
+/// // SAFETY: the mapping is only accessed through raw pointers.
+/// let copied = unsafe { uffd.copy(start + 4096, &[7; 4096], true)? };
+/// assert_eq!(copied, 4096);
+/// // SAFETY: inside the mapping, and that page is present now (a read of page 0 would wait).
+/// assert_eq!(unsafe { map.as_ptr().add(4096 + 100).read_volatile() }, 7);
+/// uffd.unregister(start, 2 * 4096)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Userfaultfd {
     fd: OwnedFd,
