@@ -10,20 +10,26 @@
 //! `fallocate(PUNCH_HOLE)` before the vCPUs run, which makes them missing again.
 //!
 //! `UFFD_USER_MODE_ONLY` must stay off: KVM's own accesses to guest memory come from the kernel.
-use std::os::fd::AsRawFd;
+//! The ioctls are [`crate::sys::userfaultfd`]'s (whose fd never has it).
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use perfplus_common::PAGE_SIZE;
-use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use crate::memory::GuestMemory;
+use crate::sys::userfaultfd::{Userfaultfd, UFFDIO_REGISTER_MODE_MISSING};
 
 /// A uffd with the whole of one guest memory registered in MISSING mode.
 pub struct GuestUffd {
-    uffd: Uffd,
+    uffd: Userfaultfd,
     memory: Arc<GuestMemory>,
 }
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    // The fault thread and the page pushers share one GuestUffd.
+    assert_send_sync::<GuestUffd>();
+};
 
 /// Outcome of installing a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,22 +43,20 @@ pub enum Installed {
 impl GuestUffd {
     /// Creates a uffd and registers all of `memory` in MISSING mode.
     pub fn register(memory: Arc<GuestMemory>) -> anyhow::Result<GuestUffd> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // KVM touches guest memory from kernel mode: user-mode-only faults would break KVM_RUN.
-            .user_mode_only(false)
-            .create()
+        // Close-on-exec and non-blocking; not user-mode-only: KVM touches guest memory from kernel
+        // mode, and user-mode-only faults would break KVM_RUN. No features: only fault messages.
+        let uffd = Userfaultfd::open()
+            .and_then(|uffd| uffd.api(0).map(|_| uffd))
             .context("creating a userfaultfd (needs root or vm.unprivileged_userfaultfd=1)")?;
-        uffd.register(memory.host_addr().cast(), memory.size() as usize)
+        uffd.register(memory.host_addr() as u64, memory.size(), UFFDIO_REGISTER_MODE_MISSING)
             .context("registering guest memory with userfaultfd (MISSING mode)")?;
         Ok(GuestUffd { uffd, memory })
     }
 
-    fn addr(&self, page: u64) -> *mut libc::c_void {
+    fn addr(&self, page: u64) -> u64 {
         assert!(page < self.memory.page_count(), "page {page} outside guest memory");
         // The offset is inside the mapping (checked above).
-        self.memory.host_addr().wrapping_add((page as usize) * PAGE_SIZE).cast()
+        self.memory.host_addr() as u64 + page * PAGE_SIZE as u64
     }
 
     /// Installs `data` at `page` and wakes whoever waits on it.
@@ -60,17 +64,16 @@ impl GuestUffd {
         let dst = self.addr(page);
         loop {
             // SAFETY: `dst` is a page-aligned page inside the registered mapping (checked in `addr`),
-            // `data` is a distinct PAGE_SIZE buffer that lives across the call; UFFDIO_COPY writes only
-            // `dst`'s page, atomically, and never hands out references to Rust.
-            let result = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE_SIZE, true) };
-            match result {
-                Ok(_) => return Ok(Installed::New),
-                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
-                    return Ok(Installed::AlreadyPresent)
-                }
+            // `data` is a distinct PAGE_SIZE buffer; UFFDIO_COPY writes only `dst`'s page, atomically,
+            // and no Rust reference points into guest memory (`GuestMemory` copies through raw
+            // pointers only).
+            match unsafe { self.uffd.copy(dst, data, true) } {
+                Ok(n) if n == PAGE_SIZE as u64 => return Ok(Installed::New),
+                Ok(n) => bail!("UFFDIO_COPY of guest page {page}: copied {n} of {PAGE_SIZE} bytes"),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(Installed::AlreadyPresent),
                 // The address space changed under the copy; nothing was installed, try again.
-                Err(userfaultfd::Error::PartiallyCopied(0)) => continue,
-                Err(e) => bail!("UFFDIO_COPY of guest page {page}: {e:?}"),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) => bail!("UFFDIO_COPY of guest page {page}: {e}"),
             }
         }
     }
@@ -79,12 +82,10 @@ impl GuestUffd {
     pub fn zero(&self, page: u64) -> anyhow::Result<Installed> {
         let dst = self.addr(page);
         // SAFETY: `dst` is a page-aligned page inside the registered mapping; UFFDIO_ZEROPAGE only
-        // maps zeroes there.
-        match unsafe { self.uffd.zeropage(dst, PAGE_SIZE, true) } {
+        // maps zeroes there, and no Rust reference points into guest memory (see `copy`).
+        match unsafe { self.uffd.zeropage(dst, PAGE_SIZE as u64, true) } {
             Ok(_) => Ok(Installed::New),
-            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => {
-                Ok(Installed::AlreadyPresent)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(Installed::AlreadyPresent),
             // Some memory kinds lack UFFDIO_ZEROPAGE: copy zeroes instead.
             Err(_) => self.copy(page, &[0; PAGE_SIZE]),
         }
@@ -92,44 +93,35 @@ impl GuestUffd {
 
     /// Wakes threads waiting on `page` (for a fault whose page became present meanwhile).
     pub fn wake(&self, page: u64) {
-        if let Err(e) = self.uffd.wake(self.addr(page), PAGE_SIZE) {
-            tracing::debug!("UFFDIO_WAKE of page {page}: {e:?}");
+        if let Err(e) = self.uffd.wake(self.addr(page), PAGE_SIZE as u64) {
+            tracing::debug!("UFFDIO_WAKE of page {page}: {e}");
         }
     }
 
     /// Waits up to `timeout_ms` for a fault; returns the faulting guest page.
     pub fn next_fault(&self, timeout_ms: i32) -> anyhow::Result<Option<u64>> {
-        let mut pfd = libc::pollfd {
-            fd: self.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(None);
-            }
-            return Err(err).context("poll on the userfaultfd");
+        match self.uffd.wait_readable(timeout_ms) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(e).context("poll on the userfaultfd"),
         }
-        if n == 0 {
-            return Ok(None);
-        }
-        match self.uffd.read_event() {
-            Ok(Some(Event::Pagefault { addr, .. })) => {
-                let offset = (addr as usize).wrapping_sub(self.memory.host_addr() as usize);
-                if offset >= self.memory.size() as usize {
-                    bail!("userfaultfd fault at {addr:?}, outside guest memory");
+        match self.uffd.read_msg() {
+            Ok(Some(msg)) => match msg.pagefault() {
+                Some(fault) => {
+                    let offset = fault.address.wrapping_sub(self.memory.host_addr() as u64);
+                    if offset >= self.memory.size() {
+                        bail!("userfaultfd fault at {:#x}, outside guest memory", fault.address);
+                    }
+                    Ok(Some(offset / PAGE_SIZE as u64))
                 }
-                Ok(Some((offset / PAGE_SIZE) as u64))
-            }
-            Ok(Some(other)) => {
-                tracing::debug!("userfaultfd event ignored: {other:?}");
-                Ok(None)
-            }
+                None => {
+                    tracing::debug!("userfaultfd event ignored: {msg:?}");
+                    Ok(None)
+                }
+            },
             Ok(None) => Ok(None),
-            Err(e) => bail!("reading the userfaultfd: {e:?}"),
+            Err(e) => bail!("reading the userfaultfd: {e}"),
         }
     }
 
@@ -137,7 +129,7 @@ impl GuestUffd {
     /// page is present.
     pub fn unregister(&self) -> anyhow::Result<()> {
         self.uffd
-            .unregister(self.memory.host_addr().cast(), self.memory.size() as usize)
+            .unregister(self.memory.host_addr() as u64, self.memory.size())
             .context("unregistering guest memory from userfaultfd")
     }
 }
@@ -175,6 +167,7 @@ mod tests {
         memory.write_page(3, &[7; PAGE_SIZE]);
         punch_pages(&memory, 3, 1).unwrap();
         let uffd = Arc::new(GuestUffd::register(memory.clone()).unwrap());
+        assert_eq!(uffd.next_fault(0).unwrap(), None, "no fault yet");
         let reader = {
             let memory = memory.clone();
             std::thread::spawn(move || {
@@ -200,6 +193,15 @@ mod tests {
         let mut out = [1u8; PAGE_SIZE];
         memory.read_page(5, &mut out);
         assert!(out.iter().all(|&b| b == 0));
+        assert_eq!(uffd.zero(5).unwrap(), Installed::AlreadyPresent);
+        assert_eq!(
+            uffd.zero(3).unwrap(),
+            Installed::AlreadyPresent,
+            "the copied page stays"
+        );
+        memory.read_page(3, &mut out);
+        assert_eq!(out[0], 9);
+        uffd.wake(3); // nobody waits: harmless
         uffd.unregister().unwrap();
     }
 }

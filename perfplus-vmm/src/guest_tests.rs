@@ -254,6 +254,54 @@ fn tracker_works_from_another_thread() {
     assert!(dirty.contains(A / 4096), "{dirty:?}");
 }
 
+/// Post-copy's destination on a real guest: the vCPU's accesses to missing pages (KVM's, from kernel
+/// mode) wait on the userfaultfd until the pages are installed, and the guest continues with the
+/// installed content.
+#[test]
+fn a_guest_waits_on_missing_pages_until_they_are_installed() {
+    use std::collections::BTreeSet;
+
+    use crate::demand_paging::{punch_pages, GuestUffd};
+
+    let page = |gpa: u64| gpa / 4096;
+    let mut vm = tiny_vm("uffd-guest");
+    // Stale content at A (as if sent in pre-copy and dirtied since), dropped: A is missing, like
+    // the pages the guest has not touched yet (B, STOP, LSR_COPY are holes of the memfd).
+    vm.memory().write(A, &[0xee; 4096]).unwrap();
+    punch_pages(vm.memory(), page(A), 1).unwrap();
+    let uffd = GuestUffd::register(vm.memory().clone()).unwrap();
+    vm.start().unwrap();
+    let expected: BTreeSet<u64> = [page(A), page(B), page(STOP), page(LSR_COPY)].into();
+    let mut faulted = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !faulted.is_superset(&expected) {
+        assert!(Instant::now() < deadline, "faults so far: {faulted:x?}");
+        let Some(p) = uffd.next_fault(100).unwrap() else {
+            continue;
+        };
+        if p == page(A) {
+            // The source's current A: the counter at 1000.
+            let mut data = [0u8; 4096];
+            data[..4].copy_from_slice(&1000u32.to_le_bytes());
+            uffd.copy(p, &data).unwrap();
+        } else {
+            uffd.zero(p).unwrap();
+        }
+        faulted.insert(p);
+    }
+    // Every page the guest uses is present now: the host may read them.
+    wait_for("counters", Duration::from_secs(5), || read32(&vm, B) > 10);
+    assert_eq!(vm.run_state(), RunState::Running);
+    vm.memory().write(STOP, &1u32.to_le_bytes()).unwrap();
+    wait_for("halt", Duration::from_secs(5), || vm.run_state() == RunState::Halted);
+    assert_eq!(
+        read32(&vm, A),
+        read32(&vm, B) + 1000,
+        "the guest counted on from the copied A"
+    );
+    uffd.unregister().unwrap();
+}
+
 /// Tests with the built-in workload guest (`builtin_guest::IMAGE`, built by this crate's build.rs).
 mod builtin_guest_tests_support {
     use super::*;

@@ -1,28 +1,50 @@
-//! Kernel interfaces newer than the installed headers (Debian 12 ships 6.1 uapi headers), defined once
-//! here: userfaultfd's `UFFD_FEATURE_WP_ASYNC` / `WP_UNPOPULATED` (6.7 / 6.4) and the `PAGEMAP_SCAN`
-//! ioctl with `struct pm_scan_arg` / `struct page_region` (6.7, `include/uapi/linux/fs.h`).
+//! userfaultfd (`include/uapi/linux/userfaultfd.h`): the one wrapper of it in perfplus, for both of
+//! its users:
+//! - the destination of a post-copy migration ([`crate::demand_paging`]): MISSING mode, pages
+//!   installed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, fault messages read from the fd;
+//! - the write-protect tracker ([`crate::tracking::uffd_wp`]): WP mode with `UFFD_FEATURE_WP_ASYNC`
+//!   (6.7), read back with `PAGEMAP_SCAN` ([`super::pagemap`]).
 //!
-//! The `userfaultfd` crate (0.9) cannot ask for `WP_ASYNC` (its feature flags stop at Linux 4.14), so
-//! [`Userfaultfd`] wraps the four ioctls the write-protect tracker needs, in the style of kvm-ioctls:
-//! a typed safe method per ioctl, the `unsafe` call inside with its reasoning.
+//! | ioctl / call | here |
+//! |---|---|
+//! | `userfaultfd()`, or `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd` | [`Userfaultfd::open`] |
+//! | `UFFDIO_API` | [`Userfaultfd::api`] |
+//! | `UFFDIO_REGISTER` (MISSING and WP modes) | [`Userfaultfd::register`] |
+//! | `UFFDIO_UNREGISTER` | [`Userfaultfd::unregister`] |
+//! | `UFFDIO_COPY` | [`Userfaultfd::copy`] |
+//! | `UFFDIO_ZEROPAGE` | [`Userfaultfd::zeropage`] |
+//! | `UFFDIO_WAKE` | [`Userfaultfd::wake`] |
+//! | `poll` for a message, `read` of a `struct uffd_msg` | [`Userfaultfd::wait_readable`], [`Userfaultfd::read_msg`] |
+//!
+//! Why not the `userfaultfd` crate: its feature flags stop at Linux 4.14, so it cannot ask for
+//! `WP_ASYNC`, and two wrappers of one kernel interface are one too many. Debian 12's 6.1 headers
+//! lack `WP_ASYNC` (and `WP_UNPOPULATED`), so the definitions here are the project's own.
+//!
+//! The fd handles kernel-mode faults too: it is never opened with `UFFD_USER_MODE_ONLY`, because
+//! KVM's accesses to guest memory (and `read`/`write` syscalls on it) are kernel-mode; with that
+//! flag `KVM_RUN` fails with an internal error.
 //!
 //! The layouts are checked against the kernel at test time: sizes and offsets against the uapi
-//! header's definition (and the size encoded in the ioctl number), and live calls that the running
+//! header's definition (and the size encoded in each ioctl number), and live calls that the running
 //! kernel accepts.
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 
-// ---- userfaultfd (include/uapi/linux/userfaultfd.h)
-
 /// `UFFD_API`: the only API version.
 pub const UFFD_API: u64 = 0xAA;
 const UFFDIO: u32 = 0xAA;
+/// `UFFDIO_REGISTER_MODE_MISSING`: a fault on a page that is not present stops the faulting thread
+/// and queues a message, until the page is installed (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`).
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFDIO_REGISTER_MODE_WP`.
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_COPY_MODE_DONTWAKE` (and `UFFDIO_ZEROPAGE_MODE_DONTWAKE`, the same bit): do not wake the
+/// threads waiting on the range.
+const MODE_DONTWAKE: u64 = 1 << 0;
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (5.19): write-protect works on shmem (our guest RAM is a memfd).
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `UFFD_FEATURE_WP_UNPOPULATED` (6.4): protecting an anonymous hole installs a marker.
@@ -30,6 +52,19 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// `UFFD_FEATURE_WP_ASYNC` (6.7): a write to a protected page un-protects it in the kernel without a
 /// fault message; the written state is read back with `PAGEMAP_SCAN`.
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFD_EVENT_PAGEFAULT`: the only event without event features (none are asked for here).
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_PAGEFAULT_FLAG_WRITE`: the fault was a write.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+/// `UFFD_PAGEFAULT_FLAG_WP`: the fault was a write to a write-protected page.
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+/// `1 << _UFFDIO_WAKE`: the bit for `UFFDIO_WAKE` in the `ioctls` mask [`Userfaultfd::register`]
+/// returns.
+pub const IOCTL_BIT_WAKE: u64 = 1 << 0x02;
+/// `1 << _UFFDIO_COPY`, likewise.
+pub const IOCTL_BIT_COPY: u64 = 1 << 0x03;
+/// `1 << _UFFDIO_ZEROPAGE`, likewise.
+pub const IOCTL_BIT_ZEROPAGE: u64 = 1 << 0x04;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -57,74 +92,132 @@ pub struct UffdioRegister {
     pub ioctls: u64,
 }
 
-ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
-ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
-// The kernel declares UNREGISTER as _IOR although it reads the range (see the uapi header's comment).
-ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
-
-// ---- PAGEMAP_SCAN (include/uapi/linux/fs.h, 6.7)
-
-/// `PAGE_IS_WPALLOWED`: the page is in a range registered for async write-protect.
-pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
-/// `PAGE_IS_WRITTEN`: written since it was last write-protected (or never protected).
-pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
-/// `PAGE_IS_PRESENT`.
-pub const PAGE_IS_PRESENT: u64 = 1 << 3;
-/// `PM_SCAN_WP_MATCHING`: write-protect the pages that match, in the same walk.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-/// `PM_SCAN_CHECK_WPASYNC`: fail (EPERM) on a range not registered for async write-protect, instead
-/// of silently skipping it.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-/// `struct page_region`: `[start, end)` (host virtual addresses) whose pages all have `categories`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PageRegion {
-    pub start: u64,
-    pub end: u64,
-    pub categories: u64,
-}
-
-/// `struct pm_scan_arg` (96 bytes; `size` must be 96).
+/// `struct uffdio_copy`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PmScanArg {
-    pub size: u64,
-    pub flags: u64,
-    pub start: u64,
-    pub end: u64,
-    /// Out: where the walk stopped (it can stop early when `vec` is full).
-    pub walk_end: u64,
-    pub vec: u64,
-    pub vec_len: u64,
-    pub max_pages: u64,
-    pub category_inverted: u64,
-    pub category_mask: u64,
-    pub category_anyof_mask: u64,
-    pub return_mask: u64,
+pub struct UffdioCopy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    /// Out: bytes copied, or a negative errno.
+    pub copy: i64,
 }
 
-const PAGEMAP_IOCTL_MAGIC: u32 = b'f' as u32;
-// _IOWR('f', 16, struct pm_scan_arg) = 0xc0606610.
-ioctl_iowr_nr!(PAGEMAP_SCAN, PAGEMAP_IOCTL_MAGIC, 16, PmScanArg);
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdioZeropage {
+    pub range: UffdioRange,
+    pub mode: u64,
+    /// Out: bytes zeroed, or a negative errno.
+    pub zeropage: i64,
+}
+
+/// `struct uffd_msg` (32 bytes, `__packed` in the header, but every field is naturally aligned):
+/// one event read from the fd. `arg` is the header's union; see [`UffdMsg::pagefault`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UffdMsg {
+    pub event: u8,
+    pub reserved1: u8,
+    pub reserved2: u16,
+    pub reserved3: u32,
+    pub arg: [u64; 3],
+}
+
+/// `arg.pagefault` of a [`UffdMsg`] (without `feat.ptid`, which needs `UFFD_FEATURE_THREAD_ID`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pagefault {
+    /// `UFFD_PAGEFAULT_FLAG_*`.
+    pub flags: u64,
+    /// The faulting address, rounded down to its page.
+    pub address: u64,
+}
+
+impl UffdMsg {
+    /// The page fault this message reports, if it is one.
+    pub fn pagefault(&self) -> Option<Pagefault> {
+        (self.event == UFFD_EVENT_PAGEFAULT).then_some(Pagefault {
+            flags: self.arg[0],
+            address: self.arg[1],
+        })
+    }
+}
+
+ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+// The kernel declares UNREGISTER and WAKE as _IOR although it reads the range (see the uapi
+// header's comment).
+ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 
 const _: () = {
-    assert!(std::mem::size_of::<PmScanArg>() == 96);
-    assert!(std::mem::size_of::<PageRegion>() == 24);
     assert!(std::mem::size_of::<UffdioApi>() == 24);
     assert!(std::mem::size_of::<UffdioRegister>() == 32);
+    assert!(std::mem::size_of::<UffdioCopy>() == 40);
+    assert!(std::mem::size_of::<UffdioZeropage>() == 32);
+    assert!(std::mem::size_of::<UffdMsg>() == 32);
 };
 
-/// A userfaultfd, with the ioctls the write-protect tracker uses.
+/// A userfaultfd: close-on-exec, non-blocking, handling kernel-mode faults too.
+///
+/// Installing a page in a missing page of an anonymous mapping (a fault thread would first wait
+/// with [`Userfaultfd::wait_readable`] and take the fault's address from [`Userfaultfd::read_msg`]):
+///
+/// ```
+/// use perfplus_vmm::sys::userfaultfd::{Userfaultfd, UFFDIO_REGISTER_MODE_MISSING};
+///
+/// let uffd = Userfaultfd::open()?;
+/// uffd.api(0)?;
+/// let map = memmap2::MmapMut::map_anon(2 * 4096)?;
+/// let start = map.as_ptr() as u64;
+/// uffd.register(start, 2 * 4096, UFFDIO_REGISTER_MODE_MISSING)?;
+/// // SAFETY: the mapping is only accessed through raw pointers.
+/// let copied = unsafe { uffd.copy(start + 4096, &[7; 4096], true)? };
+/// assert_eq!(copied, 4096);
+/// // SAFETY: inside the mapping, and that page is present now (a read of page 0 would wait).
+/// assert_eq!(unsafe { map.as_ptr().add(4096 + 100).read_volatile() }, 7);
+/// uffd.unregister(start, 2 * 4096)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Userfaultfd {
     fd: OwnedFd,
 }
 
+impl AsFd for Userfaultfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Userfaultfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// `Ok(n)` for an install ioctl (COPY, ZEROPAGE) that returned `ret` and reported `done` bytes: the
+/// kernel answers EAGAIN both when it installed only part of the range (`done` > 0) and when the
+/// address space changed under it and it installed nothing (`done` = -EAGAIN).
+fn installed(ret: i32, done: i64) -> io::Result<u64> {
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN) if done > 0 => Ok(done as u64),
+            _ => Err(err),
+        };
+    }
+    u64::try_from(done).map_err(|_| io::Error::from_raw_os_error(-done as i32))
+}
+
 impl Userfaultfd {
     /// Opens a userfaultfd (close-on-exec, non-blocking) that handles kernel-mode faults too (KVM's
     /// accesses to guest memory are kernel-mode; `UFFD_USER_MODE_ONLY` would break them). Tries the
-    /// `userfaultfd` syscall first, then `/dev/userfaultfd`.
+    /// `userfaultfd` syscall first, then `/dev/userfaultfd`. Then call [`Userfaultfd::api`].
     pub fn open() -> io::Result<Self> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the userfaultfd syscall takes one int of flags and returns a new fd or -1.
@@ -153,7 +246,8 @@ impl Userfaultfd {
     }
 
     /// `UFFDIO_API`: enables `features` (all must be supported, or the call fails with EINVAL);
-    /// returns what the kernel reports (its supported features and the ioctls available).
+    /// returns what the kernel reports (its supported features and the ioctls available). Must come
+    /// once, before any other ioctl.
     pub fn api(&self, features: u64) -> io::Result<UffdioApi> {
         let mut arg = UffdioApi {
             api: UFFD_API,
@@ -169,8 +263,10 @@ impl Userfaultfd {
         Ok(arg)
     }
 
-    /// `UFFDIO_REGISTER` of `[start, start + len)` with `mode`.
-    pub fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
+    /// `UFFDIO_REGISTER` of `[start, start + len)` (page-aligned, mapped) with `mode`
+    /// ([`UFFDIO_REGISTER_MODE_MISSING`] and/or [`UFFDIO_REGISTER_MODE_WP`]); returns the mask of
+    /// ioctls available on the range (`IOCTL_BIT_*`).
+    pub fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<u64> {
         let mut arg = UffdioRegister {
             range: UffdioRange { start, len },
             mode,
@@ -178,15 +274,17 @@ impl Userfaultfd {
         };
         // SAFETY: UFFDIO_REGISTER reads the range and mode and writes `ioctls` of one
         // `struct uffdio_register`, which `arg` is; it changes no memory of ours, only how faults
-        // in the range are handled (with WP_ASYNC, writes still succeed).
+        // in the range are handled (a missing page then waits for an install, which only the
+        // unsafe `copy`/`zeropage` make; with WP_ASYNC, writes still succeed).
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut arg) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(())
+        Ok(arg.ioctls)
     }
 
-    /// `UFFDIO_UNREGISTER` of `[start, start + len)` (also drops the write protection of its pages).
+    /// `UFFDIO_UNREGISTER` of `[start, start + len)` (also drops the write protection of its pages;
+    /// missing pages then fault in as usual: zeroes for anonymous memory, holes of a memfd too).
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
         let arg = UffdioRange { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`, which `arg` is.
@@ -196,31 +294,118 @@ impl Userfaultfd {
         }
         Ok(())
     }
-}
 
-/// `PAGEMAP_SCAN` on `pagemap` (a `/proc/PID/pagemap` file): fills `out` with regions of `arg`'s
-/// range and returns how many it filled; `arg.walk_end` says where the walk stopped. `arg.vec` and
-/// `arg.vec_len` are set from `out` here.
-pub fn pagemap_scan(pagemap: &File, arg: &mut PmScanArg, out: &mut [PageRegion]) -> io::Result<usize> {
-    arg.size = std::mem::size_of::<PmScanArg>() as u64;
-    arg.vec = out.as_mut_ptr() as u64;
-    arg.vec_len = out.len() as u64;
-    // SAFETY: PAGEMAP_SCAN reads and writes one 96-byte `struct pm_scan_arg` (`arg`, size set above)
-    // and writes at most `vec_len` `struct page_region`s (24 bytes each, layout checked) at `vec`,
-    // which points at `out`, exclusively borrowed for the call. Write-protecting pages of our own
-    // address space (WP_MATCHING) changes no memory content. The return value is checked.
-    let ret = unsafe { ioctl_with_mut_ref(pagemap, PAGEMAP_SCAN(), arg) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
+    /// `UFFDIO_COPY`: atomically installs a copy of `src` at `dst` (page-aligned, `src.len()` a
+    /// multiple of the page size), in pages that are missing, and wakes the threads waiting on the
+    /// range if `wake`. Returns the bytes installed: all of `src`, or fewer if the kernel stopped
+    /// early (EAGAIN after a partial copy; the rest is still missing). Errors install nothing;
+    /// notably EEXIST (a page is already present), EAGAIN (the address space changed under the
+    /// call: try again), ENOENT (`dst` is not in a registered range), EINVAL (not aligned).
+    ///
+    /// # Safety
+    ///
+    /// No Rust reference may point into `[dst, dst + src.len())`: the kernel changes that memory
+    /// (a missing page reads as nothing until now; afterwards, as `src`). Memory only ever accessed
+    /// through raw pointers (as [`crate::memory::GuestMemory`] is) or by the kernel qualifies. The
+    /// kernel itself checks that the range is registered with a userfaultfd (of the process that
+    /// opened this one), and never overwrites a present page.
+    pub unsafe fn copy(&self, dst: u64, src: &[u8], wake: bool) -> io::Result<u64> {
+        let mut arg = UffdioCopy {
+            dst,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: if wake { 0 } else { MODE_DONTWAKE },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads one `struct uffdio_copy` (`arg`, layout checked) and writes its
+        // `copy` field; it reads `len` bytes at `src`, which is `src`'s slice, borrowed for the call.
+        // Writing at `dst` is covered by the caller's contract. The return value is checked.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut arg) };
+        installed(ret, arg.copy)
     }
-    Ok(ret as usize)
+
+    /// `UFFDIO_ZEROPAGE`: atomically installs zero pages at `[start, start + len)` (page-aligned),
+    /// in pages that are missing, and wakes the threads waiting on the range if `wake`. Returns and
+    /// fails as [`Userfaultfd::copy`] does. Some memory kinds (hugetlbfs) refuse it (EINVAL).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Userfaultfd::copy`]: no Rust reference may point into the range.
+    pub unsafe fn zeropage(&self, start: u64, len: u64, wake: bool) -> io::Result<u64> {
+        let mut arg = UffdioZeropage {
+            range: UffdioRange { start, len },
+            mode: if wake { 0 } else { MODE_DONTWAKE },
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads one `struct uffdio_zeropage` (`arg`, layout checked) and
+        // writes its `zeropage` field; writing at `start` is covered by the caller's contract. The
+        // return value is checked.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut arg) };
+        installed(ret, arg.zeropage)
+    }
+
+    /// `UFFDIO_WAKE` of `[start, start + len)`: wakes the threads waiting on faults there (for a
+    /// fault whose page became present meanwhile, or after a `copy` without `wake`).
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let arg = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range`, which `arg` is; it changes no memory.
+        let ret = unsafe { ioctl_with_ref(&self.fd, UFFDIO_WAKE(), &arg) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for the fd to become readable (a message queued):
+    /// `poll` with `POLLIN`. `Ok(false)` on timeout; an interrupted wait is an error of kind
+    /// `Interrupted`.
+    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call, and 1 is its count.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n > 0)
+    }
+
+    /// Reads one message (`struct uffd_msg`); `None` if none is queued (the fd is non-blocking).
+    pub fn read_msg(&self) -> io::Result<Option<UffdMsg>> {
+        let mut msg = UffdMsg::default();
+        let size = std::mem::size_of::<UffdMsg>();
+        // SAFETY: `read` writes at most `size` bytes at `&mut msg`, which is `size` bytes of plain
+        // integers (any bytes are a valid value), exclusively borrowed for the call.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut msg).cast(), size) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        if n as usize != size {
+            // The kernel only hands out whole messages; 0 would be end of file.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("userfaultfd read returned {n} bytes, not one {size}-byte message"),
+            ));
+        }
+        Ok(Some(msg))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::mem::{offset_of, size_of};
+    use std::time::Duration;
 
     use super::*;
+
+    const PAGE: usize = 4096;
 
     /// `_IOC_SIZE` of an ioctl number.
     fn ioc_size(nr: libc::c_ulong) -> usize {
@@ -229,94 +414,264 @@ mod tests {
 
     #[test]
     fn layouts_match_the_kernel_uapi() {
-        // include/uapi/linux/fs.h (6.7+): twelve __u64 fields in this order.
-        let fields = [
-            offset_of!(PmScanArg, size),
-            offset_of!(PmScanArg, flags),
-            offset_of!(PmScanArg, start),
-            offset_of!(PmScanArg, end),
-            offset_of!(PmScanArg, walk_end),
-            offset_of!(PmScanArg, vec),
-            offset_of!(PmScanArg, vec_len),
-            offset_of!(PmScanArg, max_pages),
-            offset_of!(PmScanArg, category_inverted),
-            offset_of!(PmScanArg, category_mask),
-            offset_of!(PmScanArg, category_anyof_mask),
-            offset_of!(PmScanArg, return_mask),
-        ];
-        assert_eq!(fields, [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88]);
-        assert_eq!(size_of::<PmScanArg>(), 96);
-        assert_eq!(PAGEMAP_SCAN(), 0xc060_6610, "the number the kernel defines");
-        assert_eq!(ioc_size(PAGEMAP_SCAN()), size_of::<PmScanArg>());
-        assert_eq!(
-            [
-                offset_of!(PageRegion, start),
-                offset_of!(PageRegion, end),
-                offset_of!(PageRegion, categories)
-            ],
-            [0, 8, 16]
-        );
-        assert_eq!(size_of::<PageRegion>(), 24);
-        // userfaultfd.h: the numbers the installed 6.1 header gives.
+        // The numbers the installed 6.1 header gives (unchanged since).
         assert_eq!(UFFDIO_API(), 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER(), 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER(), 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE(), 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
+        assert_eq!(ioc_size(UFFDIO_COPY()), size_of::<UffdioCopy>());
+        assert_eq!(ioc_size(UFFDIO_ZEROPAGE()), size_of::<UffdioZeropage>());
+        assert_eq!(offset_of!(UffdioCopy, copy), 32);
+        assert_eq!(offset_of!(UffdioZeropage, mode), 16);
+        assert_eq!(offset_of!(UffdioZeropage, zeropage), 24);
+        // struct uffd_msg: arg at 8; arg.pagefault.flags at 8, .address at 16, .feat.ptid at 24.
+        assert_eq!(size_of::<UffdMsg>(), 32);
+        assert_eq!(offset_of!(UffdMsg, arg), 8);
+    }
+
+    /// A mapping made with raw `mmap` and only accessed through raw pointers (so that the kernel
+    /// may install pages in it); unmapped on drop.
+    struct Mapping {
+        addr: *mut u8,
+        len: usize,
+    }
+
+    // SAFETY: plain memory owned by the Mapping; accessed only with raw-pointer reads and writes.
+    unsafe impl Send for Mapping {}
+    // SAFETY: as above.
+    unsafe impl Sync for Mapping {}
+
+    impl Mapping {
+        /// `pages` anonymous private pages, or (`memfd`) a shared mapping of a memfd, like guest RAM.
+        fn new(pages: usize, memfd: bool) -> Self {
+            let len = pages * PAGE;
+            let (flags, fd) = if memfd {
+                // SAFETY: a valid NUL-terminated name and flags; the result is checked.
+                let fd = unsafe { libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC) };
+                assert!(fd >= 0);
+                // SAFETY: `fd` is the memfd just created.
+                assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+                (libc::MAP_SHARED, fd)
+            } else {
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+            };
+            // SAFETY: a fresh mapping at an address the kernel picks, owned by the returned value.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    fd,
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            if fd >= 0 {
+                // SAFETY: the mapping keeps the file; closing our fd of it is fine.
+                unsafe { libc::close(fd) };
+            }
+            Self { addr: addr.cast(), len }
+        }
+
+        fn page(&self, page: usize) -> u64 {
+            assert!(page * PAGE < self.len);
+            self.addr as u64 + (page * PAGE) as u64
+        }
+
+        fn read(&self, page: usize, offset: usize) -> u8 {
+            assert!(page * PAGE + offset < self.len);
+            // SAFETY: inside the mapping (checked); a raw read, no reference.
+            unsafe { self.addr.add(page * PAGE + offset).read_volatile() }
+        }
+
+        fn write(&self, page: usize, offset: usize, value: u8) {
+            assert!(page * PAGE + offset < self.len);
+            // SAFETY: inside the mapping (checked); a raw write, no reference.
+            unsafe { self.addr.add(page * PAGE + offset).write_volatile(value) }
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: unmapping our own mapping; no reference into it exists.
+            unsafe { libc::munmap(self.addr.cast(), self.len) };
+        }
+    }
+
+    /// Waits for the next message, which must be a page fault; returns it.
+    fn next_fault(uffd: &Userfaultfd) -> Pagefault {
+        assert!(uffd.wait_readable(10_000).unwrap(), "no fault within 10 s");
+        let msg = uffd.read_msg().unwrap().expect("a message after poll");
+        msg.pagefault().unwrap_or_else(|| panic!("not a page fault: {msg:?}"))
+    }
+
+    fn missing_mode_round_trip(memfd: bool) {
+        let uffd = Userfaultfd::open().expect("userfaultfd");
+        // SAFETY: F_GETFL / F_GETFD on our own fd.
+        let (fl, fd_flags) = unsafe {
+            (
+                libc::fcntl(uffd.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(uffd.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert_ne!(fl & libc::O_NONBLOCK, 0, "non-blocking");
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0, "close-on-exec");
+        uffd.api(0).unwrap();
+        let memory = std::sync::Arc::new(Mapping::new(16, memfd));
+        let ioctls = uffd
+            .register(memory.page(0), memory.len as u64, UFFDIO_REGISTER_MODE_MISSING)
+            .unwrap();
+        for bit in [IOCTL_BIT_WAKE, IOCTL_BIT_COPY, IOCTL_BIT_ZEROPAGE] {
+            assert_ne!(ioctls & bit, 0, "{ioctls:#x}");
+        }
+        assert_eq!(uffd.read_msg().unwrap(), None, "nothing queued");
+        assert!(!uffd.wait_readable(0).unwrap());
+
+        // A read fault from a thread: reported, resolved by a copy that wakes the reader.
+        let reader = {
+            let memory = memory.clone();
+            std::thread::spawn(move || memory.read(2, 100))
+        };
+        let fault = next_fault(&uffd);
+        assert_eq!(fault.address, memory.page(2));
+        assert_eq!(fault.flags & UFFD_PAGEFAULT_FLAG_WRITE, 0, "a read");
+        // SAFETY: the mapping is only accessed through raw pointers.
+        let copied = unsafe { uffd.copy(memory.page(2), &[9; PAGE], true) }.unwrap();
+        assert_eq!(copied, PAGE as u64);
+        assert_eq!(reader.join().unwrap(), 9);
+        // SAFETY: as above.
+        let again = unsafe { uffd.copy(memory.page(2), &[1; PAGE], true) }.unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::EEXIST), "{again}");
+        assert_eq!(memory.read(2, 0), 9, "a present page is never overwritten");
+
+        // ZEROPAGE, and EEXIST on a second one.
+        // SAFETY: as above.
+        let zeroed = unsafe { uffd.zeropage(memory.page(5), PAGE as u64, true) }.unwrap();
+        assert_eq!(zeroed, PAGE as u64);
+        assert_eq!(memory.read(5, 123), 0);
+        // SAFETY: as above.
+        let again = unsafe { uffd.zeropage(memory.page(5), PAGE as u64, true) }.unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::EEXIST), "{again}");
+
+        // A write fault, resolved by a copy that does not wake, then a WAKE: the write lands on the
+        // copied page.
+        let writer = {
+            let memory = memory.clone();
+            std::thread::spawn(move || memory.write(7, 0, 0x55))
+        };
+        let fault = next_fault(&uffd);
+        assert_eq!(fault.address, memory.page(7));
+        assert_ne!(fault.flags & UFFD_PAGEFAULT_FLAG_WRITE, 0, "a write");
+        // SAFETY: as above.
+        unsafe { uffd.copy(memory.page(7), &[7; PAGE], false) }.unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writer.is_finished(), "not woken without a WAKE");
+        uffd.wake(memory.page(7), PAGE as u64).unwrap();
+        writer.join().unwrap();
+        assert_eq!((memory.read(7, 0), memory.read(7, 1)), (0x55, 7));
+
+        // A kernel-mode fault (write(2) reading from the page) is reported too: the fd is not
+        // user-mode-only, which KVM needs.
+        let mut pipe = [0; 2];
+        // SAFETY: `pipe` has room for the two fds.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        let syscall = {
+            let src = memory.page(9) as usize;
+            std::thread::spawn(move || {
+                // SAFETY: reads 16 bytes of the mapping (kept alive by the test until the join).
+                unsafe { libc::write(pipe[1], src as *const libc::c_void, 16) }
+            })
+        };
+        let fault = next_fault(&uffd);
+        assert_eq!(fault.address, memory.page(9));
+        // SAFETY: as above.
+        unsafe { uffd.copy(memory.page(9), &[3; PAGE], true) }.unwrap();
+        assert_eq!(syscall.join().unwrap(), 16);
+        let mut out = [0u8; 16];
+        // SAFETY: reads into `out`, 16 bytes; then closes the pipe's fds, ours.
+        unsafe {
+            assert_eq!(libc::read(pipe[0], out.as_mut_ptr().cast(), 16), 16);
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+        assert_eq!(out, [3; 16]);
+
+        // The kernel checks alignment and registration.
+        // SAFETY: as above (refused anyway).
+        let unaligned = unsafe { uffd.copy(memory.page(11) + 8, &[1; PAGE], true) }.unwrap_err();
+        assert_eq!(unaligned.raw_os_error(), Some(libc::EINVAL), "{unaligned}");
+        let other = Mapping::new(1, memfd);
+        // SAFETY: `other` too is only accessed through raw pointers.
+        let unregistered = unsafe { uffd.copy(other.page(0), &[1; PAGE], true) }.unwrap_err();
+        assert_eq!(unregistered.raw_os_error(), Some(libc::ENOENT), "{unregistered}");
+
+        // Unregistered, a missing page reads as zero without a fault.
+        uffd.unregister(memory.page(0), memory.len as u64).unwrap();
+        assert_eq!(memory.read(12, 0), 0);
+        assert_eq!(uffd.read_msg().unwrap(), None);
     }
 
     #[test]
-    fn the_kernel_accepts_the_calls() {
+    fn missing_mode_on_anonymous_memory() {
+        missing_mode_round_trip(false);
+    }
+
+    #[test]
+    fn missing_mode_on_a_memfd() {
+        missing_mode_round_trip(true);
+    }
+
+    /// WP mode with WP_ASYNC on a memfd (as guest RAM is): a write to a protected page goes on
+    /// without a message, and `PAGEMAP_SCAN` sees it.
+    #[test]
+    fn write_protect_mode_with_wp_async_on_a_memfd() {
+        use crate::sys::pagemap::{
+            PageRegion, Pagemap, PmScanArg, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+        };
+
         let uffd = Userfaultfd::open().expect("userfaultfd");
         let api = uffd
-            .api(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+            .api(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
             .expect("UFFDIO_API with WP_ASYNC");
         assert_ne!(api.features & UFFD_FEATURE_WP_ASYNC, 0, "{api:?}");
-        let len = 16 * 4096;
-        // SAFETY: a fresh anonymous private mapping; unmapped below, nothing else refers to it.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+        let again = uffd.api(0).unwrap_err();
+        assert_eq!(
+            again.raw_os_error(),
+            Some(libc::EINVAL),
+            "UFFDIO_API is once per fd: {again}"
+        );
+        let memory = Mapping::new(4, true);
+        for page in 0..4 {
+            memory.write(page, 0, 1);
+        }
+        let (start, end) = (memory.page(0), memory.page(0) + memory.len as u64);
+        uffd.register(start, memory.len as u64, UFFDIO_REGISTER_MODE_WP)
+            .unwrap();
+        let pagemap = Pagemap::open_self().unwrap();
+        let mut regions = [PageRegion::default(); 4];
+        let scan = |regions: &mut [PageRegion]| {
+            let mut arg = PmScanArg {
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start,
+                end,
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN,
+                ..Default::default()
+            };
+            let n = pagemap.scan(&mut arg, regions).unwrap();
+            assert_eq!(arg.walk_end, end);
+            n
         };
-        assert_ne!(addr, libc::MAP_FAILED);
-        let start = addr as u64;
-        // SAFETY: the mapping is ours and `len` bytes long.
-        unsafe { std::ptr::write_bytes(addr as *mut u8, 1, len) };
-        uffd.register(start, len as u64, UFFDIO_REGISTER_MODE_WP).unwrap();
-        let pagemap = File::open("/proc/self/pagemap").unwrap();
-        let mut regions = [PageRegion::default(); 8];
-        let mut arg = PmScanArg {
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            start,
-            end: start + len as u64,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..Default::default()
-        };
-        // Every page was written before it was protected: one region covering all.
-        let n = pagemap_scan(&pagemap, &mut arg, &mut regions).unwrap();
-        assert_eq!(n, 1);
-        assert_eq!(arg.walk_end, arg.end);
-        assert_eq!((regions[0].start, regions[0].end), (start, start + len as u64));
-        // Now protected: nothing written.
-        let mut arg2 = PmScanArg { ..arg };
-        assert_eq!(pagemap_scan(&pagemap, &mut arg2, &mut regions).unwrap(), 0);
-        // A wrong size is refused.
-        let mut bad = PmScanArg { ..arg };
-        bad.size = 88;
-        // SAFETY: as in `pagemap_scan`; the kernel rejects the size before touching `vec`.
-        let ret = unsafe { ioctl_with_mut_ref(&pagemap, PAGEMAP_SCAN(), &mut bad) };
-        assert!(ret < 0);
-        uffd.unregister(start, len as u64).unwrap();
-        // Unregistered: CHECK_WPASYNC refuses the range.
-        let mut arg3 = PmScanArg { ..arg };
-        let err = pagemap_scan(&pagemap, &mut arg3, &mut regions).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
-        // SAFETY: unmapping the mapping made above; nothing refers to it any more.
-        assert_eq!(unsafe { libc::munmap(addr, len) }, 0);
+        assert_eq!(scan(&mut regions), 1, "all written before: one region, now protected");
+        assert_eq!(scan(&mut regions), 0);
+        memory.write(2, 9, 2);
+        assert_eq!(memory.read(2, 9), 2);
+        assert_eq!(uffd.read_msg().unwrap(), None, "async: no message");
+        assert_eq!(scan(&mut regions), 1);
+        assert_eq!((regions[0].start, regions[0].end), (memory.page(2), memory.page(3)));
+        uffd.unregister(start, memory.len as u64).unwrap();
     }
 }

@@ -104,6 +104,6 @@ mod tests {
         assert!(dirty.is_empty(), "{dirty:?}");
         drop(tracker);
         assert!(!vm.ram_slot().dirty_logging());
-        assert!(vm.get_dirty_log().is_err());
+        assert!(vm.ram_slot().get_dirty_log().is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The KVM dirty-ring tracker: per-vCPU rings of dirtied frames (`KVM_CAP_DIRTY_LOG_RING`), for VMs
 //! created in ring mode ([`crate::vm::VmOptions::dirty_ring_entries`]; the rings themselves, their
-//! mapping and the full-ring handling of the vCPU threads are in [`crate::vm::dirty_ring`]).
+//! harvesting and the full-ring handling of the vCPU threads are in [`crate::vm::vcpu_rings`], their
+//! mapping and `KVM_RESET_DIRTY_RINGS` in [`crate::sys::kvm`]).
 //!
 //! Creating the tracker drops whatever the rings hold from an earlier tracker, then turns dirty logging
 //! on for the RAM slot (`KVM_MEM_LOG_DIRTY_PAGES`): KVM write-protects every page, and the first guest

@@ -150,10 +150,10 @@ mod tests {
         let err = start(TrackerKind::DirtyLog, &ring).err().unwrap().to_string();
         assert!(err.contains("started with a dirty ring"), "{err}");
         // The bitmap calls are refused in ring mode with a clear error, even past the factory.
-        ring.set_dirty_logging(true).unwrap();
-        let err = format!("{:#}", ring.get_dirty_log().unwrap_err());
+        ring.ram_slot().set_dirty_logging(true).unwrap();
+        let err = format!("{:#}", ring.ram_slot().get_dirty_log().unwrap_err());
         assert!(err.contains("dirty rings, not the bitmap"), "{err}");
-        ring.set_dirty_logging(false).unwrap();
+        ring.ram_slot().set_dirty_logging(false).unwrap();
         // uffd-wp works on either; each factory result reports its kind.
         for (kind, vm) in [
             (TrackerKind::DirtyLog, &bitmap),

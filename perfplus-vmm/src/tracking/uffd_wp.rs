@@ -43,7 +43,9 @@
 //! **Not seen:** writes through another mapping of the same memfd, `write`/`pwrite` to the memfd,
 //! DMA. A page dropped with `MADV_DONTNEED` reads WRITTEN but not PRESENT (it is a zero page).
 //! Dropping the tracker unregisters the range, which also removes the protection of its pages.
-use std::fs::File;
+//!
+//! The ioctls are [`crate::sys::userfaultfd`]'s (open, `UFFDIO_API` with `WP_ASYNC`, register in WP
+//! mode, unregister) and [`crate::sys::pagemap`]'s (`PAGEMAP_SCAN`).
 use std::sync::Arc;
 
 use anyhow::{ensure, Context};
@@ -52,9 +54,12 @@ use perfplus_common::PAGE_SIZE;
 use super::{DirtyTracker, TrackerKind};
 use crate::memory::GuestMemory;
 use crate::page_set::PageSet;
+use crate::sys::pagemap::{
+    PageRegion, Pagemap, PmScanArg, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+};
 use crate::sys::userfaultfd::{
-    pagemap_scan, PageRegion, PmScanArg, Userfaultfd, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
-    UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
+    Userfaultfd, UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    UFFD_FEATURE_WP_UNPOPULATED,
 };
 use crate::vm::Vm;
 
@@ -67,7 +72,7 @@ pub const MERGE_GAP: u64 = 1 << 20;
 /// Write tracking of one address range through userfaultfd async write-protect and `PAGEMAP_SCAN`.
 pub struct UffdWpTracker {
     uffd: Userfaultfd,
-    pagemap: File,
+    pagemap: Pagemap,
     start: u64,
     len: u64,
     regions: Vec<PageRegion>,
@@ -108,7 +113,7 @@ impl UffdWpTracker {
         })?;
         uffd.register(start, len, UFFDIO_REGISTER_MODE_WP)
             .with_context(|| format!("uffd-wp tracker: UFFDIO_REGISTER (WP) of {start:#x}+{len:#x}"))?;
-        let pagemap = File::open("/proc/self/pagemap").context("uffd-wp tracker: opening /proc/self/pagemap")?;
+        let pagemap = Pagemap::open_self().context("uffd-wp tracker: opening /proc/self/pagemap")?;
         let mut tracker = Self {
             uffd,
             pagemap,
@@ -151,7 +156,7 @@ impl UffdWpTracker {
             ..Default::default()
         };
         loop {
-            let filled = pagemap_scan(&self.pagemap, &mut arg, &mut self.regions).with_context(|| {
+            let filled = self.pagemap.scan(&mut arg, &mut self.regions).with_context(|| {
                 format!(
                     "PAGEMAP_SCAN of {from:#x}..{to:#x} (at {:#x}, protect: {protect}) on /proc/self/pagemap",
                     arg.start

@@ -15,8 +15,12 @@
 //! any number of [`Vm::pause`] / [`Vm::resume`] → [`Vm::save_state`] while paused → drop (stops and
 //! joins the vCPU threads).
 //!
-//! Files: `ram.rs` (memory slot, dirty log), `cpu.rs` (CPUID, MSRs, [`VcpuState`]), `vcpu.rs` (threads,
-//! run loop, pause/resume), `devices.rs`, `multiboot.rs`, `status.rs` (the guest's status page).
+//! Files: `ram.rs` (memory slot, dirty log), `vcpu_rings.rs` (dirty rings: harvesting for a tracker
+//! and for a vCPU whose ring is full), `cpu.rs` (CPUID, MSRs, [`VcpuState`]), `vcpu.rs` (threads, run
+//! loop, pause/resume), `devices.rs`, `multiboot.rs`, `status.rs` (the guest's status page),
+//! `builtin_guest.rs` (the embedded workload guest). KVM ioctls come from `kvm-ioctls`, or from
+//! [`crate::sys::kvm`] for what it lacks (`KVM_CLEAR_DIRTY_LOG`, `KVM_RESET_DIRTY_RINGS`, the
+//! dirty-ring mapping); no file here defines an ioctl.
 pub mod builtin_guest;
 pub mod cpu;
 pub mod devices;
@@ -433,7 +437,8 @@ impl Vm {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_tail()
     }
 
-    /// The RAM slot (shareable with a dirty tracker on another thread).
+    /// The RAM slot (shareable with a dirty tracker on another thread): the one way into the KVM dirty
+    /// log ([`RamSlot::set_dirty_logging`], [`RamSlot::get_dirty_log`], [`RamSlot::clear_dirty_log`]).
     pub fn ram_slot(&self) -> &Arc<RamSlot> {
         &self.ram
     }
@@ -441,21 +446,6 @@ impl Vm {
     /// The VM's dirty rings, if it was created with them ([`VmOptions::dirty_ring_entries`]).
     pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
         self.dirty_rings.as_ref()
-    }
-
-    /// Turns KVM dirty logging of guest RAM on or off.
-    pub fn set_dirty_logging(&self, on: bool) -> anyhow::Result<()> {
-        self.ram.set_dirty_logging(on)
-    }
-
-    /// `KVM_GET_DIRTY_LOG` of guest RAM (see [`RamSlot::get_dirty_log`]).
-    pub fn get_dirty_log(&self) -> anyhow::Result<Vec<u64>> {
-        self.ram.get_dirty_log()
-    }
-
-    /// `KVM_CLEAR_DIRTY_LOG` of guest RAM (see [`RamSlot::clear_dirty_log`]).
-    pub fn clear_dirty_log(&self, first_page: u64, bitmap: &[u64]) -> anyhow::Result<()> {
-        self.ram.clear_dirty_log(first_page, bitmap)
     }
 
     /// The `/dev/kvm` handle the VM was created with.

@@ -3,8 +3,9 @@
 //! All guest RAM is one KVM memory slot ([`RAM_SLOT`]) at guest physical address 0, backed by
 //! [`GuestMemory`]. The VM enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (without `INITIALLY_SET`), so
 //! `KVM_GET_DIRTY_LOG` only *reads* the bitmap and a page stays unprotected until `KVM_CLEAR_DIRTY_LOG`
-//! clears its bit and write-protects it again. `kvm-ioctls` lacks `KVM_CLEAR_DIRTY_LOG`; [`RamSlot`]
-//! wraps it the way the crate wraps the others.
+//! clears its bit and write-protects it again. `KVM_SET_USER_MEMORY_REGION` and `KVM_GET_DIRTY_LOG`
+//! come from `kvm-ioctls`; `KVM_CLEAR_DIRTY_LOG`, which it lacks, from [`crate::sys::kvm`]. [`RamSlot`]
+//! is the one way into the dirty log (the [`super::Vm`] hands it out, it does not wrap it).
 //!
 //! [`RamSlot`] is `Send + Sync` and shared (`Arc`) between the [`super::Vm`] and dirty trackers, so a
 //! tracker can live on another thread than the VM.
@@ -12,20 +13,15 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context};
-use kvm_bindings::{kvm_clear_dirty_log, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use perfplus_common::PAGE_SIZE;
-use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iowr_nr;
 
 use crate::memory::GuestMemory;
+use crate::sys;
 
 /// The KVM memory slot that holds all guest RAM.
 pub const RAM_SLOT: u32 = 0;
-
-const KVMIO: u32 = 0xAE;
-// _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log), include/uapi/linux/kvm.h.
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
 /// The guest-RAM memory slot of one VM: registration, dirty-logging switch, dirty bitmap.
 pub struct RamSlot {
@@ -142,23 +138,8 @@ impl RamSlot {
         // KVM wants num_pages to be a multiple of 64 unless the range ends at the end of the slot.
         let num_pages = (bitmap.len() as u64 * 64).min(pages - first_page);
         let num_pages = u32::try_from(num_pages).context("KVM_CLEAR_DIRTY_LOG: too many pages")?;
-        let mut arg = kvm_clear_dirty_log {
-            slot: RAM_SLOT,
-            num_pages,
-            first_page,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut libc::c_void;
-        // SAFETY: `arg` is a valid kvm_clear_dirty_log for our VM fd; its bitmap pointer refers to
-        // `bitmap`, which holds at least `num_pages` bits (num_pages <= 64 * bitmap.len()) and lives
-        // across the call. KVM only reads the bitmap (the `const`-ness of the pointer is not expressed
-        // in the uapi struct). The return value is checked.
-        let ret = unsafe { ioctl_with_ref(self.vm_fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("KVM_CLEAR_DIRTY_LOG of pages [{first_page}, +{num_pages})"));
-        }
-        Ok(())
+        sys::kvm::clear_dirty_log(&self.vm_fd, RAM_SLOT, first_page, num_pages, bitmap)
+            .with_context(|| format!("KVM_CLEAR_DIRTY_LOG of pages [{first_page}, +{num_pages})"))
     }
 
     /// Raw fd of the VM (for diagnostics).

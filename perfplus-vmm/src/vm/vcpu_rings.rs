@@ -1,5 +1,7 @@
-//! KVM dirty rings (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`): per-vCPU rings of dirtied guest frames.
-//! `kvm-ioctls` 0.25 does not wrap them; this module does, in its style.
+//! KVM dirty rings (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`): per-vCPU rings of dirtied guest frames,
+//! harvested for a tracker or by a vCPU whose ring is full. `kvm-ioctls` 0.25 does not wrap them; the
+//! ring mapping ([`DirtyRingMap`]) and `KVM_RESET_DIRTY_RINGS` are in [`crate::sys::kvm`], this module
+//! holds the harvesting protocol and its locking.
 //!
 //! **Protocol (Documentation/virt/kvm/api.rst, `KVM_CAP_DIRTY_LOG_RING`).** The capability is enabled
 //! on the VM with the ring size in bytes *before any vCPU exists*. Each vCPU fd then offers its ring
@@ -20,38 +22,24 @@
 //!
 //! **Locking.** One mutex guards every ring's fetch index, the pending set and the reset ioctl, so
 //! two harvests never walk one ring at the same time and an entry is never taken twice or skipped.
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, ensure, Context};
-use kvm_bindings::{
-    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET,
-};
+use kvm_bindings::{kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL};
 use kvm_ioctls::{VcpuFd, VmFd};
-use vmm_sys_util::ioctl::ioctl;
-use vmm_sys_util::ioctl_io_nr;
 
 use super::ram::RAM_SLOT;
 use crate::page_set::PageSet;
+use crate::sys::kvm::{reset_dirty_rings, DirtyRingMap, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET};
 
-/// `KVM_DIRTY_GFN_F_DIRTY`: KVM pushed the entry.
-const GFN_DIRTY: u32 = 1;
-/// `KVM_DIRTY_GFN_F_RESET`: userspace harvested it; `KVM_RESET_DIRTY_RINGS` may recycle it.
-const GFN_RESET: u32 = 2;
 /// Entries per vCPU ring when the caller does not choose (64 KiB per vCPU).
 pub const DEFAULT_RING_ENTRIES: u32 = 4096;
 
-const KVMIO: u32 = 0xAE;
-// _IO(KVMIO, 0xc7), include/uapi/linux/kvm.h.
-ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
-
-/// One vCPU's ring, mapped from its fd.
+/// One vCPU's ring and where its harvest stands.
 struct Ring {
-    entries: *mut kvm_dirty_gfn,
-    /// Number of entries (a power of two).
-    size: u32,
-    /// Index of the next entry to harvest (wraps modulo `size`).
+    map: DirtyRingMap,
+    /// Index of the next entry to harvest (wraps modulo the ring size).
     fetch: u32,
     /// Full-ring exits in a row that found nothing to harvest (see [`DirtyRings::harvest_vcpu`]).
     empty_full_exits: u32,
@@ -62,23 +50,19 @@ impl Ring {
     fn harvest(&mut self, pages: u64, into: &mut PageSet, strays: &mut u64) -> u32 {
         let mut taken = 0;
         loop {
-            let entry = self.entries.wrapping_add((self.fetch % self.size) as usize);
-            // SAFETY: `entry` is inside the ring mapping (index < size); `flags` is a u32 at offset 0
-            // of an 8-aligned entry, shared with KVM, which writes it with release semantics, so it is
-            // only accessed atomically.
-            let flags = unsafe { AtomicU32::from_ptr(&raw mut (*entry).flags) };
-            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+            let flags = self.map.flags(self.fetch);
+            if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
                 return taken;
             }
-            // SAFETY: the acquire load above orders these reads after KVM's writes of the entry,
-            // which it does not touch again until we mark it RESET and ask for a reset.
-            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            // SAFETY: the acquire load above saw DIRTY; the entry is handed back (RESET stored below,
+            // then `KVM_RESET_DIRTY_RINGS` by our caller) only after this read.
+            let (slot, offset) = unsafe { self.map.gfn(self.fetch) };
             if slot == RAM_SLOT && offset < pages {
                 into.insert(offset);
             } else {
                 *strays += 1;
             }
-            flags.store(GFN_RESET, Ordering::Release);
+            flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
             self.fetch = self.fetch.wrapping_add(1);
             taken += 1;
         }
@@ -97,18 +81,18 @@ struct Harvest {
 
 /// The dirty rings of one VM. Shared (`Arc`) between the VM, its vCPU threads and a tracker.
 pub struct DirtyRings {
-    // Field order: the mappings (in `state`) are unmapped in Drop, before the VM fd closes.
+    // Field order: the mappings (in `state`) are unmapped before the VM fd closes.
     state: Mutex<Harvest>,
-    ring_bytes: usize,
+    /// Entries per ring, as enabled on the VM.
+    entries: u32,
     vm_fd: Arc<VmFd>,
     pages: u64,
 }
 
-// SAFETY: the raw ring pointers refer to mappings owned by this struct (unmapped only in Drop) and
-// are only dereferenced under `state`'s lock, with atomic accesses to the flags shared with KVM.
-unsafe impl Send for DirtyRings {}
-// SAFETY: as above: every access goes through the mutex.
-unsafe impl Sync for DirtyRings {}
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<DirtyRings>();
+};
 
 impl DirtyRings {
     /// Enables dirty rings of `entries` entries on a VM that has no vCPU yet (prefers the
@@ -145,33 +129,21 @@ impl DirtyRings {
                 strays: 0,
                 full_exits: 0,
             }),
-            ring_bytes: bytes,
+            entries,
             vm_fd,
             pages,
         })
     }
 
-    /// Maps the ring of the next vCPU (vCPUs are added in id order: ring `i` is vCPU `i`'s).
+    /// Maps the ring of the next vCPU (vCPUs are added in id order: ring `i` is vCPU `i`'s). `vcpu`
+    /// must be a vCPU of the VM this was enabled on (the only caller, `Vm::create_with`, passes the
+    /// vCPUs it creates from that VM's fd).
     pub(crate) fn add_vcpu(&self, vcpu: &VcpuFd) -> anyhow::Result<()> {
-        let page = 4096i64;
-        // SAFETY: maps `ring_bytes` of the vCPU fd at the offset KVM documents for the dirty ring;
-        // a new shared mapping aliases no Rust object. The result is checked.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                self.ring_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                vcpu.as_raw_fd(),
-                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping a vCPU's dirty ring");
-        }
+        // SAFETY: `vcpu` belongs to the VM whose ring `enable` sized to `self.entries` entries (see
+        // the doc above), so KVM backs the whole mapping.
+        let map = unsafe { DirtyRingMap::new(vcpu, self.entries) }.context("mapping a vCPU's dirty ring")?;
         self.lock().rings.push(Ring {
-            entries: addr as *mut kvm_dirty_gfn,
-            size: (self.ring_bytes / std::mem::size_of::<kvm_dirty_gfn>()) as u32,
+            map,
             fetch: 0,
             empty_full_exits: 0,
         });
@@ -180,7 +152,7 @@ impl DirtyRings {
 
     /// Entries per ring.
     pub fn entries(&self) -> u32 {
-        (self.ring_bytes / std::mem::size_of::<kvm_dirty_gfn>()) as u32
+        self.entries
     }
 
     fn lock(&self) -> MutexGuard<'_, Harvest> {
@@ -212,7 +184,7 @@ impl DirtyRings {
                 "the dirty ring of vCPU {vcpu} overflowed ({} entries): KVM pushed past its hard limit and \
                  dirtied pages were lost (kvm-pvm's emulator ignores the soft limit; use a bigger ring or \
                  another tracker)",
-                ring.size
+                ring.map.entries()
             );
         }
         self.reset()
@@ -245,21 +217,7 @@ impl DirtyRings {
 
     /// `KVM_RESET_DIRTY_RINGS` (call with the lock held, after marking entries RESET).
     fn reset(&self) -> anyhow::Result<()> {
-        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; it only reads the rings' shared entries.
-        let ret = unsafe { ioctl(self.vm_fd.as_ref(), KVM_RESET_DIRTY_RINGS()) };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error()).context("KVM_RESET_DIRTY_RINGS");
-        }
+        reset_dirty_rings(&self.vm_fd).context("KVM_RESET_DIRTY_RINGS")?;
         Ok(())
-    }
-}
-
-impl Drop for DirtyRings {
-    fn drop(&mut self) {
-        for ring in &self.lock().rings {
-            // SAFETY: unmapping a mapping made in `add_vcpu` of exactly `ring_bytes`; the pointer is
-            // not used afterwards (the Harvest goes with self).
-            unsafe { libc::munmap(ring.entries as *mut libc::c_void, self.ring_bytes) };
-        }
     }
 }
