@@ -19,7 +19,8 @@ need_target x86_64-unknown-none
 need_component rustfmt
 need_component clippy
 
-# The userfaultfd crate generates its bindings with bindgen at build time, which needs libclang.
+# libclang: the userfaultfd crate needed it for bindgen; no crate in Cargo.lock does any more (the
+# userfaultfd wrapper is perfplus-vmm's own). Kept until a fresh machine shows bpf-linker builds without it.
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-*.so* >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev
 fi
