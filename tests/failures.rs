@@ -76,6 +76,12 @@ fn killing_the_destination_mid_migration_leaves_the_source_guest_running() {
     assert!(guest_counter(&after, "pages_written") > written);
     assert_eq!(guest_counter(&after, "mismatches"), 0);
 
+    // Nothing to resume: `vm resume` is for a guest a committed migration left paused.
+    let out = cluster.cli(&["vm", "resume", "victim", "--agent", &a.addr]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("is not paused"), "{text}");
+
     // And it can still leave, to another destination.
     let c = cluster.agent("c");
     let report = cluster.cli_json(&["migrate", "victim", "--from", &a.addr, "--to", &c.addr, "--json"]);

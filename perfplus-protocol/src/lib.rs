@@ -40,15 +40,36 @@
 //! |<-- RoundAck{r, missing refs} -----------------|  source re-sends the missing pages in full
 //! |   final round (source guest paused):
 //! |-- Pages … RoundEnd … RoundAck (no missing) -->|
-//! |-- VmState{vcpu + device state} -------------->|  restores, resumes the guest
-//! |<-- Running ----------------------------------|  source may now stop its guest for good
+//! |-- VmState{vcpu + device state} -------------->|  restores the guest, keeps it paused
+//! |<-- Restored ---------------------------------|  ready to run it; the source still owns the guest
+//! |-- Commit ------------------------------------>|  the guest is the destination's from here on
+//! |<-- Running ----------------------------------|  the destination runs it
 //! |<-- PageChecksums{xxh3 of every page at resume}|  source compares: lost pages
 //! |<-- GuestCheck{self-check after the resume} ---|
 //! |-- Complete{report} --------------------------->|
 //! ```
-//! Anything that fails before `Running` arrives leaves the source guest running: the source resumes it
-//! and the destination destroys its copy. An `Error` frame may come from either side at any time and ends
-//! the migration with its message.
+//! An `Error` frame may come from either side at any time and ends the migration with its message.
+//!
+//! ## Who owns the guest: the switch-over (version 2)
+//! One side owns the guest at every instant, and only the owner may run it. `Commit` is the one message
+//! that moves ownership, and the destination never runs the guest before it has it.
+//! ```text
+//!  source                                          destination
+//!  Owner (guest running, then paused)              Preparing (empty VM, pages arrive)
+//!    │ any failure: resume the guest here            │ any failure: destroy the VM (it never ran)
+//!    │── VmState ─────────────────────────────────►  Restored (vCPU state loaded, paused)
+//!    │ ◄──────────────────────────────── Restored ───│ no Commit within the peer timeout, or the
+//!    │                                                │ connection lost: destroy the VM
+//!  Committed ── Commit ───────────────────────────►  Owner: start the guest
+//!    │ never resumes its copy by itself              │── Running ──► (lost: the guest still runs here)
+//!    │ Running arrives: Handed over                  │
+//!    │ no Running (pre-copy): keeps its paused copy,  │
+//!    │   fails with "committed, not confirmed"       │
+//!    │ no Running (post-copy): serves pages anyway    │
+//! ```
+//! A source that lost the link after `Commit` cannot know whether the destination runs the guest, so it
+//! keeps its copy paused (never two running copies); `perfplus vm resume` lets an operator who knows that
+//! the destination does not run it take it back.
 //!
 //! ## Post-copy and hybrid (`MigrateOptions::mode`)
 //! Two connections: the one above (*bulk*: rounds, the switch, the background push, acks, the end) and
@@ -60,7 +81,9 @@
 //! |   (guest paused)
 //! |-- PostcopyBegin{bitmap of pages missing} ---->|  drops those pages, registers RAM with userfaultfd
 //! |-- Pages{status page …} (eager) -------------->|
-//! |-- VmState ----------------------------------->|  restores, resumes: faults on missing pages
+//! |-- VmState ----------------------------------->|  restores (paused)
+//! |<-- Restored ---------------------------------|
+//! |-- Commit ------------------------------------>|  starts the guest: faults on missing pages
 //! |<-- Running ----------------------------------|
 //! |<== PageRequest{pages} ======================= |  demand channel: a fault (or an unresolvable Ref)
 //! |=== Pages{requested pages} ==================> |  demand channel
@@ -92,6 +115,7 @@ pub use handshake::{ClusterKey, Role};
 pub use message::*;
 
 /// Protocol version this build speaks. A peer whose range does not include it is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// 2: the switch-over commits (`Restored`, `Commit`) before the destination runs the guest.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest version this build still accepts (a version-1 peer would run the guest before the commit).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;

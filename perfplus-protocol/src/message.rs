@@ -255,6 +255,11 @@ pub enum Message {
     VmStop {
         name: String,
     },
+    /// Resume a paused VM (e.g. one kept paused after a migration that failed past its commit);
+    /// answered with `Vm`.
+    VmResume {
+        name: String,
+    },
     Migrate(MigrateRequest),
     /// Resume post-copy migration `id` now (after a lost connection); streams like `Migrate`.
     MigrateResume {
@@ -288,7 +293,13 @@ pub enum Message {
     },
     /// `postcard` encoding of [`perfplus_vmm::vm::VmState`].
     VmState(Vec<u8>),
-    /// The destination resumed the guest (sent first, so that the source can time the downtime).
+    /// The destination restored the vCPU and device state and holds the guest paused, ready to run it.
+    /// The source still owns the guest.
+    Restored,
+    /// The source hands the guest over: from now on it never resumes its own copy by itself.
+    Commit,
+    /// The destination runs the guest (after `Commit`; sent first, so that the source can time the
+    /// downtime).
     Running,
     /// `checksums[i]` is the xxh3-64 of the destination's page `i` as it was at resume.
     PageChecksums {
@@ -340,6 +351,7 @@ impl Message {
             Message::VmList => "VmList",
             Message::VmStatus { .. } => "VmStatus",
             Message::VmStop { .. } => "VmStop",
+            Message::VmResume { .. } => "VmResume",
             Message::Migrate(..) => "Migrate",
             Message::MigrateResume { .. } => "MigrateResume",
             Message::Vm(..) => "Vm",
@@ -355,6 +367,8 @@ impl Message {
             Message::RoundEnd { .. } => "RoundEnd",
             Message::RoundAck { .. } => "RoundAck",
             Message::VmState(..) => "VmState",
+            Message::Restored => "Restored",
+            Message::Commit => "Commit",
             Message::Running => "Running",
             Message::PageChecksums { .. } => "PageChecksums",
             Message::GuestCheck(..) => "GuestCheck",

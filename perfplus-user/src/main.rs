@@ -98,6 +98,13 @@ enum VmCommand {
         #[arg(long, default_value = "127.0.0.1:7001")]
         agent: String,
     },
+    /// Resume a paused VM: one a migration left paused here after committing it to a destination that
+    /// did not confirm running it. Only do this once you know the destination does not run the guest.
+    Resume {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        agent: String,
+    },
 }
 
 #[derive(Args)]
@@ -315,6 +322,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(VmCommand::Stop { name, agent }) => {
             AgentClient::connect(&agent, &key).await?.stop(&name).await?;
             println!("stopped {name} on {agent}");
+            Ok(())
+        }
+        Command::Vm(VmCommand::Resume { name, agent }) => {
+            let info = AgentClient::connect(&agent, &key).await?.resume_vm(&name).await?;
+            println!("{name} on {agent}: {}", info.run_state);
             Ok(())
         }
         Command::Migrate(args) => {

@@ -29,6 +29,7 @@ impl FrameType {
             Message::VmList => FrameType::VmList,
             Message::VmStatus { .. } => FrameType::VmStatus,
             Message::VmStop { .. } => FrameType::VmStop,
+            Message::VmResume { .. } => FrameType::VmResume,
             Message::Migrate(_) => FrameType::Migrate,
             Message::MigrateResume { .. } => FrameType::MigrateResume,
             Message::Vm(_) => FrameType::Vm,
@@ -45,6 +46,8 @@ impl FrameType {
             Message::RoundAck { .. } => FrameType::RoundAck,
             Message::VmState(_) => FrameType::VmState,
             Message::Running => FrameType::Running,
+            Message::Restored => FrameType::Restored,
+            Message::Commit => FrameType::Commit,
             Message::PageChecksums { .. } => FrameType::PageChecksums,
             Message::GuestCheck(_) => FrameType::GuestCheck,
             Message::Complete(_) => FrameType::Complete,
@@ -84,7 +87,7 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
     match msg {
         Message::VmStart(req) => put_postcard(out, req),
         Message::VmList | Message::Done => {}
-        Message::VmStatus { name } | Message::VmStop { name } => put_postcard(out, name),
+        Message::VmStatus { name } | Message::VmStop { name } | Message::VmResume { name } => put_postcard(out, name),
         Message::Migrate(req) => put_postcard(out, req),
         Message::MigrateResume { id } => put_postcard(out, id),
         Message::Vm(info) => put_postcard(out, info),
@@ -105,7 +108,7 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
             put_u64s(out, missing);
         }
         Message::VmState(state) => out.extend_from_slice(state),
-        Message::Running => {}
+        Message::Running | Message::Restored | Message::Commit => {}
         Message::PageChecksums { checksums } => put_u64s(out, checksums),
         Message::GuestCheck(check) => put_postcard(out, check),
         Message::PostcopyBegin { missing } | Message::ResumeState { missing } => put_u64s(out, missing),
@@ -234,6 +237,9 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::VmStop => Message::VmStop {
             name: get_postcard(frame_type, p)?,
         },
+        FrameType::VmResume => Message::VmResume {
+            name: get_postcard(frame_type, p)?,
+        },
         FrameType::Migrate => Message::Migrate(get_postcard(frame_type, p)?),
         FrameType::MigrateResume => Message::MigrateResume {
             id: get_postcard(frame_type, p)?,
@@ -259,6 +265,8 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         },
         FrameType::VmState => Message::VmState(p.to_vec()),
         FrameType::Running => Message::Running,
+        FrameType::Restored => Message::Restored,
+        FrameType::Commit => Message::Commit,
         FrameType::PageChecksums => Message::PageChecksums {
             checksums: get_u64s(frame_type, p, "page checksums")?,
         },

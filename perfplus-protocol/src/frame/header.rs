@@ -172,6 +172,8 @@ frame_types! {
     MigrateDone = 0x010a, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateResume`].
     MigrateResume = 0x010b, Limit::Max(ATTACH_MAX);
+    /// [`Message::VmResume`].
+    VmResume = 0x010c, Limit::Max(CONTROL_MAX);
     /// [`Message::Track`].
     Track = 0x0120, Limit::Max(CONTROL_MAX);
     /// [`Message::TrackSample`].
@@ -210,6 +212,10 @@ frame_types! {
     ResumeState = 0x0210, Limit::Max(BULK_MAX);
     /// [`Message::Ping`].
     Ping = 0x0211, Limit::Exact(0);
+    /// [`Message::Restored`].
+    Restored = 0x0212, Limit::Exact(0);
+    /// [`Message::Commit`].
+    Commit = 0x0213, Limit::Exact(0);
 }
 
 impl fmt::Display for FrameType {

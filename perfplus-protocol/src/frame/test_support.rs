@@ -108,6 +108,7 @@ pub(super) fn every_message() -> Vec<Message> {
         Message::VmList,
         Message::VmStatus { name: "web".into() },
         Message::VmStop { name: "db".into() },
+        Message::VmResume { name: "db".into() },
         Message::Migrate(MigrateRequest {
             vm: "web".into(),
             destination: "10.0.0.2:7000".into(),
@@ -161,6 +162,8 @@ pub(super) fn every_message() -> Vec<Message> {
             missing: vec![3, 99],
         },
         Message::VmState(vec![9, 8, 7]),
+        Message::Restored,
+        Message::Commit,
         Message::Running,
         Message::PageChecksums {
             checksums: vec![1, 2, 3, u64::MAX],

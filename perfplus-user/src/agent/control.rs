@@ -1,12 +1,15 @@
 //! Control requests from a CLI ([`Role::Control`](perfplus_protocol::Role::Control)): `VmStart`, `VmList`,
-//! `VmStatus`, `VmStop`, `Migrate`, `MigrateResume` and `Track`, each answered on the connection it came on.
+//! `VmStatus`, `VmStop`, `VmResume`, `Migrate`, `MigrateResume` and `Track`, each answered on the connection it
+//! came on.
 use std::sync::Arc;
 
 use anyhow::bail;
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::Message;
 
-use super::registry::Refusal;
+use perfplus_vmm::vm::RunState;
+
+use super::registry::{Busy, Refusal};
 use super::{boot, outgoing, track, vm_info, AgentState};
 
 /// Answers one control request.
@@ -37,6 +40,27 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
             tokio::task::spawn_blocking(move || drop(hosted)).await?;
             tracing::info!(vm = %name, "stopped");
             conn.send(&Message::Done).await
+        }
+        Message::VmResume { name } => {
+            // A claim for the time of the resume: a VM being migrated or tracked is refused.
+            let (claim, hosted) = state
+                .vms
+                .claim(&name, Busy::Migrating)
+                .map_err(|refusal| match refusal {
+                    Refusal::NoSuchVm => state.no_such_vm(&name),
+                    Refusal::Busy(_) => {
+                        anyhow::anyhow!("VM {name:?} is being migrated or tracked; resume it afterwards")
+                    }
+                })?;
+            match hosted.vm.run_state() {
+                RunState::Paused => hosted.vm.resume()?,
+                other => bail!("VM {name:?} is not paused (it is {other:?})"),
+            }
+            tracing::warn!(vm = %name, "resumed by an operator");
+            drop(claim);
+            let hosted = state.vms.get(&name).ok_or_else(|| state.no_such_vm(&name))?;
+            let info = tokio::task::spawn_blocking(move || vm_info(&hosted)).await?;
+            conn.send(&Message::Vm(info)).await
         }
         Message::Migrate(req) => outgoing::migrate_out(state, conn, req).await,
         Message::MigrateResume { id } => outgoing::resume(state, conn, id).await,

@@ -56,6 +56,7 @@ pub(super) async fn migrate_in(
     // A guest whose memory is still arriving (post-copy) is hosted claimed as migrating: it cannot be
     // stopped, migrated or tracked until the claim drops, when `receive` returns.
     let mut filling = None;
+    let mut installed = false;
     let result = receiver::receive(conn, begin, &inbound, attach_rx, |vm, still_filling| {
         let hosted = HostedVm {
             vm,
@@ -69,13 +70,18 @@ pub(super) async fn migrate_in(
         } else {
             reservation.host(hosted);
         }
+        installed = true;
         Ok(())
     })
     .await;
     drop(attached);
     drop(filling);
     if let Err(err) = &result {
-        tracing::warn!(vm = %name, "migration in failed, nothing kept: {err:#}");
+        if installed {
+            tracing::warn!(vm = %name, "migration in ended with an error after the guest started here (it runs here): {err:#}");
+        } else {
+            tracing::warn!(vm = %name, "migration in failed, nothing kept: {err:#}");
+        }
         conn.send_error(&format!("destination: {err:#}")).await;
     }
     result

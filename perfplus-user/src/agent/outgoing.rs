@@ -117,10 +117,12 @@ pub(super) async fn migrate_out(
         }
         Err(err) => {
             drop(claim);
-            Err(err.context(format!(
-                "migrating {} to {} (the VM keeps running here)",
-                req.vm, req.destination
-            )))
+            let here = if err.downcast_ref::<source::CommittedUnconfirmed>().is_some() {
+                "the VM is paused here"
+            } else {
+                "the VM keeps running here"
+            };
+            Err(err.context(format!("migrating {} to {} ({here})", req.vm, req.destination)))
         }
     }
 }

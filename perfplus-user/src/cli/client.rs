@@ -58,6 +58,14 @@ impl AgentClient {
         }
     }
 
+    pub async fn resume_vm(self, name: &str) -> anyhow::Result<VmInfo> {
+        let agent = self.agent.clone();
+        match self.call(Message::VmResume { name: name.to_string() }).await? {
+            Message::Vm(info) => Ok(info),
+            other => bail!("agent {agent} answered VmResume with {}", other.describe()),
+        }
+    }
+
     /// Asks the (source) agent to resume post-copy migration `id` now and waits for its report.
     pub async fn resume(mut self, id: &str) -> anyhow::Result<MigrationReport> {
         self.conn.send(&Message::MigrateResume { id: id.to_string() }).await?;

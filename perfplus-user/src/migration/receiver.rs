@@ -202,11 +202,9 @@ async fn receive_pages(
                         missing.len()
                     );
                 }
-                let state = postcard::from_bytes(&bytes).context("decoding the VM state from the source")?;
-                vm.restore_state(&state)
-                    .context("restoring the vCPU and device state")?;
+                restore_and_commit(conn, vm, &bytes).await?;
                 vm.start().context("starting the migrated guest")?;
-                conn.send(&Message::Running).await?;
+                confirm_running(conn, &begin.vm).await;
                 tracing::info!(vm = %begin.vm, "guest resumed here");
                 return Ok((Resumed::Precopy(checksums), held_counts));
             }
@@ -348,12 +346,10 @@ async fn finish_switch(
         match message {
             Message::Pages(batch) => session.apply(&batch)?,
             Message::VmState(bytes) => {
-                let state = postcard::from_bytes(&bytes).context("decoding the VM state from the source")?;
-                vm.restore_state(&state)
-                    .context("restoring the vCPU and device state")?;
+                restore_and_commit(conn, vm, &bytes).await?;
                 session.resumed_at = Instant::now();
                 vm.start().context("starting the migrated guest")?;
-                conn.send(&Message::Running).await?;
+                confirm_running(conn, &begin.vm).await;
                 tracing::info!(vm = %begin.vm, "guest resumed here in post-copy");
                 return Ok((
                     Resumed::Postcopy {
@@ -365,6 +361,35 @@ async fn finish_switch(
             }
             other => bail!("source sent {} during the post-copy switch", other.describe()),
         }
+    }
+}
+
+/// The destination's half of the switch-over, up to the commit: restores the vCPU and device state
+/// into the (stopped) VM, says `Restored` and waits for the source's `Commit`. Until `Commit` arrives
+/// the source owns the guest: any failure here (no commit within the peer timeout, a lost connection)
+/// returns an error and the VM, which never ran, is destroyed by the caller.
+async fn restore_and_commit(conn: &mut Connection, vm: &mut Vm, state: &[u8]) -> anyhow::Result<()> {
+    let state = postcard::from_bytes(state).context("decoding the VM state from the source")?;
+    vm.restore_state(&state)
+        .context("restoring the vCPU and device state")?;
+    conn.send(&Message::Restored).await?;
+    match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
+        Ok(Ok(Message::Commit)) => Ok(()),
+        Ok(Ok(other)) => bail!("source sent {} instead of Commit", other.describe()),
+        Ok(Err(err)) => Err(err.context("waiting for the source's Commit (the guest never ran here)")),
+        Err(_) => bail!(
+            "the source did not commit within {} s (the guest never ran here)",
+            PEER_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// Tells the source that the guest runs here. The guest is this host's since `Commit`: a lost
+/// `Running` must not stop it, so a failure is only logged (the source, committed, keeps its copy
+/// paused and says so).
+async fn confirm_running(conn: &mut Connection, vm: &str) {
+    if let Err(err) = conn.send(&Message::Running).await {
+        tracing::warn!(vm, "the guest runs here, but telling the source failed: {err:#}");
     }
 }
 
@@ -422,6 +447,7 @@ mod tests {
             cmdline: String::new(),
             options: MigrateOptions {
                 mode: perfplus_protocol::MigrationMode::Precopy,
+                verify_guest: false,
                 ..Default::default()
             },
             migration_id: String::new(),
@@ -522,5 +548,94 @@ mod tests {
             err.contains("source sent page 4096, but the guest has 4096 pages"),
             "{err}"
         );
+    }
+
+    /// A guest paused on a "source" VM in this process: its VM state and its memory, as the last
+    /// round would send them.
+    fn paused_source() -> (Vm, Vec<u8>) {
+        let mut vm = Vm::create("source", PAGES * PAGE_SIZE as u64, 1).unwrap();
+        let cmdline = format!("working-set=1M rate=1k tsc_khz={}", vm.tsc_khz());
+        vm.load_multiboot(perfplus_vmm::vm::builtin_guest::IMAGE, &cmdline)
+            .unwrap();
+        vm.start().unwrap();
+        vm.pause().unwrap();
+        let state = postcard::to_allocvec(&vm.save_state().unwrap()).unwrap();
+        (vm, state)
+    }
+
+    /// Sends every page of `vm` in full and ends round 1.
+    async fn send_memory(src: &mut Connection, vm: &Vm, hasher: &PageHasher) {
+        let mut data = [0u8; PAGE_SIZE];
+        for first in (0..PAGES).step_by(1024) {
+            let mut batch = PageBatch::with_capacity(1024);
+            for page in first..first + 1024 {
+                vm.memory().read_page(page, &mut data);
+                batch.push_full(page, &hasher.digest(&data), &data);
+            }
+            src.send(&Message::Pages(batch)).await.unwrap();
+        }
+        src.send(&Message::RoundEnd { round: 1 }).await.unwrap();
+        match expect(src).await {
+            Message::RoundAck { missing, .. } => assert!(missing.is_empty(), "{missing:?}"),
+            other => panic!("RoundAck expected, got {}", other.name()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_destination_runs_the_guest_only_after_the_commit() {
+        let dest = destination();
+        let hasher = dest.ctx.hasher.clone();
+        let (source_vm, state) = paused_source();
+        let installed = dest.installed.clone();
+        let result = run(&dest, |mut src| async move {
+            expect(&mut src).await; // MigrateReady
+            send_memory(&mut src, &source_vm, &hasher).await;
+            src.send(&Message::VmState(state)).await.unwrap();
+            match expect(&mut src).await {
+                Message::Restored => {}
+                other => panic!("Restored expected, got {}", other.name()),
+            }
+            assert!(
+                !installed.load(Ordering::SeqCst),
+                "restored, not running: the source still owns the guest"
+            );
+            src.send(&Message::Commit).await.unwrap();
+            match expect(&mut src).await {
+                Message::Running => {}
+                other => panic!("Running expected, got {}", other.name()),
+            }
+            let Message::PageChecksums { checksums } = expect(&mut src).await else {
+                panic!("PageChecksums expected");
+            };
+            assert_eq!(checksums.len() as u64, PAGES);
+            let Message::GuestCheck(_) = expect(&mut src).await else {
+                panic!("GuestCheck expected");
+            };
+            src.send(&Message::Complete(Box::default())).await.unwrap();
+        })
+        .await;
+        result.unwrap();
+        assert!(dest.installed.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_source_lost_before_the_commit_leaves_no_guest_here() {
+        let dest = destination();
+        let hasher = dest.ctx.hasher.clone();
+        let (source_vm, state) = paused_source();
+        let result = run(&dest, |mut src| async move {
+            expect(&mut src).await;
+            send_memory(&mut src, &source_vm, &hasher).await;
+            src.send(&Message::VmState(state)).await.unwrap();
+            let Message::Restored = expect(&mut src).await else {
+                panic!("Restored expected");
+            };
+            // The source goes away without committing.
+        })
+        .await;
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains("the guest never ran here"), "{err}");
+        assert!(!dest.installed.load(Ordering::SeqCst));
+        assert!(!dest.ctx.index.lock().unwrap().has_vm("web1"));
     }
 }

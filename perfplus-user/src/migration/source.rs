@@ -47,21 +47,55 @@ pub struct Completed {
     pub page_digests: Option<Vec<PageDigest>>,
 }
 
-/// Moves the VM. On `Err` the source guest is running as before (it was resumed if it had been paused).
+/// Where the guest stands on the source during a migration (see the switch-over in `perfplus_protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ownership {
+    /// The guest runs here.
+    Running,
+    /// Paused here for the switch, and still this host's: a failure resumes it.
+    Paused,
+    /// `Commit` went out (or its sending failed half-way): the destination may run the guest, so the
+    /// engine never resumes it here.
+    Committed,
+}
+
+/// A migration that failed after the source committed: the destination did not confirm that it runs
+/// the guest, which stays paused on the source (never two running copies).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the guest was committed to {destination}, which did not confirm running it: it stays paused here; \
+     resume it here (`perfplus vm resume`) only if {destination} does not run it"
+)]
+pub struct CommittedUnconfirmed {
+    pub destination: String,
+}
+
+/// Moves the VM. On `Err` the source guest is running as before (it was resumed if it had been paused),
+/// unless the error is a [`CommittedUnconfirmed`]: then it is paused here.
 pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> anyhow::Result<Completed> {
     let cpu_start = agent_cpu_ms();
     let started = Instant::now();
     let mut conn = Connection::connect(&job.destination, Role::Peer, &job.key)
         .await
         .with_context(|| format!("connecting to destination agent {}", job.destination))?;
-    let mut paused = false;
-    let result = precopy(&job, &mut conn, &progress, started, &mut paused).await;
+    let mut ownership = Ownership::Running;
+    let result = precopy(&job, &mut conn, &progress, started, &mut ownership).await;
     let mut switched = match result {
         Ok(switched) => switched,
         Err(err) => {
-            if paused {
-                if let Err(resume_err) = job.vm.resume() {
-                    tracing::error!(vm = %job.vm_name, "could not resume the source guest after a failed migration: {resume_err:#}");
+            match ownership {
+                Ownership::Running => {}
+                Ownership::Paused => {
+                    if let Err(resume_err) = job.vm.resume() {
+                        tracing::error!(vm = %job.vm_name, "could not resume the source guest after a failed migration: {resume_err:#}");
+                    }
+                }
+                Ownership::Committed => {
+                    let err = err.context(CommittedUnconfirmed {
+                        destination: job.destination.clone(),
+                    });
+                    tracing::error!(vm = %job.vm_name, "migration to {} failed after the commit: {err:#}", job.destination);
+                    return Err(err);
                 }
             }
             conn.send_error(&format!("source aborts the migration: {err:#}")).await;
@@ -105,7 +139,7 @@ async fn precopy(
     conn: &mut Connection,
     progress: &UnboundedSender<RoundReport>,
     started: Instant,
-    paused: &mut bool,
+    ownership: &mut Ownership,
 ) -> anyhow::Result<Switched> {
     let pages = job.memory_bytes / PAGE_SIZE as u64;
     conn.send(&Message::MigrateBegin(MigrateBegin {
@@ -212,7 +246,7 @@ async fn precopy(
     // Stop, then copy the rest (pre-copy) or hand over at once (post-copy).
     let paused_at = Instant::now();
     job.vm.pause().context("pausing the source guest")?;
-    *paused = true;
+    *ownership = Ownership::Paused;
     if let Some(tracker) = tracker.as_mut() {
         dirty.union_with(&tracker.collect()?);
     }
@@ -247,9 +281,25 @@ async fn precopy(
     let state = job.vm.save_state().context("saving the vCPU and device state")?;
     let state = postcard::to_allocvec(&state).context("encoding the VM state")?;
     conn.send(&Message::VmState(state)).await?;
-    match recv(conn, "Running").await? {
-        Message::Running => {}
+    match recv(conn, "Restored").await? {
+        Message::Restored => {}
         other => bail!("destination answered VmState with {}", other.describe()),
+    }
+    // The commit point. Set first: once Commit may have left, the destination may run the guest.
+    *ownership = Ownership::Committed;
+    conn.send(&Message::Commit).await?;
+    let running = match recv(conn, "Running").await {
+        Ok(Message::Running) => Ok(()),
+        Ok(other) => Err(anyhow::anyhow!("destination answered Commit with {}", other.describe())),
+        Err(err) => Err(err),
+    };
+    if let Err(err) = running {
+        if handoff.is_none() {
+            return Err(err);
+        }
+        // Post-copy: the destination may be running the guest and faulting; serve its pages (the
+        // supply reconnects if the link is down).
+        tracing::warn!(vm = %job.vm_name, "no Running after the commit, serving post-copy pages anyway: {err:#}");
     }
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -557,4 +607,108 @@ fn log_round(vm: &str, r: &RoundReport) {
         ms = format!("{:.1}", r.duration_ms),
         "round done"
     );
+}
+
+/// The source's side of the switch-over against a scripted destination over a real loopback
+/// connection, with a real guest: who runs the guest when the destination goes away before or after
+/// the commit.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use perfplus_protocol::{ClusterKey, MigrateOptions, MigrateReady};
+    use perfplus_vmm::vm::{builtin_guest, RunState};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::hashing::PageHasher;
+
+    /// Where the scripted destination stops answering.
+    #[derive(Clone, Copy, PartialEq)]
+    enum HangUp {
+        /// On `VmState`, before `Restored`: the source still owns the guest.
+        BeforeRestored,
+        /// On `Commit`, before `Running`: the destination may run the guest.
+        AfterCommit,
+    }
+
+    async fn scripted_destination(listener: TcpListener, key: ClusterKey, hang_up: HangUp) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut conn, _) = Connection::accept(stream, &key).await.unwrap();
+        loop {
+            match conn.recv().await.unwrap() {
+                Message::MigrateBegin(_) => conn
+                    .send(&Message::MigrateReady(MigrateReady { held: Vec::new() }))
+                    .await
+                    .unwrap(),
+                Message::Pages(_) => {}
+                Message::RoundEnd { round } => conn
+                    .send(&Message::RoundAck {
+                        round,
+                        missing: Vec::new(),
+                    })
+                    .await
+                    .unwrap(),
+                Message::VmState(_) if hang_up == HangUp::BeforeRestored => return,
+                Message::VmState(_) => conn.send(&Message::Restored).await.unwrap(),
+                Message::Commit => return,
+                other => panic!("unexpected {}", other.name()),
+            }
+        }
+    }
+
+    async fn migrate_to(hang_up: HangUp) -> (Arc<Vm>, anyhow::Error) {
+        let mut vm = Vm::create("web1", 16 << 20, 1).unwrap();
+        let cmdline = format!("working-set=1M rate=1k tsc_khz={}", vm.tsc_khz());
+        vm.load_multiboot(builtin_guest::IMAGE, &cmdline).unwrap();
+        vm.start().unwrap();
+        let vm = Arc::new(vm);
+        let key = ClusterKey::generate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let destination = listener.local_addr().unwrap().to_string();
+        let job = Outbound {
+            vm: vm.clone(),
+            vm_name: "web1".into(),
+            memory_bytes: 16 << 20,
+            vcpus: 1,
+            cmdline,
+            source_name: "source".into(),
+            destination,
+            options: MigrateOptions {
+                mode: MigrationMode::Precopy,
+                max_rounds: 1,
+                verify_guest: false,
+                ..Default::default()
+            },
+            key: key.clone(),
+            hasher: PageHasher::new(&[4; 32]),
+            migration_id: String::new(),
+            resume: Default::default(),
+        };
+        let (progress, _rounds) = tokio::sync::mpsc::unbounded_channel();
+        let (result, ()) = tokio::join!(migrate(job, progress), scripted_destination(listener, key, hang_up));
+        let Err(err) = result else {
+            panic!("the migration cannot complete");
+        };
+        (vm, err)
+    }
+
+    #[tokio::test]
+    async fn a_destination_lost_before_the_commit_leaves_the_guest_running_here() {
+        let (vm, err) = migrate_to(HangUp::BeforeRestored).await;
+        assert!(err.downcast_ref::<CommittedUnconfirmed>().is_none(), "{err:#}");
+        assert_eq!(vm.run_state(), RunState::Running, "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_destination_lost_after_the_commit_leaves_the_guest_paused_here() {
+        let (vm, err) = migrate_to(HangUp::AfterCommit).await;
+        assert!(err.downcast_ref::<CommittedUnconfirmed>().is_some(), "{err:#}");
+        assert!(format!("{err:#}").contains("did not confirm running it"), "{err:#}");
+        assert_eq!(
+            vm.run_state(),
+            RunState::Paused,
+            "never resumed here: the destination may run it"
+        );
+    }
 }
