@@ -94,6 +94,10 @@ pub struct MigrationReport {
     pub agent_cpu_ms: f64,
     pub source_cpu_ms: f64,
     pub destination_cpu_ms: f64,
+    /// How the migration ended: `completed` only when the destination confirmed what it holds.
+    pub outcome: Outcome,
+    /// Why, when the outcome is not `completed`.
+    pub outcome_detail: Option<String>,
     /// Pages whose content differs between source (paused at the switch) and destination (at resume).
     pub lost_pages: u64,
     /// True when every page's checksum matched on both sides.
@@ -123,6 +127,32 @@ pub struct MigrationReport {
     pub predicted_downtime_ms: Option<f64>,
     /// What the eBPF dirty-ring program saw during the pre-copy rounds (dirty-ring VMs only).
     pub ebpf: Option<EbpfReport>,
+}
+
+/// How a migration that reached `Running` ended. (One that did not returns an error instead of a
+/// report: the guest then runs on the source, or, after the commit, waits paused there.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The guest runs on the destination, every page's checksum matched and the guest's self-check
+    /// passed there (or the guest has none).
+    #[default]
+    Completed,
+    /// The guest runs on the destination, but what it holds was not confirmed (checksums or the guest
+    /// check missing, or the self-check failed).
+    Unverified,
+    /// Pages differ between the source's copy and the destination's.
+    PagesLost,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Unverified => "unverified",
+            Outcome::PagesLost => "pages-lost",
+        }
+    }
 }
 
 /// eBPF figures of one migration.
@@ -189,6 +219,7 @@ mod tests {
             "bytes_on_wire",
             "agent_cpu_ms",
             "lost_pages",
+            "outcome",
             "sla_percent",
             "guest_verified",
             "guest_max_stall_ms",

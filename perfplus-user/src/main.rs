@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use perfplus::agent::{Agent, AgentConfig};
 use perfplus::cli::client::AgentClient;
 use perfplus_common::PAGE_SIZE;
+use perfplus_protocol::report::Outcome;
 use perfplus_protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
 use perfplus_vmm::tracking::TrackerKind;
 
@@ -364,8 +365,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", perfplus::report::render::table(&report));
             }
-            if report.lost_pages > 0 {
-                bail!("{} pages differ between source and destination", report.lost_pages);
+            if report.outcome != Outcome::Completed {
+                bail!(
+                    "migration {}: {} (the guest runs on {})",
+                    report.outcome.name(),
+                    report.outcome_detail.as_deref().unwrap_or("no detail"),
+                    report.destination
+                );
             }
             Ok(())
         }

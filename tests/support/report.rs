@@ -30,6 +30,8 @@ pub fn assert_nothing_lost(report: &Value) {
         "the guest's self-check must pass on the destination: {report}"
     );
     assert_eq!(report["guest_mismatches"], 0, "report: {report}");
+    assert_eq!(report["outcome"], "completed", "report: {report}");
+    assert!(report["outcome_detail"].is_null(), "report: {report}");
 }
 
 /// Checks what a completed migration of the built-in guest must show: [`assert_nothing_lost`], the

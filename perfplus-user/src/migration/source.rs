@@ -525,6 +525,7 @@ async fn finish(
         }
     };
     assemble::record_lost_pages(&mut report, &ours, theirs.as_deref());
+    let checksums_received = theirs.is_some();
 
     let check = match recv(&mut conn, "GuestCheck").await {
         Ok(Message::GuestCheck(check)) => Some(*check),
@@ -541,6 +542,12 @@ async fn finish(
     if let Some(check) = &check {
         assemble::record_guest_check(&mut report, check, switched.stall_reset);
     }
+    assemble::record_outcome(
+        &mut report,
+        checksums_received,
+        check.as_ref(),
+        job.options.verify_guest,
+    );
 
     let bytes_on_wire =
         conn.bytes_sent() + conn.bytes_received() + outcome.as_ref().map_or(0, |o| o.other_connection_bytes);

@@ -1,7 +1,7 @@
 //! Assembling the report from what the source measured and what the destination answered. Pure
 //! functions over plain data, so that each rule (what counts as lost, which stall is the guest's own,
 //! how the totals add up) is tested without a migration.
-use perfplus_protocol::report::MigrationReport;
+use perfplus_protocol::report::{MigrationReport, Outcome};
 use perfplus_protocol::GuestCheck;
 
 /// Compares the source's checksum of every page with the destination's (None: the destination never
@@ -51,6 +51,47 @@ pub fn record_guest_check(report: &mut MigrationReport, check: &GuestCheck, stal
     if report.guest_pages_written_before.is_none() {
         report.guest_pages_written_before = check.at_resume.as_ref().map(|s| s.pages_written);
     }
+}
+
+/// Decides the outcome from what the destination confirmed: its page checksums (`checksums_received`),
+/// then the guest check (`None`: it never came). `completed` needs both, no lost page, and a passed
+/// self-check when one was asked for and the guest has one.
+pub fn record_outcome(
+    report: &mut MigrationReport,
+    checksums_received: bool,
+    check: Option<&GuestCheck>,
+    verify_requested: bool,
+) {
+    let (outcome, detail) = if !checksums_received {
+        (
+            Outcome::Unverified,
+            Some("the destination sent no page checksums: what it holds is unknown".to_string()),
+        )
+    } else if report.lost_pages > 0 {
+        (
+            Outcome::PagesLost,
+            Some(format!(
+                "{} pages differ between source and destination",
+                report.lost_pages
+            )),
+        )
+    } else if let Some(check) = check {
+        if verify_requested && check.at_resume.is_some() && !check.verified {
+            (
+                Outcome::Unverified,
+                Some("the guest's self-check did not pass on the destination".to_string()),
+            )
+        } else {
+            (Outcome::Completed, None)
+        }
+    } else {
+        (
+            Outcome::Unverified,
+            Some("the destination sent no guest check".to_string()),
+        )
+    };
+    report.outcome = outcome;
+    report.outcome_detail = detail;
 }
 
 /// Records the totals: bytes on every connection of the migration, the average rate over the total
@@ -121,6 +162,52 @@ mod tests {
         let mut r = MigrationReport::default();
         record_guest_check(&mut r, &check, Some(4));
         assert_eq!(r.guest_max_stall_ms, None, "the guest never saw request 4");
+    }
+
+    #[test]
+    fn only_a_confirmed_migration_is_completed() {
+        let check = |verified, status: bool| GuestCheck {
+            at_resume: status.then(GuestStatus::default),
+            after: None,
+            verified,
+            cpu_ms: 0.0,
+            held_from_store: 0,
+            held_from_hosted_vms: 0,
+            held_from_this_migration: 0,
+            postcopy: None,
+        };
+        let outcome = |lost, checksums, c: Option<&GuestCheck>, verify| {
+            let mut r = MigrationReport {
+                lost_pages: lost,
+                ..Default::default()
+            };
+            record_outcome(&mut r, checksums, c, verify);
+            (r.outcome, r.outcome_detail.is_some())
+        };
+        assert_eq!(
+            outcome(0, true, Some(&check(true, true)), true),
+            (Outcome::Completed, false)
+        );
+        assert_eq!(
+            outcome(0, true, Some(&check(false, false)), true),
+            (Outcome::Completed, false),
+            "a guest without a self-check cannot fail it"
+        );
+        assert_eq!(
+            outcome(0, true, Some(&check(false, true)), false),
+            (Outcome::Completed, false),
+            "verification not asked for"
+        );
+        assert_eq!(
+            outcome(0, true, Some(&check(false, true)), true),
+            (Outcome::Unverified, true)
+        );
+        assert_eq!(outcome(0, true, None, true), (Outcome::Unverified, true));
+        assert_eq!(
+            outcome(3, true, Some(&check(true, true)), true),
+            (Outcome::PagesLost, true)
+        );
+        assert_eq!(outcome(4096, false, None, true), (Outcome::Unverified, true));
     }
 
     #[test]

@@ -142,6 +142,14 @@ pub fn table(r: &MigrationReport) -> String {
         );
     }
     let _ = writeln!(out, "availability        {:.9} % over a 30-day month", r.sla_percent);
+    match &r.outcome_detail {
+        Some(detail) => {
+            let _ = writeln!(out, "outcome             {}: {detail}", r.outcome.name().to_uppercase());
+        }
+        None => {
+            let _ = writeln!(out, "outcome             {}", r.outcome.name());
+        }
+    }
     out
 }
 
