@@ -108,8 +108,14 @@ pub(super) async fn migrate_out(
             let hosted = claim.remove();
             let report = completed.report;
             if let Some(hosted) = hosted {
-                archive::keep_pages(state, &req.vm, &hosted.vm, completed.page_digests);
-                tokio::task::spawn_blocking(move || drop(hosted)).await?;
+                // Archiving writes the guest's pages to disk and dropping the VM joins its threads:
+                // both off the async runtime, which serves every other connection.
+                let (state, name, digests) = (state.clone(), req.vm.clone(), completed.page_digests);
+                tokio::task::spawn_blocking(move || {
+                    archive::keep_pages(&state, &name, &hosted.vm, digests);
+                    drop(hosted);
+                })
+                .await?;
             }
             tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
                 lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
