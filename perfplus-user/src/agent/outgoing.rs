@@ -12,7 +12,7 @@ use super::registry::{Busy, Refusal};
 use super::{archive, AgentState};
 use crate::migration::outbound::ResumeSignal;
 use crate::migration::{postcopy, source, Outbound};
-use crate::report::MigrationReport;
+use crate::report::{MigrationReport, Outcome};
 
 /// An outgoing migration a CLI can resume (`MigrateResume`) and wait for.
 #[derive(Clone)]
@@ -103,8 +103,18 @@ pub(super) async fn migrate_out(
     }));
     drop(registration);
     match result {
+        Ok(completed) if completed.report.outcome != Outcome::Completed => {
+            // The guest runs on the destination, but what it holds was not confirmed: the paused copy
+            // here is kept (never resumed by the agent) for the operator to compare or recover from.
+            drop(claim);
+            let report = completed.report;
+            tracing::error!(vm = %req.vm, to = %req.destination, outcome = report.outcome.name(),
+                detail = report.outcome_detail.as_deref().unwrap_or(""),
+                "migration out ended unconfirmed; the guest runs on the destination, its paused copy stays here");
+            conn.send(&Message::MigrateDone(Box::new(report))).await
+        }
         Ok(completed) => {
-            // The VM runs on the destination now: it leaves the registry with its claim.
+            // The VM runs on the destination now, confirmed: it leaves the registry with its claim.
             let hosted = claim.remove();
             let report = completed.report;
             if let Some(hosted) = hosted {
