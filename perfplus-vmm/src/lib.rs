@@ -24,6 +24,8 @@ pub mod vm;
 
 #[cfg(test)]
 mod guest_tests;
+#[cfg(test)]
+mod test_mapping;
 
 pub use memory::GuestMemory;
 pub use page_set::PageSet;

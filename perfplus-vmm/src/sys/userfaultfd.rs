@@ -406,6 +406,7 @@ mod tests {
     use super::*;
 
     const PAGE: usize = 4096;
+    use crate::test_mapping::Mapping;
 
     /// `_IOC_SIZE` of an ioctl number.
     fn ioc_size(nr: libc::c_ulong) -> usize {
@@ -429,76 +430,6 @@ mod tests {
         // struct uffd_msg: arg at 8; arg.pagefault.flags at 8, .address at 16, .feat.ptid at 24.
         assert_eq!(size_of::<UffdMsg>(), 32);
         assert_eq!(offset_of!(UffdMsg, arg), 8);
-    }
-
-    /// A mapping made with raw `mmap` and only accessed through raw pointers (so that the kernel
-    /// may install pages in it); unmapped on drop.
-    struct Mapping {
-        addr: *mut u8,
-        len: usize,
-    }
-
-    // SAFETY: plain memory owned by the Mapping; accessed only with raw-pointer reads and writes.
-    unsafe impl Send for Mapping {}
-    // SAFETY: as above.
-    unsafe impl Sync for Mapping {}
-
-    impl Mapping {
-        /// `pages` anonymous private pages, or (`memfd`) a shared mapping of a memfd, like guest RAM.
-        fn new(pages: usize, memfd: bool) -> Self {
-            let len = pages * PAGE;
-            let (flags, fd) = if memfd {
-                // SAFETY: a valid NUL-terminated name and flags; the result is checked.
-                let fd = unsafe { libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC) };
-                assert!(fd >= 0);
-                // SAFETY: `fd` is the memfd just created.
-                assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
-                (libc::MAP_SHARED, fd)
-            } else {
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
-            };
-            // SAFETY: a fresh mapping at an address the kernel picks, owned by the returned value.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    flags,
-                    fd,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            if fd >= 0 {
-                // SAFETY: the mapping keeps the file; closing our fd of it is fine.
-                unsafe { libc::close(fd) };
-            }
-            Self { addr: addr.cast(), len }
-        }
-
-        fn page(&self, page: usize) -> u64 {
-            assert!(page * PAGE < self.len);
-            self.addr as u64 + (page * PAGE) as u64
-        }
-
-        fn read(&self, page: usize, offset: usize) -> u8 {
-            assert!(page * PAGE + offset < self.len);
-            // SAFETY: inside the mapping (checked); a raw read, no reference.
-            unsafe { self.addr.add(page * PAGE + offset).read_volatile() }
-        }
-
-        fn write(&self, page: usize, offset: usize, value: u8) {
-            assert!(page * PAGE + offset < self.len);
-            // SAFETY: inside the mapping (checked); a raw write, no reference.
-            unsafe { self.addr.add(page * PAGE + offset).write_volatile(value) }
-        }
-    }
-
-    impl Drop for Mapping {
-        fn drop(&mut self) {
-            // SAFETY: unmapping our own mapping; no reference into it exists.
-            unsafe { libc::munmap(self.addr.cast(), self.len) };
-        }
     }
 
     /// Waits for the next message, which must be a page fault; returns it.

@@ -249,64 +249,13 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use crate::test_mapping::Mapping;
 
     fn assert_send<T: Send>() {}
 
     #[test]
     fn tracker_is_send() {
         assert_send::<UffdWpTracker>();
-    }
-
-    /// An anonymous mapping of `pages` pages, unmapped on drop.
-    struct Buffer {
-        addr: *mut u8,
-        len: usize,
-    }
-
-    // SAFETY: the mapping is plain memory owned by the Buffer; accesses go through raw pointers.
-    unsafe impl Send for Buffer {}
-    // SAFETY: as above; threads write distinct bytes with volatile stores.
-    unsafe impl Sync for Buffer {}
-
-    impl Buffer {
-        fn new(pages: usize) -> Self {
-            let len = pages * PAGE_SIZE;
-            // SAFETY: a fresh anonymous private mapping, owned by the returned Buffer.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            Self {
-                addr: addr as *mut u8,
-                len,
-            }
-        }
-
-        fn write(&self, page: usize, value: u8) {
-            assert!(page * PAGE_SIZE < self.len);
-            // SAFETY: inside the mapping (checked); a volatile byte store to memory we own.
-            unsafe { std::ptr::write_volatile(self.addr.add(page * PAGE_SIZE + 7), value) }
-        }
-
-        fn read(&self, page: usize) -> u8 {
-            assert!(page * PAGE_SIZE < self.len);
-            // SAFETY: inside the mapping (checked).
-            unsafe { std::ptr::read_volatile(self.addr.add(page * PAGE_SIZE + 7)) }
-        }
-    }
-
-    impl Drop for Buffer {
-        fn drop(&mut self) {
-            // SAFETY: unmapping our own mapping; no reference into it outlives the Buffer.
-            unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-        }
     }
 
     /// A small xorshift generator, so that the patterns are reproducible.
@@ -323,9 +272,9 @@ mod tests {
     #[test]
     fn host_thread_writes_are_reported_exactly() {
         const PAGES: usize = 4096;
-        let buffer = Arc::new(Buffer::new(PAGES));
+        let buffer = Arc::new(Mapping::new(PAGES, false));
         for page in 0..PAGES {
-            buffer.write(page, 1); // populate every page
+            buffer.write(page, 7, 1); // populate every page
         }
         let mut tracker = UffdWpTracker::for_range(buffer.addr as usize, buffer.len as u64).unwrap();
         assert!(tracker.collect().unwrap().is_empty(), "nothing written since start");
@@ -338,39 +287,39 @@ mod tests {
                 let pages = expected.clone();
                 std::thread::spawn(move || {
                     for &p in &pages {
-                        buffer.write(p as usize, round as u8);
-                        buffer.write(p as usize, round as u8 + 1); // twice: still one report
+                        buffer.write(p as usize, 7, round as u8);
+                        buffer.write(p as usize, 7, round as u8 + 1); // twice: still one report
                     }
                 })
             };
             writer.join().unwrap();
             // Reads report nothing.
             for p in 0..PAGES {
-                std::hint::black_box(buffer.read(p));
+                std::hint::black_box(buffer.read(p, 7));
             }
             let dirty = tracker.collect().unwrap();
             assert_eq!(dirty.iter().collect::<BTreeSet<_>>(), expected, "round {round}");
         }
         drop(tracker);
         // Unregistered: writes are fine and the buffer holds the last values.
-        buffer.write(0, 9);
-        assert_eq!(buffer.read(0), 9);
+        buffer.write(0, 7, 9);
+        assert_eq!(buffer.read(0, 7), 9);
     }
 
     #[test]
     fn unpopulated_pages_written_later_are_reported() {
-        let buffer = Buffer::new(1024);
-        buffer.write(3, 1);
+        let buffer = Mapping::new(1024, false);
+        buffer.write(3, 7, 1);
         let mut tracker = UffdWpTracker::for_range(buffer.addr as usize, buffer.len as u64).unwrap();
-        buffer.write(3, 2); // protected at start
-        buffer.write(500, 2); // a hole at start
+        buffer.write(3, 7, 2); // protected at start
+        buffer.write(500, 7, 2); // a hole at start
         let dirty = tracker.collect().unwrap();
         assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![3, 500]);
         assert!(tracker.collect().unwrap().is_empty());
-        buffer.write(500, 3);
+        buffer.write(500, 7, 3);
         assert_eq!(tracker.collect().unwrap().iter().collect::<Vec<_>>(), vec![500]);
         // A hole that is only read is reported once (the documented over-report), then not again.
-        std::hint::black_box(buffer.read(700));
+        std::hint::black_box(buffer.read(700, 7));
         let once = tracker.collect().unwrap();
         assert!(once.iter().all(|p| p == 700), "{once:?}");
         assert!(tracker.collect().unwrap().is_empty());
@@ -380,7 +329,7 @@ mod tests {
     fn bad_ranges_are_refused_with_context() {
         let err = UffdWpTracker::for_range(4097, 4096).err().unwrap().to_string();
         assert!(err.contains("page-aligned"), "{err}");
-        let buffer = Buffer::new(4);
+        let buffer = Mapping::new(4, false);
         let _first = UffdWpTracker::for_range(buffer.addr as usize, buffer.len as u64).unwrap();
         let err = format!(
             "{:#}",
