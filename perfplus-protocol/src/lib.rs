@@ -100,6 +100,22 @@
 //! `MigrateResume{id}` from a CLI): new bulk connection `PostcopyAttach{id, Bulk}` ⇒ `ResumeState{bitmap
 //! of pages still missing}`, then a new demand connection; outstanding requests are sent again.
 //!
+//! A link that stays down (version 3): after `MigrateOptions::postcopy_timeout_ms` without one, or on an
+//! operator's `MigrateCancel{id}`, each side ends its half on its own, and never by letting a missing
+//! page read as zeros (the destination keeps its userfaultfd registration until every page is present):
+//! ```text
+//!  source (guest paused, every page kept)        destination (guest running, pages missing)
+//!    │ link down: reconnect with back-off            │ link down: vCPUs wait on their faults;
+//!    │                                               │   status "waiting for pages from A since T"
+//!    │ limit passed, or MigrateCancel:               │ limit passed, or the source's Error:
+//!    │   ends `postcopy-broken`: Error to the peer,  │   Stalled: the guest is paused (vCPUs park;
+//!    │   its copy stays paused here (stale since     │   one blocked on a page stays blocked), and
+//!    │   the switch; `vm resume` if B is gone)       │   resumes if the source reconnects
+//!    │                                               │ MigrateCancel: the incomplete copy is destroyed
+//! ```
+//! Neither side runs the guest after the source gives up: an operator chooses (cancel on the
+//! destination, `vm resume` of the stale copy on the source).
+//!
 //! ## Control (CLI → agent, role Control)
 //! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
 //! `MigrateDone` (or `Error`), and `Track`, which streams one `TrackSample` per interval and ends
@@ -116,6 +132,8 @@ pub use message::*;
 
 /// Protocol version this build speaks. A peer whose range does not include it is refused.
 /// 2: the switch-over commits (`Restored`, `Commit`) before the destination runs the guest.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Oldest version this build still accepts (a version-1 peer would run the guest before the commit).
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// 3: post-copy has a time limit for a lost link (`MigrateOptions::postcopy_timeout_ms`) and can be
+/// cancelled (`MigrateCancel`).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Oldest version this build still accepts (a version-2 peer's options lack the post-copy time limit).
+pub const MIN_PROTOCOL_VERSION: u16 = 3;

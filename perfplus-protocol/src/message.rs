@@ -34,8 +34,11 @@ pub struct VmInfo {
     pub name: String,
     pub memory_bytes: u64,
     pub vcpus: u8,
-    /// "running", "paused", "halted", "failed: …".
+    /// "running", "paused", "paused (migrating)", "halted", "failed: …".
     pub run_state: String,
+    /// Why the VM is in that state, when there is more to say: a post-copy migration waiting for pages
+    /// ("waiting for pages from A since 12:03:04 UTC …"), a paused copy a migration left here.
+    pub note: Option<String>,
     pub cmdline: String,
     /// The built-in guest's status page, when the guest publishes one.
     pub guest: Option<perfplus_vmm::vm::GuestStatus>,
@@ -63,7 +66,14 @@ pub struct MigrateOptions {
     /// started with; the source agent always fills it in `MigrateBegin`, and the destination creates
     /// the VM in the mode that tracker needs, so that the VM can migrate on with it.
     pub tracker: Option<TrackerKind>,
+    /// Post-copy: how long either side waits for a lost link to come back before it gives up (the
+    /// source ends the migration as `postcopy-broken`; the destination pauses the guest and waits for
+    /// the source or an operator's `MigrateCancel`).
+    pub postcopy_timeout_ms: u64,
 }
+
+/// Default of [`MigrateOptions::postcopy_timeout_ms`]: a minute.
+pub const DEFAULT_POSTCOPY_TIMEOUT_MS: u64 = 60_000;
 
 /// How a migration moves memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +154,7 @@ impl Default for MigrateOptions {
             hot_last: true,
             mode: MigrationMode::Hybrid,
             tracker: None,
+            postcopy_timeout_ms: DEFAULT_POSTCOPY_TIMEOUT_MS,
         }
     }
 }
@@ -265,6 +276,15 @@ pub enum Message {
     MigrateResume {
         id: String,
     },
+    /// Give up migration `id` (outgoing or incoming post-copy) on the agent it is sent to; answered
+    /// with `Cancelled` (an `Error` if there is no such migration here).
+    MigrateCancel {
+        id: String,
+    },
+    /// Reply to `MigrateCancel`: what became of the guest.
+    Cancelled {
+        what_happened: String,
+    },
     /// Reply to VmStart / VmStatus.
     Vm(VmInfo),
     /// Reply to VmList.
@@ -354,6 +374,8 @@ impl Message {
             Message::VmResume { .. } => "VmResume",
             Message::Migrate(..) => "Migrate",
             Message::MigrateResume { .. } => "MigrateResume",
+            Message::MigrateCancel { .. } => "MigrateCancel",
+            Message::Cancelled { .. } => "Cancelled",
             Message::Vm(..) => "Vm",
             Message::Vms(..) => "Vms",
             Message::Done => "Done",

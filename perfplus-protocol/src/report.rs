@@ -143,6 +143,12 @@ pub enum Outcome {
     Unverified,
     /// Pages differ between the source's copy and the destination's.
     PagesLost,
+    /// Post-copy ended before every page reached the destination (the link stayed down past the time
+    /// limit, or an operator cancelled): the destination's guest lacks pages and is paused there; the
+    /// source's paused copy is stale since the switch. The guest is lost unless the link comes back.
+    PostcopyBroken,
+    /// An operator cancelled the migration before the commit: the guest keeps running on the source.
+    Cancelled,
 }
 
 impl Outcome {
@@ -151,6 +157,8 @@ impl Outcome {
             Outcome::Completed => "completed",
             Outcome::Unverified => "unverified",
             Outcome::PagesLost => "pages-lost",
+            Outcome::PostcopyBroken => "postcopy-broken",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cli;
 pub mod content_index;
 pub mod ebpf;
+pub mod fault_injection;
 pub mod hashing;
 pub mod migration;
 pub mod page_store;

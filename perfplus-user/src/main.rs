@@ -146,13 +146,13 @@ struct VmStartArgs {
 #[derive(Args)]
 struct MigrateArgs {
     /// Name of the VM to move.
-    #[arg(required_unless_present = "resume")]
+    #[arg(required_unless_present_any = ["resume", "cancel"])]
     name: Option<String>,
     /// Agent that runs the VM now.
-    #[arg(long)]
-    from: String,
+    #[arg(long, required_unless_present = "cancel")]
+    from: Option<String>,
     /// Agent that should run it afterwards.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present_any = ["resume", "cancel"])]
     to: Option<String>,
     /// precopy (rounds, then stop-and-copy), postcopy (switch at once, memory follows on demand and by
     /// background push) or hybrid (pre-copy while it converges, then post-copy).
@@ -162,6 +162,21 @@ struct MigrateArgs {
     /// now, and wait for its report. The id is in the report and in the source agent's log.
     #[arg(long, conflicts_with_all = ["name", "to"])]
     resume: Option<String>,
+    /// Give up the migration with this id on the agent `--agent` names. On the source before the
+    /// commit, the guest keeps running there. In post-copy, on the source: the supply stops and the
+    /// destination's guest, lacking pages, is paused there; on the destination: its incomplete copy
+    /// is destroyed, and the source's paused copy (stale since the switch) is what remains. The
+    /// answer says which.
+    #[arg(long, requires = "agent", conflicts_with_all = ["name", "to", "resume", "from"])]
+    cancel: Option<String>,
+    /// The agent to send `--cancel` to (the source or the destination).
+    #[arg(long, requires = "cancel")]
+    agent: Option<String>,
+    /// Post-copy: how long either side waits for a lost link to come back before giving up (the
+    /// destination then pauses the guest and waits for the source or a `--cancel`; the source ends
+    /// the migration as `postcopy-broken`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration_ms)]
+    postcopy_timeout: f64,
     /// Longest acceptable downtime (e.g. 30ms, 0.2s): pre-copy iterates until the remaining dirty
     /// pages can be sent within it at the rate measured so far.
     #[arg(long, default_value = "30ms", value_parser = parse_duration_ms)]
@@ -331,9 +346,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => {
-            let client = AgentClient::connect(&args.from, &key).await?;
+            if let (Some(id), Some(agent)) = (&args.cancel, &args.agent) {
+                let what_happened = AgentClient::connect(agent, &key).await?.cancel(id).await?;
+                println!("migration {id} cancelled on {agent}: {what_happened}");
+                return Ok(());
+            }
+            let from = args.from.clone().unwrap_or_default();
+            let client = AgentClient::connect(&from, &key).await?;
             let report = if let Some(id) = &args.resume {
-                eprintln!("resuming migration {id} on {} ...", args.from);
+                eprintln!("resuming migration {id} on {from} ...");
                 client.resume(id).await?
             } else {
                 let (name, to) = (
@@ -351,9 +372,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         hot_last: args.order == "hot-last",
                         mode: args.mode,
                         tracker: args.tracker,
+                        postcopy_timeout_ms: args.postcopy_timeout.round().max(1.0) as u64,
                     },
                 };
-                eprintln!("migrating {name} from {} to {to} ({}) ...", args.from, args.mode.name());
+                eprintln!("migrating {name} from {from} to {to} ({}) ...", args.mode.name());
                 client
                     .migrate(request, |round| {
                         eprintln!("  {}", perfplus::report::render::progress_line(round))
@@ -366,11 +388,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", perfplus::report::render::table(&report));
             }
             if report.outcome != Outcome::Completed {
+                let runs = match report.outcome {
+                    Outcome::PostcopyBroken => "the guest runs nowhere".to_string(),
+                    _ => format!(
+                        "the guest runs on {}, its paused copy stays on {}",
+                        report.destination, report.source
+                    ),
+                };
                 bail!(
-                    "migration {}: {} (the guest runs on {})",
+                    "migration {}: {} ({runs})",
                     report.outcome.name(),
                     report.outcome_detail.as_deref().unwrap_or("no detail"),
-                    report.destination
                 );
             }
             Ok(())
@@ -423,6 +451,9 @@ fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {
         info.memory_bytes >> 20,
         info.vcpus
     );
+    if let Some(note) = &info.note {
+        println!("  note: {note}");
+    }
     println!("  cmdline: {}", info.cmdline);
     if let Some(g) = &info.guest {
         println!(

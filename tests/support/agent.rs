@@ -24,6 +24,17 @@ impl TestAgent {
     /// on a free loopback port; inside namespace `netns` on a free port of every address there, so
     /// that a peer in another namespace reaches it ([`TestAgent::addr_via`]).
     pub fn start(key_file: &Path, state_dir: &Path, page_store_size: &str, netns: Option<&str>) -> TestAgent {
+        Self::start_with_env(key_file, state_dir, page_store_size, netns, &[])
+    }
+
+    /// [`TestAgent::start`] with more environment variables for the agent (e.g. a fault point).
+    pub fn start_with_env(
+        key_file: &Path,
+        state_dir: &Path,
+        page_store_size: &str,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> TestAgent {
         std::fs::create_dir_all(state_dir).expect("agent state dir");
         let log = state_dir.join("agent.log");
         let listen = if netns.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
@@ -40,6 +51,7 @@ impl TestAgent {
             ])
             .arg(state_dir)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()

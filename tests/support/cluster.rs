@@ -57,6 +57,17 @@ impl Cluster {
         TestAgent::start(&self.key_file, &self.dir.path().join(name), page_store_size, netns)
     }
 
+    /// [`Cluster::start_agent`] with more environment variables for the agent (e.g. a fault point).
+    pub fn start_agent_with_env(
+        &self,
+        name: &str,
+        page_store_size: &str,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> TestAgent {
+        TestAgent::start_with_env(&self.key_file, &self.dir.path().join(name), page_store_size, netns, env)
+    }
+
     /// The CLI with this cluster's key and `args`, to run inside `netns` (None: here).
     pub fn command_in(&self, netns: Option<&str>, args: &[&str]) -> Command {
         let mut cmd = perfplus_command(netns);

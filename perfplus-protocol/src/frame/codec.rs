@@ -32,6 +32,8 @@ impl FrameType {
             Message::VmResume { .. } => FrameType::VmResume,
             Message::Migrate(_) => FrameType::Migrate,
             Message::MigrateResume { .. } => FrameType::MigrateResume,
+            Message::MigrateCancel { .. } => FrameType::MigrateCancel,
+            Message::Cancelled { .. } => FrameType::Cancelled,
             Message::Vm(_) => FrameType::Vm,
             Message::Vms(_) => FrameType::Vms,
             Message::Done => FrameType::Done,
@@ -89,7 +91,8 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::VmList | Message::Done => {}
         Message::VmStatus { name } | Message::VmStop { name } | Message::VmResume { name } => put_postcard(out, name),
         Message::Migrate(req) => put_postcard(out, req),
-        Message::MigrateResume { id } => put_postcard(out, id),
+        Message::MigrateResume { id } | Message::MigrateCancel { id } => put_postcard(out, id),
+        Message::Cancelled { what_happened } => put_postcard(out, what_happened),
         Message::Vm(info) => put_postcard(out, info),
         Message::Vms(list) => put_postcard(out, list),
         Message::Progress(round) => put_postcard(out, round),
@@ -243,6 +246,12 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::Migrate => Message::Migrate(get_postcard(frame_type, p)?),
         FrameType::MigrateResume => Message::MigrateResume {
             id: get_postcard(frame_type, p)?,
+        },
+        FrameType::MigrateCancel => Message::MigrateCancel {
+            id: get_postcard(frame_type, p)?,
+        },
+        FrameType::Cancelled => Message::Cancelled {
+            what_happened: get_postcard(frame_type, p)?,
         },
         FrameType::Vm => Message::Vm(get_postcard(frame_type, p)?),
         FrameType::Vms => Message::Vms(get_postcard(frame_type, p)?),

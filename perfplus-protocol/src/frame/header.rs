@@ -48,7 +48,7 @@ pub const VM_LIST_MAX: usize = 16 * MIB;
 pub const BULK_MAX: usize = 128 * MIB;
 /// Pages in one `PageRequest` at most.
 pub const PAGE_REQUEST_MAX: usize = 4096;
-/// Largest `PostcopyAttach` / `MigrateResume` payload (an id and a tag).
+/// Largest `PostcopyAttach` / `MigrateResume` / `MigrateCancel` payload (an id and a tag).
 pub const ATTACH_MAX: usize = 256;
 /// Largest `VmState` payload.
 pub const VM_STATE_MAX: usize = 4 * MIB;
@@ -174,6 +174,10 @@ frame_types! {
     MigrateResume = 0x010b, Limit::Max(ATTACH_MAX);
     /// [`Message::VmResume`].
     VmResume = 0x010c, Limit::Max(CONTROL_MAX);
+    /// [`Message::MigrateCancel`].
+    MigrateCancel = 0x010d, Limit::Max(ATTACH_MAX);
+    /// [`Message::Cancelled`].
+    Cancelled = 0x010e, Limit::Max(CONTROL_MAX);
     /// [`Message::Track`].
     Track = 0x0120, Limit::Max(CONTROL_MAX);
     /// [`Message::TrackSample`].

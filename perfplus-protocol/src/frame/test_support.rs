@@ -49,6 +49,7 @@ pub(super) fn vm_info() -> VmInfo {
         memory_bytes: 256 << 20,
         vcpus: 2,
         run_state: "running".into(),
+        note: Some("waiting for pages from 10.0.0.1:7001 since 12:03:04 UTC".into()),
         cmdline: "wss=1000".into(),
         guest: Some(GuestStatus {
             state: 2,
@@ -87,6 +88,7 @@ pub(super) fn every_message() -> Vec<Message> {
         hot_last: false,
         mode: crate::MigrationMode::Postcopy,
         tracker: Some(perfplus_vmm::tracking::TrackerKind::UffdWp),
+        postcopy_timeout_ms: 4_500,
     };
     vec![
         Message::VmStart(VmStartRequest {
@@ -183,6 +185,10 @@ pub(super) fn every_message() -> Vec<Message> {
         })),
         Message::Complete(Box::new(report())),
         Message::MigrateResume { id: "0123abcd".into() },
+        Message::MigrateCancel { id: "0123abcd".into() },
+        Message::Cancelled {
+            what_happened: "the guest stays paused here".into(),
+        },
         Message::PostcopyBegin {
             missing: vec![u64::MAX, 1],
         },

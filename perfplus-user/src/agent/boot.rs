@@ -51,6 +51,7 @@ pub(super) async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> an
             vcpus,
             cmdline,
             tracker,
+            note: Default::default(),
         },
         busy: None,
     };

@@ -10,7 +10,7 @@ use perfplus_protocol::Message;
 use perfplus_vmm::vm::RunState;
 
 use super::registry::{Busy, Refusal};
-use super::{boot, outgoing, track, vm_info, AgentState};
+use super::{boot, incoming, outgoing, track, vm_info, AgentState};
 
 /// Answers one control request.
 pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Message) -> anyhow::Result<()> {
@@ -34,7 +34,10 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
         Message::VmStop { name } => {
             let hosted = state.vms.stop(&name).map_err(|refusal| match refusal {
                 Refusal::NoSuchVm => state.no_such_vm(&name),
-                Refusal::Busy(_) => anyhow::anyhow!("VM {name:?} is being migrated; stop it afterwards"),
+                Refusal::Busy(_) => anyhow::anyhow!(
+                    "VM {name:?} is being migrated or tracked; stop it afterwards, or end its migration first \
+                     (`perfplus migrate --cancel ID --agent ...`; the id is in `vm status` and the agent's log)"
+                ),
             })?;
             state.index.lock().expect("index lock").remove_vm(&name);
             tokio::task::spawn_blocking(move || drop(hosted)).await?;
@@ -56,6 +59,7 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
                 RunState::Paused => hosted.vm.resume()?,
                 other => bail!("VM {name:?} is not paused (it is {other:?})"),
             }
+            hosted.note.clear();
             tracing::warn!(vm = %name, "resumed by an operator");
             drop(claim);
             let hosted = state.vms.get(&name).ok_or_else(|| state.no_such_vm(&name))?;
@@ -64,6 +68,20 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
         }
         Message::Migrate(req) => outgoing::migrate_out(state, conn, req).await,
         Message::MigrateResume { id } => outgoing::resume(state, conn, id).await,
+        Message::MigrateCancel { id } => {
+            let what_happened = match outgoing::cancel(state, &id).await {
+                Some(text) => text,
+                None => match incoming::cancel(state, &id).await {
+                    Some(text) => text,
+                    None => bail!(
+                        "no migration with id {id:?} on agent {}: neither an outgoing one nor an incoming \
+                         one in post-copy (cancel a pre-copy migration on its source)",
+                        state.name
+                    ),
+                },
+            };
+            conn.send(&Message::Cancelled { what_happened }).await
+        }
         Message::Track(req) => track::track(state, conn, req).await,
         other => bail!("{} is not a control request", other.describe()),
     }

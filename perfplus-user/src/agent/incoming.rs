@@ -9,7 +9,19 @@ use perfplus_protocol::{MigrationMode, MIGRATION_ID_MAX};
 
 use super::registry::{check_name, Busy};
 use super::{AgentState, HostedVm};
+use crate::migration::postcopy::demand::PostcopyAbandoned;
+use crate::migration::postcopy::AttachTx;
 use crate::migration::receiver;
+use crate::migration::signals::{CancelSignal, StatusNote};
+
+/// An incoming post-copy migration, by id: where its other connections go, and its cancel.
+#[derive(Clone)]
+pub(super) struct IncomingHandle {
+    pub(super) attach: AttachTx,
+    pub(super) cancel: CancelSignal,
+    /// Set when the migration has ended, with what became of the guest.
+    pub(super) done: tokio::sync::watch::Receiver<Option<String>>,
+}
 
 /// `MigrateBegin`: receives a VM from another agent and hosts it here once it resumes. The name is
 /// reserved while the VM arrives; on failure nothing is kept.
@@ -33,10 +45,16 @@ pub(super) async fn migrate_in(
         }
     };
     tracing::info!(vm = %name, memory_bytes = begin.memory_bytes, "migration in starts");
+    let note = StatusNote::default();
+    let cancel = CancelSignal::default();
     let inbound = receiver::Inbound {
         hasher: state.hasher.clone(),
         index: state.index.clone(),
+        source: conn.peer().to_string(),
+        note: note.clone(),
+        cancel: cancel.clone(),
     };
+    let (done_tx, done_rx) = tokio::sync::watch::channel(None);
     let (memory_bytes, vcpus, cmdline) = (begin.memory_bytes, begin.vcpus, begin.cmdline.clone());
     let tracker = begin.options.tracker.unwrap_or_default();
     let (attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -49,7 +67,14 @@ pub(super) async fn migrate_in(
             conn.send_error(&text).await;
             bail!(text);
         }
-        Some(state.attach.register(id.clone(), attach_tx.clone()))
+        Some(state.attach.register(
+            id.clone(),
+            IncomingHandle {
+                attach: attach_tx.clone(),
+                cancel,
+                done: done_rx,
+            },
+        ))
     } else {
         None
     };
@@ -64,6 +89,7 @@ pub(super) async fn migrate_in(
             vcpus,
             cmdline,
             tracker,
+            note,
         };
         if still_filling {
             filling = Some(reservation.host_claimed(hosted, Busy::Migrating));
@@ -75,7 +101,30 @@ pub(super) async fn migrate_in(
     })
     .await;
     drop(attached);
+    let abandoned = result
+        .as_ref()
+        .err()
+        .and_then(|err| err.downcast_ref::<PostcopyAbandoned>());
+    if let (Some(abandoned), Some(claim)) = (abandoned, filling.take()) {
+        // The operator gave this incomplete copy up: destroy it (off the runtime: dropping a VM joins
+        // its vCPU threads). What remains of the guest is the source's paused copy.
+        let missing = abandoned.missing;
+        let removed = claim.remove();
+        state.index.lock().expect("index lock").remove_vm(&name);
+        tokio::task::spawn_blocking(move || drop(removed)).await?;
+        let text = format!(
+            "the incomplete copy of {name} here ({missing} pages missing) is destroyed; what remains of \
+             the guest is the source's paused copy, stale since the switch (`perfplus vm resume` there)"
+        );
+        tracing::error!(vm = %name, "{text}");
+        let _ = done_tx.send(Some(text));
+        return result;
+    }
     drop(filling);
+    let _ = done_tx.send(Some(match &result {
+        Ok(()) => format!("the migration of {name} had completed: it runs here"),
+        Err(err) => format!("the migration of {name} had ended: {err:#}"),
+    }));
     if let Err(err) = &result {
         if installed {
             tracing::warn!(vm = %name, "migration in ended with an error after the guest started here (it runs here): {err:#}");
@@ -94,9 +143,10 @@ pub(super) async fn attach(
     attach: perfplus_protocol::PostcopyAttach,
 ) -> anyhow::Result<()> {
     match state.attach.get(&attach.id) {
-        Some(tx) => {
+        Some(handle) => {
             tracing::info!(id = %attach.id, channel = ?attach.channel, "post-copy connection attached");
-            if let Err(tokio::sync::mpsc::error::SendError((mut conn, _))) = tx.send((conn, attach.channel)) {
+            if let Err(tokio::sync::mpsc::error::SendError((mut conn, _))) = handle.attach.send((conn, attach.channel))
+            {
                 conn.send_error("that migration has ended").await;
             }
             Ok(())
@@ -107,4 +157,20 @@ pub(super) async fn attach(
             bail!(text)
         }
     }
+}
+
+/// `MigrateCancel` of an incoming post-copy migration: the guest here is paused and destroyed (it
+/// lacks pages). Returns what became of it, or None if no incoming post-copy migration has that id.
+pub(super) async fn cancel(state: &Arc<AgentState>, id: &str) -> Option<String> {
+    let mut handle = state.attach.get(id)?;
+    handle.cancel.cancel();
+    tracing::warn!(%id, "incoming post-copy migration cancelled by an operator");
+    let text = handle
+        .done
+        .wait_for(|done| done.is_some())
+        .await
+        .ok()
+        .and_then(|done| done.clone())
+        .unwrap_or_else(|| "the migration ended".to_string());
+    Some(text)
 }

@@ -34,7 +34,7 @@ use self::by_id::ById;
 use self::registry::{Busy, Registry, Snapshot};
 use crate::content_index::ContentIndex;
 use crate::hashing::PageHasher;
-use crate::migration::postcopy::AttachTx;
+use crate::migration::signals::StatusNote;
 use crate::page_store::PageStore;
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{ClusterKey, Message, Role, VmInfo};
@@ -65,6 +65,9 @@ struct HostedVm {
     cmdline: String,
     /// The dirty tracker the VM was created for (its migrations' default).
     tracker: TrackerKind,
+    /// What the agent says about the VM beyond its run state (post-copy waiting for pages, a paused
+    /// copy a migration left here).
+    note: StatusNote,
 }
 
 /// What `VmList` and `VmStatus` say about a hosted VM. Blocking: it reads the guest's memory, and the
@@ -88,6 +91,7 @@ fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
         memory_bytes: hosted.memory_bytes,
         vcpus: hosted.vcpus,
         run_state,
+        note: hosted.note.get(),
         cmdline: hosted.cmdline.clone(),
         guest: hosted.vm.guest_status(),
         console_tail: hosted.vm.console_tail(),
@@ -106,8 +110,8 @@ struct AgentState {
     /// The VMs hosted, the names reserved by boots and arrivals, and which VM is migrating or tracked.
     vms: Registry<HostedVm>,
     index: Arc<Mutex<ContentIndex>>,
-    /// Incoming post-copy migrations by id: where `PostcopyAttach` connections go.
-    attach: ById<AttachTx>,
+    /// Incoming post-copy migrations by id: where `PostcopyAttach` connections go, and their cancel.
+    attach: ById<incoming::IncomingHandle>,
     /// Outgoing migrations by id: their resume signal and, once done, their result.
     outbound: ById<outgoing::OutboundHandle>,
 }

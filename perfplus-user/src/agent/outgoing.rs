@@ -11,6 +11,7 @@ use perfplus_vmm::vm::RunState;
 use super::registry::{Busy, Refusal};
 use super::{archive, AgentState};
 use crate::migration::outbound::ResumeSignal;
+use crate::migration::signals::{time_of_day, CancelSignal};
 use crate::migration::{postcopy, source, Outbound};
 use crate::report::{MigrationReport, Outcome};
 
@@ -18,6 +19,7 @@ use crate::report::{MigrationReport, Outcome};
 #[derive(Clone)]
 pub(super) struct OutboundHandle {
     pub(super) resume: ResumeSignal,
+    pub(super) cancel: CancelSignal,
     pub(super) done: tokio::sync::watch::Receiver<Option<Result<MigrationReport, String>>>,
 }
 
@@ -53,6 +55,7 @@ pub(super) async fn migrate_out(
     let job = Outbound {
         migration_id: postcopy::new_migration_id(),
         resume: Default::default(),
+        cancel: Default::default(),
         vm: hosted.vm,
         vm_name: req.vm.clone(),
         memory_bytes: hosted.memory_bytes,
@@ -68,6 +71,8 @@ pub(super) async fn migrate_out(
         hasher: state.hasher.clone(),
     };
     let id = job.migration_id.clone();
+    let note = hosted.note.clone();
+    note.set(format!("migrating to {} (migration {id})", req.destination));
     tracing::info!(vm = %req.vm, to = %req.destination, %id, mode = req.options.mode.name(), "migration out starts");
     let (done_tx, done_rx) = tokio::sync::watch::channel(None);
     // Found by `MigrateResume` until the migration ends.
@@ -75,6 +80,7 @@ pub(super) async fn migrate_out(
         id.clone(),
         OutboundHandle {
             resume: job.resume.clone(),
+            cancel: job.cancel.clone(),
             done: done_rx,
         },
     );
@@ -104,10 +110,18 @@ pub(super) async fn migrate_out(
     drop(registration);
     match result {
         Ok(completed) if completed.report.outcome != Outcome::Completed => {
-            // The guest runs on the destination, but what it holds was not confirmed: the paused copy
-            // here is kept (never resumed by the agent) for the operator to compare or recover from.
-            drop(claim);
+            // The guest runs on the destination, but what it holds was not confirmed (or post-copy
+            // broke): the paused copy here is kept (never resumed by the agent) for the operator to
+            // compare or recover from.
             let report = completed.report;
+            note.set(format!(
+                "kept after migration {id} to {} ended {} at {}; resume it here only if {} does not run it",
+                req.destination,
+                report.outcome.name(),
+                time_of_day(),
+                req.destination
+            ));
+            drop(claim);
             tracing::error!(vm = %req.vm, to = %req.destination, outcome = report.outcome.name(),
                 detail = report.outcome_detail.as_deref().unwrap_or(""),
                 "migration out ended unconfirmed; the guest runs on the destination, its paused copy stays here");
@@ -132,8 +146,20 @@ pub(super) async fn migrate_out(
             conn.send(&Message::MigrateDone(Box::new(report))).await
         }
         Err(err) => {
+            let committed = err.downcast_ref::<source::CommittedUnconfirmed>().is_some();
+            if committed {
+                note.set(format!(
+                    "kept after migration {id} to {} failed past its commit at {}; resume it here only if {} \
+                     does not run it",
+                    req.destination,
+                    time_of_day(),
+                    req.destination
+                ));
+            } else {
+                note.clear();
+            }
             drop(claim);
-            let here = if err.downcast_ref::<source::CommittedUnconfirmed>().is_some() {
+            let here = if committed {
                 "the VM is paused here"
             } else {
                 "the VM keeps running here"
@@ -141,6 +167,26 @@ pub(super) async fn migrate_out(
             Err(err.context(format!("migrating {} to {} ({here})", req.vm, req.destination)))
         }
     }
+}
+
+/// `MigrateCancel` of an outgoing migration: signals it and waits for its end. Returns what became of
+/// the guest, or None if no outgoing migration has that id.
+pub(super) async fn cancel(state: &Arc<AgentState>, id: &str) -> Option<String> {
+    let mut handle = state.outbound.get(id)?;
+    handle.cancel.cancel();
+    tracing::warn!(%id, "outgoing migration cancelled by an operator");
+    let result = handle.done.wait_for(|r| r.is_some()).await.ok()?.clone()?;
+    Some(match result {
+        Ok(report) if report.outcome == Outcome::Completed => {
+            "too late to cancel: the migration had completed and the guest runs on the destination".to_string()
+        }
+        Ok(report) => format!(
+            "migration ended {}: {}",
+            report.outcome.name(),
+            report.outcome_detail.unwrap_or_default()
+        ),
+        Err(text) => format!("migration failed: {text}"),
+    })
 }
 
 /// `MigrateResume`: wakes the outgoing migration `id` (a post-copy migration that lost its link

@@ -78,6 +78,15 @@ impl AgentClient {
         }
     }
 
+    /// Cancels migration `id` on this agent; returns what became of the guest.
+    pub async fn cancel(mut self, id: &str) -> anyhow::Result<String> {
+        self.conn.send(&Message::MigrateCancel { id: id.to_string() }).await?;
+        match self.conn.recv().await? {
+            Message::Cancelled { what_happened } => Ok(what_happened),
+            other => bail!("agent {} answered the cancel with {}", self.agent, other.describe()),
+        }
+    }
+
     /// Asks the agent to migrate a VM; `on_round` sees every round as it finishes.
     pub async fn migrate(
         mut self,

@@ -10,6 +10,7 @@ pub mod page_sender;
 pub mod page_sink;
 pub mod postcopy;
 pub mod receiver;
+pub mod signals;
 pub mod source;
 
 pub use outbound::Outbound;

@@ -6,6 +6,7 @@ use perfplus_protocol::{ClusterKey, MigrateOptions};
 use perfplus_vmm::vm::Vm;
 use tokio::sync::Notify;
 
+use super::signals::CancelSignal;
 use crate::hashing::PageHasher;
 
 /// Shared between the agent and a migration in post-copy: wakes its reconnection loop.
@@ -27,4 +28,7 @@ pub struct Outbound {
     pub migration_id: String,
     /// Wakes a post-copy migration's reconnection loop at once (`perfplus migrate --resume`).
     pub resume: ResumeSignal,
+    /// An operator's `perfplus migrate --cancel`: before the commit the guest keeps running here; in
+    /// post-copy the supply stops and the migration ends `postcopy-broken`.
+    pub cancel: CancelSignal,
 }

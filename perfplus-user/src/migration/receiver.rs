@@ -16,8 +16,10 @@ use perfplus_common::PAGE_SIZE;
 use super::page_sink::{apply_batch, HeldCounts, IndexedVm, PageSink};
 use super::postcopy::demand::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
 use super::postcopy::AttachRx;
+use super::signals::{CancelSignal, StatusNote};
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::content_index::ContentIndex;
+use crate::fault_injection;
 use crate::hashing::{page_checksum, PageHasher};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
@@ -35,6 +37,12 @@ pub const GUEST_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Inbound {
     pub hasher: PageHasher,
     pub index: Arc<Mutex<ContentIndex>>,
+    /// The source agent, as the operator knows it (for the status note).
+    pub source: String,
+    /// The incoming VM's status note (post-copy: "waiting for pages from ... since ...").
+    pub note: StatusNote,
+    /// An operator's `perfplus migrate --cancel` of this post-copy migration.
+    pub cancel: CancelSignal,
 }
 
 /// How the guest came to run here.
@@ -100,7 +108,7 @@ pub async fn receive(
         }
         Resumed::Postcopy { mut session, demand } => {
             install(vm.clone(), true)?;
-            let (stats, demand) = demand::run(&mut session, conn, *demand, &mut attach).await?;
+            let (stats, demand) = demand::run(&mut session, &vm, conn, *demand, &mut attach).await?;
             _demand_channel = demand;
             counters.add(session.held);
             postcopy = Some(stats);
@@ -162,6 +170,7 @@ async fn receive_pages(
     attach: &mut AttachRx,
 ) -> anyhow::Result<(Resumed, HeldCounts)> {
     conn.send(&Message::MigrateReady(MigrateReady { held })).await?;
+    fault_injection::reached("dest:begin").await;
     let memory = vm.memory().clone();
     let zero = [0u8; PAGE_SIZE];
     let zero_digest = ctx.hasher.digest(&zero);
@@ -194,8 +203,10 @@ async fn receive_pages(
             Message::RoundEnd { round } => {
                 let missing = std::mem::take(&mut missing);
                 conn.send(&Message::RoundAck { round, missing }).await?;
+                fault_injection::reached(&format!("dest:round-{round}")).await;
             }
             Message::VmState(bytes) => {
+                fault_injection::reached("dest:state").await;
                 if !missing.is_empty() {
                     bail!(
                         "source sent the VM state while {} referenced pages are still missing",
@@ -326,6 +337,11 @@ async fn start_postcopy(
         unresolved: Default::default(),
         resumed_at: Instant::now(),
         reconnects: 0,
+        source: ctx.source.clone(),
+        migration_id: begin.migration_id.clone(),
+        limit: Duration::from_millis(begin.options.postcopy_timeout_ms),
+        note: ctx.note.clone(),
+        cancel: ctx.cancel.clone(),
     };
     Ok((Box::new(session), demand))
 }
@@ -346,6 +362,7 @@ async fn finish_switch(
         match message {
             Message::Pages(batch) => session.apply(&batch)?,
             Message::VmState(bytes) => {
+                fault_injection::reached("dest:state").await;
                 restore_and_commit(conn, vm, &bytes).await?;
                 session.resumed_at = Instant::now();
                 vm.start().context("starting the migrated guest")?;
@@ -373,8 +390,12 @@ async fn restore_and_commit(conn: &mut Connection, vm: &mut Vm, state: &[u8]) ->
     vm.restore_state(&state)
         .context("restoring the vCPU and device state")?;
     conn.send(&Message::Restored).await?;
+    fault_injection::reached("dest:restored").await;
     match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
-        Ok(Ok(Message::Commit)) => Ok(()),
+        Ok(Ok(Message::Commit)) => {
+            fault_injection::reached("dest:commit").await;
+            Ok(())
+        }
         Ok(Ok(other)) => bail!("source sent {} instead of Commit", other.describe()),
         Ok(Err(err)) => Err(err.context("waiting for the source's Commit (the guest never ran here)")),
         Err(_) => bail!(
@@ -391,6 +412,7 @@ async fn confirm_running(conn: &mut Connection, vm: &str) {
     if let Err(err) = conn.send(&Message::Running).await {
         tracing::warn!(vm, "the guest runs here, but telling the source failed: {err:#}");
     }
+    fault_injection::reached("dest:running").await;
 }
 
 /// Waits until the guest completed two verification sweeps after `at_resume` (so one ran entirely on
@@ -434,6 +456,9 @@ mod tests {
             ctx: Inbound {
                 index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), None))),
                 hasher,
+                source: "scripted source".into(),
+                note: Default::default(),
+                cancel: Default::default(),
             },
             installed: Arc::new(AtomicBool::new(false)),
         }

@@ -31,11 +31,12 @@ use super::page_sender::{Content, PageDecision, PageSender};
 use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
+use crate::fault_injection;
 use crate::hashing::{page_checksum, PageDigest};
 use crate::report::{assemble, sla_percent, MigrationReport, RoundReport};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{PageBatch, PAGE_BATCH_MAX_ITEMS};
-use perfplus_protocol::{Channel, Message, MigrateBegin, MigrationMode, Role};
+use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrationMode, Role};
 use perfplus_vmm::tracking::{self, TrackerKind};
 use perfplus_vmm::vm::Vm;
 use perfplus_vmm::PageSet;
@@ -121,6 +122,8 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
 /// What pre-copy hands to the switch-over bookkeeping.
 struct Switched {
     rounds: Vec<RoundReport>,
+    /// When the source guest was paused for the switch.
+    paused_at: Instant,
     downtime_ms: f64,
     total_ms: f64,
     stop_reason: String,
@@ -156,6 +159,7 @@ async fn precopy(
         other => bail!("destination answered MigrateBegin with {}", other.describe()),
     };
     tracing::info!(vm = %job.vm_name, held = held.len(), "destination ready");
+    fault_injection::reached("source:begin").await;
 
     // The guest measures its own longest stall; start that measurement now.
     let stall_reset = Some(job.vm.request_stall_reset());
@@ -190,6 +194,9 @@ async fn precopy(
     let mut stop_reason = String::from("post-copy from the start");
     let mut to_postcopy = mode == MigrationMode::Postcopy;
     while let Some(tracker) = tracker.as_mut().filter(|_| !to_postcopy) {
+        if job.cancel.is_cancelled() {
+            bail!("cancelled by an operator");
+        }
         let number = rounds.len() as u32 + 1;
         let report = send_round(
             job,
@@ -203,6 +210,7 @@ async fn precopy(
         .await?;
         let _ = progress.send(report.clone());
         log_round(&job.vm_name, &report);
+        fault_injection::reached(&format!("source:round-{number}")).await;
         // eBPF heat first: reading its maps takes a few ms, and the dirty set must be collected as
         // late as possible before the decision (what is written after it goes to the next round).
         let writes = match ebpf.as_mut().map(|(probe, events)| (probe.sample(), events)) {
@@ -247,6 +255,7 @@ async fn precopy(
     let paused_at = Instant::now();
     job.vm.pause().context("pausing the source guest")?;
     *ownership = Ownership::Paused;
+    fault_injection::reached("source:stop-and-copy").await;
     if let Some(tracker) = tracker.as_mut() {
         dirty.union_with(&tracker.collect()?);
     }
@@ -278,6 +287,7 @@ async fn precopy(
         log_round(&job.vm_name, &report);
         rounds.push(report);
     }
+    fault_injection::reached("source:state").await;
     let state = job.vm.save_state().context("saving the vCPU and device state")?;
     let state = postcard::to_allocvec(&state).context("encoding the VM state")?;
     conn.send(&Message::VmState(state)).await?;
@@ -285,9 +295,13 @@ async fn precopy(
         Message::Restored => {}
         other => bail!("destination answered VmState with {}", other.describe()),
     }
+    if job.cancel.is_cancelled() {
+        bail!("cancelled by an operator before the commit");
+    }
     // The commit point. Set first: once Commit may have left, the destination may run the guest.
     *ownership = Ownership::Committed;
     conn.send(&Message::Commit).await?;
+    fault_injection::reached("source:commit").await;
     let running = match recv(conn, "Running").await {
         Ok(Message::Running) => Ok(()),
         Ok(other) => Err(anyhow::anyhow!("destination answered Commit with {}", other.describe())),
@@ -301,6 +315,7 @@ async fn precopy(
         // supply reconnects if the link is down).
         tracing::warn!(vm = %job.vm_name, "no Running after the commit, serving post-copy pages anyway: {err:#}");
     }
+    fault_injection::reached("source:running").await;
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(tracker);
@@ -311,6 +326,7 @@ async fn precopy(
     Ok(Switched {
         handoff,
         rounds,
+        paused_at,
         downtime_ms,
         total_ms,
         stop_reason,
@@ -513,30 +529,22 @@ async fn finish(
         report.reconnects = o.reconnects;
     }
 
-    let theirs = match recv(&mut conn, "PageChecksums").await {
-        Ok(Message::PageChecksums { checksums }) => Some(checksums),
-        Ok(other) => {
-            tracing::error!("destination sent {} instead of its page checksums", other.describe());
-            None
-        }
-        Err(err) => {
-            tracing::error!("no page checksums from the destination: {err:#}");
-            None
-        }
+    let broken = outcome.as_ref().and_then(|o| o.broken.as_ref());
+    if let Some(broken) = broken {
+        // Nothing more comes from the destination; tell it (if it still listens) that the source ends.
+        conn.send_error(&format!("the source ends post-copy: {}", broken.why))
+            .await;
+    }
+    let theirs = match broken {
+        Some(_) => None,
+        None => recv_page_checksums(&mut conn).await,
     };
     assemble::record_lost_pages(&mut report, &ours, theirs.as_deref());
     let checksums_received = theirs.is_some();
 
-    let check = match recv(&mut conn, "GuestCheck").await {
-        Ok(Message::GuestCheck(check)) => Some(*check),
-        Ok(other) => {
-            tracing::error!("destination sent {} instead of the guest check", other.describe());
-            None
-        }
-        Err(err) => {
-            tracing::error!("no guest check from the destination: {err:#}");
-            None
-        }
+    let check = match broken {
+        Some(_) => None,
+        None => recv_guest_check(&mut conn).await,
     };
     let destination_cpu_ms = check.as_ref().map_or(0.0, |c| c.cpu_ms);
     if let Some(check) = &check {
@@ -548,6 +556,10 @@ async fn finish(
         check.as_ref(),
         job.options.verify_guest,
     );
+    if let Some(broken) = broken {
+        let down_ms = switched.paused_at.elapsed().as_secs_f64() * 1e3;
+        assemble::record_postcopy_broken(&mut report, &broken.why, broken.missing, down_ms);
+    }
 
     let bytes_on_wire =
         conn.bytes_sent() + conn.bytes_received() + outcome.as_ref().map_or(0, |o| o.other_connection_bytes);
@@ -558,14 +570,44 @@ async fn finish(
         destination_cpu_ms,
     );
     let _ = started;
-    if let Err(err) = conn.send(&Message::Complete(Box::new(report.clone()))).await {
-        tracing::warn!("could not send the final report to the destination: {err:#}");
+    if broken.is_none() {
+        if let Err(err) = conn.send(&Message::Complete(Box::new(report.clone()))).await {
+            tracing::warn!("could not send the final report to the destination: {err:#}");
+        }
     }
     let page_digests = job
         .options
         .hashing
         .then(|| switched.sender.destination_digests().to_vec());
     Ok(Completed { report, page_digests })
+}
+
+async fn recv_page_checksums(conn: &mut Connection) -> Option<Vec<u64>> {
+    match recv(conn, "PageChecksums").await {
+        Ok(Message::PageChecksums { checksums }) => Some(checksums),
+        Ok(other) => {
+            tracing::error!("destination sent {} instead of its page checksums", other.describe());
+            None
+        }
+        Err(err) => {
+            tracing::error!("no page checksums from the destination: {err:#}");
+            None
+        }
+    }
+}
+
+async fn recv_guest_check(conn: &mut Connection) -> Option<GuestCheck> {
+    match recv(conn, "GuestCheck").await {
+        Ok(Message::GuestCheck(check)) => Some(*check),
+        Ok(other) => {
+            tracing::error!("destination sent {} instead of the guest check", other.describe());
+            None
+        }
+        Err(err) => {
+            tracing::error!("no guest check from the destination: {err:#}");
+            None
+        }
+    }
 }
 
 /// The tracker of this migration (the agent resolves the VM's own before the job starts).
@@ -691,6 +733,7 @@ mod tests {
             hasher: PageHasher::new(&[4; 32]),
             migration_id: String::new(),
             resume: Default::default(),
+            cancel: Default::default(),
         };
         let (progress, _rounds) = tokio::sync::mpsc::unbounded_channel();
         let (result, ()) = tokio::join!(migrate(job, progress), scripted_destination(listener, key, hang_up));

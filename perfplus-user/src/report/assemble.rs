@@ -94,6 +94,22 @@ pub fn record_outcome(
     report.outcome_detail = detail;
 }
 
+/// Post-copy that ended before the destination had every page (`why`: the time limit passed without
+/// a link, or an operator cancelled; `missing`: pages the destination lacked at its last
+/// acknowledgement). The guest is not verified running anywhere from the switch on, so availability
+/// counts the whole time since the source paused it (`down_ms`) as down, not the switch's downtime.
+pub fn record_postcopy_broken(report: &mut MigrationReport, why: &str, missing: u64, down_ms: f64) {
+    report.outcome = Outcome::PostcopyBroken;
+    report.outcome_detail = Some(format!(
+        "post-copy broken ({why}): {missing} pages never reached {}, whose guest waits for them \
+         (paused once the time limit passes); the copy paused on {} is stale since the switch, \
+         {:.0} ms ago. The guest runs nowhere: cancel it on {} (`perfplus migrate --cancel {}`) \
+         or resume the stale copy (`perfplus vm resume`)",
+        report.destination, report.source, down_ms, report.destination, report.migration_id,
+    ));
+    report.sla_percent = super::sla_percent(down_ms);
+}
+
 /// Records the totals: bytes on every connection of the migration, the average rate over the total
 /// time, and the CPU both agents spent.
 pub fn record_totals(report: &mut MigrationReport, bytes_on_wire: u64, source_cpu_ms: f64, destination_cpu_ms: f64) {
@@ -208,6 +224,23 @@ mod tests {
             (Outcome::PagesLost, true)
         );
         assert_eq!(outcome(4096, false, None, true), (Outcome::Unverified, true));
+    }
+
+    #[test]
+    fn broken_postcopy_counts_the_time_since_the_switch_as_down() {
+        let mut r = MigrationReport {
+            destination: "b:7001".into(),
+            migration_id: "0123".into(),
+            downtime_ms: 5.0,
+            sla_percent: super::super::sla_percent(5.0),
+            ..Default::default()
+        };
+        record_postcopy_broken(&mut r, "cancelled by an operator", 12, 60_000.0);
+        assert_eq!(r.outcome, Outcome::PostcopyBroken);
+        assert_eq!(r.sla_percent, super::super::sla_percent(60_000.0));
+        let detail = r.outcome_detail.unwrap();
+        assert!(detail.contains("12 pages never reached b:7001"), "{detail}");
+        assert!(detail.contains("--cancel 0123"), "{detail}");
     }
 
     #[test]

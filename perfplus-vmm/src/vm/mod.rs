@@ -339,6 +339,19 @@ impl Vm {
         vcpu::pause_all(&self.control, &self.threads).with_context(|| format!("VM {}: pause", self.name))
     }
 
+    /// Asks the vCPUs to park at their next exit and returns at once (see [`vcpu::request_pause`]):
+    /// for a guest whose vCPUs may be blocked on missing post-copy pages. [`Vm::resume`] undoes it.
+    pub fn request_pause(&self) {
+        vcpu::request_pause(&self.control);
+    }
+
+    /// Asks the vCPUs to exit for good and returns at once; dropping the VM joins them. For a VM
+    /// that will be destroyed while a vCPU may wait on a userfaultfd fault: ask first, then release
+    /// the userfaultfd (which lets the fault complete), then drop.
+    pub fn request_stop(&self) {
+        vcpu::request_stop(&self.control, &self.threads);
+    }
+
     pub fn resume(&self) -> anyhow::Result<()> {
         vcpu::resume_all(&self.control);
         Ok(())

@@ -230,6 +230,10 @@ fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
             }
             if st.want == Want::Pause && !io_pending {
                 st.parked += 1;
+                // The last to park completes a pause nobody waits for ([`request_pause`]).
+                if st.parked == st.threads && st.run_state == RunState::Running {
+                    st.run_state = RunState::Paused;
+                }
                 ctx.control.cond.notify_all();
                 while st.want == Want::Pause {
                     st = ctx.control.cond.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -357,6 +361,27 @@ pub fn pause_all(control: &Control, threads: &[VcpuThread]) -> anyhow::Result<Du
         st.run_state = RunState::Paused;
     }
     Ok(start.elapsed())
+}
+
+/// Asks every thread to park at its next exit from KVM_RUN, without kicking and without waiting:
+/// a vCPU blocked on a page that userfaultfd has not supplied stays blocked (and parks once the page
+/// comes). A kick would not get it out: under kvm-pvm a fault with a signal pending is retried in the
+/// kernel without end, spinning a core. The VM's run state becomes `Paused` when the last thread parks.
+pub fn request_pause(control: &Control) {
+    let mut st = control.lock();
+    if st.want == Want::Run {
+        st.want = Want::Pause;
+    }
+}
+
+/// Asks every thread to exit (kicking them) without waiting; `stop_all` joins them later.
+pub fn request_stop(control: &Control, threads: &[VcpuThread]) {
+    let mut st = control.lock();
+    st.want = Want::Stop;
+    for t in threads {
+        t.kick();
+    }
+    control.cond.notify_all();
 }
 
 /// Lets paused threads run again.

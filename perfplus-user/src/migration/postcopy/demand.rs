@@ -9,7 +9,15 @@
 //!
 //! A lost connection changes nothing for the guest: its vCPUs wait on their faults. The loop waits for
 //! the source to attach a new bulk connection (answers `ResumeState` with the pages still missing), then
-//! a new demand channel, and sends the outstanding requests again.
+//! a new demand channel, and sends the outstanding requests again. No error after the switch lets a
+//! missing page become zeros: every failure of a connection or of a batch counts as a lost link; the
+//! userfaultfd registration stays until every page is present.
+//!
+//! Fail-safe ([`run`]): while the link is down the VM's status note says since when it waits for pages.
+//! If the link stays down for the migration's post-copy time limit (or the source says it gave up), the
+//! guest is paused, still waiting for the source to reconnect (it is resumed if it does). An operator's
+//! cancel pauses it and ends the migration with [`PostcopyAbandoned`]: the agent then destroys this
+//! incomplete copy (the source's paused copy, stale since the switch, is what remains).
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,12 +25,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use perfplus_common::PAGE_SIZE;
+use perfplus_protocol::connection::ConnectionError;
+use perfplus_vmm::vm::Vm;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::{bitmap_of, AttachRx, LINK_TIMEOUT, PING_INTERVAL};
 use crate::content_index::ContentIndex;
+use crate::fault_injection;
 use crate::hashing::{page_checksum, PageDigest};
 use crate::migration::page_sink::{apply_batch, HeldCounts, IndexedVm, PageSink};
+use crate::migration::signals::{time_of_day, CancelSignal, StatusNote};
 use crate::report::Latency;
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{PageBatch, PAGE_REQUEST_MAX};
@@ -241,6 +253,21 @@ pub struct Session {
     pub unresolved: BTreeSet<u64>,
     pub resumed_at: Instant,
     pub reconnects: u32,
+    /// The source, as the operator knows it (for the status note).
+    pub source: String,
+    pub migration_id: String,
+    /// How long the link may stay down before the guest is paused.
+    pub limit: Duration,
+    pub note: StatusNote,
+    pub cancel: CancelSignal,
+}
+
+/// Post-copy given up on the destination by an operator's cancel: the guest here lacks pages and is
+/// paused (never resumed); the agent destroys it.
+#[derive(Debug, thiserror::Error)]
+#[error("post-copy cancelled by an operator with {missing} pages still missing: this incomplete copy cannot run")]
+pub struct PostcopyAbandoned {
+    pub missing: u64,
 }
 
 impl Session {
@@ -281,6 +308,9 @@ enum Event {
     Request(u64),
     Tick,
     Attach(Connection, Channel),
+    /// The link has been down for the time limit.
+    Stall,
+    Cancel,
 }
 
 /// Sends `pages` as page requests (in frames of at most [`PAGE_REQUEST_MAX`]).
@@ -302,6 +332,7 @@ async fn request(demand: &mut Connection, full: bool, pages: &[u64]) -> anyhow::
 /// the final exchange (a source that sees it close before `AllPresent` would take the link for lost).
 pub async fn run(
     session: &mut Session,
+    vm: &Arc<Vm>,
     bulk: &mut Connection,
     demand: Connection,
     attach: &mut AttachRx,
@@ -311,6 +342,13 @@ pub async fn run(
     let mut last_heard = Instant::now();
     let mut tick = tokio::time::interval(PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While the link is down: since when (for the note and the time limit).
+    let mut down_since: Option<(Instant, String)> = None;
+    // The link stayed down for the time limit (or the source gave up) and the guest was paused (`paused`:
+    // the pause worked); both undone when the link comes back.
+    let mut stalled = false;
+    let mut paused = false;
+    let cancel = session.cancel.clone();
     loop {
         if session.table.all_done() {
             break;
@@ -322,12 +360,18 @@ pub async fn run(
                 Some(page) = session.requests.recv() => Event::Request(page),
                 _ = tick.tick() => Event::Tick,
                 Some((conn, channel)) = attach.recv() => Event::Attach(conn, channel),
+                _ = cancel.cancelled() => Event::Cancel,
             },
             // Link down: the guest's faults wait; their requests are kept in the table for the resume.
-            None => tokio::select! {
-                Some((conn, channel)) = attach.recv() => Event::Attach(conn, channel),
-                Some(_page) = session.requests.recv() => continue,
-            },
+            None => {
+                let stall_at = down_since.as_ref().map_or_else(Instant::now, |(at, _)| *at) + session.limit;
+                tokio::select! {
+                    Some((conn, channel)) = attach.recv() => Event::Attach(conn, channel),
+                    Some(_page) = session.requests.recv() => continue,
+                    _ = tokio::time::sleep_until(stall_at.into()), if !stalled => Event::Stall,
+                    _ = cancel.cancelled() => Event::Cancel,
+                }
+            }
         };
         let lost: Option<anyhow::Error> = match event {
             Event::Demand(msg) => {
@@ -335,8 +379,10 @@ pub async fn run(
                 match msg {
                     Ok(Message::Pages(batch)) => {
                         last_heard = Instant::now();
-                        session.apply(&batch)?;
-                        flush_unresolved(session, dem).await.err()
+                        match session.apply(&batch) {
+                            Ok(()) => flush_unresolved(session, dem).await.err(),
+                            Err(err) => Some(err.context("applying demanded pages")),
+                        }
                     }
                     Ok(Message::Ping) => {
                         last_heard = Instant::now();
@@ -351,8 +397,15 @@ pub async fn run(
             }
             Event::Bulk(msg) => match msg {
                 Ok(Message::Pages(batch)) => {
-                    session.apply(&batch)?;
+                    if let Err(err) = session.apply(&batch) {
+                        // Whatever the batch held stays missing; the source resends it after a resume.
+                        demand = None;
+                        tracing::error!("applying pushed pages: {err:#}");
+                        down_since.get_or_insert_with(|| (Instant::now(), time_of_day()));
+                        continue;
+                    }
                     applied_bytes += batch.payload_len() as u64;
+                    fault_injection::reached("dest:postcopy-push").await;
                     let ack = Message::PushAck {
                         bytes: applied_bytes,
                         present: session.table.done_count(),
@@ -376,9 +429,13 @@ pub async fn run(
                         Err(_) => break,
                     }
                 }
-                request(demand.as_mut().expect("demand channel up"), false, &pages)
-                    .await
-                    .err()
+                match request(demand.as_mut().expect("demand channel up"), false, &pages).await {
+                    Ok(()) => {
+                        fault_injection::reached("dest:postcopy-demand").await;
+                        None
+                    }
+                    Err(err) => Some(err),
+                }
             }
             Event::Tick => {
                 if last_heard.elapsed() > LINK_TIMEOUT {
@@ -405,6 +462,16 @@ pub async fn run(
                         demand = Some(d);
                         applied_bytes = 0;
                         last_heard = Instant::now();
+                        down_since = None;
+                        session.note.clear();
+                        stalled = false;
+                        if std::mem::take(&mut paused) {
+                            if let Err(err) = vm.resume() {
+                                tracing::error!("resuming the post-copy guest after the link came back: {err:#}");
+                            }
+                            tracing::info!("post-copy link back: the guest runs again");
+                        }
+                        fault_injection::reached("dest:postcopy-resume").await;
                     }
                     Err(e) => tracing::warn!("post-copy resume failed: {e:#}"),
                 }
@@ -414,15 +481,50 @@ pub async fn run(
                 tracing::warn!("a demand channel arrived without a new bulk connection; ignored");
                 None
             }
+            Event::Stall => {
+                stalled = true;
+                paused = stall(session, vm, "the post-copy time limit passed without a link");
+                None
+            }
+            Event::Cancel => {
+                let missing = session.table.pages() - session.table.done_count();
+                // The vCPUs are told to exit before the userfaultfd goes (when the session drops): a
+                // fault then completes only to leave KVM_RUN, and the VM is destroyed, never resumed.
+                vm.request_stop();
+                session.note.set(format!(
+                    "stopped: post-copy cancelled with {missing} pages missing; being destroyed"
+                ));
+                tracing::error!(
+                    missing,
+                    "post-copy cancelled by an operator: this incomplete copy is destroyed"
+                );
+                return Err(PostcopyAbandoned { missing }.into());
+            }
         };
         if let Some(err) = lost {
+            let missing = session.table.pages() - session.table.done_count();
             if demand.is_some() {
                 tracing::warn!(
-                    missing = session.table.pages() - session.table.done_count(),
+                    missing,
                     "post-copy link lost, the guest waits on its faults until the source reconnects: {err:#}"
                 );
             }
             demand = None;
+            let (_, since) = down_since.get_or_insert_with(|| (Instant::now(), time_of_day()));
+            if !stalled {
+                session.note.set(format!(
+                    "waiting for pages from {} since {since} ({missing} missing; migration {})",
+                    session.source, session.migration_id
+                ));
+            }
+            let gave_up = err
+                .downcast_ref::<ConnectionError>()
+                .is_some_and(|e| matches!(e, ConnectionError::PeerReported { .. }));
+            if gave_up && !stalled {
+                // The source said why it ends: it will not reconnect by itself.
+                stalled = true;
+                paused = stall(session, vm, &format!("{err:#}"));
+            }
         }
     }
     // Every page is here: stop intercepting faults.
@@ -440,6 +542,27 @@ pub async fn run(
         await_final_attach(session, bulk, attach).await?;
     }
     Ok((stats, demand))
+}
+
+/// Pauses the guest because its pages cannot come now (`why`), and says so in its status note. The
+/// pause is asked for, not waited for: a vCPU blocked on a missing page stays blocked (it never runs on
+/// anything but the guest's own pages) and parks when its page comes. Returns true (a pause to undo).
+fn stall(session: &Session, vm: &Arc<Vm>, why: &str) -> bool {
+    let missing = session.table.pages() - session.table.done_count();
+    vm.request_pause();
+    session.note.set(format!(
+        "post-copy stalled since {} ({why}), {missing} pages missing from {}: the guest is paused (a \
+         vCPU blocked on a missing page stays blocked); it resumes if the source reconnects; \
+         `perfplus migrate --cancel {}` on this agent gives it up (destroys this incomplete copy)",
+        time_of_day(),
+        session.source,
+        session.migration_id
+    ));
+    tracing::error!(
+        missing,
+        "post-copy stalled ({why}): the guest is paused and waits for its pages"
+    );
+    true
 }
 
 async fn flush_unresolved(session: &mut Session, demand: &mut Connection) -> anyhow::Result<()> {

@@ -6,8 +6,11 @@
 //! crosses the network once unless a connection is lost with it in flight (then the destination's
 //! `ResumeState` says it is missing and it is sent again, counted in `pages_resent`).
 //!
-//! A lost link (an error, or 2 s without a keepalive) is retried with back-off (0.1 s doubling to 5 s,
-//! forever; `MigrateResume` from a CLI retries at once). The guest's memory is kept until `AllPresent`.
+//! A lost link (an error, or 2 s without a keepalive) is retried with back-off (0.1 s doubling to 5 s;
+//! `MigrateResume` from a CLI retries at once) until the migration's post-copy time limit
+//! (`MigrateOptions::postcopy_timeout_ms`) has passed without a link, or an operator cancels: then the
+//! supply ends with [`Outcome::broken`] set, and the guest's memory stays here (paused, stale since the
+//! switch). It is kept until `AllPresent` otherwise.
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -17,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::push::{PageState, PushPlan, PUSH_BATCH};
 use super::{LINK_TIMEOUT, PING_INTERVAL};
+use crate::fault_injection;
 use crate::migration::outbound::Outbound;
 use crate::migration::page_sender::{PageDecision, PageSender};
 use perfplus_protocol::connection::Connection;
@@ -38,6 +42,8 @@ pub struct Handoff {
 /// What the post-copy phase did, for the report.
 #[derive(Default, Debug)]
 pub struct Outcome {
+    /// Pages of the guest.
+    pub guest_pages: u64,
     pub postcopy_pages: u64,
     pub pages_demanded: u64,
     pub pages_pushed: u64,
@@ -48,6 +54,17 @@ pub struct Outcome {
     pub reconnects: u32,
     /// Bytes moved on connections that are closed now (the demand channels, lost bulk connections).
     pub other_connection_bytes: u64,
+    /// Set when post-copy ended before the destination had every page: why, and how many pages it
+    /// still lacked as far as the source knows.
+    pub broken: Option<Broken>,
+}
+
+/// Post-copy that ended without `AllPresent`.
+#[derive(Debug)]
+pub struct Broken {
+    pub why: String,
+    /// Pages the destination lacked at its last acknowledgement.
+    pub missing: u64,
 }
 
 /// The pages to send with the switch, before the vCPU state: the guest's status page (the agent reads
@@ -113,10 +130,12 @@ enum Event {
     Tick,
     Push,
     PaceWait,
+    Cancel,
 }
 
-/// Runs post-copy until the destination has every page. Never gives up: a lost link is retried until it
-/// comes back (the guest cannot continue anywhere else). `bulk` is replaced on a reconnection.
+/// Runs post-copy until the destination has every page. A lost link is retried until it comes back
+/// (the guest cannot continue anywhere else) or the post-copy time limit passes without it; an
+/// operator's cancel ends it too. `bulk` is replaced on a reconnection.
 pub async fn run(
     job: &Outbound,
     id: &str,
@@ -125,6 +144,7 @@ pub async fn run(
     resume: &Notify,
 ) -> (Outcome, PageSender) {
     let mut outcome = Outcome {
+        guest_pages: handoff.missing.capacity(),
         postcopy_pages: handoff.missing.count(),
         ..Default::default()
     };
@@ -141,12 +161,34 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(100);
     let mut exhausted = false;
+    let limit = Duration::from_millis(job.options.postcopy_timeout_ms);
+    // When the link was last known up, while it is down.
+    let mut down_since: Option<Instant> = None;
+    // Pages the destination has, as of its last acknowledgement.
+    let mut present = outcome.guest_pages - outcome.postcopy_pages;
+    let broken = |mut outcome: Outcome, why: String, present: u64| {
+        let missing = outcome.guest_pages.saturating_sub(present);
+        tracing::error!(id, missing, "post-copy broken: {why}");
+        outcome.broken = Some(Broken { why, missing });
+        outcome
+    };
     loop {
         let Some(dem) = demand.as_mut() else {
+            let since = *down_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= limit {
+                let why = format!(
+                    "no link to the destination for {:.1} s (the post-copy time limit)",
+                    since.elapsed().as_secs_f64()
+                );
+                return (broken(outcome, why, present), sender);
+            }
             // Link lost: reconnect with back-off, or at once when asked to resume.
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.min(limit.saturating_sub(since.elapsed()))) => {}
                 _ = resume.notified() => tracing::info!(id, "resume requested"),
+                _ = job.cancel.cancelled() => {
+                    return (broken(outcome, "cancelled by an operator".into(), present), sender);
+                }
             }
             match reconnect(job, id).await {
                 Ok((new_bulk, new_demand, missing)) => {
@@ -158,7 +200,10 @@ pub async fn run(
                     outcome.reconnects += 1;
                     backoff = Duration::from_millis(100);
                     last_heard = Instant::now();
+                    down_since = None;
+                    present = push.pages() - now_missing;
                     tracing::info!(id, missing = now_missing, "post-copy link back, resuming");
+                    fault_injection::reached("source:postcopy-resume").await;
                     if now_missing == 0 {
                         // The destination has everything: it wants to finish on this connection.
                         return (finish(outcome, new_demand), sender);
@@ -185,6 +230,7 @@ pub async fn run(
             _ = tick.tick() => Event::Tick,
             _ = tokio::time::sleep_until(push.next_send().into()), if paced => Event::PaceWait,
             _ = std::future::ready(()), if can_push && !paced => Event::Push,
+            _ = job.cancel.cancelled() => Event::Cancel,
         };
         let lost: Option<anyhow::Error> = match event {
             Event::Demand(Ok(Message::PageRequest { full, pages: wanted })) => {
@@ -202,9 +248,13 @@ pub async fn run(
                 other.describe()
             )),
             Event::Demand(Err(e)) | Event::Bulk(Err(e)) => Some(e),
-            Event::Bulk(Ok(Message::PushAck { bytes, .. })) => {
+            Event::Bulk(Ok(Message::PushAck { bytes, present: now })) => {
                 push.on_ack(bytes, Instant::now());
+                present = now;
                 None
+            }
+            Event::Cancel => {
+                return (broken(outcome, "cancelled by an operator".into(), present), sender);
             }
             Event::Bulk(Ok(Message::AllPresent)) => {
                 return (finish(outcome, demand.take().expect("demand up")), sender)
@@ -246,6 +296,7 @@ pub async fn run(
                     match bulk.send(&Message::Pages(batch)).await {
                         Ok(()) => {
                             push.after_send(len, Instant::now());
+                            fault_injection::reached("source:postcopy-push").await;
                             None
                         }
                         Err(e) => Some(e),
@@ -261,6 +312,7 @@ pub async fn run(
             if let Some(d) = demand.take() {
                 outcome.other_connection_bytes += d.bytes_sent() + d.bytes_received();
             }
+            down_since = Some(last_heard);
         }
     }
 }
@@ -319,6 +371,7 @@ async fn serve(
     }
     if !batch.is_empty() {
         demand.send(&Message::Pages(batch)).await?;
+        fault_injection::reached("source:postcopy-demand").await;
     }
     Ok(())
 }
