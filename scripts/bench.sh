@@ -2,6 +2,7 @@
 # Benchmarks, with the peer (QEMU) installed for the comparison. Method: perfplus-user/benches/*.rs.
 #   scripts/bench.sh                 # migration: hashing on/off and QEMU, same guest, same run
 #   scripts/bench.sh hashing         # page hashing speeds
+#   scripts/bench.sh soak            # 100 ping-pong migrations of one guest: all verified, fds/RSS flat
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -37,7 +37,7 @@
 //! If all of a digest's locations go stale, the digest is forgotten until a page with it is recorded
 //! again: the index is a cache of opportunities, and a miss only costs bandwidth.
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use perfplus_common::PAGE_SIZE;
 
@@ -50,6 +50,8 @@ pub type VmKey = String;
 
 /// Locations remembered per digest.
 pub const MAX_LOCATIONS: usize = 3;
+/// Pages [`ContentIndex::archive_vm`] inserts per hold of the index lock.
+pub const ARCHIVE_CHUNK: usize = 256;
 
 /// Per-page digest meaning "content not known" (a real digest is all-zero with probability 2^-128).
 const UNKNOWN: PageDigest = [0; 16];
@@ -377,26 +379,54 @@ impl ContentIndex {
         Ok(pages)
     }
 
-    /// Puts every non-zero page of `vm` into the store (hashed afresh: the VM has left, or is leaving,
-    /// this host) and then unregisters it. Returns the number of pages offered to the store (pages it
-    /// already held are not written twice; a store smaller than the VM keeps the last ones).
-    pub fn archive_vm(&mut self, vm: &str) -> anyhow::Result<u64> {
-        let id = *self.vm_ids.get(vm).ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
-        let source = Arc::clone(&self.vms[id as usize].as_ref().expect("slot").source);
+    /// Puts the non-zero pages of `vm` into the store of the index behind `index` (hashed afresh: the
+    /// VM has left, or is leaving, this host, and is paused) and then unregisters it. The lock is held
+    /// only to insert each chunk of [`ARCHIVE_CHUNK`] pages: reading and hashing happen outside it, so
+    /// that migrations under way (which take the lock for every batch) wait at most one chunk. Stops
+    /// once the store's capacity has been offered (more would only evict what it just took). Returns the
+    /// number of pages offered (pages the store held already are not written twice).
+    pub fn archive_vm(index: &Mutex<ContentIndex>, vm: &str) -> anyhow::Result<u64> {
+        let lock = || index.lock().unwrap_or_else(PoisonError::into_inner);
+        let (source, hasher, capacity) = {
+            let ix = lock();
+            let id = *ix.vm_ids.get(vm).ok_or_else(|| IndexError::UnknownVm(vm.into()))?;
+            let source = Arc::clone(&ix.vms[id as usize].as_ref().expect("slot").source);
+            let capacity = ix.store.as_ref().map_or(0, |s| s.capacity());
+            (source, ix.hasher.clone(), capacity)
+        };
         let mut offered = 0;
-        if let Some(store) = self.store.as_mut().filter(|s| s.capacity() > 0) {
-            let mut buf = Box::new([0u8; PAGE_SIZE]);
-            for page in 0..source.page_count() {
-                source.read_page(page, &mut buf);
-                if is_zero_page(&buf) {
-                    continue;
+        let mut chunk: Vec<(PageDigest, Box<[u8; PAGE_SIZE]>)> = Vec::with_capacity(ARCHIVE_CHUNK);
+        let insert = |chunk: &mut Vec<(PageDigest, Box<[u8; PAGE_SIZE]>)>| -> anyhow::Result<()> {
+            let mut ix = lock();
+            if let Some(store) = ix.store.as_mut() {
+                for (digest, data) in chunk.drain(..) {
+                    store.insert(&digest, &data)?;
                 }
-                store.insert(&self.hasher.digest(&buf), &buf)?;
-                offered += 1;
             }
+            chunk.clear();
+            Ok(())
+        };
+        for page in 0..source.page_count() {
+            if offered == capacity {
+                break;
+            }
+            let mut buf = Box::new([0u8; PAGE_SIZE]);
+            source.read_page(page, &mut buf);
+            if is_zero_page(&buf) {
+                continue;
+            }
+            chunk.push((hasher.digest(&buf), buf));
+            offered += 1;
+            if chunk.len() == ARCHIVE_CHUNK {
+                insert(&mut chunk)?;
+            }
+        }
+        insert(&mut chunk)?;
+        let mut ix = lock();
+        if let Some(store) = ix.store.as_mut() {
             store.flush()?;
         }
-        self.remove_vm(vm);
+        ix.remove_vm(vm);
         Ok(offered)
     }
 
@@ -490,7 +520,7 @@ impl ContentIndex {
     }
 
     /// The store, to insert pages into (e.g. of a VM leaving this host; see also
-    /// [`archive_vm`](Self::archive_vm)). The index asks the store what it holds on every lookup, so
+    /// [`ContentIndex::archive_vm`]). The index asks the store what it holds on every lookup, so
     /// inserts and evictions through this reference are seen at once.
     pub fn store_mut(&mut self) -> Option<&mut PageStore> {
         self.store.as_mut()
@@ -801,11 +831,35 @@ mod tests {
         assert_eq!(resolve(&mut ix, &d2, "b"), Some((HeldSource::HostedVm, 2)));
         let zero = ix.hasher().digest(&[0u8; PAGE_SIZE]);
         assert!(ix.contains(&zero));
-        assert_eq!(ix.archive_vm("a").unwrap(), 3);
+        let ix = Mutex::new(ix);
+        assert_eq!(ContentIndex::archive_vm(&ix, "a").unwrap(), 3);
+        let mut ix = ix.into_inner().unwrap();
         assert!(!ix.has_vm("a"));
         assert_eq!(ix.stats().store_pages, 2, "zero pages and duplicates are not stored");
         assert_eq!(resolve(&mut ix, &d2, "b"), Some((HeldSource::Store, 2)));
         assert!(!ix.contains(&zero));
+    }
+
+    #[test]
+    fn archiving_stops_at_the_store_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hasher();
+        let store = PageStore::open(dir.path(), 2, h.key_fingerprint()).unwrap();
+        let mut ix = ContentIndex::new(h, Some(store));
+        let a = Mem::new(8);
+        for p in 0..5 {
+            a.set(p, &content(p as u32 + 1));
+        }
+        ix.add_vm("a", a).unwrap();
+        let ix = Mutex::new(ix);
+        assert_eq!(
+            ContentIndex::archive_vm(&ix, "a").unwrap(),
+            2,
+            "two pages fill the store"
+        );
+        let ix = ix.into_inner().unwrap();
+        assert_eq!(ix.stats().store_pages, 2);
+        assert!(!ix.has_vm("a"));
     }
 
     #[test]

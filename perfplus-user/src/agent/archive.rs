@@ -3,6 +3,7 @@
 use perfplus_vmm::vm::Vm;
 
 use super::AgentState;
+use crate::content_index::ContentIndex;
 
 /// Puts the pages of a VM that left into the page store, so that its content is held here if it (or a
 /// VM from the same image) comes back.
@@ -24,14 +25,17 @@ pub(super) fn keep_pages(state: &AgentState, name: &str, vm: &Vm, digests: Optio
         .enumerate()
         .map(|(page, digest)| (page as u64, digest))
         .collect();
-    let kept = index
-        .record_pages(name, &pages)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| index.archive_vm(name));
-    match kept {
+    if let Err(err) = index.record_pages(name, &pages) {
+        index.remove_vm(name);
+        tracing::warn!(vm = %name, "page store: {err:#}");
+        return;
+    }
+    // The lock is taken again per chunk of pages: migrations under way are not held up by the archive.
+    drop(index);
+    match ContentIndex::archive_vm(&state.index, name) {
         Ok(kept) => tracing::info!(vm = %name, pages = kept, "kept the departed VM's pages in the page store"),
         Err(err) => {
-            index.remove_vm(name);
+            state.index.lock().expect("index lock").remove_vm(name);
             tracing::warn!(vm = %name, "page store: {err:#}");
         }
     }
