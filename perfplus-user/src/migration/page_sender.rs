@@ -12,7 +12,11 @@
 //! (a cheap scan, no digest) and go as zero markers, or not at all where the destination's page is
 //! zero already, as with hashing on: the on/off comparison then measures what hashing adds, not zero
 //! detection too. The sender then tracks only which destination pages are known to be zero.
+//!
+//! Pages read in bulk are inspected together ([`PageSender::inspect_many`]): the digests of a batch
+//! are computed several pages at once ([`PageHasher::digest_many`]).
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 
 use perfplus_common::PAGE_SIZE;
@@ -56,6 +60,11 @@ pub struct PageSender {
     advertised: Vec<u64>,
 }
 
+/// How many pages a caller reading pages one by one reads before inspecting them together
+/// ([`PageSender::inspect_many`]): a few multiples of the hasher's eight lanes, 128 KiB, which stays in
+/// the core's L2 cache between the read and the hash.
+pub const INSPECT_PAGES: usize = 32;
+
 /// What `at_destination` holds for a page whose content at the destination is not known.
 const UNKNOWN: PageDigest = [0; 16];
 
@@ -84,6 +93,35 @@ impl PageSender {
         } else {
             Content::Digest(self.hasher.digest(data))
         }
+    }
+
+    /// [`PageSender::inspect`] of each of `pages`, in order, hashing the non-zero ones together (several
+    /// at once: [`PageHasher::digest_many`]). Cheaper per page than `inspect` from about two pages on.
+    pub fn inspect_many<P: Borrow<[u8; PAGE_SIZE]>>(&self, pages: &[P]) -> Vec<Content> {
+        let mut contents: Vec<Content> = pages
+            .iter()
+            .map(|p| {
+                if is_zero_page(p.borrow()) {
+                    Content::Zero
+                } else {
+                    Content::NotInspected
+                }
+            })
+            .collect();
+        if self.hashing {
+            let to_hash: Vec<&[u8; PAGE_SIZE]> = pages
+                .iter()
+                .zip(&contents)
+                .filter(|(_, c)| **c == Content::NotInspected)
+                .map(|(p, _)| p.borrow())
+                .collect();
+            let digests = self.hasher.digest_many(&to_hash);
+            let unhashed = contents.iter_mut().filter(|c| **c == Content::NotInspected);
+            for (content, digest) in unhashed.zip(digests) {
+                *content = Content::Digest(digest);
+            }
+        }
+        contents
     }
 
     /// Decides how to send `page` whose current content is `data`, appends the item to `batch` (nothing
@@ -273,5 +311,24 @@ mod tests {
         sender.add_full(2, &page(0), &mut batch);
         assert_eq!(sender.add(2, &page(0), &mut batch), PageDecision::Zero);
         assert_eq!(kinds(&batch), ["zero 3", "full 2", "zero 2"]);
+    }
+
+    #[test]
+    fn inspect_many_is_inspect_of_each_page() {
+        let hasher = PageHasher::new(&[7; 32]);
+        let pages: Vec<[u8; PAGE_SIZE]> = (0..21u8).map(|i| page(if i % 3 == 0 { 0 } else { i })).collect();
+        for hashing in [true, false] {
+            let sender = PageSender::new(hashing, hasher.clone(), 0, vec![]);
+            let one_by_one: Vec<Content> = pages.iter().map(|p| sender.inspect(p)).collect();
+            assert_eq!(sender.inspect_many(&pages), one_by_one);
+            let refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().collect();
+            assert_eq!(sender.inspect_many(&refs), one_by_one);
+        }
+        let sender = PageSender::new(true, hasher.clone(), 0, vec![]);
+        assert_eq!(
+            sender.inspect_many(&pages[1..2]),
+            [Content::Digest(hasher.digest(&page(1)))]
+        );
+        assert!(sender.inspect_many::<[u8; PAGE_SIZE]>(&[]).is_empty());
     }
 }
