@@ -53,7 +53,8 @@ pub struct MigrateOptions {
     pub downtime_target_ms: f64,
     /// Pre-copy rounds at most (the first full pass included) before the final stop-and-copy.
     pub max_rounds: u32,
-    /// Perf+ hashing: skip unchanged pages, send zero markers and references to held content.
+    /// Perf+ hashing: skip unchanged pages and send references to held content (zero pages go as
+    /// markers either way).
     /// Off = plain pre-copy: every dirty page is sent in full (the baseline benchmarks compare against).
     pub hashing: bool,
     /// Wait for the guest's self-check to complete a sweep on the destination before reporting.

@@ -184,7 +184,8 @@ struct MigrateArgs {
     /// Most pre-copy rounds (the first full pass included) before the final stop-and-copy.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Turn Perf+ hashing off: every dirty page is sent in full (the baseline to compare against).
+    /// Turn Perf+ hashing off: every non-zero dirty page is sent in full, zero pages still as markers
+    /// (the baseline to compare against).
     #[arg(long)]
     no_hashing: bool,
     /// Do not wait for the guest's self-check on the destination before reporting.

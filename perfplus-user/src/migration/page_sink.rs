@@ -2,7 +2,10 @@
 //!
 //! [`apply_batch`] checks each item, writes `Full` and `Zero` pages and resolves `Ref` pages from the
 //! content index, then records the page's content in the index; a reference the index cannot resolve
-//! is handed back (to be asked for in full). Where the bytes go is the [`PageSink`]'s business: plain
+//! is handed back (to be asked for in full). Nothing here hashes a page: a full page comes with its
+//! digest (hashing on) or without one (hashing off: zeros, and the index forgets what it had recorded
+//! for that page), a zero marker with the zero page's known digest, whether hashing is on or off.
+//! Where the bytes go is the [`PageSink`]'s business: plain
 //! writes into the stopped guest's memory before the resume ([`super::receiver`]), `UFFDIO_COPY` into
 //! the running guest after a post-copy switch ([`super::postcopy::demand`]).
 use anyhow::{bail, Context};
@@ -80,8 +83,14 @@ pub fn apply_batch(
         }
         match item {
             PageItem::Full { page, digest, data } => {
-                if sink.install(page, data)? && vm.hashing {
-                    vm.index.record_pages(vm.vm_key, &[(page, *digest)])?;
+                if sink.install(page, data)? {
+                    if vm.hashing {
+                        vm.index.record_pages(vm.vm_key, &[(page, *digest)])?;
+                    } else {
+                        // No digest came (hashing off): whatever was recorded there (a zero marker's
+                        // zero digest) is no longer the page's content.
+                        vm.index.forget_pages(vm.vm_key, &[page])?;
+                    }
                 }
             }
             PageItem::Zero { page } => {
@@ -184,10 +193,13 @@ mod tests {
 
     impl Dest {
         fn apply(&mut self, batch: &PageBatch) -> anyhow::Result<()> {
+            self.apply_hashing(batch, true)
+        }
+        fn apply_hashing(&mut self, batch: &PageBatch, hashing: bool) -> anyhow::Result<()> {
             let mut vm = IndexedVm {
                 index: &mut self.index,
                 vm_key: "web1",
-                hashing: true,
+                hashing,
                 zero_digest: &self.zero_digest,
             };
             apply_batch(batch, &mut &*self.memory, &mut vm, &mut self.held, &mut self.unresolved)
@@ -229,6 +241,30 @@ mod tests {
         d.apply(&batch).unwrap();
         assert_eq!(d.memory.page(1), [0; PAGE_SIZE]);
         assert!(d.index.contains(&da), "page 2 still holds the content");
+    }
+
+    #[test]
+    fn without_hashing_zero_markers_land_and_full_pages_replace_their_record() {
+        let mut d = dest(4, false);
+        let a = [0x3c; PAGE_SIZE];
+        d.memory.pages.write().unwrap()[2] = a;
+        let mut batch = PageBatch::with_capacity(4);
+        batch.push_zero(2);
+        batch.push_full(1, &[0; 16], &a);
+        d.apply_hashing(&batch, false).unwrap();
+        assert_eq!(d.memory.page(2), [0; PAGE_SIZE], "a zero marker writes a zero page");
+        assert_eq!(d.memory.page(1), a);
+        assert!(d.index.contains(&d.zero_digest), "page 2 is known to be zero");
+        let da = d.digest(&a);
+        assert!(!d.index.contains(&da), "a full page without its digest is not recorded");
+
+        // Page 2 gets data: it no longer holds the zero page, and the index says so.
+        let mut batch = PageBatch::with_capacity(1);
+        batch.push_full(2, &[0; 16], &a);
+        d.apply_hashing(&batch, false).unwrap();
+        assert_eq!(d.memory.page(2), a);
+        assert!(!d.index.contains(&d.zero_digest));
+        assert!(d.unresolved.is_empty());
     }
 
     #[test]

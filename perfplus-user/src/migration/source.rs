@@ -27,7 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::convergence::{Convergence, Decision, Heat, Prediction};
 use super::outbound::Outbound;
-use super::page_sender::{Content, PageDecision, PageSender};
+use super::page_sender::{Content, PageDecision, PageSender, INSPECT_PAGES};
 use super::postcopy;
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::ebpf::{vcpu_threads_of, EbpfHeat, HeatSource};
@@ -381,6 +381,8 @@ async fn send_round(
     let memory = job.vm.memory();
     let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
     let mut data = Box::new([0u8; PAGE_SIZE]);
+    // Pages are read a few at a time and inspected together (their digests several at once).
+    let mut read = vec![[0u8; PAGE_SIZE]; INSPECT_PAGES];
     let mut in_batch = 0;
     if stop_and_copy && job.options.hashing {
         // The guest is paused, so its core is free: hash on two threads.
@@ -392,18 +394,32 @@ async fn send_round(
             flush(conn, &mut batch).await?;
         }
     } else {
-        for &page in pages {
-            if known_zero.is_some_and(|zero| zero.contains(page)) {
-                count(&mut report, sender.add_known_zero(page, &mut batch));
-            } else {
-                memory.read_page(page, &mut data);
-                count(&mut report, sender.add(page, &data, &mut batch));
-                report.read_pages += 1;
+        let is_known_zero = |page| known_zero.is_some_and(|zero| zero.contains(page));
+        for chunk in pages.chunks(INSPECT_PAGES) {
+            let mut n = 0;
+            for &page in chunk.iter().filter(|&&page| !is_known_zero(page)) {
+                memory.read_page(page, &mut read[n]);
+                n += 1;
             }
-            in_batch += 1;
-            if in_batch == PAGE_BATCH_MAX_ITEMS {
-                flush(conn, &mut batch).await?;
-                in_batch = 0;
+            let mut contents = sender.inspect_many(&read[..n]).into_iter();
+            let mut next = 0;
+            for &page in chunk {
+                if is_known_zero(page) {
+                    count(&mut report, sender.add_known_zero(page, &mut batch));
+                } else {
+                    let content = contents.next().expect("one content per page read");
+                    count(
+                        &mut report,
+                        sender.add_inspected(page, &read[next], content, &mut batch),
+                    );
+                    next += 1;
+                    report.read_pages += 1;
+                }
+                in_batch += 1;
+                if in_batch == PAGE_BATCH_MAX_ITEMS {
+                    flush(conn, &mut batch).await?;
+                    in_batch = 0;
+                }
             }
         }
     }
@@ -451,13 +467,19 @@ fn inspect_in_parallel(
     pages: &[u64],
 ) -> Vec<(u64, Box<[u8; PAGE_SIZE]>, Content)> {
     let work = |part: &[u64]| -> Vec<(u64, Box<[u8; PAGE_SIZE]>, Content)> {
-        part.iter()
+        let data: Vec<Box<[u8; PAGE_SIZE]>> = part
+            .iter()
             .map(|&page| {
                 let mut data = Box::new([0u8; PAGE_SIZE]);
                 memory.read_page(page, &mut data);
-                let content = sender.inspect(&data);
-                (page, data, content)
+                data
             })
+            .collect();
+        let contents = sender.inspect_many(&data);
+        part.iter()
+            .zip(data)
+            .zip(contents)
+            .map(|((&page, data), content)| (page, data, content))
             .collect()
     };
     let (first, second) = pages.split_at(pages.len() / 2);
