@@ -38,8 +38,8 @@ enum Fault {
     /// The agent whose point it is dies (SIGKILL).
     Kill,
     /// Both agents on one link between two namespaces; the agent whose point it is holds the
-    /// migration there for `hold_ms` while the test takes the link down for `cut_ms`.
-    Cut { hold_ms: u64, cut_ms: u64 },
+    /// migration there until the test has taken the link down; the link stays down for `cut_ms`.
+    Cut { cut_ms: u64 },
 }
 
 /// Where the guest must be after the case.
@@ -87,9 +87,10 @@ fn run(case: Case) {
             None => return,
         },
     };
+    let go = cluster.dir.path().join("link-cut");
     let spec = match case.fault {
         Fault::Kill => case.point.to_string(),
-        Fault::Cut { hold_ms, .. } => format!("{}:pause={hold_ms}", case.point),
+        Fault::Cut { .. } => format!("{}:until={}", case.point, go.display()),
     };
     let (mut env_a, mut env_b) = (Vec::new(), Vec::new());
     let mine = if on_source(case.point) { &mut env_a } else { &mut env_b };
@@ -152,6 +153,8 @@ fn run(case: Case) {
         let marker = format!("fault point {} reached", case.point);
         wait_until(Duration::from_secs(60), &marker, || holder.log_text().contains(&marker));
         link.set_up(false);
+        // The held migration goes on into the cut link.
+        std::fs::write(&go, b"").unwrap();
         std::thread::sleep(Duration::from_millis(cut_ms));
         link.set_up(true);
     }
@@ -369,12 +372,12 @@ cases! {
 
     // The link is cut and restored: shorter than the time limits, the migration completes.
     link_cut_during_precopy_rounds:
-        "source:round-2", Fault::Cut { hold_ms: 2000, cut_ms: 3000 }, "precopy", None => DestRunning;
+        "source:round-2", Fault::Cut { cut_ms: 3000 }, "precopy", None => DestRunning;
     link_cut_after_the_commit:
-        "source:commit", Fault::Cut { hold_ms: 2000, cut_ms: 3000 }, "precopy", None => DestRunning;
+        "source:commit", Fault::Cut { cut_ms: 3000 }, "precopy", None => DestRunning;
     link_cut_during_postcopy_within_the_limit:
-        "dest:postcopy-push", Fault::Cut { hold_ms: 1000, cut_ms: 2500 }, "postcopy", None => DestRunning;
+        "dest:postcopy-push", Fault::Cut { cut_ms: 3000 }, "postcopy", None => DestRunning;
     // Longer than the post-copy limit: the source gives up, the destination pauses; neither runs it.
     link_cut_during_postcopy_past_the_limit:
-        "source:postcopy-push", Fault::Cut { hold_ms: 500, cut_ms: 9000 }, "postcopy", None => BothPaused;
+        "source:postcopy-push", Fault::Cut { cut_ms: 9000 }, "postcopy", None => BothPaused;
 }

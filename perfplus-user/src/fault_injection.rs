@@ -1,8 +1,8 @@
 //! Fault injection for the end-to-end fault matrix (`tests/fault_matrix.rs`): an agent started with
 //! `PERFPLUS_FAULT_AT=<point>` dies by SIGKILL (what `kill -9` does) the first time one of its
-//! migrations reaches that point, or, with `PERFPLUS_FAULT_AT=<point>:pause=<ms>`, logs
-//! `fault point <point> reached` and holds that migration there for that long (the test cuts the link
-//! meanwhile). Without the variable nothing happens; the check costs one comparison per phase.
+//! migrations reaches that point; with `<point>:pause=<ms>` it logs `fault point <point> reached` and
+//! holds that migration there for that long; with `<point>:until=<path>` it logs the same and holds it
+//! until the file `<path>` exists (the test cuts the link, then creates the file). Without the variable nothing happens; the check costs one comparison per phase.
 //!
 //! Points: `source:` or `dest:` followed by `begin` (after the handshake and `MigrateBegin`),
 //! `round-N` (after round N was sent / acknowledged), `stop-and-copy` (source guest paused), `state`
@@ -21,6 +21,7 @@ pub const FAULT_AT_VAR: &str = "PERFPLUS_FAULT_AT";
 enum Action {
     Kill,
     Pause(Duration),
+    Until(std::path::PathBuf),
 }
 
 struct Armed {
@@ -65,16 +66,26 @@ pub async fn reached(point: &str) {
     if armed.point != point || armed.fired.swap(true, Ordering::AcqRel) {
         return;
     }
-    match armed.action {
+    match &armed.action {
         Action::Kill => {
             eprintln!("fault point {point} reached: killing this agent (SIGKILL)");
             // SAFETY: kill(2) on our own pid with a valid signal number has no memory-safety
             // preconditions; SIGKILL ends the process here, as `kill -9` from outside would.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
-        Action::Pause(duration) => {
+        &Action::Pause(duration) => {
             tracing::warn!("fault point {point} reached: holding this migration for {duration:?}");
             tokio::time::sleep(duration).await;
+            tracing::warn!("fault point {point}: going on");
+        }
+        Action::Until(path) => {
+            tracing::warn!(
+                "fault point {point} reached: holding this migration until {} exists",
+                path.display()
+            );
+            while !path.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             tracing::warn!("fault point {point}: going on");
         }
     }
@@ -92,6 +103,10 @@ mod tests {
             Some(("dest:round-2".into(), Action::Pause(Duration::from_millis(1500))))
         );
         assert_eq!(parse("dest:round-2:pause=soon"), None);
+        assert_eq!(
+            parse("source:commit:until=/tmp/go"),
+            Some(("source:commit".into(), Action::Until("/tmp/go".into())))
+        );
         assert_eq!(parse(""), None);
     }
 }
