@@ -15,4 +15,5 @@ pub mod ebpf;
 pub mod hashing;
 pub mod migration;
 pub mod page_store;
+pub mod private_files;
 pub mod report;

@@ -262,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let key = ClusterKey::from_file(&cli.cluster_key_file)
         .context("reading the cluster key (see `perfplus keygen`, --cluster-key-file)")?;
+    perfplus::private_files::warn_if_readable_by_others(&cli.cluster_key_file, "cluster key file");
     match cli.command {
         Command::Keygen { .. } | Command::GuestImage { .. } => unreachable!("handled above"),
         Command::Track(args) => {

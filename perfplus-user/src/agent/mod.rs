@@ -130,8 +130,7 @@ pub struct Agent {
 impl Agent {
     /// Opens the page store and binds the listener.
     pub async fn bind(config: AgentConfig) -> anyhow::Result<Agent> {
-        std::fs::create_dir_all(&config.state_dir)
-            .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+        crate::private_files::state_dir(&config.state_dir)?;
         let hasher = PageHasher::new(&config.key.derive(PAGE_DIGEST_KEY_LABEL));
         let store = if config.page_store_pages > 0 {
             let dir = config.state_dir.join("page-store");
