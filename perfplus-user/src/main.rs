@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use perfplus::agent::{Agent, AgentConfig};
+use perfplus::agent::{Agent, AgentConfig, AgentLimits};
 use perfplus::cli::client::AgentClient;
 use perfplus_common::PAGE_SIZE;
 use perfplus_protocol::report::Outcome;
@@ -72,6 +72,13 @@ struct AgentArgs {
     /// content is not sent again if they come back (e.g. 512M; 0 disables it).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     page_store_size: u64,
+    /// Connections that have not yet completed the handshake (proven the cluster key), at most;
+    /// more are closed at once.
+    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED)]
+    max_unauthenticated: usize,
+    /// Of those, from one source address (an IPv4 address or an IPv6 /64), at most.
+    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
+    max_unauthenticated_per_source: usize,
 }
 
 #[derive(Subcommand)]
@@ -276,6 +283,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 key,
                 page_store_pages: args.page_store_size / PAGE_SIZE as u64,
+                limits: AgentLimits {
+                    max_unauthenticated: args.max_unauthenticated,
+                    max_unauthenticated_per_source: args.max_unauthenticated_per_source,
+                },
             })
             .await?;
             // Scripts and tests wait for this line to learn the address.
