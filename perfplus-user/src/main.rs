@@ -72,6 +72,13 @@ struct AgentArgs {
     /// content is not sent again if they come back (e.g. 512M; 0 disables it).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     page_store_size: u64,
+    /// Largest guest memory of one VM this agent creates, started here or arriving by migration
+    /// (e.g. 64G); larger requests are refused before anything is allocated.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    max_vm_memory: u64,
+    /// Most vCPUs of one VM this agent creates.
+    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_VCPUS)]
+    max_vcpus: u8,
     /// Connections that have not yet completed the handshake (proven the cluster key), at most;
     /// more are closed at once.
     #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED)]
@@ -284,6 +291,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 key,
                 page_store_pages: args.page_store_size / PAGE_SIZE as u64,
                 limits: AgentLimits {
+                    max_vm_memory: args.max_vm_memory,
+                    max_vcpus: args.max_vcpus,
                     max_unauthenticated: args.max_unauthenticated,
                     max_unauthenticated_per_source: args.max_unauthenticated_per_source,
                 },

@@ -13,7 +13,7 @@
 //! - `by_id`: the tables of migrations under way by id (outgoing ones, incoming post-copy ones);
 //! - `registry`: the VMs hosted, the names reserved, and what each VM is busy with (one lock, guards);
 //! - `admission`: accept errors survived, connections in the handshake capped (in all, per source);
-//! - `limits`: the agent's quotas ([`AgentLimits`]): connections in the handshake;
+//! - `limits`: the agent's quotas ([`AgentLimits`]): VM sizes, connections in the handshake;
 //! - [`track`]: the agent's side of `perfplus track --vm`.
 
 mod admission;
@@ -111,6 +111,7 @@ fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
 struct AgentState {
     name: String,
     key: ClusterKey,
+    limits: AgentLimits,
     hasher: PageHasher,
     /// The VMs hosted, the names reserved by boots and arrivals, and which VM is migrating or tracked.
     vms: Registry<HostedVm>,
@@ -163,6 +164,7 @@ impl Agent {
         let state = Arc::new(AgentState {
             name: addr.to_string(),
             key: config.key.clone(),
+            limits: config.limits.clone(),
             index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), store))),
             hasher,
             vms: Registry::default(),
