@@ -24,6 +24,17 @@ impl TestAgent {
     /// on a free loopback port; inside namespace `netns` on a free port of every address there, so
     /// that a peer in another namespace reaches it ([`TestAgent::addr_via`]).
     pub fn start(key_file: &Path, state_dir: &Path, page_store_size: &str, netns: Option<&str>) -> TestAgent {
+        TestAgent::start_with(key_file, state_dir, page_store_size, netns, &[])
+    }
+
+    /// [`TestAgent::start`] with more `perfplus agent` options (e.g. `["--max-vm-memory", "32M"]`).
+    pub fn start_with(
+        key_file: &Path,
+        state_dir: &Path,
+        page_store_size: &str,
+        netns: Option<&str>,
+        options: &[&str],
+    ) -> TestAgent {
         std::fs::create_dir_all(state_dir).expect("agent state dir");
         let log = state_dir.join("agent.log");
         let listen = if netns.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
@@ -39,6 +50,7 @@ impl TestAgent {
                 "--state-dir",
             ])
             .arg(state_dir)
+            .args(options)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
