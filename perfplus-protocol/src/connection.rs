@@ -5,9 +5,10 @@
 //! after it, [`Connection::send`] and [`Connection::recv`] move [`Message`]s.
 //!
 //! - Reading: the 8-byte header first; its type, flags and length limit are checked before the payload
-//!   buffer is allocated; then exactly the payload is read into a buffer of that size (large payloads go
-//!   straight from the socket into it) and handed to [`frame::decode_payload`], which keeps a `Pages` or
-//!   `VmState` payload without copying it. `recv` keeps partial progress in the reader, so it is
+//!   buffer is allocated (until the handshake completes, only Hello, Auth and a short `Error` pass:
+//!   [`FrameHeader::check_before_handshake`]); then exactly the payload is read into a buffer of that
+//!   size (large payloads go straight from the socket into it) and handed to [`frame::decode_payload`],
+//!   which keeps a `Pages` or `VmState` payload without copying it. `recv` keeps partial progress in the reader, so it is
 //!   cancel-safe (it may be used in `tokio::select!`).
 //! - Writing: messages are encoded into a write buffer; [`Connection::feed`] queues one,
 //!   [`Connection::flush`] puts the queue on the wire, [`Connection::send`] does both. A `Pages` frame's
@@ -16,6 +17,10 @@
 //! - Errors: an `Error` frame from the peer becomes an `Err` (`"<peer> reported: <message>"`), an end
 //!   of stream becomes `"connection closed by <peer>"`; both are [`ConnectionError`]s inside the
 //!   `anyhow::Error`, for callers that need to tell them apart.
+//!
+//! - Memory before authentication: the handshake runs with read and write buffers of a few hundred
+//!   bytes and admits no frame larger than [`frame::HANDSHAKE_ERROR_MAX`], so a peer without the
+//!   cluster key costs the responder about a KiB; the full-size buffers come after the handshake.
 //!
 //! [`Connection::into_split`] gives a reader and a writer half that can live in different tasks
 //! (e.g. streaming pages while another task reads acknowledgements); they share the byte counters.
@@ -32,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::frame::{self, Frame, FrameError, FrameHeader, FrameType, ERROR_MAX, HEADER_LEN};
+use super::frame::{self, Frame, FrameError, FrameHeader, FrameType, ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN};
 use super::handshake::{Established, Handshake, HandshakeError, Side, AUTH_FAILED_MESSAGE};
 use super::{ClusterKey, Message, Role};
 
@@ -42,6 +47,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_ERROR_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read buffer: small frames are read many at a time; larger payloads bypass it.
 const READ_BUFFER: usize = 64 * 1024;
+/// Read and write buffers during the handshake (a Hello frame is 53 bytes, an Auth 40): a peer that
+/// has not authenticated does not get the full-size buffers.
+const HANDSHAKE_BUFFER: usize = 256;
 /// [`Connection::feed`] writes the queue out once it holds this much.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// A write buffer that grew past this (a large frame) is released after the write.
@@ -91,6 +99,9 @@ pub struct ConnectionReader {
     header_len: usize,
     /// The frame being read, once its header is checked: its payload so far.
     payload: Option<(FrameHeader, Vec<u8>)>,
+    /// The handshake completed: every frame type may come, up to its own limit. Before, only the
+    /// handshake's frames ([`FrameHeader::check_before_handshake`]).
+    authenticated: bool,
 }
 
 /// The sending half of a [`Connection`].
@@ -236,22 +247,24 @@ impl Connection {
         let counters = Arc::new(Counters::default());
         let (read, write) = stream.into_split();
         let mut reader = ConnectionReader {
-            stream: BufReader::with_capacity(READ_BUFFER, read),
+            stream: BufReader::with_capacity(HANDSHAKE_BUFFER, read),
             peer,
             counters: counters.clone(),
             header: [0; HEADER_LEN],
             header_len: 0,
             payload: None,
+            authenticated: false,
         };
         let mut writer = ConnectionWriter {
             stream: write,
             peer,
             counters,
-            buf: Vec::with_capacity(READ_BUFFER),
+            buf: Vec::with_capacity(HANDSHAKE_BUFFER),
         };
         let established = run_handshake(&mut reader, &mut writer, side, role, key).await?;
+        writer.buf.reserve(READ_BUFFER);
         let conn = Connection {
-            reader,
+            reader: reader.authenticated(),
             writer,
             version: established.version,
         };
@@ -284,7 +297,7 @@ async fn run_handshake(
     let exchanged = match handshake.receive_hello(hello_of(&peer_hello)) {
         Ok(exchanged) => exchanged,
         Err(e) => {
-            writer.send_error(&e.to_string()).await;
+            writer.send_error_within(&e.to_string(), HANDSHAKE_ERROR_MAX).await;
             bail!("handshake with {peer} refused: {}", local_view(&e, peer));
         }
     };
@@ -302,7 +315,7 @@ async fn run_handshake(
             match exchanged.verify(auth_of(&auth)) {
                 Ok(established) => Ok(established),
                 Err(e) => {
-                    writer.send_error(AUTH_FAILED_MESSAGE).await;
+                    writer.send_error_within(AUTH_FAILED_MESSAGE, HANDSHAKE_ERROR_MAX).await;
                     Err(refuse(e))
                 }
             }
@@ -315,7 +328,7 @@ async fn run_handshake(
                     Ok(established)
                 }
                 Err(e) => {
-                    writer.send_error(AUTH_FAILED_MESSAGE).await;
+                    writer.send_error_within(AUTH_FAILED_MESSAGE, HANDSHAKE_ERROR_MAX).await;
                     Err(refuse(e))
                 }
             }
@@ -348,6 +361,18 @@ fn auth_of(frame: &Frame) -> &super::handshake::Auth {
 }
 
 impl ConnectionReader {
+    /// The reader once the handshake completed: every frame type admitted, and the full-size read
+    /// buffer (unless the peer already sent bytes past its handshake, which the small buffer then keeps;
+    /// the protocol never does: the initiator sends nothing before the responder's Auth, and the
+    /// responder nothing before the initiator's first request).
+    fn authenticated(mut self) -> ConnectionReader {
+        self.authenticated = true;
+        if self.stream.buffer().is_empty() {
+            self.stream = BufReader::with_capacity(READ_BUFFER, self.stream.into_inner());
+        }
+        self
+    }
+
     /// Receives the next message; see [`Connection::recv`]. Cancel-safe.
     pub async fn recv(&mut self) -> anyhow::Result<Message> {
         let peer = self.peer;
@@ -408,12 +433,21 @@ impl ConnectionReader {
                 self.header_len += n;
                 continue;
             }
-            // The limit is checked here, before the payload buffer exists.
-            let header = FrameHeader::parse(&self.header).map_err(|error| ConnectionError::BadFrame {
-                peer,
-                error,
-                raw_header: self.header,
-            })?;
+            // The limit is checked here, before the payload buffer exists; before the handshake
+            // completed, only the handshake's own small frames pass.
+            let header = FrameHeader::parse(&self.header)
+                .and_then(|header| {
+                    if self.authenticated {
+                        Ok(header)
+                    } else {
+                        header.check_before_handshake()
+                    }
+                })
+                .map_err(|error| ConnectionError::BadFrame {
+                    peer,
+                    error,
+                    raw_header: self.header,
+                })?;
             self.payload = Some((header, Vec::with_capacity(header.payload_len)));
         }
         let Some((header, payload)) = &mut self.payload else {
@@ -472,6 +506,10 @@ impl ConnectionReader {
                     "handshake with {peer} failed: it sent a {got} frame where {want} was expected"
                 ))
             }
+            Err(ConnectionError::BadFrame {
+                error: error @ FrameError::BeforeHandshake { .. },
+                ..
+            }) => Err(anyhow!("handshake with {peer} refused: it sent a {error}")),
             Err(ConnectionError::BadFrame { error, raw_header, .. }) => {
                 let what = match error {
                     FrameError::UnknownType(_) | FrameError::BadFlags { .. } => {
@@ -531,7 +569,12 @@ impl ConnectionWriter {
 
     /// Tells the peer what went wrong, best effort; see [`Connection::send_error`].
     pub async fn send_error(&mut self, message: &str) {
-        let mut end = message.len().min(ERROR_MAX);
+        self.send_error_within(message, ERROR_MAX).await
+    }
+
+    /// [`send_error`](Self::send_error) with the message cut to `max` bytes.
+    async fn send_error_within(&mut self, message: &str, max: usize) {
+        let mut end = message.len().min(max);
         while !message.is_char_boundary(end) {
             end -= 1;
         }
@@ -861,6 +904,76 @@ mod tests {
                 && err.ends_with("in the middle of a frame (3 of the 8 header bytes arrived)"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_before_the_handshake_is_refused_from_its_header() {
+        // The issue's attacker: a 128 MiB VmStart announced before any handshake, then its data.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        let client_addr = raw.local_addr().unwrap();
+        let mut header = Vec::new();
+        header.extend_from_slice(&(FrameType::VmStart as u16).to_le_bytes());
+        header.extend_from_slice(&0u16.to_le_bytes());
+        header.extend_from_slice(&(frame::BULK_MAX as u32).to_le_bytes());
+        raw.write_all(&header).await.unwrap();
+        // Some of the payload, and the connection kept open: a server that waited for the rest would
+        // end with the handshake's timeout instead of this refusal.
+        let _ = raw.write_all(&[0x55; 64 * 1024]).await;
+        let err = server.await.unwrap();
+        assert_eq!(
+            err,
+            format!(
+                "handshake with {client_addr} refused: it sent a frame VmStart (134217728 bytes \
+                 announced) before the handshake completed; only Hello, Auth and Error frames of at \
+                 most 1024 bytes may come first"
+            )
+        );
+
+        // An Error frame longer than a handshake refusal needs is refused the same way.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        let mut error = Vec::new();
+        frame::encode(
+            &Message::Error {
+                message: "x".repeat(HANDSHAKE_ERROR_MAX + 1),
+            },
+            &mut error,
+        )
+        .unwrap();
+        raw.write_all(&error).await.unwrap();
+        let err = server.await.unwrap();
+        assert!(err.contains("it sent a frame Error (1025 bytes announced)"), "{err}");
+
+        // A message right after a valid Hello, before Auth: refused too (the handshake is not done).
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(&hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION))
+            .await
+            .unwrap();
+        let mut list = Vec::new();
+        frame::encode(&Message::VmList, &mut list).unwrap();
+        raw.write_all(&list).await.unwrap();
+        let err = server.await.unwrap();
+        assert!(
+            err.contains("it sent a frame VmList (0 bytes announced) before the handshake completed"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_the_handshake_every_frame_type_passes_with_full_buffers() {
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        for conn in [&client, &server] {
+            assert!(conn.reader.authenticated);
+            assert!(conn.writer.buf.capacity() >= READ_BUFFER);
+        }
+        let batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
+        client.send(&Message::Pages(batch.clone())).await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Message::Pages(batch));
     }
 
     #[tokio::test]

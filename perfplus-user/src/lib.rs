@@ -16,4 +16,5 @@ pub mod fault_injection;
 pub mod hashing;
 pub mod migration;
 pub mod page_store;
+pub mod private_files;
 pub mod report;

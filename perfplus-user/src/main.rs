@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use perfplus::agent::{Agent, AgentConfig};
+use perfplus::agent::{Agent, AgentConfig, AgentLimits};
 use perfplus::cli::client::AgentClient;
 use perfplus_common::PAGE_SIZE;
 use perfplus_protocol::report::Outcome;
@@ -72,6 +72,20 @@ struct AgentArgs {
     /// content is not sent again if they come back (e.g. 512M; 0 disables it).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     page_store_size: u64,
+    /// Largest guest memory of one VM this agent creates, started here or arriving by migration
+    /// (e.g. 64G); larger requests are refused before anything is allocated.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    max_vm_memory: u64,
+    /// Most vCPUs of one VM this agent creates.
+    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_VCPUS)]
+    max_vcpus: u8,
+    /// Connections that have not yet completed the handshake (proven the cluster key), at most;
+    /// more are closed at once.
+    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED)]
+    max_unauthenticated: usize,
+    /// Of those, from one source address (an IPv4 address or an IPv6 /64), at most.
+    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
+    max_unauthenticated_per_source: usize,
 }
 
 #[derive(Subcommand)]
@@ -278,6 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let key = ClusterKey::from_file(&cli.cluster_key_file)
         .context("reading the cluster key (see `perfplus keygen`, --cluster-key-file)")?;
+    perfplus::private_files::warn_if_readable_by_others(&cli.cluster_key_file, "cluster key file");
     match cli.command {
         Command::Keygen { .. } | Command::GuestImage { .. } => unreachable!("handled above"),
         Command::Track(args) => {
@@ -291,6 +306,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 key,
                 page_store_pages: args.page_store_size / PAGE_SIZE as u64,
+                limits: AgentLimits {
+                    max_vm_memory: args.max_vm_memory,
+                    max_vcpus: args.max_vcpus,
+                    max_unauthenticated: args.max_unauthenticated,
+                    max_unauthenticated_per_source: args.max_unauthenticated_per_source,
+                },
             })
             .await?;
             // Scripts and tests wait for this line to learn the address.

@@ -53,10 +53,13 @@
 //!   [`PageStore::get_verified`] re-hashes the page with the keyed [`PageHasher`] (~7 µs a page) and
 //!   compares with the digest; the content index does that by default (its `verify_store` option).
 //!
+//! The directory is created 0700 and both files 0600 (they hold guest memory); see
+//! [`crate::private_files`]. The contents are not encrypted.
+//!
 //! `capacity == 0` disables the store: no files are created or read, inserts are dropped.
 //! One process at a time: the index file is locked (`flock`) while a store is open.
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -65,6 +68,7 @@ use perfplus_common::PAGE_SIZE;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::hashing::{page_checksum, PageDigest, PageHasher};
+use crate::private_files;
 
 /// File name of the page data.
 pub const DATA_FILE: &str = "pagestore.dat";
@@ -139,17 +143,10 @@ impl PageStore {
             "page store capacity {capacity_pages} pages is too large (max {})",
             u32::MAX
         );
-        std::fs::create_dir_all(dir).with_context(|| format!("creating page store directory {}", dir.display()))?;
-        let open = |name: &str| -> Result<File> {
-            let path = dir.join(name);
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))
-        };
+        // The pages are guest memory: the directory is 0700 and the files 0600 (tightened if an older
+        // store was made with more).
+        private_files::own_dir(dir).with_context(|| format!("creating page store directory {}", dir.display()))?;
+        let open = |name: &str| -> Result<File> { private_files::open_own_file(&dir.join(name)) };
         let index = open(INDEX_FILE)?;
         index.try_lock().map_err(|e| {
             anyhow::anyhow!(
@@ -478,6 +475,8 @@ fn decode_record(slot: u64, r: &[u8]) -> Option<SlotMeta> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use super::*;
 
     const FP: [u8; 16] = [7; 16];

@@ -24,7 +24,18 @@ impl TestAgent {
     /// on a free loopback port; inside namespace `netns` on a free port of every address there, so
     /// that a peer in another namespace reaches it ([`TestAgent::addr_via`]).
     pub fn start(key_file: &Path, state_dir: &Path, page_store_size: &str, netns: Option<&str>) -> TestAgent {
-        Self::start_with_env(key_file, state_dir, page_store_size, netns, &[])
+        TestAgent::start_full(key_file, state_dir, page_store_size, netns, &[], &[])
+    }
+
+    /// [`TestAgent::start`] with more `perfplus agent` options (e.g. `["--max-vm-memory", "32M"]`).
+    pub fn start_with(
+        key_file: &Path,
+        state_dir: &Path,
+        page_store_size: &str,
+        netns: Option<&str>,
+        options: &[&str],
+    ) -> TestAgent {
+        TestAgent::start_full(key_file, state_dir, page_store_size, netns, options, &[])
     }
 
     /// [`TestAgent::start`] with more environment variables for the agent (e.g. a fault point).
@@ -33,6 +44,18 @@ impl TestAgent {
         state_dir: &Path,
         page_store_size: &str,
         netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> TestAgent {
+        TestAgent::start_full(key_file, state_dir, page_store_size, netns, &[], env)
+    }
+
+    /// [`TestAgent::start`] with more agent options and environment variables.
+    pub fn start_full(
+        key_file: &Path,
+        state_dir: &Path,
+        page_store_size: &str,
+        netns: Option<&str>,
+        options: &[&str],
         env: &[(&str, &str)],
     ) -> TestAgent {
         std::fs::create_dir_all(state_dir).expect("agent state dir");
@@ -50,6 +73,7 @@ impl TestAgent {
                 "--state-dir",
             ])
             .arg(state_dir)
+            .args(options)
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

@@ -141,3 +141,11 @@ impl Cluster {
         );
     }
 }
+
+impl Cluster {
+    /// Starts an agent on loopback with a 64 MiB page store and more `perfplus agent` options (e.g.
+    /// `["--max-vm-memory", "32M"]`).
+    pub fn agent_with_options(&self, name: &str, options: &[&str]) -> TestAgent {
+        TestAgent::start_with(&self.key_file, &self.dir.path().join(name), "64M", None, options)
+    }
+}

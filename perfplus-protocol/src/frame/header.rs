@@ -52,6 +52,9 @@ pub const PAGE_REQUEST_MAX: usize = 4096;
 pub const ATTACH_MAX: usize = 256;
 /// Largest `VmState` payload.
 pub const VM_STATE_MAX: usize = 4 * MIB;
+/// Largest `Error` payload before the handshake completes: a refusal of the handshake says why in a
+/// line, and nothing a peer without the key sends may cost more than a few KiB.
+pub const HANDSHAKE_ERROR_MAX: usize = KIB;
 
 /// What went wrong with a frame. Every variant names the frame and what was wrong with it.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -84,6 +87,11 @@ pub enum FrameError {
     PageItem { index: usize, detail: String },
     #[error("unexpected handshake frame {0} after the handshake")]
     HandshakeFrame(FrameType),
+    #[error(
+        "frame {frame} ({len} bytes announced) before the handshake completed; only Hello, Auth and \
+         Error frames of at most {HANDSHAKE_ERROR_MAX} bytes may come first"
+    )]
+    BeforeHandshake { frame: FrameType, len: usize },
 }
 
 /// The payload limit of a frame type.
@@ -275,6 +283,20 @@ impl FrameHeader {
         FrameHeader::new(frame_type, len)
     }
 
+    /// Checks a header that arrived before the handshake completed: only the handshake's own frames
+    /// (Hello, Auth) and an `Error` of at most [`HANDSHAKE_ERROR_MAX`] bytes are admitted, so that a
+    /// peer that has not proven the cluster key cannot make the reader allocate or buffer more than that.
+    pub fn check_before_handshake(self) -> Result<FrameHeader, FrameError> {
+        match self.frame_type {
+            FrameType::Hello | FrameType::Auth => Ok(self),
+            FrameType::Error if self.payload_len <= HANDSHAKE_ERROR_MAX => Ok(self),
+            frame => Err(FrameError::BeforeHandshake {
+                frame,
+                len: self.payload_len,
+            }),
+        }
+    }
+
     /// The header's wire bytes.
     pub fn to_bytes(self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
@@ -354,6 +376,44 @@ mod tests {
             "payload of 65537 bytes exceeds the limit 65536 for frame Error"
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn before_the_handshake_only_small_handshake_frames_pass() {
+        let parse =
+            |frame_type: FrameType, len: u32| peek_header(&header(frame_type as u16, 0, len)).map(Option::unwrap);
+        for frame_type in [FrameType::Hello, FrameType::Auth] {
+            let len = frame_type.limit().max() as u32;
+            assert!(parse(frame_type, len).unwrap().check_before_handshake().is_ok());
+        }
+        let small_error = parse(FrameType::Error, HANDSHAKE_ERROR_MAX as u32).unwrap();
+        assert!(small_error.check_before_handshake().is_ok());
+        // What the issue's attacker sent: a 128 MiB VmStart before any handshake.
+        let vm_start = parse(FrameType::VmStart, BULK_MAX as u32).unwrap();
+        assert_eq!(
+            vm_start.check_before_handshake().unwrap_err().to_string(),
+            "frame VmStart (134217728 bytes announced) before the handshake completed; only Hello, \
+             Auth and Error frames of at most 1024 bytes may come first"
+        );
+        let big_error = parse(FrameType::Error, HANDSHAKE_ERROR_MAX as u32 + 1).unwrap();
+        assert!(matches!(
+            big_error.check_before_handshake(),
+            Err(FrameError::BeforeHandshake {
+                frame: FrameType::Error,
+                len: 1025
+            })
+        ));
+        // Every other type is refused whatever its length, even an empty one.
+        for &frame_type in FrameType::ALL {
+            if matches!(frame_type, FrameType::Hello | FrameType::Auth | FrameType::Error) {
+                continue;
+            }
+            let header = FrameHeader {
+                frame_type,
+                payload_len: 0,
+            };
+            assert!(header.check_before_handshake().is_err(), "{frame_type}");
+        }
     }
 
     #[test]

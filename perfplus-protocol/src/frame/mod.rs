@@ -10,7 +10,10 @@
 //! ```
 //! Each frame type has a payload limit (an exact size for fixed-size frames, a maximum otherwise), see
 //! [`FrameType::limit`]. It is checked from the header alone, by [`FrameHeader::parse`] / [`peek_header`],
-//! so a reader rejects a frame announcing 4 GiB before it allocates or buffers anything.
+//! so a reader rejects a frame announcing 4 GiB before it allocates or buffers anything. Until the
+//! handshake completes a reader admits only Hello, Auth and an `Error` of at most
+//! [`HANDSHAKE_ERROR_MAX`] bytes ([`FrameHeader::check_before_handshake`]): a peer that has not proven
+//! the cluster key cannot announce anything larger.
 //!
 //! ## Payloads
 //! - `Hello`: [`HELLO_LEN`] (45) bytes, laid out by [`Hello::to_bytes`]: magic `"PERFPLUS"`, version
@@ -56,7 +59,7 @@ mod test_support;
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_auth, encode_hello, pages_header, Frame};
 pub use header::{
     peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX,
-    FULL_ITEM_LEN, HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX, REF_ITEM_LEN,
-    VM_LIST_MAX, VM_STATE_MAX, ZERO_ITEM_LEN,
+    FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX, HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX,
+    REF_ITEM_LEN, VM_LIST_MAX, VM_STATE_MAX, ZERO_ITEM_LEN,
 };
 pub use page_batch::{PageBatch, PageItem, PageItems};

@@ -14,6 +14,7 @@ use crate::hashing::PageHasher;
 /// `VmStart`: boots a VM from the built-in guest or a multiboot image and hosts it.
 pub(super) async fn start_vm(state: &Arc<AgentState>, req: VmStartRequest) -> anyhow::Result<VmInfo> {
     check_name(&req.name)?;
+    state.limits.check_vm(&req.name, req.memory_bytes, req.vcpus)?;
     if !req.memory_bytes.is_multiple_of(PAGE_SIZE as u64) {
         bail!("memory size {} is not a multiple of 4 KiB", req.memory_bytes);
     }

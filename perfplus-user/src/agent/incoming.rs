@@ -24,7 +24,8 @@ pub(super) struct IncomingHandle {
 }
 
 /// `MigrateBegin`: receives a VM from another agent and hosts it here once it resumes. The name is
-/// reserved while the VM arrives; on failure nothing is kept.
+/// reserved while the VM arrives; on failure nothing is kept. A VM over the agent's quotas
+/// ([`super::AgentLimits`]) is refused before anything is allocated for it.
 pub(super) async fn migrate_in(
     state: &Arc<AgentState>,
     conn: &mut Connection,
@@ -33,7 +34,8 @@ pub(super) async fn migrate_in(
     let name = begin.vm.clone();
     // Held until the VM is hosted (or the arrival fails): a VM of that name cannot be started or
     // received meanwhile.
-    let reserved = match check_name(&name) {
+    let checked = check_name(&name).and_then(|()| state.limits.check_vm(&name, begin.memory_bytes, begin.vcpus));
+    let reserved = match checked {
         Err(err) => Err(format!("{err:#}")),
         Ok(()) => state.vms.reserve(&name).map_err(|_| state.name_taken(&name)),
     };

@@ -12,13 +12,17 @@
 //! - `archive`: keeping the pages of VMs that left in the page store;
 //! - `by_id`: the tables of migrations under way by id (outgoing ones, incoming post-copy ones);
 //! - `registry`: the VMs hosted, the names reserved, and what each VM is busy with (one lock, guards);
+//! - `admission`: accept errors survived, connections in the handshake capped (in all, per source);
+//! - `limits`: the agent's quotas ([`AgentLimits`]): VM sizes, connections in the handshake;
 //! - [`track`]: the agent's side of `perfplus track --vm`.
 
+mod admission;
 mod archive;
 mod boot;
 mod by_id;
 mod control;
 mod incoming;
+pub mod limits;
 mod outgoing;
 mod registry;
 pub mod track;
@@ -30,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
+use self::admission::{Admission, RateLimited};
 use self::by_id::ById;
 use self::registry::{Busy, Registry, Snapshot};
 use crate::content_index::ContentIndex;
@@ -40,6 +45,8 @@ use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{ClusterKey, Message, Role, VmInfo};
 use perfplus_vmm::tracking::TrackerKind;
 use perfplus_vmm::vm::{RunState, Vm};
+
+pub use self::limits::AgentLimits;
 
 /// Label the page-hash key is derived under from the cluster key.
 pub const PAGE_DIGEST_KEY_LABEL: &str = "perfplus page digest v1";
@@ -54,6 +61,8 @@ pub struct AgentConfig {
     pub key: ClusterKey,
     /// Capacity of the on-disk page store, in 4 KiB pages (0 = no store).
     pub page_store_pages: u64,
+    /// Quotas: VM sizes, connections in the handshake.
+    pub limits: AgentLimits,
 }
 
 /// What the agent keeps of a VM it hosts (cloned out of the registry: cheap, and it holds the VM by `Arc`).
@@ -106,6 +115,7 @@ fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
 struct AgentState {
     name: String,
     key: ClusterKey,
+    limits: AgentLimits,
     hasher: PageHasher,
     /// The VMs hosted, the names reserved by boots and arrivals, and which VM is migrating or tracked.
     vms: Registry<HostedVm>,
@@ -129,13 +139,17 @@ impl AgentState {
 pub struct Agent {
     listener: TcpListener,
     state: Arc<AgentState>,
+    admission: Arc<Admission>,
 }
 
 impl Agent {
     /// Opens the page store and binds the listener.
     pub async fn bind(config: AgentConfig) -> anyhow::Result<Agent> {
-        std::fs::create_dir_all(&config.state_dir)
-            .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+        anyhow::ensure!(
+            config.limits.max_unauthenticated >= 1 && config.limits.max_unauthenticated_per_source >= 1,
+            "the caps on connections in the handshake must be at least 1 (no connection could authenticate)"
+        );
+        crate::private_files::state_dir(&config.state_dir)?;
         let hasher = PageHasher::new(&config.key.derive(PAGE_DIGEST_KEY_LABEL));
         let store = if config.page_store_pages > 0 {
             let dir = config.state_dir.join("page-store");
@@ -154,35 +168,79 @@ impl Agent {
         let state = Arc::new(AgentState {
             name: addr.to_string(),
             key: config.key.clone(),
+            limits: config.limits.clone(),
             index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), store))),
             hasher,
             vms: Registry::default(),
             attach: ById::default(),
             outbound: ById::default(),
         });
-        Ok(Agent { listener, state })
+        let admission = Admission::new(
+            config.limits.max_unauthenticated,
+            config.limits.max_unauthenticated_per_source,
+        );
+        Ok(Agent {
+            listener,
+            state,
+            admission,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serves connections until the process ends.
+    /// Serves connections until the process ends. A failed `accept` is logged and retried (after
+    /// 100 ms when the agent lacks descriptors or memory), never fatal: the
+    /// agent's guests outlive any number of connections. Connections over the handshake caps are
+    /// closed at once.
     pub async fn serve(self) -> anyhow::Result<()> {
+        let mut accept_errors = RateLimited::default();
+        let mut refusals = RateLimited::default();
         loop {
-            let (stream, peer) = self.listener.accept().await.context("accepting a connection")?;
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    if let Some(left_out) = accept_errors.due() {
+                        tracing::warn!(left_out, "accepting a connection: {err} (retrying)");
+                    }
+                    if admission::needs_backoff(&err) {
+                        tokio::time::sleep(admission::ACCEPT_BACKOFF).await;
+                    }
+                    continue;
+                }
+            };
+            let permit = match self.admission.admit(peer.ip()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    if let Some(left_out) = refusals.due() {
+                        tracing::warn!(%peer, left_out, "connection closed unanswered: {refused}");
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
             let state = self.state.clone();
+            let admission = self.admission.clone();
             tokio::spawn(async move {
-                if let Err(err) = handle(state, stream).await {
-                    tracing::warn!(%peer, "connection ended with an error: {err:#}");
+                // The admission's place is held until the handshake ends, either way.
+                let accepted = Connection::accept(stream, &state.key).await;
+                drop(permit);
+                match accepted {
+                    Err(err) => admission.handshake_failed(peer, &err),
+                    Ok((conn, role)) => {
+                        if let Err(err) = handle(state, conn, role).await {
+                            tracing::warn!(%peer, "connection ended with an error: {err:#}");
+                        }
+                    }
                 }
             });
         }
     }
 }
 
-async fn handle(state: Arc<AgentState>, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
-    let (mut conn, role) = Connection::accept(stream, &state.key).await?;
+/// One authenticated connection: its first request, by the role the handshake agreed.
+async fn handle(state: Arc<AgentState>, mut conn: Connection, role: Role) -> anyhow::Result<()> {
     let request = conn.recv().await?;
     match role {
         Role::Control => {
