@@ -31,14 +31,16 @@ struct Armed {
 }
 
 fn parse(spec: &str) -> Option<(String, Action)> {
-    match spec.split_once(":pause=") {
-        Some((point, ms)) => Some((
+    if let Some((point, ms)) = spec.split_once(":pause=") {
+        return Some((
             point.to_string(),
             Action::Pause(Duration::from_millis(ms.parse().ok()?)),
-        )),
-        None if !spec.is_empty() => Some((spec.to_string(), Action::Kill)),
-        None => None,
+        ));
     }
+    if let Some((point, path)) = spec.split_once(":until=") {
+        return Some((point.to_string(), Action::Until(path.into())));
+    }
+    (!spec.is_empty() && !spec.contains('=')).then(|| (spec.to_string(), Action::Kill))
 }
 
 fn armed() -> Option<&'static Armed> {
