@@ -2,11 +2,12 @@
 # Benchmarks, with the peer (QEMU) installed for the comparison. Method: perfplus-user/benches/*.rs.
 #   scripts/bench.sh                 # migration: hashing on/off and QEMU, same guest, same run
 #   scripts/bench.sh hashing         # page hashing speeds
+#   scripts/bench.sh shaped          # perfplus vs QEMU over a tbf-shaped link, felt stall from outside
 #   scripts/bench.sh soak            # 100 ping-pong migrations of one guest: all verified, fds/RSS flat
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq qemu-system-x86 >/dev/null
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v iperf3 >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 iperf3 >/dev/null
 fi
 cargo bench -p perfplus --bench "${1:-migration}"

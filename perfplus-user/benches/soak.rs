@@ -8,7 +8,9 @@
 //! and equal digests (the guest's self-check passed on the destination). After the first round trip
 //! (warm-up: the page stores and caches fill) and at the end, the open file descriptors
 //! (`/proc/PID/fd`) and resident memory (`VmRSS`) of both agents are read; the table gives them, and
-//! the downtime and total time (median, min–max) of the migrations. The run stops at the first failed
+//! the downtime and total time (median, min–max) of the migrations, and a second table the same
+//! figures every 20 migrations (the page stores fill up to their capacity, 256 MiB each, so RSS grows
+//! until they are full and should stay flat after). The run stops at the first failed
 //! migration, or after `PERFPLUS_SOAK_DEADLINE_S` seconds (default 1200), and then exits non-zero.
 //!
 //! Run: `scripts/bench.sh soak` or `cargo bench -p perfplus --bench soak`.
@@ -67,6 +69,8 @@ fn main() {
     let mut downtimes = Vec::new();
     let mut totals = Vec::new();
     let mut warm: Option<[(usize, u64); 2]> = None;
+    // (migrations done, usage of both agents) every 20 migrations, for the trend.
+    let mut samples: Vec<(usize, [(usize, u64); 2])> = Vec::new();
     let mut failure = None;
     for i in 0..migrations {
         if Instant::now() > deadline {
@@ -98,6 +102,9 @@ fn main() {
         if i == 1 {
             warm = Some([usage(&agents[0]), usage(&agents[1])]);
         }
+        if (i + 1) % 20 == 0 {
+            samples.push((i + 1, [usage(&agents[0]), usage(&agents[1])]));
+        }
         eprintln!(
             "  {:3}/{migrations} {mode:8} downtime {:6.1} ms total {:7.1} ms",
             i + 1,
@@ -127,6 +134,18 @@ fn main() {
                 e.0,
                 w.1 as f64 / 1024.0,
                 e.1 as f64 / 1024.0
+            );
+        }
+    }
+    if !samples.is_empty() {
+        println!("\n| after migrations | fds a | fds b | RSS a (MiB) | RSS b (MiB) |\n|---|---|---|---|---|");
+        for (n, [a, b]) in &samples {
+            println!(
+                "| {n} | {} | {} | {:.1} | {:.1} |",
+                a.0,
+                b.0,
+                a.1 as f64 / 1024.0,
+                b.1 as f64 / 1024.0
             );
         }
     }

@@ -10,6 +10,7 @@ use super::netns::{ip, must, Netns};
 /// Dropping it deletes the veth pair, then both namespaces.
 pub struct ShapedLink {
     dev_a: String,
+    dev_b: String,
     // Declared after `dev_a`: Drop deletes the veth pair first, then these fields delete the namespaces.
     pub a: Netns,
     pub b: Netns,
@@ -58,7 +59,12 @@ impl ShapedLink {
             "netns",
             b.name(),
         ]);
-        let link = ShapedLink { dev_a, a, b };
+        let link = ShapedLink {
+            dev_a,
+            dev_b: dev_b.clone(),
+            a,
+            b,
+        };
         for (ns, dev, ip) in [(&link.a, &link.dev_a, Self::IP_A), (&link.b, &dev_b, Self::IP_B)] {
             let ns = ns.name();
             must(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev]);
@@ -83,6 +89,27 @@ impl ShapedLink {
             &self.dev_a,
             if up { "up" } else { "down" },
         ]);
+    }
+}
+
+impl ShapedLink {
+    /// Bytes the qdiscs of both ends have sent so far (tc's counters: every byte on the wire, both
+    /// ways, headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        [(&self.a, &self.dev_a), (&self.b, &self.dev_b)]
+            .iter()
+            .map(|(ns, dev)| {
+                let out = std::process::Command::new("tc")
+                    .args(["-n", ns.name(), "-s", "qdisc", "show", "dev", dev])
+                    .output()
+                    .expect("tc -s qdisc show");
+                let text = String::from_utf8_lossy(&out.stdout);
+                text.split_once("Sent ")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 }
 

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by several bench targets, each using a part
 //! The peer: the same built-in guest, live-migrated by QEMU (Debian's qemu-system-x86) between two
 //! QEMU processes on this machine, driven over QMP.
 //!
@@ -45,7 +46,15 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn start(dir: &Path, name: &str, kernel: &Path, memory_mib: u64, append: &str, incoming: Option<u16>) -> Qemu {
+fn start(
+    dir: &Path,
+    name: &str,
+    kernel: &Path,
+    memory_mib: u64,
+    append: &str,
+    incoming: bool,
+    netns: Option<&str>,
+) -> Qemu {
     let serial = dir.join(format!("{name}.serial"));
     let qmp = dir.join(format!("{name}.qmp"));
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -61,8 +70,12 @@ fn start(dir: &Path, name: &str, kernel: &Path, memory_mib: u64, append: &str, i
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if let Some(port) = incoming {
-        cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+    if incoming {
+        // Capabilities (multifd) must be set on the destination before it listens.
+        cmd.args(["-incoming", "defer"]);
+    }
+    if let Some(ns) = netns {
+        crate::support::netns::run_inside(&mut cmd, ns);
     }
     let child = cmd.spawn().expect("starting qemu-system-x86_64");
     Qemu { child, serial, qmp }
@@ -130,28 +143,166 @@ fn wait_for_console(path: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// How QEMU migrates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum QemuMode {
+    /// Pre-copy with this downtime limit (ms), one channel, no compression.
+    Precopy { downtime_limit_ms: u64 },
+    /// Pre-copy with multifd (2 channels) and zstd compression, the choice of a QEMU user on a slow link.
+    MultifdZstd { downtime_limit_ms: u64 },
+    /// Post-copy: pre-copy's first pass, then `migrate-start-postcopy`.
+    Postcopy,
+}
+
+/// Where the two QEMUs run and how they talk.
+pub struct Placement<'a> {
+    pub source_netns: Option<&'a str>,
+    pub destination_netns: Option<&'a str>,
+    /// The destination's address as the source reaches it.
+    pub destination_ip: &'a str,
+    pub port: u16,
+}
+
+impl Placement<'_> {
+    pub fn loopback(port: u16) -> Placement<'static> {
+        Placement {
+            source_netns: None,
+            destination_netns: None,
+            destination_ip: "127.0.0.1",
+            port,
+        }
+    }
+}
+
+/// A source QEMU running the guest and a destination QEMU waiting for it.
+pub struct QemuPair {
+    source: Qemu,
+    destination: Qemu,
+    _dir: tempfile::TempDir,
+}
+
+impl QemuPair {
+    /// Boots the guest under a source QEMU (waits until its workload runs) and starts the destination.
+    pub fn start(kernel: &Path, memory_mib: u64, append: &str, placement: &Placement) -> QemuPair {
+        let dir = tempfile::tempdir().unwrap();
+        let source = start(
+            dir.path(),
+            "source",
+            kernel,
+            memory_mib,
+            append,
+            false,
+            placement.source_netns,
+        );
+        let destination = start(
+            dir.path(),
+            "destination",
+            kernel,
+            memory_mib,
+            append,
+            true,
+            placement.destination_netns,
+        );
+        wait_for_console(&source.serial, "; running", Duration::from_secs(120));
+        QemuPair {
+            source,
+            destination,
+            _dir: dir,
+        }
+    }
+
+    /// The pids of the source and the destination QEMU.
+    pub fn pids(&self) -> (u32, u32) {
+        (self.source.child.id(), self.destination.child.id())
+    }
+
+    /// CPU time (user + system, ms) of both QEMU processes so far.
+    pub fn cpu_ms(&self) -> (f64, f64) {
+        (
+            process_cpu_ms(self.source.child.id()),
+            process_cpu_ms(self.destination.child.id()),
+        )
+    }
+
+    /// Migrates the guest in `mode` and waits for `completed`; then lets the guest print two more
+    /// progress lines on the destination and returns what QEMU and the guest measured.
+    pub fn migrate(&mut self, mode: QemuMode, placement: &Placement) -> QemuRun {
+        let mut src = Qmp::connect(&self.source.qmp);
+        let mut dst = Qmp::connect(&self.destination.qmp);
+        let (downtime_limit_ms, multifd, postcopy) = match mode {
+            QemuMode::Precopy { downtime_limit_ms } => (downtime_limit_ms, false, false),
+            QemuMode::MultifdZstd { downtime_limit_ms } => (downtime_limit_ms, true, false),
+            QemuMode::Postcopy => (300, false, true),
+        };
+        for qmp in [&mut src, &mut dst] {
+            let mut caps = vec![];
+            if multifd {
+                caps.push(json!({"capability": "multifd", "state": true}));
+            }
+            if postcopy {
+                caps.push(json!({"capability": "postcopy-ram", "state": true}));
+            }
+            if !caps.is_empty() {
+                qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps }));
+            }
+            if multifd {
+                qmp.execute(
+                    "migrate-set-parameters",
+                    json!({ "multifd-channels": 2, "multifd-compression": "zstd" }),
+                );
+            }
+        }
+        let uri = format!("tcp:{}:{}", placement.destination_ip, placement.port);
+        let listen = format!("tcp:0.0.0.0:{}", placement.port);
+        dst.execute("migrate-incoming", json!({ "uri": listen }));
+        src.execute(
+            "migrate-set-parameters",
+            json!({ "downtime-limit": downtime_limit_ms, "max-bandwidth": 10u64 << 30 }),
+        );
+        src.execute("migrate", json!({ "uri": uri }));
+        let mut switched = false;
+        let info = loop {
+            let info = src.execute("query-migrate", json!({}));
+            match info["status"].as_str() {
+                Some("completed") => break info,
+                Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {info}"),
+                _ if postcopy && !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 => {
+                    // After the first full pass, as a QEMU user switching to post-copy would.
+                    src.execute("migrate-start-postcopy", json!({}));
+                    switched = true;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let destination = &self.destination;
+        read_guest_verdict(destination, info)
+    }
+}
+
+/// CPU time (user + system) of process `pid`, in milliseconds.
+pub fn process_cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    let Some(close) = stat.rfind(')') else { return f64::NAN };
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(14) + field(15)) / ticks * 1e3
+}
+
 /// Boots the guest under QEMU, lets it run, migrates it to a second QEMU with `downtime_limit_ms`,
 /// and returns what both QEMU and the guest measured.
 pub fn migrate(kernel: &Path, memory_mib: u64, append: &str, downtime_limit_ms: u64, port: u16) -> QemuRun {
-    let dir = tempfile::tempdir().unwrap();
-    let source = start(dir.path(), "source", kernel, memory_mib, append, None);
-    let destination = start(dir.path(), "destination", kernel, memory_mib, append, Some(port));
-    wait_for_console(&source.serial, "; running", Duration::from_secs(120));
+    let placement = Placement::loopback(port);
+    let mut pair = QemuPair::start(kernel, memory_mib, append, &placement);
     std::thread::sleep(Duration::from_secs(2));
-    let mut qmp = Qmp::connect(&source.qmp);
-    qmp.execute(
-        "migrate-set-parameters",
-        json!({ "downtime-limit": downtime_limit_ms, "max-bandwidth": 10u64 << 30 }),
-    );
-    qmp.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }));
-    let info = loop {
-        let info = qmp.execute("query-migrate", json!({}));
-        match info["status"].as_str() {
-            Some("completed") => break info,
-            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {info}"),
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
+    pair.migrate(QemuMode::Precopy { downtime_limit_ms }, &placement)
+}
+
+/// What the guest says on the destination's console after the migration, with QEMU's `info`.
+fn read_guest_verdict(destination: &Qemu, info: Value) -> QemuRun {
     // Let the guest print two more progress lines on the destination.
     let before = std::fs::read_to_string(&destination.serial)
         .unwrap_or_default()

@@ -1,0 +1,164 @@
+#![allow(dead_code)] // shared by several bench targets, each using a part
+//! The stall the guest feels, measured from outside and the same way for every hypervisor: a thread
+//! reads the built-in guest's heartbeat (a counter its main loop bumps every iteration, in its status
+//! page) straight out of the guest RAM of every process that may hold the guest (source and
+//! destination), about every 0.5 ms, with `process_vm_readv`. The guest makes progress when the highest
+//! heartbeat of all copies grows; the felt stall is the longest time it did not. A paused source copy
+//! keeps its last value, so the running copy is always the one that counts.
+//!
+//! Guest RAM is found in `/proc/PID/maps`: perfplus maps it from a memfd named `perfplus-guest-ram`,
+//! QEMU from an anonymous mapping of the guest's RAM size; either way the candidate is accepted only
+//! if the status page's magic is where it should be. The maps are scanned again every 50 ms (the
+//! destination's RAM appears during the migration, the source's goes away after it).
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use perfplus_common::guest_abi::{StatusPage, STATUS_MAGIC, STATUS_PAGE_GPA};
+
+/// What the probe saw.
+#[derive(Clone, Debug, Default)]
+pub struct Felt {
+    /// Every stall over 10 ms: (start, length), in ms since the probe started.
+    pub stalls: Vec<(f64, f64)>,
+    /// Longest time without progress, in milliseconds.
+    pub max_stall_ms: f64,
+    /// When that stall began, in milliseconds since the probe started.
+    pub stall_at_ms: f64,
+    /// Samples taken, and the longest gap between two samples (the resolution actually achieved).
+    pub samples: u64,
+    pub max_sample_gap_ms: f64,
+    /// Time the probe could not see (a read that blocked over 2 ms, e.g. on a page a post-copy
+    /// destination did not have yet): not counted as a stall, so the figure is a lower bound there.
+    pub blind_ms: f64,
+}
+
+/// A running probe; [`FeltProbe::finish`] stops it and returns what it saw.
+pub struct FeltProbe {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Felt>,
+}
+
+fn read_u64(pid: u32, addr: u64) -> Option<u64> {
+    let mut value = 0u64;
+    let local = libc::iovec {
+        iov_base: (&mut value as *mut u64).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: `local` describes 8 writable bytes of `value`, which outlives the call; the remote
+    // address is only read by the kernel, which checks it against the target's address space.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    (n == 8).then_some(value)
+}
+
+/// The address of guest-physical 0 in `pid`, if it maps the guest's RAM (`ram_bytes`).
+fn find_ram(pid: u32, ram_bytes: u64) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let name = fields.nth(3).unwrap_or("");
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
+            continue;
+        };
+        let size = end - start;
+        let candidate = (name.contains("perfplus-guest-ram") && size == ram_bytes)
+            || (name.is_empty() && size >= ram_bytes && size <= ram_bytes + (4 << 20));
+        if candidate && read_u64(pid, start + STATUS_PAGE_GPA) == Some(STATUS_MAGIC) {
+            return Some(start);
+        }
+    }
+    None
+}
+
+impl FeltProbe {
+    /// Starts watching `pids` for a guest of `ram_bytes`.
+    pub fn start(pids: Vec<u32>, ram_bytes: u64) -> FeltProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let heartbeat = STATUS_PAGE_GPA + std::mem::offset_of!(StatusPage, heartbeat) as u64;
+        let handle = std::thread::Builder::new()
+            .name("felt-stall".into())
+            .spawn(move || {
+                // Wake on time whatever else runs (the machine has two cores): a probe that is not
+                // scheduled sees nothing. Best effort: without the privilege it runs as it is.
+                let param = libc::sched_param { sched_priority: 10 };
+                // SAFETY: `param` is a valid sched_param; pid 0 is this thread.
+                let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+                let started = Instant::now();
+                let mut rams: Vec<Option<u64>> = vec![None; pids.len()];
+                let mut last_scan: Option<Instant> = None;
+                let mut best = 0u64;
+                let mut last_progress: Option<Instant> = None;
+                let mut last_sample = Instant::now();
+                let mut felt = Felt::default();
+                while !flag.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if last_scan.is_none_or(|t| now - t > Duration::from_millis(50)) {
+                        for (ram, &pid) in rams.iter_mut().zip(&pids) {
+                            *ram = find_ram(pid, ram_bytes);
+                        }
+                        last_scan = Some(now);
+                    }
+                    let before_read = Instant::now();
+                    let value = rams
+                        .iter()
+                        .zip(&pids)
+                        .filter_map(|(ram, &pid)| ram.and_then(|base| read_u64(pid, base + heartbeat)))
+                        .max();
+                    let now = Instant::now();
+                    felt.samples += 1;
+                    felt.max_sample_gap_ms = felt.max_sample_gap_ms.max((now - last_sample).as_secs_f64() * 1e3);
+                    last_sample = now;
+                    let read_ms = (now - before_read).as_secs_f64() * 1e3;
+                    if read_ms > 2.0 {
+                        // Blind while the read blocked: whatever happened then is not a measurement.
+                        felt.blind_ms += read_ms;
+                        if value.is_some_and(|v| v > best) {
+                            best = value.unwrap_or(best);
+                        }
+                        last_progress = Some(now);
+                        continue;
+                    }
+                    if let Some(value) = value {
+                        if value > best {
+                            if let Some(prev) = last_progress {
+                                let gap = (now - prev).as_secs_f64() * 1e3;
+                                if gap > 10.0 {
+                                    felt.stalls.push(((prev - started).as_secs_f64() * 1e3, gap));
+                                }
+                                if gap > felt.max_stall_ms {
+                                    felt.max_stall_ms = gap;
+                                    felt.stall_at_ms = (prev - started).as_secs_f64() * 1e3;
+                                }
+                            }
+                            best = value;
+                            last_progress = Some(now);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                felt
+            })
+            .expect("starting the felt-stall probe");
+        FeltProbe { stop, handle }
+    }
+
+    pub fn finish(self) -> Felt {
+        self.stop.store(true, Ordering::Release);
+        self.handle.join().expect("felt-stall probe")
+    }
+}

@@ -1,0 +1,320 @@
+//! perfplus against QEMU over a real shaped link, measured from outside the guest the same way for both.
+//!
+//! Method:
+//! - Two network namespaces joined by a veth pair, each end shaped with tbf to `PERFPLUS_BENCH_RATE`
+//!   (default 1gbit); the link is checked with iperf3 first and its measured rate printed.
+//! - The same built-in guest image, memory size (`PERFPLUS_BENCH_MEMORY`, default 1G) and workload for
+//!   every hypervisor: a perfplus agent in each namespace, or a QEMU in each (Debian's qemu-system-x86,
+//!   `-enable-kvm -kernel`, driven over QMP: one channel with downtime-limit 30 ms; multifd with 2
+//!   channels and zstd, downtime-limit 30 ms; post-copy after the first pass where the scenario says).
+//! - Once the guest runs its workload and two more seconds have passed, the migration starts. From then
+//!   until a second after it ended (for perfplus: after the CLI's report, which comes after the
+//!   destination verified the guest and the source dropped its copy), a probe thread
+//!   (`peer/felt.rs`) reads the guest's heartbeat out of the RAM of both processes about every 0.5 ms:
+//!   the *felt stall* is the longest time the guest made no progress. Bytes on the wire are the qdisc
+//!   counters of both veth ends; CPU is the user + system time of the source and destination processes
+//!   (vCPU threads included, for both); total time is what each tool reports (perfplus: `total_ms`;
+//!   QEMU: `total-time`); the guest's self-check must be clean on the destination.
+//! - Runs are interleaved (perfplus, QEMU, QEMU multifd+zstd, then again), `PERFPLUS_BENCH_REPEAT`
+//!   times (default 3); the table gives medians with min–max and the ratios perfplus / QEMU.
+//!
+//! Run: `scripts/bench.sh shaped` (installs QEMU and iperf3) or `cargo bench -p perfplus --bench shaped`.
+//! `PERFPLUS_BENCH_SCENARIOS` (comma-separated names) picks scenarios.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod peer {
+    pub mod felt;
+    pub mod qemu;
+}
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use peer::felt::{Felt, FeltProbe};
+use peer::qemu::{process_cpu_ms, Placement, QemuMode, QemuPair};
+use serde_json::Value;
+use support::{Cluster, ShapedLink};
+
+struct Scenario {
+    name: &'static str,
+    /// The built-in guest's command line (without `tsc_khz=`).
+    cmdline: &'static str,
+    /// `perfplus migrate --mode`.
+    perfplus_mode: &'static str,
+    qemu: &'static [QemuMode],
+}
+
+const LIMIT30: QemuMode = QemuMode::Precopy { downtime_limit_ms: 30 };
+const MULTIFD: QemuMode = QemuMode::MultifdZstd { downtime_limit_ms: 30 };
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "moderate",
+        cmdline: "working-set=256M rate=10k mix=unique:40,dup:30,zero:10,same:20",
+        perfplus_mode: "precopy",
+        qemu: &[LIMIT30, MULTIFD],
+    },
+    Scenario {
+        name: "idle",
+        cmdline: "working-set=256M rate=100 mix=unique:40,dup:30,zero:10,same:20",
+        perfplus_mode: "precopy",
+        qemu: &[LIMIT30, MULTIFD],
+    },
+    Scenario {
+        name: "duplicate-heavy",
+        cmdline: "working-set=256M rate=10k mix=unique:10,dup:70,zero:10,same:10",
+        perfplus_mode: "precopy",
+        qemu: &[LIMIT30, MULTIFD],
+    },
+    Scenario {
+        name: "faster-than-link",
+        cmdline: "working-set=256M rate=50k mix=unique:40,dup:30,zero:10,same:20",
+        perfplus_mode: "hybrid",
+        qemu: &[QemuMode::Postcopy, MULTIFD],
+    },
+];
+
+#[derive(Clone, Default)]
+struct Run {
+    felt: Felt,
+    wire_bytes: f64,
+    total_ms: f64,
+    reported_downtime_ms: f64,
+    cpu_source_ms: f64,
+    cpu_destination_ms: f64,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn memory_bytes(memory: &str) -> u64 {
+    let digits: u64 = memory
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse()
+        .unwrap();
+    match memory.chars().last() {
+        Some('G') | Some('g') => digits << 30,
+        Some('M') | Some('m') => digits << 20,
+        _ => digits,
+    }
+}
+
+/// The link's rate as iperf3 measures it (TCP, 2 s, a → b), in Mbit/s; None without iperf3.
+fn iperf(link: &ShapedLink) -> Option<f64> {
+    let mut cmd = std::process::Command::new("iperf3");
+    support::netns::run_inside(&mut cmd, link.b.name());
+    let mut server = support::Spawned::new(
+        cmd.args(["-s", "-1", "-p", "5299"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut cmd = std::process::Command::new("iperf3");
+    support::netns::run_inside(&mut cmd, link.a.name());
+    let out = cmd
+        .args(["-c", ShapedLink::IP_B, "-p", "5299", "-t", "2", "-J"])
+        .output()
+        .ok()?;
+    let _ = server.child().wait();
+    let json: Value = serde_json::from_slice(&out.stdout).ok()?;
+    json["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e6)
+}
+
+fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario) -> Run {
+    let cluster = Cluster::new();
+    let a = cluster.agent_in(&link.a, "a", "0");
+    let b = cluster.agent_in(&link.b, "b", "0");
+    let spec = format!("dirtier:{}", scenario.cmdline.replace(' ', ","));
+    cluster.start_guest(&a, "bench", memory, &spec);
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu_a, cpu_b) = (process_cpu_ms(a.pid()), process_cpu_ms(b.pid()));
+    let wire = link.bytes_sent();
+    let probe = FeltProbe::start(vec![a.pid(), b.pid()], memory_bytes(memory));
+    let to = b.addr_via(ShapedLink::IP_B);
+    let report = cluster.cli_json_in(
+        Some(link.a.name()),
+        &[
+            "migrate",
+            "bench",
+            "--from",
+            &a.addr,
+            "--to",
+            &to,
+            "--mode",
+            scenario.perfplus_mode,
+            "--json",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let felt = probe.finish();
+    assert_eq!(report["outcome"], "completed", "perfplus run not completed: {report}");
+    log_run(
+        &format!(
+            "perfplus (total {:.0} ms, downtime {:.1} ms)",
+            report["total_ms"].as_f64().unwrap_or(0.0),
+            report["downtime_ms"].as_f64().unwrap_or(0.0)
+        ),
+        &felt,
+    );
+    Run {
+        felt,
+        wire_bytes: (link.bytes_sent() - wire) as f64,
+        total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
+        reported_downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        cpu_source_ms: process_cpu_ms(a.pid()) - cpu_a,
+        cpu_destination_ms: process_cpu_ms(b.pid()) - cpu_b,
+    }
+}
+
+fn qemu_run(link: &ShapedLink, kernel: &std::path::Path, memory: &str, append: &str, mode: QemuMode, port: u16) -> Run {
+    let placement = Placement {
+        source_netns: Some(link.a.name()),
+        destination_netns: Some(link.b.name()),
+        destination_ip: ShapedLink::IP_B,
+        port,
+    };
+    let mut pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
+    std::thread::sleep(Duration::from_secs(2));
+    let (src, dst) = pair.pids();
+    let (cpu_a, cpu_b) = pair.cpu_ms();
+    let wire = link.bytes_sent();
+    let probe = FeltProbe::start(vec![src, dst], memory_bytes(memory));
+    let run = pair.migrate(mode, &placement);
+    std::thread::sleep(Duration::from_secs(1));
+    let felt = probe.finish();
+    assert_eq!(
+        run.mismatches, 0,
+        "the guest found mismatches after QEMU's migration ({mode:?})"
+    );
+    let (cpu_a2, cpu_b2) = pair.cpu_ms();
+    Run {
+        felt,
+        wire_bytes: (link.bytes_sent() - wire) as f64,
+        total_ms: run.total_ms,
+        reported_downtime_ms: run.downtime_ms,
+        cpu_source_ms: cpu_a2 - cpu_a,
+        cpu_destination_ms: cpu_b2 - cpu_b,
+    }
+}
+
+/// One line per run on stderr: the stalls the probe saw (start and length, ms since it started).
+fn log_run(label: &str, felt: &Felt) {
+    let stalls: Vec<String> = felt.stalls.iter().map(|(at, ms)| format!("{ms:.0}@{at:.0}")).collect();
+    eprintln!(
+        "  {label}: felt {:.1} ms; stalls over 10 ms (length@start): {}; blind {:.0} ms",
+        felt.max_stall_ms,
+        stalls.join(" "),
+        felt.blind_ms
+    );
+}
+
+/// Median and min–max of `f` over `runs`.
+fn stat(runs: &[Run], f: impl Fn(&Run) -> f64) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn cell((median, min, max): (f64, f64, f64), digits: usize) -> String {
+    format!("{median:.digits$} [{min:.digits$}–{max:.digits$}]")
+}
+
+fn qemu_label(mode: &QemuMode) -> String {
+    match mode {
+        QemuMode::Precopy { downtime_limit_ms } => format!("QEMU (limit {downtime_limit_ms} ms)"),
+        QemuMode::MultifdZstd { downtime_limit_ms } => format!("QEMU multifd+zstd (limit {downtime_limit_ms} ms)"),
+        QemuMode::Postcopy => "QEMU post-copy".to_string(),
+    }
+}
+
+fn main() {
+    if support::kvm_missing() {
+        return;
+    }
+    if !peer::qemu::available() {
+        println!("skipped: qemu-system-x86_64 is not installed (scripts/bench.sh installs it)");
+        return;
+    }
+    let rate = env_or("PERFPLUS_BENCH_RATE", "1gbit");
+    let memory = env_or("PERFPLUS_BENCH_MEMORY", "1G");
+    let repeat: usize = env_or("PERFPLUS_BENCH_REPEAT", "3")
+        .parse()
+        .expect("PERFPLUS_BENCH_REPEAT");
+    let chosen = std::env::var("PERFPLUS_BENCH_SCENARIOS").ok();
+    let Some(link) = ShapedLink::new('q', &rate) else {
+        return;
+    };
+    let measured = iperf(&link);
+    println!("# perfplus vs QEMU over a {rate} tbf-shaped veth between two network namespaces");
+    match measured {
+        Some(mbps) => println!("\nlink measured with iperf3 (TCP, 2 s): {mbps:.0} Mbit/s"),
+        None => println!("\nlink not measured: iperf3 is not installed (scripts/bench.sh installs it)"),
+    }
+    println!("guest: the built-in guest, {memory}; {repeat} interleaved runs per variant; median [min–max]\n");
+
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("perfplus-guest.elf");
+    std::fs::write(&kernel, perfplus_vmm::vm::builtin_guest::IMAGE).unwrap();
+    let tsc_khz = perfplus_vmm::vm::Vm::create("tsc-probe", 16 << 20, 1)
+        .expect("a probe VM")
+        .tsc_khz();
+    let mut port = 47200u16;
+    for scenario in SCENARIOS {
+        if chosen
+            .as_deref()
+            .is_some_and(|c| !c.split(',').any(|n| n == scenario.name))
+        {
+            continue;
+        }
+        let append = format!("{} tsc_khz={tsc_khz}", scenario.cmdline);
+        let mut ours = Vec::new();
+        let mut theirs: Vec<Vec<Run>> = vec![Vec::new(); scenario.qemu.len()];
+        for rep in 0..repeat {
+            eprintln!("{}: run {}/{repeat}", scenario.name, rep + 1);
+            ours.push(perfplus_run(&link, &memory, scenario));
+            for (i, mode) in scenario.qemu.iter().enumerate() {
+                port += 1;
+                theirs[i].push(qemu_run(&link, &kernel, &memory, &append, *mode, port));
+            }
+        }
+        println!(
+            "## {} ({}; perfplus {})\n",
+            scenario.name, scenario.cmdline, scenario.perfplus_mode
+        );
+        println!("| variant | felt stall (ms) | reported downtime (ms) | wire (MB) | total (ms) | CPU src / dst (ms) | probe blind (ms) |");
+        println!("|---|---|---|---|---|---|---|");
+        let row = |label: &str, runs: &[Run]| {
+            println!(
+                "| {label} | {} | {} | {} | {} | {:.0} / {:.0} | {:.0} |",
+                cell(stat(runs, |r| r.felt.max_stall_ms), 1),
+                cell(stat(runs, |r| r.reported_downtime_ms), 1),
+                cell(stat(runs, |r| r.wire_bytes / 1e6), 1),
+                cell(stat(runs, |r| r.total_ms), 0),
+                stat(runs, |r| r.cpu_source_ms).0,
+                stat(runs, |r| r.cpu_destination_ms).0,
+                stat(runs, |r| r.felt.blind_ms).2,
+            )
+        };
+        row(&format!("perfplus {}", scenario.perfplus_mode), &ours);
+        for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
+            row(&qemu_label(mode), runs);
+        }
+        println!("\n| perfplus / … | felt stall | wire bytes | total time |\n|---|---|---|---|");
+        for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
+            let ratio = |f: fn(&Run) -> f64| stat(&ours, f).0 / stat(runs, f).0;
+            println!(
+                "| {} | {:.2} | {:.2} | {:.2} |",
+                qemu_label(mode),
+                ratio(|r| r.felt.max_stall_ms),
+                ratio(|r| r.wire_bytes),
+                ratio(|r| r.total_ms)
+            );
+        }
+        println!();
+    }
+}
