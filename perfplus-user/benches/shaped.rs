@@ -155,9 +155,10 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario) -> Run {
     assert_eq!(report["outcome"], "completed", "perfplus run not completed: {report}");
     log_run(
         &format!(
-            "perfplus (total {:.0} ms, downtime {:.1} ms)",
+            "perfplus (total {:.0} ms, downtime {:.1} ms, the guest's own longest stall {:.1} ms)",
             report["total_ms"].as_f64().unwrap_or(0.0),
-            report["downtime_ms"].as_f64().unwrap_or(0.0)
+            report["downtime_ms"].as_f64().unwrap_or(0.0),
+            report["guest_max_stall_ms"].as_f64().unwrap_or(f64::NAN)
         ),
         &felt,
     );

@@ -136,8 +136,10 @@ pub(super) async fn migrate_out(
                 // both off the async runtime, which serves every other connection.
                 let (state, name, digests) = (state.clone(), req.vm.clone(), completed.page_digests);
                 tokio::task::spawn_blocking(move || {
-                    archive::keep_pages(&state, &name, &hosted.vm, digests);
-                    drop(hosted);
+                    crate::migration::at_low_priority(|| {
+                        archive::keep_pages(&state, &name, &hosted.vm, digests);
+                        drop(hosted);
+                    })
                 })
                 .await?;
             }

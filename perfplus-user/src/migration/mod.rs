@@ -23,6 +23,35 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Prefix of the names of vCPU threads (see `vm`): their CPU time is the guest's, not the agent's.
 pub const VCPU_THREAD_PREFIX: &str = "vcpu";
 
+/// Nice value of the work done after a switch-over (checksums of the source's pages, archiving, the
+/// teardown of a VM that left): below the vCPU threads (nice 0) without starving (a guest's busy vCPU
+/// would starve an idle-class thread on a loaded host).
+pub const AFTER_SWITCH_NICE: libc::c_int = 10;
+
+/// Runs `f` on this thread at [`AFTER_SWITCH_NICE`], then puts the thread's nice value back. For
+/// blocking work that must not take the CPU from guests (call it inside `spawn_blocking`).
+pub fn at_low_priority<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    // SAFETY: getpriority/setpriority on this thread's id with PRIO_PROCESS (per thread on Linux) have
+    // no memory-safety preconditions; errno is cleared first, as -1 is a valid nice value.
+    let before = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    };
+    // SAFETY: as above.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, AFTER_SWITCH_NICE) };
+    let result = f();
+    // SAFETY: as above; lowering the nice value back needs CAP_SYS_NICE, which the agent (root) has.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, before) } != 0 {
+        tracing::warn!(
+            "could not restore a blocking thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    result
+}
+
 /// CPU time (user + system) this process has used outside its vCPU threads, in milliseconds.
 pub fn agent_cpu_ms() -> f64 {
     process_cpu_ms() - vcpu_threads_cpu_ms()

@@ -508,15 +508,23 @@ async fn finish(
     started: Instant,
     cpu_start: f64,
 ) -> anyhow::Result<Completed> {
-    // The source guest is paused for good: its memory is the state the destination started from.
-    let memory = job.vm.memory();
-    let mut data = Box::new([0u8; PAGE_SIZE]);
-    let ours: Vec<u64> = (0..memory.page_count())
-        .map(|page| {
-            memory.read_page(page, &mut data);
-            page_checksum(&data)
+    // The source guest is paused for good: its memory is the state the destination started from. Read
+    // off the async runtime and at a low priority: the guest now runs elsewhere (on this host too,
+    // in tests and benchmarks) and must not wait for this.
+    let memory = job.vm.memory().clone();
+    let ours: Vec<u64> = tokio::task::spawn_blocking(move || {
+        super::at_low_priority(|| {
+            let mut data = Box::new([0u8; PAGE_SIZE]);
+            (0..memory.page_count())
+                .map(|page| {
+                    memory.read_page(page, &mut data);
+                    page_checksum(&data)
+                })
+                .collect()
         })
-        .collect();
+    })
+    .await
+    .context("checksumming the source's pages")?;
     let mut report = MigrationReport {
         vm: job.vm_name.clone(),
         source: job.source_name.clone(),
