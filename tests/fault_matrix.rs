@@ -215,9 +215,17 @@ fn run(case: Case) {
     // before the commit drops its half-built copy.
     match case.expect {
         Expect::DestPaused | Expect::BothPaused => {
-            wait_until(Duration::from_secs(60), "the destination's post-copy to stall", || {
-                vm_status(&cluster, &b).is_some_and(|s| stalled(&s))
-            })
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !vm_status(&cluster, &b).is_some_and(|s| stalled(&s)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the destination's post-copy did not stall: {:?}\ndestination log:\n{}\nsource log:\n{}\n{context}",
+                    vm_status(&cluster, &b),
+                    b.log_text(),
+                    a.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         Expect::Nowhere => wait_until(Duration::from_secs(60), "the destination to drop its copy", || {
             vm_status(&cluster, &b).is_none()

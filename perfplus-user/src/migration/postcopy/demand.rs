@@ -29,7 +29,7 @@ use perfplus_protocol::connection::ConnectionError;
 use perfplus_vmm::vm::Vm;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use super::{bitmap_of, AttachRx, LINK_TIMEOUT, PING_INTERVAL};
+use super::{bitmap_of, send_bounded, AttachRx, LINK_TIMEOUT, PING_INTERVAL};
 use crate::content_index::ContentIndex;
 use crate::fault_injection;
 use crate::hashing::{page_checksum, PageDigest};
@@ -316,12 +316,14 @@ enum Event {
 /// Sends `pages` as page requests (in frames of at most [`PAGE_REQUEST_MAX`]).
 async fn request(demand: &mut Connection, full: bool, pages: &[u64]) -> anyhow::Result<()> {
     for chunk in pages.chunks(PAGE_REQUEST_MAX) {
-        demand
-            .send(&Message::PageRequest {
+        send_bounded(
+            demand,
+            &Message::PageRequest {
                 full,
                 pages: chunk.to_vec(),
-            })
-            .await?;
+            },
+        )
+        .await?;
     }
     Ok(())
 }
@@ -410,7 +412,7 @@ pub async fn run(
                         bytes: applied_bytes,
                         present: session.table.done_count(),
                     };
-                    match bulk.send(&ack).await {
+                    match send_bounded(bulk, &ack).await {
                         Ok(()) => flush_unresolved(session, demand.as_mut().expect("demand channel up"))
                             .await
                             .err(),
@@ -444,10 +446,7 @@ pub async fn run(
                         last_heard.elapsed().as_secs_f64()
                     ))
                 } else {
-                    demand
-                        .as_mut()
-                        .expect("demand channel up")
-                        .send(&Message::Ping)
+                    send_bounded(demand.as_mut().expect("demand channel up"), &Message::Ping)
                         .await
                         .err()
                 }
@@ -537,7 +536,7 @@ pub async fn run(
         p99_us = format!("{:.0}", stats.fault_latency_us.p99),
         "post-copy: every page present"
     );
-    if bulk.send(&Message::AllPresent).await.is_err() {
+    if send_bounded(bulk, &Message::AllPresent).await.is_err() {
         // The source will reconnect and learn from ResumeState that nothing is missing.
         await_final_attach(session, bulk, attach).await?;
     }
@@ -576,9 +575,12 @@ async fn flush_unresolved(session: &mut Session, demand: &mut Connection) -> any
 /// A new bulk connection arrived: tell the source what is missing, wait for the new demand channel,
 /// and send the outstanding requests again.
 async fn resume(session: &mut Session, bulk: &mut Connection, attach: &mut AttachRx) -> anyhow::Result<Connection> {
-    bulk.send(&Message::ResumeState {
-        missing: session.table.missing_bitmap(),
-    })
+    send_bounded(
+        bulk,
+        &Message::ResumeState {
+            missing: session.table.missing_bitmap(),
+        },
+    )
     .await?;
     let (mut demand, channel) = tokio::time::timeout(Duration::from_secs(10), attach.recv())
         .await

@@ -26,12 +26,28 @@ use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::Channel;
+use perfplus_protocol::{Channel, Message};
 
 /// Keepalives on the demand channel, both ways.
 pub const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// Silence on the demand channel after which a side considers the link lost and starts over.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends `msg` on a post-copy connection, giving up after [`LINK_TIMEOUT`]. A link that is down fills
+/// the socket buffer, and an unbounded send would hold the post-copy loop (its keepalives, its time
+/// limit, the operator's cancel) until TCP itself gave up, minutes later. A send cut short leaves the
+/// connection unusable: the caller treats the link as lost and drops it.
+pub async fn send_bounded(conn: &mut Connection, msg: &Message) -> anyhow::Result<()> {
+    match tokio::time::timeout(LINK_TIMEOUT, conn.send(msg)).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!(
+            "sending {} to {} did not finish within {:.1} s: the link is taken for lost",
+            msg.name(),
+            conn.peer(),
+            LINK_TIMEOUT.as_secs_f64()
+        ),
+    }
+}
 
 /// Connections the agent hands to a running post-copy migration (`PostcopyAttach`).
 pub type AttachTx = UnboundedSender<(Connection, Channel)>;

@@ -19,7 +19,7 @@ use perfplus_common::PAGE_SIZE;
 use tokio::sync::Notify;
 
 use super::push::{PageState, PushPlan, PUSH_BATCH};
-use super::{LINK_TIMEOUT, PING_INTERVAL};
+use super::{send_bounded, LINK_TIMEOUT, PING_INTERVAL};
 use crate::fault_injection;
 use crate::migration::outbound::Outbound;
 use crate::migration::page_sender::{PageDecision, PageSender};
@@ -270,7 +270,7 @@ pub async fn run(
                         last_heard.elapsed().as_secs_f64()
                     ))
                 } else {
-                    dem.send(&Message::Ping).await.err()
+                    send_bounded(dem, &Message::Ping).await.err()
                 }
             }
             Event::PaceWait => None,
@@ -293,7 +293,7 @@ pub async fn run(
                     None
                 } else {
                     let len = batch.payload_len() as u64;
-                    match bulk.send(&Message::Pages(batch)).await {
+                    match send_bounded(bulk, &Message::Pages(batch)).await {
                         Ok(()) => {
                             push.after_send(len, Instant::now());
                             fault_injection::reached("source:postcopy-push").await;
@@ -366,11 +366,11 @@ async fn serve(
         push.prioritize_after(page);
         if batch.len() >= PUSH_BATCH {
             let full_batch = std::mem::replace(&mut batch, PageBatch::with_capacity(PUSH_BATCH));
-            demand.send(&Message::Pages(full_batch)).await?;
+            send_bounded(demand, &Message::Pages(full_batch)).await?;
         }
     }
     if !batch.is_empty() {
-        demand.send(&Message::Pages(batch)).await?;
+        send_bounded(demand, &Message::Pages(batch)).await?;
         fault_injection::reached("source:postcopy-demand").await;
     }
     Ok(())
