@@ -51,6 +51,26 @@ impl<V> ById<V> {
     }
 }
 
+impl<V> ById<V> {
+    /// Like [`ById::register`], but refused (None) if `id` is registered already: an id chosen by a
+    /// peer must not take over the entry of a migration under way.
+    pub(super) fn try_register(&self, id: String, value: V) -> Option<Registration<'_, V>> {
+        let mut inner = self.lock();
+        if inner.entries.contains_key(&id) {
+            return None;
+        }
+        let generation = inner.next;
+        inner.next += 1;
+        inner.entries.insert(id.clone(), (generation, value));
+        drop(inner);
+        Some(Registration {
+            table: self,
+            id,
+            generation,
+        })
+    }
+}
+
 impl<V: Clone> ById<V> {
     /// The value registered under `id`, if any.
     pub(super) fn get(&self, id: &str) -> Option<V> {
@@ -102,6 +122,16 @@ mod tests {
         let table = ById::default();
         assert!(run(&table).is_err());
         assert_eq!(table.get("a1"), None);
+    }
+
+    #[test]
+    fn an_id_in_use_cannot_be_taken_over() {
+        let table = ById::default();
+        let first = table.try_register("a1".to_string(), 1).expect("a free id");
+        assert!(table.try_register("a1".to_string(), 2).is_none());
+        assert_eq!(table.get("a1"), Some(1));
+        drop(first);
+        assert!(table.try_register("a1".to_string(), 3).is_some());
     }
 
     #[test]

@@ -69,14 +69,21 @@ pub(super) async fn migrate_in(
             conn.send_error(&text).await;
             bail!(text);
         }
-        Some(state.attach.register(
+        match state.attach.try_register(
             id.clone(),
             IncomingHandle {
                 attach: attach_tx.clone(),
                 cancel,
                 done: done_rx,
             },
-        ))
+        ) {
+            Some(registration) => Some(registration),
+            None => {
+                let text = format!("a migration with id {id:?} is already arriving here");
+                conn.send_error(&text).await;
+                bail!(text);
+            }
+        }
     } else {
         None
     };
