@@ -49,6 +49,41 @@ if [ "$(id -u)" = 0 ] && [ -d /sys/kernel/tracing ] && [ ! -e /sys/kernel/tracin
     mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
 
+# The high-availability test (tests/pacemaker.rs, scripts/ha/): Corosync, Pacemaker and its command-line
+# tools, the OCF shell functions and ocf-tester (resource-agents), xmllint for ocf-tester's meta-data
+# check. Debian's maintainer scripts would start Corosync and Pacemaker on the host, where nothing
+# wants them (the test runs its own, in namespaces): service starts are refused while installing.
+PERFPLUS_HA_TOOLS="corosync pacemakerd crm_mon cibadmin crm_standby ocf-tester xmllint"
+perfplus_ha_missing() {
+    local tool
+    for tool in $PERFPLUS_HA_TOOLS; do
+        command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || return 0
+    done
+    return 1
+}
+if perfplus_ha_missing; then
+    echo "setup: installing Corosync, Pacemaker and resource-agents (Debian's packages)" >&2
+    perfplus_policy_added=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        perfplus_policy_added=1
+    fi
+    if ! apt-cache show pacemaker >/dev/null 2>&1; then
+        apt-get update -qq
+    fi
+    perfplus_ha_rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        corosync pacemaker pacemaker-cli-utils resource-agents libxml2-utils >/dev/null || perfplus_ha_rc=$?
+    if [ -n "$perfplus_policy_added" ]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
+    if [ "$perfplus_ha_rc" != 0 ]; then
+        echo "setup: installing the high-availability packages failed" >&2
+        exit 1
+    fi
+fi
+
 if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is absent; VMs cannot run here" >&2
 fi
