@@ -87,6 +87,23 @@ fn public_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// The whole cluster test's time: every wait takes at most what is left of it (normally the test
+/// takes ~12 s; the budget only bounds a test that goes wrong).
+struct Budget(Instant);
+
+impl Budget {
+    const TOTAL: Duration = Duration::from_secs(150);
+
+    fn start() -> Budget {
+        Budget(Instant::now() + Budget::TOTAL)
+    }
+
+    /// `cap`, or what is left of the budget if that is less.
+    fn at_most(&self, cap: Duration) -> Duration {
+        cap.min(self.0.saturating_duration_since(Instant::now()))
+    }
+}
+
 /// A two-node cluster made by `scripts/ha/up.sh`, with a perfplus agent on port 7001 in each node;
 /// `scripts/ha/down.sh` ends it when dropped.
 struct HaCluster {
@@ -229,7 +246,7 @@ struct Move {
 /// Puts `from` in standby and waits until the VM runs on `to`; asserts it moved by live migration
 /// (migrate_to on `from`, migrate_from on `to`, stop only of the source's leftover on `from`, no
 /// start and no stop on `to`) and that the guest went on where it was.
-fn standby_moves_vm(ha: &HaCluster, vm: &str, from: &str, to: &str) -> Move {
+fn standby_moves_vm(ha: &HaCluster, budget: &Budget, vm: &str, from: &str, to: &str) -> Move {
     let before = ha.vm_status(from, vm).expect("the VM runs on the node put in standby");
     assert!(guest_is_running_and_verified(&before), "{before}");
     let written = guest_counter(&before, "pages_written");
@@ -240,7 +257,7 @@ fn standby_moves_vm(ha: &HaCluster, vm: &str, from: &str, to: &str) -> Move {
     ha.on_ok(from, &["crm_standby", "--node", from, "--update", "on"]);
     let (mut to_agent, mut to_pacemaker) = (None, None);
     wait_until(
-        Duration::from_secs(90),
+        budget.at_most(Duration::from_secs(60)),
         &format!("{vm} running on {to} after standby of {from}"),
         || {
             if to_agent.is_none() && ha.vm_status(to, vm).is_some_and(|s| s["run_state"] == "running") {
@@ -254,7 +271,7 @@ fn standby_moves_vm(ha: &HaCluster, vm: &str, from: &str, to: &str) -> Move {
     );
     // The source's stop (of what the migration left there: nothing) ends the transition.
     wait_until(
-        Duration::from_secs(60),
+        budget.at_most(Duration::from_secs(30)),
         &format!("the stop of {vm}'s source part on {from}"),
         || {
             ha.ops_since(mark, vm)
@@ -287,10 +304,14 @@ fn standby_moves_vm(ha: &HaCluster, vm: &str, from: &str, to: &str) -> Move {
         "the guest's writes went on from {written} (a restarted guest counts from 0): {after}"
     );
     let sweeps = guest_counter(&after, "verify_sweeps");
-    wait_until(Duration::from_secs(30), "a verification sweep on the target", || {
-        ha.vm_status(to, vm)
-            .is_some_and(|s| guest_counter(&s, "verify_sweeps") > sweeps)
-    });
+    wait_until(
+        budget.at_most(Duration::from_secs(30)),
+        "a verification sweep on the target",
+        || {
+            ha.vm_status(to, vm)
+                .is_some_and(|s| guest_counter(&s, "verify_sweeps") > sweeps)
+        },
+    );
     let later = ha.vm_status(to, vm).expect("the VM on the target");
     assert_eq!(guest_counter(&later, "mismatches"), 0, "{later}");
     assert!(guest_counter(&later, "pages_written") > written, "{later}");
@@ -332,6 +353,7 @@ fn standby_moves_the_vm_by_live_migration_and_back() {
         return;
     }
     let started = Instant::now();
+    let budget = Budget::start();
     let keys = Cluster::new();
     let ha = HaCluster::up(&keys.key_file);
     eprintln!("cluster up in {:.1} s", started.elapsed().as_secs_f64());
@@ -376,7 +398,7 @@ fn standby_moves_the_vm_by_live_migration_and_back() {
             &configuration,
         ],
     );
-    wait_until(Duration::from_secs(60), "vm1 started on n1", || {
+    wait_until(budget.at_most(Duration::from_secs(60)), "vm1 started on n1", || {
         ha.located("n1", "vm1") == ["n1"]
             && ha
                 .vm_status("n1", "vm1")
@@ -391,17 +413,17 @@ fn standby_moves_the_vm_by_live_migration_and_back() {
     );
 
     // n1 into standby: the VM goes to n2, live.
-    let out = standby_moves_vm(&ha, "vm1", "n1", "n2");
+    let out = standby_moves_vm(&ha, &budget, "vm1", "n1", "n2");
     print_move("n1 standby", &out);
 
     // n1 back online (the VM stays on n2: stickiness), then n2 into standby: back to n1, live.
     ha.on_ok("n1", &["crm_standby", "--node", "n1", "--update", "off"]);
-    wait_until(Duration::from_secs(30), "n1 online again", || {
+    wait_until(budget.at_most(Duration::from_secs(30)), "n1 online again", || {
         let out = ha.on("n1", &["crm_mon", "--one-shot", "--output-as=xml"]);
         String::from_utf8_lossy(&out.stdout).contains(r#"<node name="n1" id="1" online="true" standby="false""#)
     });
     assert_eq!(ha.located("n1", "vm1"), ["n2"], "the VM stays where it runs");
-    let back = standby_moves_vm(&ha, "vm1", "n2", "n1");
+    let back = standby_moves_vm(&ha, &budget, "vm1", "n2", "n1");
     print_move("n2 standby", &back);
 
     let all = ha.ops_since([0, 0], "vm1");
