@@ -82,6 +82,21 @@ fn set_open_file_limit(pid: u32, soft: u64) {
 
 /// A loopback connection to `agent` from source address 127.0.x.y, one per `index` (never 127.0.0.1,
 /// the CLI's), so that the agent counts each against a source of its own.
+/// `count` idle connections to `agent`, each from its own loopback address; kept open until dropped.
+fn open_idle(agent: SocketAddr, count: usize) -> Vec<TcpStream> {
+    block_on(async move {
+        let mut idle = Vec::new();
+        for i in 0..count {
+            idle.push(
+                connect_from(i, agent)
+                    .await
+                    .expect("connecting (the kernel's backlog takes it)"),
+            );
+        }
+        idle
+    })
+}
+
 async fn connect_from(index: usize, agent: SocketAddr) -> std::io::Result<TcpStream> {
     let ip = Ipv4Addr::new(127, 0, 1 + (index / 250) as u8, 1 + (index % 250) as u8);
     let socket = TcpSocket::new_v4()?;
@@ -210,17 +225,7 @@ fn idle_connections_beyond_the_file_limit_do_not_kill_the_agent() {
     // The attack: file limit 256, and more idle connections than that. The agent admits 64
     // into the handshake and closes the others at once.
     set_open_file_limit(pid, 256);
-    let idle = block_on(async move {
-        let mut idle = Vec::new();
-        for i in 0..300 {
-            idle.push(
-                connect_from(i, addr)
-                    .await
-                    .expect("connecting (the kernel's backlog takes it)"),
-            );
-        }
-        idle
-    });
+    let idle = open_idle(addr, 300);
     wait_until(
         Duration::from_secs(30),
         "the agent to close connections over its cap",
@@ -241,17 +246,7 @@ fn idle_connections_beyond_the_file_limit_do_not_kill_the_agent() {
     // Out of descriptors for real: a limit just above what the agent holds, and more connections than
     // it leaves room for. accept fails with EMFILE; the agent logs it, waits and tries again.
     set_open_file_limit(pid, open_fds(pid) as u64 + 2);
-    let idle = block_on(async move {
-        let mut idle = Vec::new();
-        for i in 0..16 {
-            idle.push(
-                connect_from(i, addr)
-                    .await
-                    .expect("connecting (the kernel's backlog takes it)"),
-            );
-        }
-        idle
-    });
+    let idle = open_idle(addr, 16);
     wait_until(Duration::from_secs(30), "the agent to log the failed accept", || {
         a.log_text().contains("accepting a connection: Too many open files")
     });

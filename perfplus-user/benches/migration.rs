@@ -223,11 +223,7 @@ fn compare_with_qemu(memory: &str, ours: &[(&Workload, Figures)]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("perfplus-guest.elf");
-    std::fs::write(&kernel, perfplus_vmm::vm::builtin_guest::IMAGE).unwrap();
-    let tsc_khz = perfplus_vmm::vm::Vm::create("tsc-probe", 16 << 20, 1)
-        .expect("a probe VM")
-        .tsc_khz();
+    let (kernel, tsc_khz) = peer::qemu::guest_kernel(dir.path());
     println!();
     println!("peer: QEMU 7.2 migrating the same guest (downtime limit 30 ms, loopback, bandwidth unlimited)");
     println!(

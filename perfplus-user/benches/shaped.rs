@@ -259,11 +259,7 @@ fn main() {
     println!("guest: the built-in guest, {memory}; {repeat} interleaved runs per variant; median [min–max]\n");
 
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("perfplus-guest.elf");
-    std::fs::write(&kernel, perfplus_vmm::vm::builtin_guest::IMAGE).unwrap();
-    let tsc_khz = perfplus_vmm::vm::Vm::create("tsc-probe", 16 << 20, 1)
-        .expect("a probe VM")
-        .tsc_khz();
+    let (kernel, tsc_khz) = peer::qemu::guest_kernel(dir.path());
     let mut port = 47200u16;
     for scenario in SCENARIOS {
         if chosen

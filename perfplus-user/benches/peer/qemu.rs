@@ -39,6 +39,17 @@ impl Drop for Qemu {
     }
 }
 
+/// The built-in guest's image written to `dir` (QEMU boots it with `-kernel`), and this host's TSC
+/// frequency in kHz (the guest needs it on its command line, `tsc_khz=`, to measure time).
+pub fn guest_kernel(dir: &Path) -> (PathBuf, u32) {
+    let kernel = dir.join("perfplus-guest.elf");
+    std::fs::write(&kernel, perfplus_vmm::vm::builtin_guest::IMAGE).unwrap();
+    let tsc_khz = perfplus_vmm::vm::Vm::create("tsc-probe", 16 << 20, 1)
+        .expect("a probe VM")
+        .tsc_khz();
+    (kernel, tsc_khz)
+}
+
 pub fn available() -> bool {
     Command::new("qemu-system-x86_64")
         .arg("--version")

@@ -612,32 +612,38 @@ async fn finish(
     Ok(Completed { report, page_digests })
 }
 
-async fn recv_page_checksums(conn: &mut Connection) -> Option<Vec<u64>> {
-    match recv(conn, "PageChecksums").await {
-        Ok(Message::PageChecksums { checksums }) => Some(checksums),
-        Ok(other) => {
-            tracing::error!("destination sent {} instead of its page checksums", other.describe());
-            None
+/// The destination's next message if it is `what` (as `pick` finds it), else None with the reason logged.
+async fn recv_expected<T>(conn: &mut Connection, what: &str, pick: impl FnOnce(Message) -> Option<T>) -> Option<T> {
+    match recv(conn, what).await {
+        Ok(message) => {
+            let described = message.describe();
+            let picked = pick(message);
+            if picked.is_none() {
+                tracing::error!("destination sent {described} instead of {what}");
+            }
+            picked
         }
         Err(err) => {
-            tracing::error!("no page checksums from the destination: {err:#}");
+            tracing::error!("nothing from the destination instead of {what}: {err:#}");
             None
         }
     }
 }
 
+async fn recv_page_checksums(conn: &mut Connection) -> Option<Vec<u64>> {
+    recv_expected(conn, "its page checksums", |m| match m {
+        Message::PageChecksums { checksums } => Some(checksums),
+        _ => None,
+    })
+    .await
+}
+
 async fn recv_guest_check(conn: &mut Connection) -> Option<GuestCheck> {
-    match recv(conn, "GuestCheck").await {
-        Ok(Message::GuestCheck(check)) => Some(*check),
-        Ok(other) => {
-            tracing::error!("destination sent {} instead of the guest check", other.describe());
-            None
-        }
-        Err(err) => {
-            tracing::error!("no guest check from the destination: {err:#}");
-            None
-        }
-    }
+    recv_expected(conn, "the guest check", |m| match m {
+        Message::GuestCheck(check) => Some(*check),
+        _ => None,
+    })
+    .await
 }
 
 /// The tracker of this migration (the agent resolves the VM's own before the job starts).
