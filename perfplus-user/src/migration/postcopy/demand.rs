@@ -100,6 +100,11 @@ impl PageTable {
         let installed = self.uffd.copy(page, data)?;
         if installed == Installed::New {
             self.checksums[page as usize].store(page_checksum(data), Ordering::Release);
+        } else {
+            // Something populated a page the table holds missing (it must not happen: every missing
+            // page is punched after the registration). Its checksum stays unknown, so the source's
+            // comparison reports it lost rather than the guest running on it unnoticed.
+            tracing::error!(page, "a missing page was present before its content arrived");
         }
         self.mark_present(page);
         Ok(installed == Installed::New)
