@@ -56,8 +56,29 @@ fn read_u64(pid: u32, addr: u64) -> Option<u64> {
     (n == 8).then_some(value)
 }
 
-/// The address of guest-physical 0 in `pid`, if it maps the guest's RAM (`ram_bytes`).
-fn find_ram(pid: u32, ram_bytes: u64) -> Option<u64> {
+/// Whether the page at `addr` in `pid` is present in its page tables (`/proc/PID/pagemap`, bit 63).
+/// The probe reads only present pages: reading a missing page of a post-copy destination would
+/// populate it behind the hypervisor's back (QEMU 7.2 then fails the migration with `postcopy_place_page:
+/// File exists`).
+fn page_present(pagemap: &std::fs::File, addr: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut entry = [0u8; 8];
+    pagemap.read_exact_at(&mut entry, addr / 4096 * 8).is_ok() && u64::from_le_bytes(entry) >> 63 == 1
+}
+
+/// Guest RAM found in a process: the address of guest-physical 0, and whether reads must be limited to
+/// present pages (anonymous memory, QEMU's: a read of a missing post-copy page there populates it
+/// behind QEMU's back. perfplus's memfd RAM is registered with userfaultfd before any page is missing,
+/// so a read of a missing page there waits for it like a vCPU would; the probe then counts that time
+/// as blind, not as a stall).
+#[derive(Clone, Copy)]
+struct Ram {
+    base: u64,
+    present_only: bool,
+}
+
+/// The guest RAM in `pid`, if it maps the guest's RAM (`ram_bytes`).
+fn find_ram(pid: u32, ram_bytes: u64) -> Option<Ram> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
@@ -75,10 +96,17 @@ fn find_ram(pid: u32, ram_bytes: u64) -> Option<u64> {
             continue;
         };
         let size = end - start;
-        let candidate = (name.contains("perfplus-guest-ram") && size == ram_bytes)
-            || (name.is_empty() && size >= ram_bytes && size <= ram_bytes + (4 << 20));
-        if candidate && read_u64(pid, start + STATUS_PAGE_GPA) == Some(STATUS_MAGIC) {
-            return Some(start);
+        let memfd = name.contains("perfplus-guest-ram") && size == ram_bytes;
+        let candidate = memfd || (name.is_empty() && size >= ram_bytes && size <= ram_bytes + (4 << 20));
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+        if candidate
+            && (memfd || page_present(&pagemap, start + STATUS_PAGE_GPA))
+            && read_u64(pid, start + STATUS_PAGE_GPA) == Some(STATUS_MAGIC)
+        {
+            return Some(Ram {
+                base: start,
+                present_only: !memfd,
+            });
         }
     }
     None
@@ -99,7 +127,11 @@ impl FeltProbe {
                 // SAFETY: `param` is a valid sched_param; pid 0 is this thread.
                 let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
                 let started = Instant::now();
-                let mut rams: Vec<Option<u64>> = vec![None; pids.len()];
+                let mut rams: Vec<Option<Ram>> = vec![None; pids.len()];
+                let pagemaps: Vec<Option<std::fs::File>> = pids
+                    .iter()
+                    .map(|pid| std::fs::File::open(format!("/proc/{pid}/pagemap")).ok())
+                    .collect();
                 let mut last_scan: Option<Instant> = None;
                 let mut best = 0u64;
                 let mut last_progress: Option<Instant> = None;
@@ -117,7 +149,13 @@ impl FeltProbe {
                     let value = rams
                         .iter()
                         .zip(&pids)
-                        .filter_map(|(ram, &pid)| ram.and_then(|base| read_u64(pid, base + heartbeat)))
+                        .zip(&pagemaps)
+                        .filter_map(|((ram, &pid), pagemap)| {
+                            let ram = (*ram)?;
+                            let addr = ram.base + heartbeat;
+                            let readable = !ram.present_only || page_present(pagemap.as_ref()?, addr);
+                            readable.then(|| read_u64(pid, addr))?
+                        })
                         .max();
                     let now = Instant::now();
                     felt.samples += 1;

@@ -80,7 +80,7 @@ fn start(
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).expect("QEMU stderr file"));
     if incoming {
         // Capabilities (multifd) must be set on the destination before it listens.
         cmd.args(["-incoming", "defer"]);
@@ -189,7 +189,7 @@ impl Placement<'_> {
 pub struct QemuPair {
     source: Qemu,
     destination: Qemu,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl QemuPair {
@@ -218,7 +218,7 @@ impl QemuPair {
         QemuPair {
             source,
             destination,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -273,6 +273,10 @@ impl QemuPair {
         src.execute("migrate", json!({ "uri": uri }));
         let mut switched = false;
         let info = loop {
+            if let Ok(Some(status)) = self.destination.child.try_wait() {
+                let stderr = std::fs::read_to_string(self.dir.path().join("destination.stderr")).unwrap_or_default();
+                panic!("the destination QEMU exited ({status}) during the migration ({mode:?}):\n{stderr}");
+            }
             let info = src.execute("query-migrate", json!({}));
             match info["status"].as_str() {
                 Some("completed") => break info,
