@@ -1,26 +1,39 @@
-//! Connections: a tokio TCP stream buffered into frames, opened by the handshake.
+//! Connections: TLS 1.3 over TCP, buffered into frames, opened by the TLS handshake (mutual, the
+//! cluster CA) and then the perfplus handshake (version and role).
 //!
-//! [`Connection::connect`] (initiator) and [`Connection::accept`] (responder) run the handshake of
-//! [`super::handshake`] under a time limit, so a silent or slow peer cannot hold a connection open;
-//! after it, [`Connection::send`] and [`Connection::recv`] move [`Message`]s.
+//! [`Connection::connect`] (initiator) and [`Connection::accept`] (responder) run both handshakes under
+//! a time limit, so a silent or slow peer cannot hold a connection open; after them,
+//! [`Connection::send`] and [`Connection::recv`] move [`Message`]s, and [`Connection::peer_identity`]
+//! says who the peer is (its certificate's [`Identity`]).
 //!
+//! - TLS ([`crate::tls`]): both sides present a certificate and verify the other's chain to the
+//!   cluster CA. The initiator then checks the responder is an agent (for a migration: the agent
+//!   asked for, and one its allow-list admits, [`Credentials::check_responder`]); the responder
+//!   admits a peer (agent-to-agent) connection only from an agent's certificate. Everything after the
+//!   TLS handshake, the perfplus Hello included, is encrypted and authenticated in TLS records bound to
+//!   that handshake: a record altered, replayed, reordered or injected on the way fails authentication
+//!   and ends the connection ([`ConnectionError::Tampered`]); nothing of it reaches the caller.
+//! - A responder peeks at the first byte: a peer that does not open with a TLS handshake record is
+//!   answered in clear with one `Error` frame if it speaks the old (version 3, clear) perfplus
+//!   protocol, and refused either way.
 //! - Reading: the 8-byte header first; its type, flags and length limit are checked before the payload
-//!   buffer is allocated (until the handshake completes, only Hello, Auth and a short `Error` pass:
+//!   buffer is allocated (until the perfplus handshake completes, only Hello and a short `Error` pass:
 //!   [`FrameHeader::check_before_handshake`]); then exactly the payload is read into a buffer of that
-//!   size (large payloads go straight from the socket into it) and handed to [`frame::decode_payload`],
-//!   which keeps a `Pages` or `VmState` payload without copying it. `recv` keeps partial progress in the reader, so it is
-//!   cancel-safe (it may be used in `tokio::select!`).
+//!   size (large payloads go straight from the TLS layer into it) and handed to [`frame::decode_payload`],
+//!   which keeps a `Pages` or `VmState` payload without copying it. `recv` keeps partial progress in
+//!   the reader, so it is cancel-safe (it may be used in `tokio::select!`).
 //! - Writing: messages are encoded into a write buffer; [`Connection::feed`] queues one,
 //!   [`Connection::flush`] puts the queue on the wire, [`Connection::send`] does both. A `Pages` frame's
-//!   items are not copied into the buffer: the header and the batch bytes go out in one vectored write.
-//!   `TCP_NODELAY` is set, so each flush leaves at once.
+//!   items are not copied into the buffer: the header and the batch bytes go to TLS in one vectored
+//!   write (TLS encrypts them into records of 16 KiB). `TCP_NODELAY` is set, and every write is
+//!   flushed through TLS to the socket, so each leaves at once.
 //! - Errors: an `Error` frame from the peer becomes an `Err` (`"<peer> reported: <message>"`), an end
 //!   of stream becomes `"connection closed by <peer>"`; both are [`ConnectionError`]s inside the
 //!   `anyhow::Error`, for callers that need to tell them apart.
-//!
-//! - Memory before authentication: the handshake runs with read and write buffers of a few hundred
-//!   bytes and admits no frame larger than [`frame::HANDSHAKE_ERROR_MAX`], so a peer without the
-//!   cluster key costs the responder about a KiB; the full-size buffers come after the handshake.
+//! - Byte counters count frames (headers and the Hellos included), not TLS's own bytes: the TLS
+//!   handshake (~2 KiB each way) and 22 bytes per record of up to 16 KiB (0.13 %) come on top.
+//! - Memory before the perfplus handshake: it runs with read and write buffers of a few hundred bytes
+//!   and admits no frame larger than [`frame::HANDSHAKE_ERROR_MAX`]; the full-size buffers come after.
 //!
 //! [`Connection::into_split`] gives a reader and a writer half that can live in different tasks
 //! (e.g. streaming pages while another task reads acknowledgements); they share the byte counters.
@@ -33,27 +46,31 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::frame::{self, Frame, FrameError, FrameHeader, FrameType, ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN};
-use super::handshake::{Established, Handshake, HandshakeError, Side, AUTH_FAILED_MESSAGE};
-use super::{ClusterKey, Message, Role};
+use super::handshake::{Established, Handshake, Side};
+use super::tls::{self, CertRole, Credentials, Identity, Integrity, Witness};
+use super::{Message, Role, PROTOCOL_VERSION};
 
-/// How long connecting plus the handshake may take before the connection is given up.
+/// How long connecting plus the handshakes may take before the connection is given up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Connection::send_error`] tries before giving up on a peer that does not read.
 const SEND_ERROR_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read buffer: small frames are read many at a time; larger payloads bypass it.
 const READ_BUFFER: usize = 64 * 1024;
-/// Read and write buffers during the handshake (a Hello frame is 53 bytes, an Auth 40): a peer that
-/// has not authenticated does not get the full-size buffers.
+/// Read and write buffers during the perfplus handshake (a Hello frame is 21 bytes).
 const HANDSHAKE_BUFFER: usize = 256;
 /// [`Connection::feed`] writes the queue out once it holds this much.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// A write buffer that grew past this (a large frame) is released after the write.
 const WRITE_BUFFER_KEEP: usize = 4 * 1024 * 1024;
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
+type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Errors of an established connection that callers may want to tell apart (downcast the
 /// `anyhow::Error`).
@@ -69,11 +86,32 @@ pub enum ConnectionError {
     BadFrame {
         peer: SocketAddr,
         error: FrameError,
-        /// The header bytes as received (what a non-perfplus peer sent first).
+        /// The header bytes as received.
         raw_header: [u8; HEADER_LEN],
     },
+    #[error(
+        "data from {peer} failed authentication: altered, replayed or injected on the way (a TLS record did \
+         not verify); the connection is dropped and nothing of that record was used"
+    )]
+    Tampered { peer: SocketAddr },
+    #[error(
+        "{peer} refused this side's data: it failed authentication there (altered, replayed or injected on the \
+         way); the connection is dropped"
+    )]
+    RefusedByPeer { peer: SocketAddr },
     #[error("reading from {peer}: {error}")]
     Io { peer: SocketAddr, error: io::Error },
+}
+
+impl ConnectionError {
+    /// A read error from the TLS stream, named.
+    fn from_io(peer: SocketAddr, error: io::Error) -> ConnectionError {
+        match tls::integrity_failure(&error) {
+            Some(Integrity::Received) => ConnectionError::Tampered { peer },
+            Some(Integrity::RefusedByPeer) => ConnectionError::RefusedByPeer { peer },
+            None => ConnectionError::Io { peer, error },
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -87,26 +125,28 @@ pub struct Connection {
     reader: ConnectionReader,
     writer: ConnectionWriter,
     version: u16,
+    peer_identity: Identity,
 }
 
 /// The receiving half of a [`Connection`].
 pub struct ConnectionReader {
-    stream: BufReader<OwnedReadHalf>,
+    stream: BufReader<ReadStream>,
     peer: SocketAddr,
+    peer_identity: Identity,
     counters: Arc<Counters>,
     /// Header bytes received so far of the frame being read.
     header: [u8; HEADER_LEN],
     header_len: usize,
     /// The frame being read, once its header is checked: its payload so far.
     payload: Option<(FrameHeader, Vec<u8>)>,
-    /// The handshake completed: every frame type may come, up to its own limit. Before, only the
-    /// handshake's frames ([`FrameHeader::check_before_handshake`]).
+    /// The perfplus handshake completed: every frame type may come, up to its own limit. Before, only
+    /// the handshake's frames ([`FrameHeader::check_before_handshake`]).
     authenticated: bool,
 }
 
 /// The sending half of a [`Connection`].
 pub struct ConnectionWriter {
-    stream: OwnedWriteHalf,
+    stream: WriteStream,
     peer: SocketAddr,
     counters: Arc<Counters>,
     /// Encoded frames not yet written.
@@ -114,25 +154,24 @@ pub struct ConnectionWriter {
 }
 
 impl Connection {
-    /// Connects to `addr` (host:port) and runs the handshake as initiator, asking for `role`.
-    /// Connecting and the handshake together may take at most [`HANDSHAKE_TIMEOUT`].
-    pub async fn connect(addr: &str, role: Role, key: &ClusterKey) -> anyhow::Result<Connection> {
-        Connection::connect_timeout(addr, role, key, HANDSHAKE_TIMEOUT).await
+    /// Connects to `addr` (host:port) and runs the handshakes as initiator, asking for `role`.
+    /// Connecting and the handshakes together may take at most [`HANDSHAKE_TIMEOUT`].
+    pub async fn connect(addr: &str, role: Role, credentials: &Credentials) -> anyhow::Result<Connection> {
+        Connection::connect_timeout(addr, role, credentials, HANDSHAKE_TIMEOUT).await
     }
 
     /// [`connect`](Self::connect) with another time limit.
     pub async fn connect_timeout(
         addr: &str,
         role: Role,
-        key: &ClusterKey,
+        credentials: &Credentials,
         limit: Duration,
     ) -> anyhow::Result<Connection> {
         let attempt = async {
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| anyhow!("cannot connect to {addr}: {e}"))?;
-            let (conn, _) = Connection::handshake(stream, Side::Initiator, role, key).await?;
-            Ok(conn)
+            Connection::open(stream, role, credentials).await
         };
         tokio::time::timeout(limit, attempt).await.map_err(|_| {
             anyhow!(
@@ -142,42 +181,169 @@ impl Connection {
         })?
     }
 
-    /// Runs the handshake as responder on an accepted stream; returns the connection and the role the
-    /// peer asked for. The handshake may take at most [`HANDSHAKE_TIMEOUT`].
-    pub async fn accept(stream: TcpStream, key: &ClusterKey) -> anyhow::Result<(Connection, Role)> {
-        Connection::accept_timeout(stream, key, HANDSHAKE_TIMEOUT).await
+    /// Runs the handshakes as initiator on a connected stream (no time limit: the caller's).
+    pub async fn open(stream: TcpStream, role: Role, credentials: &Credentials) -> anyhow::Result<Connection> {
+        let peer = stream.peer_addr().context("connected socket has no peer address")?;
+        stream
+            .set_nodelay(true)
+            .with_context(|| format!("setting TCP_NODELAY on the connection to {peer}"))?;
+        let witness = Witness::default();
+        let connector = tokio_rustls::TlsConnector::from(credentials.client_config(&witness));
+        let tls = connector
+            .connect(Credentials::server_name(), stream)
+            .await
+            .map_err(|e| {
+                anyhow!(tls::describe_tls_error(
+                    &e,
+                    &peer.to_string(),
+                    witness.claimed(),
+                    credentials
+                ))
+            })?;
+        let identity = verified_identity(tls.get_ref().1.peer_certificates(), peer)?;
+        if let Err(why) = credentials.check_responder(&identity, role == Role::Peer) {
+            bail!("refusing {peer}: {why}");
+        }
+        let (read, write) = tokio::io::split(tls);
+        let (conn, _) = Connection::handshake(
+            Box::new(read),
+            Box::new(write),
+            peer,
+            identity,
+            Side::Initiator,
+            role,
+            &|e: &io::Error| tls::describe_tls_error(e, &peer.to_string(), witness.claimed(), credentials),
+        )
+        .await?;
+        Ok(conn)
+    }
+
+    /// Runs the handshakes as responder on an accepted stream; returns the connection and the role the
+    /// peer asked for. The handshakes may take at most [`HANDSHAKE_TIMEOUT`]. A peer connection
+    /// ([`Role::Peer`]) is admitted only from an agent's certificate.
+    pub async fn accept(stream: TcpStream, credentials: &Credentials) -> anyhow::Result<(Connection, Role)> {
+        Connection::accept_timeout(stream, credentials, HANDSHAKE_TIMEOUT).await
     }
 
     /// [`accept`](Self::accept) with another time limit.
     pub async fn accept_timeout(
         stream: TcpStream,
-        key: &ClusterKey,
+        credentials: &Credentials,
         limit: Duration,
     ) -> anyhow::Result<(Connection, Role)> {
         let peer = stream.peer_addr().context("accepted connection has no peer address")?;
-        // The responder echoes the initiator's role; the one passed here is replaced.
-        let handshake = Connection::handshake(stream, Side::Responder, Role::Peer, key);
-        tokio::time::timeout(limit, handshake)
+        tokio::time::timeout(limit, Connection::accept_inner(stream, peer, credentials))
             .await
             .map_err(|_| anyhow!("handshake with {peer} timed out after {:.1} s", limit.as_secs_f64()))?
     }
 
-    /// Two connected ends over loopback TCP, handshake done, `role` agreed: the initiator first. A seam
-    /// for tests of code that talks over a connection (the engine, the agent), with real sockets and
-    /// the real handshake rather than a stand-in.
-    pub async fn pair(role: Role, key: &ClusterKey) -> anyhow::Result<(Connection, Connection)> {
+    async fn accept_inner(
+        stream: TcpStream,
+        peer: SocketAddr,
+        credentials: &Credentials,
+    ) -> anyhow::Result<(Connection, Role)> {
+        stream
+            .set_nodelay(true)
+            .with_context(|| format!("setting TCP_NODELAY on the connection from {peer}"))?;
+        let mut first = [0u8; 1];
+        let n = stream
+            .peek(&mut first)
+            .await
+            .with_context(|| format!("reading from {peer}"))?;
+        if n == 0 {
+            bail!("connection closed by {peer} during the handshake (before TLS)");
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            return Err(refuse_clear_peer(stream, peer).await);
+        }
+        let witness = Witness::default();
+        let acceptor = tokio_rustls::TlsAcceptor::from(credentials.server_config(&witness));
+        let tls = acceptor.accept(stream).await.map_err(|e| {
+            anyhow!(tls::describe_tls_error(
+                &e,
+                &peer.to_string(),
+                witness.claimed(),
+                credentials
+            ))
+        })?;
+        let identity = verified_identity(tls.get_ref().1.peer_certificates(), peer)?;
+        let (read, write) = tokio::io::split(tls);
+        Connection::handshake(
+            Box::new(read),
+            Box::new(write),
+            peer,
+            identity,
+            Side::Responder,
+            Role::Peer, // replaced by the initiator's
+            &|e: &io::Error| tls::describe_tls_error(e, &peer.to_string(), witness.claimed(), credentials),
+        )
+        .await
+    }
+
+    /// Two connected ends over loopback TCP, TLS and handshake done, `role` agreed: the initiator first.
+    /// A seam for tests of code that talks over a connection (the engine, the agent), with real sockets,
+    /// real TLS and the real handshake rather than a stand-in. The certificates come from a throw-away
+    /// CA: agents both, except that the initiator of a [`Role::Control`] pair is an operator.
+    pub async fn pair(role: Role) -> anyhow::Result<(Connection, Connection)> {
+        let initiator_role = match role {
+            Role::Peer => CertRole::Agent,
+            Role::Control => CertRole::Operator,
+        };
+        let (responder, ca) =
+            Credentials::ephemeral(&Identity::new(CertRole::Agent, "pair-responder").expect("valid"))?;
+        let initiator = Credentials::issued_by(&ca, &Identity::new(initiator_role, "pair-initiator").expect("valid"))?;
+        Connection::pair_with(role, &initiator, &responder).await
+    }
+
+    /// [`pair`](Self::pair) with given credentials.
+    pub async fn pair_with(
+        role: Role,
+        initiator: &Credentials,
+        responder: &Credentials,
+    ) -> anyhow::Result<(Connection, Connection)> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding a loopback listener")?;
         let addr = listener.local_addr()?.to_string();
         let accept = async {
             let (stream, _) = listener.accept().await.context("accepting on loopback")?;
-            Connection::accept(stream, key).await
+            Connection::accept(stream, responder).await
         };
-        let (initiator, responder) = tokio::join!(Connection::connect(&addr, role, key), accept);
+        let (initiator, responder) = tokio::join!(Connection::connect(&addr, role, initiator), accept);
         let (responder, agreed) = responder?;
         anyhow::ensure!(agreed == role, "loopback pair agreed on {agreed:?}, not {role:?}");
         Ok((initiator?, responder))
+    }
+
+    /// A connection over `stream` WITHOUT TLS or handshake: frames in clear, nothing authenticated.
+    /// Only for benchmarks that measure what TLS costs against the same framing in clear; no agent
+    /// accepts such a connection. The peer is named `identity`.
+    #[doc(hidden)]
+    pub fn insecure_clear_for_benchmarks(stream: TcpStream, identity: Identity) -> anyhow::Result<Connection> {
+        let peer = stream.peer_addr()?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let counters = Arc::new(Counters::default());
+        Ok(Connection {
+            reader: ConnectionReader {
+                stream: BufReader::with_capacity(READ_BUFFER, Box::new(read)),
+                peer,
+                peer_identity: identity.clone(),
+                counters: counters.clone(),
+                header: [0; HEADER_LEN],
+                header_len: 0,
+                payload: None,
+                authenticated: true,
+            },
+            writer: ConnectionWriter {
+                stream: Box::new(write),
+                peer,
+                counters,
+                buf: Vec::with_capacity(READ_BUFFER),
+            },
+            version: PROTOCOL_VERSION,
+            peer_identity: identity,
+        })
     }
 
     /// Sends `msg` and flushes.
@@ -209,12 +375,12 @@ impl Connection {
         self.writer.send_error(message).await
     }
 
-    /// Bytes written to the socket, headers and handshake included.
+    /// Frame bytes written, headers and the Hello included (not TLS's own bytes).
     pub fn bytes_sent(&self) -> u64 {
         self.writer.bytes_sent()
     }
 
-    /// Bytes read from the socket, headers and handshake included.
+    /// Frame bytes read, headers and the Hello included (not TLS's own bytes).
     pub fn bytes_received(&self) -> u64 {
         self.reader.bytes_received()
     }
@@ -222,6 +388,11 @@ impl Connection {
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
         self.reader.peer
+    }
+
+    /// Who the peer is: the identity in its certificate, which chains to the cluster CA.
+    pub fn peer_identity(&self) -> &Identity {
+        &self.peer_identity
     }
 
     /// The protocol version agreed in the handshake.
@@ -234,21 +405,22 @@ impl Connection {
         (self.reader, self.writer)
     }
 
+    /// The perfplus handshake over the (TLS) stream; the responder also applies the rule that only an
+    /// agent opens peer connections.
     async fn handshake(
-        stream: TcpStream,
+        read: ReadStream,
+        write: WriteStream,
+        peer: SocketAddr,
+        identity: Identity,
         side: Side,
         role: Role,
-        key: &ClusterKey,
+        tls_view: &(dyn Fn(&io::Error) -> String + Sync),
     ) -> anyhow::Result<(Connection, Role)> {
-        let peer = stream.peer_addr().context("connected socket has no peer address")?;
-        stream
-            .set_nodelay(true)
-            .with_context(|| format!("setting TCP_NODELAY on the connection to {peer}"))?;
         let counters = Arc::new(Counters::default());
-        let (read, write) = stream.into_split();
         let mut reader = ConnectionReader {
             stream: BufReader::with_capacity(HANDSHAKE_BUFFER, read),
             peer,
+            peer_identity: identity.clone(),
             counters: counters.clone(),
             header: [0; HEADER_LEN],
             header_len: 0,
@@ -261,110 +433,131 @@ impl Connection {
             counters,
             buf: Vec::with_capacity(HANDSHAKE_BUFFER),
         };
-        let established = run_handshake(&mut reader, &mut writer, side, role, key).await?;
+        let established = run_handshake(&mut reader, &mut writer, side, role, &identity, tls_view).await?;
         writer.buf.reserve(READ_BUFFER);
         let conn = Connection {
             reader: reader.authenticated(),
             writer,
             version: established.version,
+            peer_identity: identity,
         };
         Ok((conn, established.role))
     }
 }
 
-/// The handshake over the two halves; see [`super::handshake`] for the exchange.
+/// The identity of a peer whose certificate the TLS handshake verified.
+fn verified_identity(
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    peer: SocketAddr,
+) -> anyhow::Result<Identity> {
+    let cert = certs
+        .and_then(|c| c.first())
+        .ok_or_else(|| anyhow!("{peer} presented no certificate"))?;
+    Identity::of_certificate(cert).map_err(|e| anyhow!("the certificate of {peer} is refused: {e}"))
+}
+
+/// A peer that did not open with TLS: if it speaks the clear perfplus protocol of versions 1 to 3, tell
+/// it in one clear `Error` frame; either way, the error says what it sent.
+async fn refuse_clear_peer(mut stream: TcpStream, peer: SocketAddr) -> anyhow::Error {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut header[got..])).await {
+            Ok(Ok(n)) if n > 0 => got += n,
+            _ => break,
+        }
+    }
+    let first = &header[..got];
+    // The old protocol's Hello: type 1, no flags, 45 bytes.
+    match header {
+        [1, 0, 0, 0, 45, 0, 0, 0] => {
+            let mut out = Vec::new();
+            let text = format!(
+                "this agent speaks perfplus protocol {PROTOCOL_VERSION} over TLS with certificates of the cluster CA; \
+                 this side speaks the clear protocol of versions 1 to 3: upgrade it"
+            );
+            let _ = frame::encode(&Message::Error { message: text }, &mut out);
+            // What else the peer sent is read and dropped first (a few KiB at most), so that closing
+            // does not reset the connection before it reads the answer.
+            let mut sink = [0u8; 1024];
+            for _ in 0..4 {
+                match stream.try_read(&mut sink) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+            let _ = tokio::time::timeout(SEND_ERROR_TIMEOUT, stream.write_all(&out)).await;
+            anyhow!(
+                "{peer} speaks the perfplus protocol without TLS (version 3 or older, a cluster key): refused; \
+                 it must be upgraded to protocol {PROTOCOL_VERSION}"
+            )
+        }
+        _ => anyhow!(
+            "{peer} does not speak the perfplus protocol (TLS 1.3): its first bytes were \"{}\"",
+            first.escape_ascii()
+        ),
+    }
+}
+
+/// The perfplus handshake over the two halves; see [`super::handshake`] for the exchange.
 async fn run_handshake(
     reader: &mut ConnectionReader,
     writer: &mut ConnectionWriter,
     side: Side,
     role: Role,
-    key: &ClusterKey,
+    identity: &Identity,
+    tls_view: &(dyn Fn(&io::Error) -> String + Sync),
 ) -> anyhow::Result<Established> {
     let peer = reader.peer;
-    let mut handshake = Handshake::new(side, role, key)?;
-    let peer_hello = match side {
-        Side::Initiator => {
-            writer.write_hello(&handshake).await?;
-            reader.handshake_frame(FrameType::Hello).await?
-        }
-        Side::Responder => {
-            let hello = reader.handshake_frame(FrameType::Hello).await?;
-            handshake.answer_role(hello_of(&hello).role);
-            writer.write_hello(&handshake).await?;
-            hello
-        }
-    };
-    let exchanged = match handshake.receive_hello(hello_of(&peer_hello)) {
-        Ok(exchanged) => exchanged,
-        Err(e) => {
-            writer.send_error_within(&e.to_string(), HANDSHAKE_ERROR_MAX).await;
-            bail!("handshake with {peer} refused: {}", local_view(&e, peer));
-        }
-    };
-    let refuse = |e: HandshakeError| {
-        anyhow!(
-            "{} (this side's key fingerprint: {})",
-            local_view(&e, peer),
-            key.fingerprint()
-        )
-    };
+    let mut handshake = Handshake::new(side, role);
     match side {
         Side::Initiator => {
-            writer.write_auth(&exchanged).await?;
-            let auth = reader.handshake_frame(FrameType::Auth).await?;
-            match exchanged.verify(auth_of(&auth)) {
-                Ok(established) => Ok(established),
-                Err(e) => {
-                    writer.send_error_within(AUTH_FAILED_MESSAGE, HANDSHAKE_ERROR_MAX).await;
-                    Err(refuse(e))
-                }
-            }
+            writer.write_hello(&handshake).await?;
+            let hello = reader.handshake_frame(tls_view).await?;
+            handshake.receive_hello(&hello).map_err(|e| {
+                anyhow!(
+                    "handshake with {peer} refused: {}",
+                    e.to_string().replace("the peer", &format!("the peer {peer}"))
+                )
+            })
         }
         Side::Responder => {
-            let auth = reader.handshake_frame(FrameType::Auth).await?;
-            match exchanged.verify(auth_of(&auth)) {
-                Ok(established) => {
-                    writer.write_auth(&exchanged).await?;
-                    Ok(established)
-                }
+            let hello = reader.handshake_frame(tls_view).await?;
+            handshake.answer_role(hello.role);
+            match handshake.receive_hello(&hello) {
                 Err(e) => {
-                    writer.send_error_within(AUTH_FAILED_MESSAGE, HANDSHAKE_ERROR_MAX).await;
-                    Err(refuse(e))
+                    // The Hello first, so that the peer learns this side's version range, then why.
+                    writer.write_hello(&handshake).await?;
+                    writer.send_error_within(&e.to_string(), HANDSHAKE_ERROR_MAX).await;
+                    bail!(
+                        "handshake with {peer} refused: {}",
+                        e.to_string().replace("the peer", &format!("the peer {peer}"))
+                    )
+                }
+                Ok(_) if hello.role == Role::Peer && identity.role != CertRole::Agent => {
+                    let text = format!(
+                        "a peer (agent-to-agent) connection needs an agent's certificate; this side presented the \
+                         certificate of {identity}"
+                    );
+                    writer.send_error_within(&text, HANDSHAKE_ERROR_MAX).await;
+                    bail!(
+                        "handshake with {peer} refused: the {identity} there asked for a peer connection, which only \
+                         agents may open"
+                    )
+                }
+                Ok(established) => {
+                    writer.write_hello(&handshake).await?;
+                    Ok(established)
                 }
             }
         }
-    }
-}
-
-/// A handshake error as this side reports it, with the peer's address in place of "the peer".
-fn local_view(e: &HandshakeError, peer: SocketAddr) -> String {
-    match e {
-        HandshakeError::AuthFailed => {
-            format!("authentication failed: {peer} does not hold this cluster's key")
-        }
-        other => other.to_string().replace("the peer", &format!("the peer {peer}")),
-    }
-}
-
-fn hello_of(frame: &Frame) -> &super::handshake::Hello {
-    match frame {
-        Frame::Hello(hello) => hello,
-        _ => unreachable!("handshake_frame(Hello) returns Hello frames only"),
-    }
-}
-
-fn auth_of(frame: &Frame) -> &super::handshake::Auth {
-    match frame {
-        Frame::Auth(auth) => auth,
-        _ => unreachable!("handshake_frame(Auth) returns Auth frames only"),
     }
 }
 
 impl ConnectionReader {
-    /// The reader once the handshake completed: every frame type admitted, and the full-size read
-    /// buffer (unless the peer already sent bytes past its handshake, which the small buffer then keeps;
-    /// the protocol never does: the initiator sends nothing before the responder's Auth, and the
-    /// responder nothing before the initiator's first request).
+    /// The reader once the perfplus handshake completed: every frame type admitted, and the full-size
+    /// read buffer (unless the peer already sent bytes past its handshake, which the small buffer then
+    /// keeps).
     fn authenticated(mut self) -> ConnectionReader {
         self.authenticated = true;
         if self.stream.buffer().is_empty() {
@@ -379,27 +572,21 @@ impl ConnectionReader {
         match self.read_frame().await? {
             Frame::Message(Message::Error { message }) => Err(ConnectionError::PeerReported { peer, message }.into()),
             Frame::Message(msg) => Ok(msg),
-            frame @ (Frame::Hello(_) | Frame::Auth(_)) => {
-                let frame_type = match frame {
-                    Frame::Hello(_) => FrameType::Hello,
-                    _ => FrameType::Auth,
-                };
-                Err(ConnectionError::BadFrame {
-                    peer,
-                    error: FrameError::HandshakeFrame(frame_type),
-                    raw_header: self.header,
-                }
-                .into())
+            Frame::Hello(_) => Err(ConnectionError::BadFrame {
+                peer,
+                error: FrameError::HandshakeFrame(FrameType::Hello),
+                raw_header: self.header,
             }
+            .into()),
         }
     }
 
-    /// Bytes read from the socket, headers and handshake included (shared with the writer half).
+    /// Frame bytes read (shared with the writer half).
     pub fn bytes_received(&self) -> u64 {
         self.counters.received.load(Ordering::Relaxed)
     }
 
-    /// Bytes written to the socket by the writer half.
+    /// Frame bytes written by the writer half.
     pub fn bytes_sent(&self) -> u64 {
         self.counters.sent.load(Ordering::Relaxed)
     }
@@ -409,17 +596,24 @@ impl ConnectionReader {
         self.peer
     }
 
+    /// Who the peer is (its certificate's identity).
+    pub fn peer_identity(&self) -> &Identity {
+        &self.peer_identity
+    }
+
     /// Reads one frame. Progress is kept in `self` between calls, so dropping the future loses nothing.
     async fn read_frame(&mut self) -> Result<Frame, ConnectionError> {
         let peer = self.peer;
-        let io_error = |error| ConnectionError::Io { peer, error };
         while self.payload.is_none() {
             if self.header_len < HEADER_LEN {
-                let n = self
-                    .stream
-                    .read(&mut self.header[self.header_len..])
-                    .await
-                    .map_err(io_error)?;
+                let read = self.stream.read(&mut self.header[self.header_len..]).await;
+                let n = match read {
+                    Ok(n) => n,
+                    // A TLS peer that closed without close_notify: an end of stream like any other (the
+                    // protocol never takes an end of stream for success).
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                    Err(e) => return Err(ConnectionError::from_io(peer, e)),
+                };
                 if n == 0 {
                     return Err(match self.header_len {
                         0 => ConnectionError::Closed { peer },
@@ -456,12 +650,12 @@ impl ConnectionReader {
         while payload.len() < header.payload_len {
             let want = (header.payload_len - payload.len()) as u64;
             // read_buf fills the vector's spare capacity (no zeroing); a payload larger than the read
-            // buffer goes straight from the socket into it.
-            let n = (&mut self.stream)
-                .take(want)
-                .read_buf(payload)
-                .await
-                .map_err(io_error)?;
+            // buffer goes straight from the TLS layer into it.
+            let n = match (&mut self.stream).take(want).read_buf(payload).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(ConnectionError::from_io(peer, e)),
+            };
             if n == 0 {
                 return Err(ConnectionError::Truncated {
                     peer,
@@ -484,28 +678,21 @@ impl ConnectionReader {
         })
     }
 
-    /// Reads a handshake frame of type `want` (Hello or Auth), turning everything else into an error
-    /// that says what the peer did instead.
-    async fn handshake_frame(&mut self, want: FrameType) -> anyhow::Result<Frame> {
+    /// Reads the peer's Hello, turning everything else into an error that says what the peer did
+    /// instead. `tls_view` names TLS failures (e.g. the server's refusal of this side's certificate,
+    /// which TLS 1.3 delivers after the client's handshake completed).
+    async fn handshake_frame(
+        &mut self,
+        tls_view: &(dyn Fn(&io::Error) -> String + Sync),
+    ) -> anyhow::Result<super::handshake::Hello> {
         let peer = self.peer;
         match self.read_frame().await {
-            Ok(frame @ Frame::Hello(_)) if want == FrameType::Hello => Ok(frame),
-            Ok(frame @ Frame::Auth(_)) if want == FrameType::Auth => Ok(frame),
-            Ok(Frame::Message(Message::Error { message })) if message == AUTH_FAILED_MESSAGE => Err(anyhow!(
-                "authentication failed: {peer} refused this side's proof ({peer} reported: \
-                     {message})"
-            )),
+            Ok(Frame::Hello(hello)) => Ok(hello),
             Ok(Frame::Message(Message::Error { message })) => Err(anyhow!("{peer} refused the handshake: {message}")),
-            Ok(other) => {
-                let got = match &other {
-                    Frame::Hello(_) => FrameType::Hello,
-                    Frame::Auth(_) => FrameType::Auth,
-                    Frame::Message(msg) => FrameType::of(msg),
-                };
-                Err(anyhow!(
-                    "handshake with {peer} failed: it sent a {got} frame where {want} was expected"
-                ))
-            }
+            Ok(Frame::Message(msg)) => Err(anyhow!(
+                "handshake with {peer} failed: it sent a {} frame where Hello was expected",
+                FrameType::of(&msg)
+            )),
             Err(ConnectionError::BadFrame {
                 error: error @ FrameError::BeforeHandshake { .. },
                 ..
@@ -521,8 +708,11 @@ impl ConnectionReader {
                     "{peer} does not speak the perfplus protocol (or not this version): {what}"
                 ))
             }
+            Err(ConnectionError::Io { error, .. }) if tls::rustls_error(&error).is_some() => {
+                Err(anyhow!(tls_view(&error)))
+            }
             Err(ConnectionError::Closed { .. }) => Err(anyhow!(
-                "connection closed by {peer} during the handshake (waiting for its {want})"
+                "connection closed by {peer} during the handshake (waiting for its Hello)"
             )),
             Err(e) => Err(anyhow!("handshake with {peer} failed: {e}")),
         }
@@ -561,10 +751,7 @@ impl ConnectionWriter {
     /// Writes out every queued message.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         let peer = self.peer;
-        self.write_buffer()
-            .await
-            .with_context(|| format!("sending to {peer}"))?;
-        self.stream.flush().await.with_context(|| format!("sending to {peer}"))
+        self.write_buffer().await.with_context(|| format!("sending to {peer}"))
     }
 
     /// Tells the peer what went wrong, best effort; see [`Connection::send_error`].
@@ -584,12 +771,12 @@ impl ConnectionWriter {
         let _ = tokio::time::timeout(SEND_ERROR_TIMEOUT, self.send(&msg)).await;
     }
 
-    /// Bytes written to the socket, headers and handshake included (shared with the reader half).
+    /// Frame bytes written (shared with the reader half).
     pub fn bytes_sent(&self) -> u64 {
         self.counters.sent.load(Ordering::Relaxed)
     }
 
-    /// Bytes read from the socket by the reader half.
+    /// Frame bytes read by the reader half.
     pub fn bytes_received(&self) -> u64 {
         self.counters.received.load(Ordering::Relaxed)
     }
@@ -604,13 +791,6 @@ impl ConnectionWriter {
         self.write_buffer()
             .await
             .with_context(|| format!("sending Hello to {}", self.peer))
-    }
-
-    async fn write_auth(&mut self, exchanged: &super::handshake::HelloExchanged) -> anyhow::Result<()> {
-        frame::encode_auth(&exchanged.auth(), &mut self.buf);
-        self.write_buffer()
-            .await
-            .with_context(|| format!("sending Auth to {}", self.peer))
     }
 
     /// Writes the whole buffer, counting what went out, and empties it.
@@ -632,9 +812,9 @@ impl ConnectionWriter {
     }
 }
 
-/// Writes `a` then `b` with as few system calls as the socket allows; returns the bytes written and
-/// the outcome.
-async fn write_all_vectored(stream: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
+/// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
+/// records it encrypted until flushed); returns the bytes written and the outcome.
+async fn write_all_vectored(stream: &mut WriteStream, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
     let mut total = 0;
     while !a.is_empty() || !b.is_empty() {
         let result = if a.is_empty() {
@@ -655,19 +835,37 @@ async fn write_all_vectored(stream: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[
         a = &a[from_a..];
         b = &b[n - from_a..];
     }
-    (total, Ok(()))
+    (total, stream.flush().await)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::{decode_frame, PageBatch, PageItem, PAGE_BATCH_MAX_ITEMS};
-    use crate::handshake::{Hello, AUTH_LEN, HELLO_LEN};
-    use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    use crate::handshake::{Hello, HELLO_LEN};
+    use crate::tls::pki::Ca;
+    use crate::MIN_PROTOCOL_VERSION;
+    use std::time::SystemTime;
     use tokio::net::TcpListener;
 
-    fn key(byte: u8) -> ClusterKey {
-        ClusterKey::from_hex(&hex::encode([byte; 32])).unwrap()
+    /// A test cluster: its CA, an agent's and an operator's credentials.
+    struct TestCluster {
+        ca: Ca,
+        agent: Credentials,
+        operator: Credentials,
+    }
+
+    fn cluster() -> TestCluster {
+        let ca = Ca::create("test", 1).unwrap();
+        TestCluster {
+            agent: creds(&ca, CertRole::Agent, "hostA"),
+            operator: creds(&ca, CertRole::Operator, "alice"),
+            ca,
+        }
+    }
+
+    fn creds(ca: &Ca, role: CertRole, name: &str) -> Credentials {
+        Credentials::issued_by(ca, &Identity::new(role, name).unwrap()).unwrap()
     }
 
     async fn listener() -> (TcpListener, String) {
@@ -678,25 +876,38 @@ mod tests {
 
     /// A handshaken pair: (client, server, role the server saw).
     async fn pair(role: Role) -> (Connection, Connection, Role) {
+        let c = cluster();
+        let client_creds = match role {
+            Role::Peer => creds(&c.ca, CertRole::Agent, "hostB"),
+            Role::Control => c.operator.clone(),
+        };
         let (l, addr) = listener().await;
-        let k = key(1);
-        let k2 = k.clone();
+        let server_creds = c.agent.clone();
         let server = tokio::spawn(async move {
             let (stream, _) = l.accept().await.unwrap();
-            Connection::accept(stream, &k2).await
+            Connection::accept(stream, &server_creds).await
         });
-        let client = Connection::connect(&addr, role, &k).await.unwrap();
+        let client = Connection::connect(&addr, role, &client_creds).await.unwrap();
         let (server, seen) = server.await.unwrap().unwrap();
         (client, server, seen)
     }
 
-    /// Accepts one connection with `key` and returns the handshake's error text.
-    async fn accept_error(l: TcpListener, key: ClusterKey, limit: Duration) -> String {
+    /// Accepts one connection with `creds` and returns the handshake's error text.
+    async fn accept_error(l: TcpListener, creds: Credentials, limit: Duration) -> String {
         let (stream, _) = l.accept().await.unwrap();
-        match Connection::accept_timeout(stream, &key, limit).await {
+        match Connection::accept_timeout(stream, &creds, limit).await {
             Ok(_) => panic!("handshake succeeded"),
             Err(e) => format!("{e:#}"),
         }
+    }
+
+    /// A TLS client stream to `addr` with `creds`, to write raw frames inside TLS.
+    async fn tls_client(addr: &str, creds: &Credentials) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(creds.client_config(&Witness::default()))
+            .connect(Credentials::server_name(), stream)
+            .await
+            .unwrap()
     }
 
     fn hello(min_version: u16, max_version: u16) -> Vec<u8> {
@@ -706,7 +917,6 @@ mod tests {
                 min_version,
                 max_version,
                 role: Role::Peer,
-                nonce: [0x42; 32],
             },
             &mut out,
         );
@@ -724,7 +934,7 @@ mod tests {
         out
     }
 
-    const HANDSHAKE_BYTES: u64 = (2 * HEADER_LEN + HELLO_LEN + AUTH_LEN) as u64;
+    const HANDSHAKE_BYTES: u64 = (HEADER_LEN + HELLO_LEN) as u64;
 
     #[tokio::test]
     async fn handshake_then_messages_both_ways() {
@@ -732,9 +942,9 @@ mod tests {
         assert_eq!(role, Role::Control);
         assert_eq!(client.version(), PROTOCOL_VERSION);
         assert_eq!(server.version(), PROTOCOL_VERSION);
-        assert_eq!(client.peer(), server.writer.stream.local_addr().unwrap());
-        assert_eq!(server.peer(), client.writer.stream.local_addr().unwrap());
-        // Hello + Auth each way, headers included.
+        assert_eq!(client.peer_identity().to_string(), "agent \"hostA\"");
+        assert_eq!(server.peer_identity().to_string(), "operator \"alice\"");
+        // A Hello each way, headers included.
         assert_eq!(client.bytes_sent(), HANDSHAKE_BYTES);
         assert_eq!(client.bytes_received(), HANDSHAKE_BYTES);
         assert_eq!(server.bytes_sent(), HANDSHAKE_BYTES);
@@ -772,7 +982,7 @@ mod tests {
         };
         assert_eq!((page, &data[..8]), (1000, &1000u64.to_le_bytes()[..]));
 
-        // Both ends count every byte, and agree.
+        // Both ends count every frame byte, and agree.
         assert_eq!(client.bytes_sent(), server.bytes_received());
         assert_eq!(client.bytes_received(), server.bytes_sent());
         let frames_sent = [
@@ -810,50 +1020,248 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn different_keys_are_refused_on_both_sides() {
+    async fn certificates_of_another_cluster_are_refused_on_both_sides() {
+        let ours = cluster();
+        let theirs = cluster();
+        // A client with a certificate of another cluster (that trusts this cluster's CA, which is no
+        // secret): the agent refuses it, and the client learns why from the alert.
+        let issued = theirs
+            .ca
+            .issue(&Identity::new(CertRole::Operator, "alice").unwrap(), 1)
+            .unwrap();
+        let stranger = Credentials::from_pem_unchecked(
+            ours.ca.cert_pem().as_bytes(),
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )
+        .unwrap();
         let (l, addr) = listener().await;
-        let server_key = key(2);
-        let server_fp = server_key.fingerprint();
-        let server = tokio::spawn(accept_error(l, server_key, HANDSHAKE_TIMEOUT));
-        let client_key = key(1);
+        let server = tokio::spawn(accept_error(l, ours.agent.clone(), HANDSHAKE_TIMEOUT));
         let client_err = format!(
             "{:#}",
-            Connection::connect(&addr, Role::Control, &client_key)
+            Connection::connect(&addr, Role::Control, &stranger)
                 .await
                 .err()
                 .unwrap()
         );
         let server_err = server.await.unwrap();
         assert!(
-            server_err.starts_with("authentication failed: 127.0.0.1:")
-                && server_err.contains(&format!(
-                    "does not hold this cluster's key (this side's key fingerprint: {server_fp})"
-                )),
+            server_err.starts_with("the certificate of 127.0.0.1:")
+                && server_err.ends_with(
+                    "(operator \"alice\") is not issued by this cluster's CA (cluster \"test\"): a certificate of \
+                     another cluster, or self-signed; refused"
+                ),
             "{server_err}"
         );
         assert_eq!(
             client_err,
             format!(
-                "authentication failed: {addr} refused this side's proof ({addr} reported: \
-                 authentication failed: the peer does not hold this cluster's key)"
+                "{addr} refused this side's certificate (operator \"alice\"): it is not issued by the CA of its \
+                 cluster"
+            )
+        );
+
+        // An agent of another cluster, as seen by a client: refused before anything is sent.
+        let (l, addr) = listener().await;
+        let theirs_agent = theirs.agent.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = l.accept().await.unwrap();
+            Connection::accept(stream, &theirs_agent)
+                .await
+                .err()
+                .map(|e| format!("{e:#}"))
+        });
+        let client_err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Peer, &ours.agent).await.err().unwrap()
+        );
+        assert_eq!(
+            client_err,
+            format!(
+                "the certificate of {addr} (agent \"hostA\") is not issued by this cluster's CA (cluster \"test\"): \
+                 a certificate of another cluster, or self-signed; refused"
+            )
+        );
+        let server_err = server.await.unwrap().unwrap();
+        assert!(
+            server_err.ends_with(
+                "refused this side's certificate (agent \"hostA\"): it is not issued by the CA of its cluster"
+            ),
+            "{server_err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_certificates_are_refused_naming_the_date() {
+        let c = cluster();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let identity = Identity::new(CertRole::Operator, "bob").unwrap();
+        let issued = c.ca.issue_between(&identity, now - 10 * day, now - day).unwrap();
+        // Loading expired credentials fails at once, with the date.
+        let err = Credentials::from_pem(
+            c.ca.cert_pem().as_bytes(),
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.starts_with("cert.pem (operator \"bob\"): expired on "), "{err}");
+        // Presented anyway (a CLI whose clock is wrong), the agent refuses it.
+        let stale = Credentials::from_pem_unchecked(
+            c.ca.cert_pem().as_bytes(),
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let client_err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Control, &stale).await.err().unwrap()
+        );
+        let server_err = server.await.unwrap();
+        assert!(
+            server_err.contains("(operator \"bob\") expired on ") && server_err.ends_with("; refused"),
+            "{server_err}"
+        );
+        assert_eq!(
+            client_err,
+            format!(
+                "{addr} refused this side's certificate (operator \"bob\"): it has expired or is not valid yet (by \
+                 that side's clock)"
             )
         );
     }
 
     #[tokio::test]
-    async fn http_and_garbage_peers_are_refused() {
+    async fn roles_and_destinations_are_checked() {
+        let c = cluster();
+        // An operator asking for a peer (agent-to-agent) connection.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let client_err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Peer, &c.operator).await.err().unwrap()
+        );
+        let server_err = server.await.unwrap();
+        assert!(
+            server_err.ends_with(
+                "refused: the operator \"alice\" there asked for a peer connection, which only agents may open"
+            ),
+            "{server_err}"
+        );
+        assert_eq!(
+            client_err,
+            format!(
+                "{addr} refused the handshake: a peer (agent-to-agent) connection needs an agent's certificate; \
+                 this side presented the certificate of operator \"alice\""
+            )
+        );
+
+        // A client that finds an operator's certificate where it expected an agent: the operator's
+        // certificate is not for TLS servers, so the chain check already refuses it.
+        let (l, addr) = listener().await;
+        let operator = c.operator.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = l.accept().await.unwrap();
+            let _ = Connection::accept(stream, &operator).await;
+        });
+        let err = format!(
+            "{:#}",
+            Connection::connect(&addr, Role::Control, &c.agent).await.err().unwrap()
+        );
+        assert_eq!(
+            err,
+            format!(
+                "the certificate of {addr} (operator \"alice\") is not for this use (an operator's or a reader's \
+                 certificate cannot serve as an agent); refused"
+            )
+        );
+        server.await.unwrap();
+
+        // A migration to the wrong agent, or one the allow-list does not admit.
+        for (policy, expected) in [
+            (
+                c.agent.clone().expecting_agent(Some("hostB".into())),
+                "it is agent \"hostA\", not the agent \"hostB\" this migration was asked to go to",
+            ),
+            (
+                c.agent
+                    .clone()
+                    .with_allowed_agents(Some(vec!["hostC".into(), "hostD".into()])),
+                "agent \"hostA\" is not among the destinations this agent may migrate to (hostC, hostD)",
+            ),
+        ] {
+            let (l, addr) = listener().await;
+            let agent = c.agent.clone();
+            let server = tokio::spawn(async move {
+                let (stream, _) = l.accept().await.unwrap();
+                let _ = Connection::accept(stream, &agent).await;
+            });
+            let err = format!(
+                "{:#}",
+                Connection::connect(&addr, Role::Peer, &policy).await.err().unwrap()
+            );
+            assert_eq!(err, format!("refusing {addr}: {expected}"));
+            server.await.unwrap();
+        }
+        // The allow-list applies to migrations only: the same credentials may still be a CLI's.
+        let allowed = c.agent.clone().with_allowed_agents(Some(vec!["hostA".into()]));
+        let (l, addr) = listener().await;
+        let agent = c.agent.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = l.accept().await.unwrap();
+            Connection::accept(stream, &agent).await.map(|(_, role)| role).unwrap()
+        });
+        let conn = Connection::connect(&addr, Role::Peer, &allowed).await.unwrap();
+        assert_eq!(conn.peer_identity().name, "hostA");
+        assert_eq!(server.await.unwrap(), Role::Peer);
+    }
+
+    #[tokio::test]
+    async fn http_clear_and_garbage_peers_are_refused() {
+        let c = cluster();
         // An HTTP client talking to an agent.
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
         let mut raw = TcpStream::connect(&addr).await.unwrap();
         raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let err = server.await.unwrap();
         assert!(
-            err.ends_with(
-                "does not speak the perfplus protocol (or not this version): unknown frame type \
-                 17735 (0x4547); its first bytes were \"GET / HT\""
-            ),
+            err.ends_with("does not speak the perfplus protocol (TLS 1.3): its first bytes were \"GET / HT\""),
             "{err}"
+        );
+
+        // A perfplus of protocol 3 (clear, cluster key): told in clear, in its own framing.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        let client_addr = raw.local_addr().unwrap();
+        let mut old_hello = Vec::new();
+        old_hello.extend_from_slice(&(FrameType::Hello as u16).to_le_bytes());
+        old_hello.extend_from_slice(&0u16.to_le_bytes());
+        old_hello.extend_from_slice(&45u32.to_le_bytes());
+        old_hello.extend_from_slice(b"PERFPLUS\x03\x00\x03\x00\x00");
+        old_hello.extend_from_slice(&[0x42; 32]);
+        raw.write_all(&old_hello).await.unwrap();
+        let err = server.await.unwrap();
+        assert_eq!(
+            err,
+            format!(
+                "{client_addr} speaks the perfplus protocol without TLS (version 3 or older, a cluster key): refused; \
+                 it must be upgraded to protocol 4"
+            )
+        );
+        let mut reply = Vec::new();
+        raw.read_to_end(&mut reply).await.unwrap();
+        let Frame::Message(Message::Error { message }) = &frames(&reply)[0] else {
+            panic!("{reply:?}")
+        };
+        assert!(
+            message.starts_with("this agent speaks perfplus protocol 4 over TLS"),
+            "{message}"
         );
 
         // The CLI pointed at a web server.
@@ -866,97 +1274,59 @@ mod tests {
         });
         let err = format!(
             "{:#}",
-            Connection::connect(&addr, Role::Control, &key(1)).await.err().unwrap()
+            Connection::connect(&addr, Role::Control, &c.operator)
+                .await
+                .err()
+                .unwrap()
         );
-        assert_eq!(
-            err,
-            format!(
-                "{addr} does not speak the perfplus protocol (or not this version): unknown \
-                 frame type 21576 (0x5448); its first bytes were \"HTTP/1.1\""
-            )
-        );
-
-        // Random bytes whose first two happen to be a known type announce an absurd length.
-        let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        raw.write_all(&[0x03, 0x02, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3])
-            .await
-            .unwrap();
-        let err = server.await.unwrap();
         assert!(
-            err.ends_with(
-                "does not speak the perfplus protocol (or not this version): payload of \
-                 4022250974 bytes exceeds the limit 4219904 for frame Pages"
-            ),
+            err.starts_with(&format!("{addr} did not answer with TLS 1.3 ("))
+                && err.ends_with("or not a perfplus agent"),
             "{err}"
         );
 
-        // A peer that closes after a few bytes.
+        // A peer that connects and closes.
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        raw.write_all(&[1, 0, 0]).await.unwrap();
-        drop(raw);
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        drop(TcpStream::connect(&addr).await.unwrap());
         let err = server.await.unwrap();
-        assert!(
-            err.contains("connection closed by 127.0.0.1:")
-                && err.ends_with("in the middle of a frame (3 of the 8 header bytes arrived)"),
-            "{err}"
-        );
+        assert!(err.ends_with("during the handshake (before TLS)"), "{err}");
     }
 
     #[tokio::test]
     async fn a_large_frame_before_the_handshake_is_refused_from_its_header() {
-        // The issue's attacker: a 128 MiB VmStart announced before any handshake, then its data.
+        // The issue's attacker, now with a valid certificate: a 128 MiB VmStart announced inside TLS
+        // before the Hello, then its data.
+        let c = cluster();
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        let client_addr = raw.local_addr().unwrap();
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let mut tls = tls_client(&addr, &c.operator).await;
+        let client_addr = tls.get_ref().0.local_addr().unwrap();
         let mut header = Vec::new();
         header.extend_from_slice(&(FrameType::VmStart as u16).to_le_bytes());
         header.extend_from_slice(&0u16.to_le_bytes());
         header.extend_from_slice(&(frame::BULK_MAX as u32).to_le_bytes());
-        raw.write_all(&header).await.unwrap();
-        // Some of the payload, and the connection kept open: a server that waited for the rest would
-        // end with the handshake's timeout instead of this refusal.
-        let _ = raw.write_all(&[0x55; 64 * 1024]).await;
+        tls.write_all(&header).await.unwrap();
+        let _ = tls.write_all(&[0x55; 64 * 1024]).await;
+        let _ = tls.flush().await;
         let err = server.await.unwrap();
         assert_eq!(
             err,
             format!(
-                "handshake with {client_addr} refused: it sent a frame VmStart (134217728 bytes \
-                 announced) before the handshake completed; only Hello, Auth and Error frames of at \
-                 most 1024 bytes may come first"
+                "handshake with {client_addr} refused: it sent a frame VmStart (134217728 bytes announced) before \
+                 the handshake completed; only Hello and Error frames of at most 1024 bytes may come first"
             )
         );
 
-        // An Error frame longer than a handshake refusal needs is refused the same way.
+        // A message right after a valid Hello is fine only once the Hello is answered; a VmList
+        // instead of the Hello is refused.
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        let mut error = Vec::new();
-        frame::encode(
-            &Message::Error {
-                message: "x".repeat(HANDSHAKE_ERROR_MAX + 1),
-            },
-            &mut error,
-        )
-        .unwrap();
-        raw.write_all(&error).await.unwrap();
-        let err = server.await.unwrap();
-        assert!(err.contains("it sent a frame Error (1025 bytes announced)"), "{err}");
-
-        // A message right after a valid Hello, before Auth: refused too (the handshake is not done).
-        let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        raw.write_all(&hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION))
-            .await
-            .unwrap();
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let mut tls = tls_client(&addr, &c.operator).await;
         let mut list = Vec::new();
         frame::encode(&Message::VmList, &mut list).unwrap();
-        raw.write_all(&list).await.unwrap();
+        tls.write_all(&list).await.unwrap();
+        tls.flush().await.unwrap();
         let err = server.await.unwrap();
         assert!(
             err.contains("it sent a frame VmList (0 bytes announced) before the handshake completed"),
@@ -978,12 +1348,14 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_magic_is_refused() {
+        let c = cluster();
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        let mut h = hello(1, 1);
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let mut tls = tls_client(&addr, &c.operator).await;
+        let mut h = hello(4, 4);
         h[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(b"NOTPERFP");
-        raw.write_all(&h).await.unwrap();
+        tls.write_all(&h).await.unwrap();
+        tls.flush().await.unwrap();
         let err = server.await.unwrap();
         assert!(
             err.ends_with(
@@ -996,12 +1368,14 @@ mod tests {
 
     #[tokio::test]
     async fn incompatible_versions_are_refused_on_both_sides() {
+        let c = cluster();
         // A newer client, talking to this build as a server.
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), HANDSHAKE_TIMEOUT));
-        let mut raw = TcpStream::connect(&addr).await.unwrap();
-        raw.write_all(&hello(7, 9)).await.unwrap();
-        let client_addr = raw.local_addr().unwrap();
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
+        let mut tls = tls_client(&addr, &c.agent).await;
+        tls.write_all(&hello(7, 9)).await.unwrap();
+        tls.flush().await.unwrap();
+        let client_addr = tls.get_ref().0.local_addr().unwrap();
         let err = server.await.unwrap();
         assert_eq!(
             err,
@@ -1012,7 +1386,7 @@ mod tests {
         );
         // The server answered with its Hello (so the client learns its range), then an Error frame.
         let mut reply = Vec::new();
-        raw.read_to_end(&mut reply).await.unwrap();
+        let _ = tls.read_to_end(&mut reply).await;
         let reply = frames(&reply);
         assert_eq!(reply.len(), 2, "{reply:?}");
         let Frame::Hello(server_hello) = &reply[0] else {
@@ -1034,17 +1408,23 @@ mod tests {
 
         // This build as a client, talking to a newer server.
         let (l, addr) = listener().await;
+        let agent = c.agent.clone();
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = tokio_rustls::TlsAcceptor::from(agent.server_config(&Witness::default()))
+                .accept(s)
+                .await
+                .unwrap();
             let mut first = [0u8; HEADER_LEN + HELLO_LEN];
             s.read_exact(&mut first).await.unwrap();
             s.write_all(&hello(7, 9)).await.unwrap();
+            s.flush().await.unwrap();
             let mut sink = Vec::new();
             let _ = s.read_to_end(&mut sink).await;
         });
         let err = format!(
             "{:#}",
-            Connection::connect(&addr, Role::Peer, &key(1)).await.err().unwrap()
+            Connection::connect(&addr, Role::Peer, &c.agent).await.err().unwrap()
         );
         assert_eq!(
             err,
@@ -1057,17 +1437,25 @@ mod tests {
 
     #[tokio::test]
     async fn silent_peers_time_out() {
+        let c = cluster();
         let limit = Duration::from_millis(200);
         // A client that connects and says nothing.
         let (l, addr) = listener().await;
-        let server = tokio::spawn(accept_error(l, key(1), limit));
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), limit));
         let raw = TcpStream::connect(&addr).await.unwrap();
         let client_addr = raw.local_addr().unwrap();
-        let started = std::time::Instant::now();
         let err = server.await.unwrap();
         assert_eq!(err, format!("handshake with {client_addr} timed out after 0.2 s"));
-        assert!(started.elapsed() < Duration::from_secs(2));
         drop(raw);
+
+        // A client that completes TLS and then says nothing.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(accept_error(l, c.agent.clone(), limit));
+        let tls = tls_client(&addr, &c.operator).await;
+        let client_addr = tls.get_ref().0.local_addr().unwrap();
+        let err = server.await.unwrap();
+        assert_eq!(err, format!("handshake with {client_addr} timed out after 0.2 s"));
+        drop(tls);
 
         // A server that accepts and says nothing.
         let (l, addr) = listener().await;
@@ -1076,7 +1464,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(s);
         });
-        let err = Connection::connect_timeout(&addr, Role::Peer, &key(1), limit)
+        let err = Connection::connect_timeout(&addr, Role::Peer, &c.agent, limit)
             .await
             .err()
             .unwrap();
@@ -1089,7 +1477,7 @@ mod tests {
         // Nobody listening.
         let (l, addr) = listener().await;
         drop(l);
-        let err = Connection::connect(&addr, Role::Peer, &key(1)).await.err().unwrap();
+        let err = Connection::connect(&addr, Role::Peer, &c.agent).await.err().unwrap();
         assert!(
             err.to_string().starts_with(&format!("cannot connect to {addr}: ")),
             "{err}"
@@ -1107,6 +1495,7 @@ mod tests {
         header.extend_from_slice(&0u16.to_le_bytes());
         header.extend_from_slice(&u32::MAX.to_le_bytes());
         client.writer.stream.write_all(&header).await.unwrap();
+        client.writer.stream.flush().await.unwrap();
         let err = tokio::time::timeout(Duration::from_secs(5), server.recv())
             .await
             .expect("refused at once")
@@ -1125,6 +1514,7 @@ mod tests {
         let (mut client, mut server, _) = pair(Role::Peer).await;
         let client_addr = server.peer();
         client.writer.stream.write_all(&hello(1, 1)).await.unwrap();
+        client.writer.stream.flush().await.unwrap();
         assert_eq!(
             server.recv().await.unwrap_err().to_string(),
             format!("{client_addr} sent a bad frame: unexpected handshake frame Hello after the handshake")
@@ -1140,6 +1530,7 @@ mod tests {
             .write_all(&round_end[..HEADER_LEN + 2])
             .await
             .unwrap();
+        client.writer.stream.flush().await.unwrap();
         drop(client);
         assert_eq!(
             server.recv().await.unwrap_err().to_string(),
@@ -1161,14 +1552,17 @@ mod tests {
         frame::encode(&msg, &mut bytes).unwrap();
         // Header and part of the payload, then a recv that gives up, then the rest.
         client.writer.stream.write_all(&bytes[..5]).await.unwrap();
+        client.writer.stream.flush().await.unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(50), server.recv())
             .await
             .is_err());
         client.writer.stream.write_all(&bytes[5..100]).await.unwrap();
+        client.writer.stream.flush().await.unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(50), server.recv())
             .await
             .is_err());
         client.writer.stream.write_all(&bytes[100..]).await.unwrap();
+        client.writer.stream.flush().await.unwrap();
         assert_eq!(server.recv().await.unwrap(), msg);
     }
 
@@ -1232,5 +1626,136 @@ mod tests {
         assert_eq!(reader.bytes_received(), server.bytes_sent());
         assert_eq!(reader.bytes_sent(), writer.bytes_sent());
         assert_eq!(reader.peer(), writer.peer());
+    }
+
+    /// What the relay does to the first client-to-server TLS record after it is armed.
+    #[derive(Clone, Copy)]
+    enum Tamper {
+        /// Flip one bit of its ciphertext.
+        FlipBit,
+        /// Forward it twice (a replay).
+        Replay,
+    }
+
+    /// A relay on the path between a client and `upstream`: forwards whole TLS records both ways, and
+    /// applies `tamper` to the first client-to-server record once `armed` is set. Returns its address.
+    async fn relay(upstream: String, tamper: Tamper, armed: Arc<std::sync::atomic::AtomicBool>) -> String {
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (client, _) = l.accept().await.unwrap();
+            let server = TcpStream::connect(&upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let back = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            let mut done = false;
+            loop {
+                let mut header = [0u8; 5];
+                if cr.read_exact(&mut header).await.is_err() {
+                    break;
+                }
+                let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+                let mut record = header.to_vec();
+                record.resize(5 + len, 0);
+                if cr.read_exact(&mut record[5..]).await.is_err() {
+                    break;
+                }
+                let mut copies = 1;
+                if !done && armed.load(Ordering::SeqCst) {
+                    done = true;
+                    match tamper {
+                        Tamper::FlipBit => record[5 + len / 2] ^= 0x10,
+                        Tamper::Replay => copies = 2,
+                    }
+                }
+                for _ in 0..copies {
+                    if sw.write_all(&record).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            back.abort();
+        });
+        addr
+    }
+
+    /// A pair through a [`relay`]: (client, server, the relay's trigger).
+    async fn relayed_pair(tamper: Tamper) -> (Connection, Connection, Arc<std::sync::atomic::AtomicBool>) {
+        let c = cluster();
+        let (l, upstream) = listener().await;
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = relay(upstream, tamper, armed.clone()).await;
+        let agent = c.agent.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = l.accept().await.unwrap();
+            Connection::accept(stream, &agent).await.unwrap().0
+        });
+        let mut client = Connection::connect(&addr, Role::Peer, &creds(&c.ca, CertRole::Agent, "hostB"))
+            .await
+            .unwrap();
+        let mut server = server.await.unwrap();
+        // One round trip: every handshake record has passed the relay before it is armed.
+        client.send(&Message::Ping).await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Message::Ping);
+        server.send(&Message::Ping).await.unwrap();
+        assert_eq!(client.recv().await.unwrap(), Message::Ping);
+        (client, server, armed)
+    }
+
+    #[tokio::test]
+    async fn a_flipped_bit_or_a_replayed_record_ends_the_connection_on_both_sides() {
+        for tamper in [Tamper::FlipBit, Tamper::Replay] {
+            // A page batch whose first record is altered (or replayed) on the way.
+            let (mut client, mut server, armed) = relayed_pair(tamper).await;
+            let client_addr = server.peer();
+            let server_addr = client.peer();
+            armed.store(true, Ordering::SeqCst);
+            let mut batch = PageBatch::with_capacity(64);
+            for p in 0..64u64 {
+                batch.push_full(p, &[3; 16], &[p as u8; 4096]);
+            }
+            let _ = client.send(&Message::Pages(batch)).await;
+            // A flipped bit fails the record's tag; a replayed record arrives where the next is due, and
+            // TLS's record numbers (in the nonce) make it fail the same way.
+            let err = server.recv().await.unwrap_err();
+            assert!(
+                matches!(
+                    err.downcast_ref::<ConnectionError>(),
+                    Some(ConnectionError::Tampered { .. })
+                ),
+                "{err:#}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "data from {client_addr} failed authentication: altered, replayed or injected on the way (a TLS \
+                     record did not verify); the connection is dropped and nothing of that record was used"
+                )
+            );
+            // The sender learns it from the peer's alert.
+            let err = client.recv().await.unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{server_addr} refused this side's data: it failed authentication there (altered, replayed or \
+                     injected on the way); the connection is dropped"
+                )
+            );
+        }
+
+        // A control request rewritten on the way (the issue's `vm list` into `vm stop`): one bit of the
+        // record is enough to be caught, whatever it changes.
+        let (mut client, mut server, armed) = relayed_pair(Tamper::FlipBit).await;
+        armed.store(true, Ordering::SeqCst);
+        client.send(&Message::VmList).await.unwrap();
+        let err = server.recv().await.unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref::<ConnectionError>(),
+                Some(ConnectionError::Tampered { .. })
+            ),
+            "{err:#}"
+        );
     }
 }

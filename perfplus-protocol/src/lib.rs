@@ -121,19 +121,25 @@
 //! `MigrateDone` (or `Error`), and `Track`, which streams one `TrackSample` per interval and ends
 //! with `Done` (or `Error`; the CLI may also just hang up).
 
+pub mod cluster_key;
 pub mod connection;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 pub mod report;
+pub mod tls;
 
-pub use handshake::{ClusterKey, Role};
+pub use cluster_key::ClusterKey;
+pub use handshake::Role;
 pub use message::*;
+pub use tls::{CertRole, Credentials, Identity};
 
 /// Protocol version this build speaks. A peer whose range does not include it is refused.
 /// 2: the switch-over commits (`Restored`, `Commit`) before the destination runs the guest.
 /// 3: post-copy has a time limit for a lost link (`MigrateOptions::postcopy_timeout_ms`) and can be
 /// cancelled (`MigrateCancel`).
-pub const PROTOCOL_VERSION: u16 = 3;
-/// Oldest version this build still accepts (a version-2 peer's options lack the post-copy time limit).
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// 4: every connection is TLS 1.3 with certificates of a cluster CA (the cluster-key proof is gone);
+/// post-copy connections attach with the migration's secret (`MigrateBegin::attach_secret`).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// Oldest version this build still accepts (a version-3 peer speaks without TLS).
+pub const MIN_PROTOCOL_VERSION: u16 = 4;

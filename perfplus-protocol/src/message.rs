@@ -125,7 +125,14 @@ pub enum Channel {
 pub struct PostcopyAttach {
     pub id: String,
     pub channel: Channel,
+    /// The migration's [`MigrateBegin::attach_secret`]: the id alone (shown in `vm status`, logs and
+    /// reports) does not let a connection join a migration.
+    pub secret: AttachSecret,
 }
+
+/// A per-migration secret, drawn by the source for each migration and sent only inside its (TLS)
+/// `MigrateBegin`; a post-copy connection must present it to attach.
+pub type AttachSecret = [u8; 32];
 
 /// Longest migration id accepted.
 pub const MIGRATION_ID_MAX: usize = 64;
@@ -165,6 +172,9 @@ pub struct MigrateRequest {
     pub vm: String,
     /// The destination agent's address (host:port).
     pub destination: String,
+    /// The agent the destination must be (its certificate's name), if the operator named one
+    /// (`perfplus migrate --to-agent`); otherwise any agent of the cluster the source may migrate to.
+    pub destination_agent: Option<String>,
     pub options: MigrateOptions,
 }
 
@@ -177,6 +187,8 @@ pub struct MigrateBegin {
     pub options: MigrateOptions,
     /// Names this migration for post-copy attach and resume (empty: pre-copy only).
     pub migration_id: String,
+    /// What a post-copy connection of this migration must present ([`PostcopyAttach::secret`]).
+    pub attach_secret: AttachSecret,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,7 +376,31 @@ pub enum Message {
     },
 }
 
+/// What a control request needs of the certificate of the CLI that sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Reading what an agent hosts: `VmList`, `VmStatus`.
+    Read,
+    /// Changing it: starting, stopping, resuming, migrating, cancelling, tracking.
+    Operate,
+}
+
 impl Message {
+    /// What this message needs as a control request; None for a message that is not one.
+    pub fn control_access(&self) -> Option<Access> {
+        match self {
+            Message::VmList | Message::VmStatus { .. } => Some(Access::Read),
+            Message::VmStart(..)
+            | Message::VmStop { .. }
+            | Message::VmResume { .. }
+            | Message::Migrate(..)
+            | Message::MigrateResume { .. }
+            | Message::MigrateCancel { .. }
+            | Message::Track(..) => Some(Access::Operate),
+            _ => None,
+        }
+    }
+
     /// The message's name, as the protocol documents it (`"MigrateBegin"`, `"Pages"`, ...).
     pub fn name(&self) -> &'static str {
         match self {

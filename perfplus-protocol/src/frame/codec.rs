@@ -1,4 +1,4 @@
-//! Every [`Message`] ⇄ the payload of its frame, and the handshake's Hello and Auth ⇄ theirs (see
+//! Every [`Message`] ⇄ the payload of its frame, and the handshake's Hello ⇄ its payload (see
 //! [`super`] for the payload layouts). Encoding refuses what decoding would refuse.
 
 use std::fmt;
@@ -7,7 +7,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::header::{peek_header, FrameError, FrameHeader, FrameType, HEADER_LEN, PAGE_REQUEST_MAX};
 use super::page_batch::PageBatch;
-use crate::handshake::{Auth, Hello, HelloError, AUTH_LEN, HELLO_LEN};
+use crate::handshake::{Hello, HelloError, HELLO_LEN};
 use crate::{Message, MigrateReady};
 
 /// Any frame: a handshake frame or a message.
@@ -17,7 +17,6 @@ use crate::{Message, MigrateReady};
 #[allow(clippy::large_enum_variant)]
 pub enum Frame {
     Hello(Hello),
-    Auth(Auth),
     Message(Message),
 }
 
@@ -136,12 +135,6 @@ pub fn encode_hello(hello: &Hello, out: &mut Vec<u8>) {
     out.extend_from_slice(&hello.to_bytes());
 }
 
-/// Appends an `Auth` frame to `out`.
-pub fn encode_auth(auth: &Auth, out: &mut Vec<u8>) {
-    out.extend_from_slice(&header_bytes(FrameType::Auth, AUTH_LEN));
-    out.extend_from_slice(&auth.mac);
-}
-
 /// The header of a `Pages` frame for `batch`, for writers that send the batch bytes themselves
 /// (see [`PageBatch::as_bytes`]) instead of copying them into a frame buffer.
 pub fn pages_header(batch: &PageBatch) -> Result<[u8; HEADER_LEN], FrameError> {
@@ -189,7 +182,6 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
         None => Ok(None),
         Some((Frame::Message(msg), used)) => Ok(Some((msg, used))),
         Some((Frame::Hello(_), _)) => Err(FrameError::HandshakeFrame(FrameType::Hello)),
-        Some((Frame::Auth(_), _)) => Err(FrameError::HandshakeFrame(FrameType::Auth)),
     }
 }
 
@@ -221,14 +213,6 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
     frame_type.check_len(p.len())?;
     let msg = match frame_type {
         FrameType::Hello => return decode_hello(p).map(Frame::Hello),
-        FrameType::Auth => {
-            let mac = p.try_into().map_err(|_| FrameError::WrongSize {
-                frame: frame_type,
-                len: p.len(),
-                expected: AUTH_LEN,
-            })?;
-            return Ok(Frame::Auth(Auth { mac }));
-        }
         FrameType::Error => Message::Error {
             message: String::from_utf8(p.to_vec()).map_err(|e| malformed(frame_type, e))?,
         },
@@ -421,7 +405,7 @@ mod tests {
         }
         let message_types: Vec<_> = FrameType::ALL
             .iter()
-            .filter(|t| !matches!(t, FrameType::Hello | FrameType::Auth))
+            .filter(|t| !matches!(t, FrameType::Hello))
             .collect();
         assert_eq!(seen.len(), message_types.len(), "a variant is missing");
     }
@@ -471,7 +455,6 @@ mod tests {
             min_version: 1,
             max_version: 3,
             role: Role::Control,
-            nonce: [7; 32],
         };
         let mut out = Vec::new();
         encode_hello(&hello, &mut out);
@@ -479,11 +462,6 @@ mod tests {
         assert_eq!(&out[HEADER_LEN..HEADER_LEN + 8], b"PERFPLUS");
         assert_eq!(decode_frame(&out).unwrap(), Some((Frame::Hello(hello), out.len())));
         assert_eq!(decode_err(&out), "unexpected handshake frame Hello after the handshake");
-
-        let auth = Auth { mac: [9; 32] };
-        let mut out = Vec::new();
-        encode_auth(&auth, &mut out);
-        assert_eq!(decode_frame(&out).unwrap(), Some((Frame::Auth(auth), out.len())));
 
         let mut bad = hello.to_bytes();
         bad[..8].copy_from_slice(b"NOTPERFP");
@@ -510,10 +488,10 @@ mod tests {
             "payload of frame Hello malformed: version range 5..=3 is empty"
         );
         assert_eq!(
-            decode_frame(&frame_bytes(FrameType::Hello, &[0; 44]))
+            decode_frame(&frame_bytes(FrameType::Hello, &[0; 12]))
                 .unwrap_err()
                 .to_string(),
-            "payload of frame Hello is 44 bytes; it must be exactly 45"
+            "payload of frame Hello is 12 bytes; it must be exactly 13"
         );
     }
 

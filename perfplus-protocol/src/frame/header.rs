@@ -6,7 +6,7 @@ use std::fmt;
 use perfplus_common::PAGE_SIZE;
 use thiserror::Error;
 
-use crate::handshake::{AUTH_LEN, HELLO_LEN, HELLO_MAGIC};
+use crate::handshake::{HELLO_LEN, HELLO_MAGIC};
 #[cfg(doc)]
 use crate::Message;
 
@@ -88,8 +88,8 @@ pub enum FrameError {
     #[error("unexpected handshake frame {0} after the handshake")]
     HandshakeFrame(FrameType),
     #[error(
-        "frame {frame} ({len} bytes announced) before the handshake completed; only Hello, Auth and \
-         Error frames of at most {HANDSHAKE_ERROR_MAX} bytes may come first"
+        "frame {frame} ({len} bytes announced) before the handshake completed; only Hello and Error \
+         frames of at most {HANDSHAKE_ERROR_MAX} bytes may come first"
     )]
     BeforeHandshake { frame: FrameType, len: usize },
 }
@@ -152,10 +152,8 @@ macro_rules! frame_types {
 }
 
 frame_types! {
-    /// Handshake: version range, role, nonce.
+    /// Handshake: version range, role. (0x0002 was `Auth`, the cluster-key proof before version 4.)
     Hello = 0x0001, Limit::Exact(HELLO_LEN);
-    /// Handshake: proof of the cluster key.
-    Auth = 0x0002, Limit::Exact(AUTH_LEN);
     /// [`Message::Error`].
     Error = 0x0003, Limit::Max(ERROR_MAX);
     /// [`Message::VmStart`] (may carry a kernel image).
@@ -284,11 +282,11 @@ impl FrameHeader {
     }
 
     /// Checks a header that arrived before the handshake completed: only the handshake's own frames
-    /// (Hello, Auth) and an `Error` of at most [`HANDSHAKE_ERROR_MAX`] bytes are admitted, so that a
-    /// peer that has not proven the cluster key cannot make the reader allocate or buffer more than that.
+    /// (Hello) and an `Error` of at most [`HANDSHAKE_ERROR_MAX`] bytes are admitted, so that a
+    /// peer that has not agreed on a version and a role cannot make the reader allocate or buffer more than that.
     pub fn check_before_handshake(self) -> Result<FrameHeader, FrameError> {
         match self.frame_type {
-            FrameType::Hello | FrameType::Auth => Ok(self),
+            FrameType::Hello => Ok(self),
             FrameType::Error if self.payload_len <= HANDSHAKE_ERROR_MAX => Ok(self),
             frame => Err(FrameError::BeforeHandshake {
                 frame,
@@ -382,7 +380,7 @@ mod tests {
     fn before_the_handshake_only_small_handshake_frames_pass() {
         let parse =
             |frame_type: FrameType, len: u32| peek_header(&header(frame_type as u16, 0, len)).map(Option::unwrap);
-        for frame_type in [FrameType::Hello, FrameType::Auth] {
+        for frame_type in [FrameType::Hello] {
             let len = frame_type.limit().max() as u32;
             assert!(parse(frame_type, len).unwrap().check_before_handshake().is_ok());
         }
@@ -392,8 +390,8 @@ mod tests {
         let vm_start = parse(FrameType::VmStart, BULK_MAX as u32).unwrap();
         assert_eq!(
             vm_start.check_before_handshake().unwrap_err().to_string(),
-            "frame VmStart (134217728 bytes announced) before the handshake completed; only Hello, \
-             Auth and Error frames of at most 1024 bytes may come first"
+            "frame VmStart (134217728 bytes announced) before the handshake completed; only Hello and \
+             Error frames of at most 1024 bytes may come first"
         );
         let big_error = parse(FrameType::Error, HANDSHAKE_ERROR_MAX as u32 + 1).unwrap();
         assert!(matches!(
@@ -405,7 +403,7 @@ mod tests {
         ));
         // Every other type is refused whatever its length, even an empty one.
         for &frame_type in FrameType::ALL {
-            if matches!(frame_type, FrameType::Hello | FrameType::Auth | FrameType::Error) {
+            if matches!(frame_type, FrameType::Hello | FrameType::Error) {
                 continue;
             }
             let header = FrameHeader {

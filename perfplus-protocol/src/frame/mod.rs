@@ -1,9 +1,9 @@
-//! Frames: one [`Message`] (or handshake [`Hello`] / [`Auth`]) ⇄ bytes. No sockets here.
+//! Frames: one [`Message`] (or the handshake's [`Hello`]) ⇄ bytes. No sockets here.
 //!
 //! ## Layout
 //! Every frame is a fixed 8-byte header followed by its payload, all integers little-endian:
 //! ```text
-//! offset 0   u16  frame type   (FrameType, one per Message variant + Hello + Auth)
+//! offset 0   u16  frame type   (FrameType, one per Message variant + Hello)
 //! offset 2   u16  flags        (none defined: must be 0)
 //! offset 4   u32  payload length in bytes
 //! offset 8   payload
@@ -11,14 +11,14 @@
 //! Each frame type has a payload limit (an exact size for fixed-size frames, a maximum otherwise), see
 //! [`FrameType::limit`]. It is checked from the header alone, by [`FrameHeader::parse`] / [`peek_header`],
 //! so a reader rejects a frame announcing 4 GiB before it allocates or buffers anything. Until the
-//! handshake completes a reader admits only Hello, Auth and an `Error` of at most
-//! [`HANDSHAKE_ERROR_MAX`] bytes ([`FrameHeader::check_before_handshake`]): a peer that has not proven
-//! the cluster key cannot announce anything larger.
+//! perfplus handshake completes (inside TLS) a reader admits only Hello and an `Error` of at most
+//! [`HANDSHAKE_ERROR_MAX`] bytes ([`FrameHeader::check_before_handshake`]): a peer that has not agreed
+//! on a version and a role cannot announce anything larger.
 //!
 //! ## Payloads
-//! - `Hello`: [`HELLO_LEN`] (45) bytes, laid out by [`Hello::to_bytes`]: magic `"PERFPLUS"`, version
-//!   range, role, nonce. This layout never changes between versions: it is what negotiates them.
-//! - `Auth`: [`AUTH_LEN`] (32) bytes, the HMAC-SHA256 proof (see [`crate::handshake`]).
+//! - `Hello`: [`HELLO_LEN`] (13) bytes, laid out by [`Hello::to_bytes`]: magic `"PERFPLUS"`, version
+//!   range, role. From version 4 on this layout never changes: it is what negotiates versions.
+//!   (Type 0x0002, `Auth`, the cluster-key proof of versions 1 to 3, is retired: TLS authenticates.)
 //! - `Error`: the message, UTF-8, no length prefix.
 //! - `VmList`, `Done`: empty.
 //! - `RoundEnd`: `u32 round`.
@@ -41,12 +41,12 @@
 //! ## Files
 //! - `header.rs`: the frame types and their payload limits (one macro table), [`FrameHeader`],
 //!   [`peek_header`], [`FrameError`].
-//! - `codec.rs`: [`Message`] ⇄ payload, and the handshake's Hello and Auth ⇄ payload:
+//! - `codec.rs`: [`Message`] ⇄ payload, and the handshake's Hello ⇄ payload:
 //!   [`encode`], [`decode`], [`decode_frame`], [`decode_payload`].
 //! - `page_batch.rs`: [`PageBatch`], the `Pages` payload, and its items.
 
 #[cfg(doc)]
-use crate::handshake::{Auth, Hello, AUTH_LEN, HELLO_LEN};
+use crate::handshake::{Hello, HELLO_LEN};
 #[cfg(doc)]
 use crate::Message;
 
@@ -56,7 +56,7 @@ mod page_batch;
 #[cfg(test)]
 mod test_support;
 
-pub use codec::{decode, decode_frame, decode_payload, encode, encode_auth, encode_hello, pages_header, Frame};
+pub use codec::{decode, decode_frame, decode_payload, encode, encode_hello, pages_header, Frame};
 pub use header::{
     peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX,
     FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX, HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX,

@@ -114,6 +114,7 @@ pub(super) fn every_message() -> Vec<Message> {
         Message::Migrate(MigrateRequest {
             vm: "web".into(),
             destination: "10.0.0.2:7000".into(),
+            destination_agent: Some("hostB".into()),
             options: options.clone(),
         }),
         Message::Vm(vm_info()),
@@ -151,6 +152,7 @@ pub(super) fn every_message() -> Vec<Message> {
             cmdline: "x=1".into(),
             options,
             migration_id: "0123abcd".into(),
+            attach_secret: [0x5a; 32],
         }),
         Message::MigrateReady(MigrateReady {
             held: vec![0, 1, u64::MAX, 0x0123_4567_89ab_cdef],
@@ -196,6 +198,7 @@ pub(super) fn every_message() -> Vec<Message> {
         Message::PostcopyAttach(crate::PostcopyAttach {
             id: "0123abcd".into(),
             channel: crate::Channel::Demand,
+            secret: [0xa5; 32],
         }),
         Message::PageRequest {
             full: true,
