@@ -346,20 +346,61 @@ impl Connection {
         })
     }
 
-    /// Sends `msg` and flushes.
+    /// Sends `msg` and flushes. If the peer closed the connection, its reason comes with the error
+    /// when it gave one (see [`explain`](Self::explain)).
     pub async fn send(&mut self, msg: &Message) -> anyhow::Result<()> {
-        self.writer.send(msg).await
+        let result = self.writer.send(msg).await;
+        self.explain(result).await
     }
 
     /// Queues `msg`; it goes out with the next [`flush`](Self::flush) (or earlier, when the queue is
     /// large or `msg` is a page batch).
     pub async fn feed(&mut self, msg: &Message) -> anyhow::Result<()> {
-        self.writer.feed(msg).await
+        let result = self.writer.feed(msg).await;
+        self.explain(result).await
     }
 
     /// Writes out every queued message.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        self.writer.flush().await
+        let result = self.writer.flush().await;
+        self.explain(result).await
+    }
+
+    /// A write that failed on the socket ("Broken pipe") usually means the peer closed the connection,
+    /// and a peer that refuses what it received says why first: an `Error` frame, or the TLS alert of
+    /// a record that failed authentication there. Reads that reason (for at most 500 ms) and returns it
+    /// with the write's error; anything else read is dropped (the connection is lost anyway).
+    async fn explain(&mut self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        let Err(err) = result else {
+            return Ok(());
+        };
+        if err.root_cause().downcast_ref::<io::Error>().is_none() {
+            return Err(err);
+        }
+        let reason = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match self.reader.recv().await {
+                    Ok(_) => continue,
+                    Err(reason) => return reason,
+                }
+            }
+        })
+        .await;
+        match reason {
+            Ok(reason)
+                if matches!(
+                    reason.downcast_ref::<ConnectionError>(),
+                    Some(
+                        ConnectionError::PeerReported { .. }
+                            | ConnectionError::RefusedByPeer { .. }
+                            | ConnectionError::Tampered { .. }
+                    )
+                ) =>
+            {
+                Err(reason.context(format!("{err:#}")))
+            }
+            _ => Err(err),
+        }
     }
 
     /// Receives the next message. An `Error` frame from the peer is returned as an `Err`
