@@ -4,13 +4,13 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::frame::{self, PageBatch};
-use perfplus_protocol::{ClusterKey, Message, MigrateBegin, MigrateOptions, Role};
-use support::{assert_nothing_lost, cli_with_key, guest_counter, kvm_missing, wait_until, Cluster, Spawned, PERFPLUS};
+use perfplus_protocol::{Message, MigrateBegin, MigrateOptions, Role};
+use support::{assert_nothing_lost, cli_with_tls, guest_counter, kvm_missing, wait_until, Cluster, Spawned};
 
 #[test]
 fn killing_the_destination_mid_migration_leaves_the_source_guest_running() {
@@ -89,29 +89,29 @@ fn killing_the_destination_mid_migration_leaves_the_source_guest_running() {
 }
 
 #[test]
-fn a_peer_without_the_cluster_key_is_refused() {
+fn a_client_of_another_cluster_is_refused() {
     let cluster = Cluster::new();
     let a = cluster.agent("a");
-    let other_key = cluster.dir.path().join("other.key");
-    let out = Command::new(PERFPLUS)
-        .args(["keygen", "--out"])
-        .arg(&other_key)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let other = Cluster::named("other");
 
-    let refused = cli_with_key(&other_key, &["vm", "list", "--agent", &a.addr]);
+    let refused = cli_with_tls(&other.tls_dir, &["vm", "list", "--agent", &a.addr]);
     assert!(!refused.status.success());
     let text = String::from_utf8_lossy(&refused.stderr);
-    assert!(text.contains("authentication failed"), "clear refusal: {text}");
+    assert!(
+        text.contains(&format!(
+            "the certificate of {} (agent \"a\") is not issued by this cluster's CA (cluster \"other\")",
+            a.addr
+        )),
+        "clear refusal: {text}"
+    );
 
-    // The agent itself is unharmed and serves a client with the key.
+    // The agent itself is unharmed and serves a client of its cluster.
     let fine = cluster.cli(&["vm", "list", "--agent", &a.addr]);
     assert!(fine.status.success(), "{}", String::from_utf8_lossy(&fine.stderr));
-    assert!(
-        a.log_text().contains("authentication failed"),
-        "the agent logs the refusal"
-    );
+    wait_until(Duration::from_secs(10), "the agent to log the refusal", || {
+        a.log_text()
+            .contains("refused this side's certificate (agent \"a\"): it is not issued by the CA of its cluster")
+    });
 }
 
 #[test]
@@ -136,7 +136,11 @@ fn garbage_instead_of_a_handshake_is_refused_with_a_reason() {
     wait_until(Duration::from_secs(10), "the agent to log the refusal", || {
         a.log_text().contains(r#"its first bytes were \"GET / HT\""#) || a.log_text().contains("GET / HT")
     });
-    assert!(a.log_text().contains("unknown frame type"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("does not speak the perfplus protocol (TLS 1.3)"),
+        "{}",
+        a.log_text()
+    );
     assert!(cluster.cli(&["vm", "list", "--agent", &a.addr]).status.success());
 }
 
@@ -148,6 +152,7 @@ fn begin(name: &str, memory_bytes: u64) -> Message {
         cmdline: String::new(),
         options: MigrateOptions::default(),
         migration_id: "0123456789abcdef".into(),
+        attach_secret: [7; 32],
     })
 }
 
@@ -158,7 +163,7 @@ async fn hostile_migration_messages_are_refused_and_name_what_was_wrong() {
     }
     let cluster = Cluster::new();
     let a = cluster.agent("a");
-    let key = ClusterKey::from_file(&cluster.key_file).unwrap();
+    let key = cluster.agent_credentials("rogue");
 
     let refusal = |message: Message| {
         let key = key.clone();

@@ -8,25 +8,27 @@ use perfplus::agent::{Agent, AgentConfig, AgentLimits};
 use perfplus::cli::client::AgentClient;
 use perfplus_common::PAGE_SIZE;
 use perfplus_protocol::report::Outcome;
-use perfplus_protocol::{ClusterKey, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
+use perfplus_protocol::{CertRole, Identity, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
 use perfplus_vmm::tracking::TrackerKind;
 
 /// Live migration of KVM guests between perfplus agents, with Perf+ page hashing.
 ///
 /// Run one agent per host (`perfplus agent`), start VMs on it (`perfplus vm start`), and move them
-/// live (`perfplus migrate`). Every connection is authenticated with the cluster key, a file of hex
-/// digits that every agent and CLI of a cluster shares (`perfplus keygen` makes one).
+/// live (`perfplus migrate`). Every connection is TLS 1.3 with a certificate on both sides from the
+/// cluster's CA: `perfplus ca init` makes the CA, `perfplus cert issue` each agent's and operator's
+/// credentials (a directory, `--tls-dir`).
 #[derive(Parser)]
 #[command(name = "perfplus", version)]
 struct Cli {
-    /// File holding the cluster key (hex). Every agent and CLI of a cluster must use the same key.
-    #[arg(
-        long,
-        global = true,
-        env = "PERFPLUS_CLUSTER_KEY_FILE",
-        default_value = "/etc/perfplus/cluster.key"
-    )]
-    cluster_key_file: PathBuf,
+    /// Directory of this side's TLS credentials, as `perfplus cert issue` writes it: ca.pem (the
+    /// cluster CA), cert.pem and key.pem (this agent's, operator's or reader's certificate and key),
+    /// and for an agent page.key (the cluster's page-digest secret).
+    #[arg(long, global = true, env = "PERFPLUS_TLS_DIR", default_value = "/etc/perfplus")]
+    tls_dir: PathBuf,
+
+    /// Cluster keys were replaced by TLS certificates (protocol 4): refused, saying what to do.
+    #[arg(long, global = true, hide = true)]
+    cluster_key_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -51,11 +53,60 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write a new random cluster key (hex) to a file, or to standard output.
+    /// The cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Certificates of agents, operators and readers.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Replaced by `perfplus ca init` and `perfplus cert issue` (protocol 4).
+    #[command(hide = true)]
     Keygen {
-        /// Where to write the key (created with mode 0600). Standard output if absent.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new cluster CA: DIR/ca.pem (its certificate) and DIR/ca.key (its key, mode 0600; keep it
+    /// off the hosts, it signs every certificate of the cluster).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster's name (in the CA certificate and in refusals).
+        #[arg(long, default_value = "perfplus")]
+        cluster: String,
+        /// Validity of the CA certificate, in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue credentials from the CA in --ca-dir into the directory --out: ca.pem, cert.pem, key.pem
+    /// (0600) and, for an agent, page.key (the cluster's page-digest secret, 0600). An agent's
+    /// certificate lets it accept and open migrations and read status; an operator's every control
+    /// command; a reader's `vm list` and `vm status` only.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Credentials of the agent NAME (one per host).
+        #[arg(long, group = "holder", value_name = "NAME")]
+        agent: Option<String>,
+        /// Credentials of the operator NAME: every control command.
+        #[arg(long, group = "holder", value_name = "NAME")]
+        operator: Option<String>,
+        /// Credentials of the reader NAME: `vm list` and `vm status` only.
+        #[arg(long, group = "holder", value_name = "NAME")]
+        reader: Option<String>,
+        /// Where to write them (created mode 0700; existing files are not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -79,13 +130,17 @@ struct AgentArgs {
     /// Most vCPUs of one VM this agent creates.
     #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_VCPUS)]
     max_vcpus: u8,
-    /// Connections that have not yet completed the handshake (proven the cluster key), at most;
+    /// Connections that have not yet completed the handshake (TLS and the perfplus Hello), at most;
     /// more are closed at once.
     #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED)]
     max_unauthenticated: usize,
     /// Of those, from one source address (an IPv4 address or an IPv6 /64), at most.
     #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
     max_unauthenticated_per_source: usize,
+    /// Migrate only to these agents (names in their certificates; repeat or separate with commas).
+    /// Without it, to any agent of the cluster.
+    #[arg(long, value_name = "AGENT", value_delimiter = ',')]
+    allow_destination: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -168,6 +223,10 @@ struct MigrateArgs {
     /// Agent that should run it afterwards.
     #[arg(long, required_unless_present_any = ["resume", "cancel"])]
     to: Option<String>,
+    /// The name the `--to` agent's certificate must carry: the migration is refused if another agent
+    /// answers at that address. Without it, any agent of the cluster the source may migrate to.
+    #[arg(long, value_name = "NAME", requires = "to")]
+    to_agent: Option<String>,
     /// precopy (rounds, then stop-and-copy), postcopy (switch at once, memory follows on demand and by
     /// background push) or hybrid (pre-copy while it converges, then post-copy).
     #[arg(long, default_value = "hybrid")]
@@ -273,8 +332,36 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.cluster_key_file.is_some() || matches!(cli.command, Command::Keygen { .. }) {
+        bail!(
+            "cluster keys were replaced by TLS certificates in protocol 4: make a CA once (`perfplus ca init --dir \
+             ca`), then credentials for each agent and operator (`perfplus cert issue --ca-dir ca --agent NAME --out \
+             DIR`), and give the directory as --tls-dir (default /etc/perfplus)"
+        );
+    }
     match &cli.command {
-        Command::Keygen { out } => return keygen(out.as_deref()),
+        Command::Ca(CaCommand::Init { dir, cluster, days }) => {
+            println!("{}", perfplus::cli::pki::ca_init(dir, cluster, *days)?);
+            return Ok(());
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_dir,
+            agent,
+            operator,
+            reader,
+            out,
+            days,
+        }) => {
+            let identity = match (agent, operator, reader) {
+                (Some(name), _, _) => Identity::new(CertRole::Agent, name),
+                (_, Some(name), _) => Identity::new(CertRole::Operator, name),
+                (_, _, Some(name)) => Identity::new(CertRole::Reader, name),
+                _ => bail!("name the holder: --agent NAME, --operator NAME or --reader NAME"),
+            }
+            .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", perfplus::cli::pki::cert_issue(ca_dir, &identity, *days, out)?);
+            return Ok(());
+        }
         Command::Track(TrackArgs { pid: Some(pid), .. }) => {
             let options = track_options(match &cli.command {
                 Command::Track(args) => args,
@@ -290,21 +377,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let key = ClusterKey::from_file(&cli.cluster_key_file)
-        .context("reading the cluster key (see `perfplus keygen`, --cluster-key-file)")?;
-    perfplus::private_files::warn_if_readable_by_others(&cli.cluster_key_file, "cluster key file");
+    let credentials = perfplus::cli::pki::load(&cli.tls_dir)?;
     match cli.command {
-        Command::Keygen { .. } | Command::GuestImage { .. } => unreachable!("handled above"),
+        Command::Keygen { .. } | Command::GuestImage { .. } | Command::Ca(_) | Command::Cert(_) => {
+            unreachable!("handled above")
+        }
         Command::Track(args) => {
             let options = track_options(&args)?;
             let vm = args.vm.as_deref().expect("clap requires --pid or --vm");
-            perfplus::cli::track::track_vm(&args.agent, &key, vm, options).await
+            perfplus::cli::track::track_vm(&args.agent, &credentials, vm, options).await
         }
         Command::Agent(args) => {
+            anyhow::ensure!(
+                credentials.identity().role == CertRole::Agent,
+                "an agent needs an agent's certificate; this one is {}'s (`perfplus cert issue --agent NAME`)",
+                credentials.identity()
+            );
+            let allowed = (!args.allow_destination.is_empty()).then_some(args.allow_destination);
             let agent = Agent::bind(AgentConfig {
                 listen: args.listen,
                 state_dir: args.state_dir,
-                key,
+                page_key: perfplus::cli::pki::page_key(&cli.tls_dir)?,
+                credentials: credentials.with_allowed_agents(allowed),
                 page_store_pages: args.page_store_size / PAGE_SIZE as u64,
                 limits: AgentLimits {
                     max_vm_memory: args.max_vm_memory,
@@ -337,11 +431,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cmdline,
                 tracker: args.tracker,
             };
-            let info = AgentClient::connect(&args.agent, &key).await?.start_vm(request).await?;
+            let info = AgentClient::connect(&args.agent, &credentials)
+                .await?
+                .start_vm(request)
+                .await?;
             print_vm(&info, args.json)
         }
         Command::Vm(VmCommand::List { agent, json }) => {
-            let vms = AgentClient::connect(&agent, &key).await?.list().await?;
+            let vms = AgentClient::connect(&agent, &credentials).await?.list().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&vms)?);
             } else if vms.is_empty() {
@@ -354,27 +451,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Vm(VmCommand::Status { name, agent, json }) => {
-            let info = AgentClient::connect(&agent, &key).await?.status(&name).await?;
+            let info = AgentClient::connect(&agent, &credentials).await?.status(&name).await?;
             print_vm(&info, json)
         }
         Command::Vm(VmCommand::Stop { name, agent }) => {
-            AgentClient::connect(&agent, &key).await?.stop(&name).await?;
+            AgentClient::connect(&agent, &credentials).await?.stop(&name).await?;
             println!("stopped {name} on {agent}");
             Ok(())
         }
         Command::Vm(VmCommand::Resume { name, agent }) => {
-            let info = AgentClient::connect(&agent, &key).await?.resume_vm(&name).await?;
+            let info = AgentClient::connect(&agent, &credentials)
+                .await?
+                .resume_vm(&name)
+                .await?;
             println!("{name} on {agent}: {}", info.run_state);
             Ok(())
         }
         Command::Migrate(args) => {
             if let (Some(id), Some(agent)) = (&args.cancel, &args.agent) {
-                let what_happened = AgentClient::connect(agent, &key).await?.cancel(id).await?;
+                let what_happened = AgentClient::connect(agent, &credentials).await?.cancel(id).await?;
                 println!("migration {id} cancelled on {agent}: {what_happened}");
                 return Ok(());
             }
             let from = args.from.clone().unwrap_or_default();
-            let client = AgentClient::connect(&from, &key).await?;
+            let client = AgentClient::connect(&from, &credentials).await?;
             let report = if let Some(id) = &args.resume {
                 eprintln!("resuming migration {id} on {from} ...");
                 client.resume(id).await?
@@ -386,6 +486,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let request = MigrateRequest {
                     vm: name.clone(),
                     destination: to.clone(),
+                    destination_agent: args.to_agent.clone(),
                     options: MigrateOptions {
                         downtime_target_ms: args.downtime_target,
                         max_rounds: args.max_rounds,
@@ -440,25 +541,6 @@ fn track_options(args: &TrackArgs) -> anyhow::Result<perfplus::cli::track::Track
         json: args.json,
         link_bits_per_s: args.link,
     })
-}
-
-fn keygen(out: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let key = ClusterKey::generate();
-    match out {
-        None => println!("{}", key.to_hex()),
-        Some(path) => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-            writeln!(file, "{}", key.to_hex())?;
-        }
-    }
-    Ok(())
 }
 
 fn print_vm(info: &VmInfo, json: bool) -> anyhow::Result<()> {

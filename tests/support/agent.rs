@@ -19,39 +19,39 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    /// Starts an agent with cluster key `key_file`, its state and its log (`agent.log`) in
+    /// Starts an agent with the credentials in `tls_dir` (an agent's), its state and its log (`agent.log`) in
     /// `state_dir`, and a page store of `page_store_size` ("0" = none). With `netns` None it listens
     /// on a free loopback port; inside namespace `netns` on a free port of every address there, so
     /// that a peer in another namespace reaches it ([`TestAgent::addr_via`]).
-    pub fn start(key_file: &Path, state_dir: &Path, page_store_size: &str, netns: Option<&str>) -> TestAgent {
-        TestAgent::start_full(key_file, state_dir, page_store_size, netns, &[], &[])
+    pub fn start(tls_dir: &Path, state_dir: &Path, page_store_size: &str, netns: Option<&str>) -> TestAgent {
+        TestAgent::start_full(tls_dir, state_dir, page_store_size, netns, &[], &[])
     }
 
     /// [`TestAgent::start`] with more `perfplus agent` options (e.g. `["--max-vm-memory", "32M"]`).
     pub fn start_with(
-        key_file: &Path,
+        tls_dir: &Path,
         state_dir: &Path,
         page_store_size: &str,
         netns: Option<&str>,
         options: &[&str],
     ) -> TestAgent {
-        TestAgent::start_full(key_file, state_dir, page_store_size, netns, options, &[])
+        TestAgent::start_full(tls_dir, state_dir, page_store_size, netns, options, &[])
     }
 
     /// [`TestAgent::start`] with more environment variables for the agent (e.g. a fault point).
     pub fn start_with_env(
-        key_file: &Path,
+        tls_dir: &Path,
         state_dir: &Path,
         page_store_size: &str,
         netns: Option<&str>,
         env: &[(&str, &str)],
     ) -> TestAgent {
-        TestAgent::start_full(key_file, state_dir, page_store_size, netns, &[], env)
+        TestAgent::start_full(tls_dir, state_dir, page_store_size, netns, &[], env)
     }
 
     /// [`TestAgent::start`] with more agent options and environment variables.
     pub fn start_full(
-        key_file: &Path,
+        tls_dir: &Path,
         state_dir: &Path,
         page_store_size: &str,
         netns: Option<&str>,
@@ -62,8 +62,8 @@ impl TestAgent {
         let log = state_dir.join("agent.log");
         let listen = if netns.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
         let mut child = perfplus_command(netns)
-            .arg("--cluster-key-file")
-            .arg(key_file)
+            .arg("--tls-dir")
+            .arg(tls_dir)
             .args([
                 "agent",
                 "--listen",

@@ -17,11 +17,11 @@ pub fn perfplus_command(netns: Option<&str>) -> Command {
     cmd
 }
 
-/// Runs the CLI (here) with the cluster key `key_file`.
-pub fn cli_with_key(key_file: &Path, args: &[&str]) -> Output {
+/// Runs the CLI (here) with the credentials in `tls_dir`.
+pub fn cli_with_tls(tls_dir: &Path, args: &[&str]) -> Output {
     perfplus_command(None)
-        .arg("--cluster-key-file")
-        .arg(key_file)
+        .arg("--tls-dir")
+        .arg(tls_dir)
         .args(args)
         .output()
         .expect("running perfplus")

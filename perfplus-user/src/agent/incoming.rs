@@ -21,6 +21,10 @@ pub(super) struct IncomingHandle {
     pub(super) cancel: CancelSignal,
     /// Set when the migration has ended, with what became of the guest.
     pub(super) done: tokio::sync::watch::Receiver<Option<String>>,
+    /// What its other connections must present: the secret from its `MigrateBegin`, from the agent that
+    /// sent it.
+    secret: perfplus_protocol::AttachSecret,
+    source: perfplus_protocol::Identity,
 }
 
 /// `MigrateBegin`: receives a VM from another agent and hosts it here once it resumes. The name is
@@ -75,6 +79,8 @@ pub(super) async fn migrate_in(
                 attach: attach_tx.clone(),
                 cancel,
                 done: done_rx,
+                secret: begin.attach_secret,
+                source: conn.peer_identity().clone(),
             },
         ) {
             Some(registration) => Some(registration),
@@ -151,7 +157,31 @@ pub(super) async fn attach(
     mut conn: Connection,
     attach: perfplus_protocol::PostcopyAttach,
 ) -> anyhow::Result<()> {
-    match state.attach.get(&attach.id) {
+    let handle = state.attach.get(&attach.id);
+    // The id alone is no credential (it is shown in `vm status`, logs and reports): the connection must
+    // come from the agent that began the migration and present the migration's secret.
+    if let Some(handle) = &handle {
+        let from = conn.peer_identity().clone();
+        let refusal = if from != handle.source {
+            Some(format!(
+                "post-copy attach to migration {:?} refused: it comes from {from}, the migration from {}",
+                attach.id, handle.source
+            ))
+        } else if !secrets_equal(&attach.secret, &handle.secret) {
+            Some(format!(
+                "post-copy attach to migration {:?} refused: wrong secret for that migration",
+                attach.id
+            ))
+        } else {
+            None
+        };
+        if let Some(text) = refusal {
+            tracing::warn!(peer = %conn.peer(), "{text}");
+            conn.send_error(&text).await;
+            bail!(text)
+        }
+    }
+    match handle {
         Some(handle) => {
             tracing::info!(id = %attach.id, channel = ?attach.channel, "post-copy connection attached");
             if let Err(tokio::sync::mpsc::error::SendError((mut conn, _))) = handle.attach.send((conn, attach.channel))
@@ -166,6 +196,11 @@ pub(super) async fn attach(
             bail!(text)
         }
     }
+}
+
+/// Compares two secrets without stopping at the first byte that differs.
+fn secrets_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `MigrateCancel` of an incoming post-copy migration: the guest here is paused and destroyed (it

@@ -1,8 +1,11 @@
 //! The per-host agent: hosts VMs, answers the CLI, and migrates VMs to and from other agents.
 //!
 //! One TCP listener serves both kinds of connection; the handshake says which one it is
-//! ([`Role::Control`] from a CLI, [`Role::Peer`] from another agent). Both are authenticated with the
-//! cluster key. Every connection is handled on its own task; a failure on one never touches the VMs.
+//! ([`Role::Control`] from a CLI, [`Role::Peer`] from another agent). Both run TLS 1.3 with a
+//! certificate of the cluster CA on each side ([`perfplus_protocol::tls`]). A peer connection is
+//! admitted only from an agent's certificate; each control request is checked against the role of the
+//! CLI's certificate (reading for readers and agents, everything for operators). Every connection is
+//! handled on its own task; a failure on one never touches the VMs.
 //!
 //! This file binds the listener and dispatches each connection by its role; the rest, one concern a file:
 //! - `control`: the CLI's requests (start, list, status, stop, migrate, resume, track);
@@ -42,13 +45,13 @@ use crate::hashing::PageHasher;
 use crate::migration::signals::StatusNote;
 use crate::page_store::PageStore;
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::{ClusterKey, Message, Role, VmInfo};
+use perfplus_protocol::{ClusterKey, Credentials, Message, Role, VmInfo};
 use perfplus_vmm::tracking::TrackerKind;
 use perfplus_vmm::vm::{RunState, Vm};
 
 pub use self::limits::AgentLimits;
 
-/// Label the page-hash key is derived under from the cluster key.
+/// Label the page-hash key is derived under from the cluster's page-digest secret.
 pub const PAGE_DIGEST_KEY_LABEL: &str = "perfplus page digest v1";
 
 /// How an agent is set up.
@@ -58,7 +61,11 @@ pub struct AgentConfig {
     pub listen: String,
     /// Where the agent keeps its page store.
     pub state_dir: PathBuf,
-    pub key: ClusterKey,
+    /// This agent's TLS credentials (its certificate must be an agent's), with its allow-list of
+    /// destinations, if any.
+    pub credentials: Credentials,
+    /// The cluster's page-digest secret (`page.key`, the same on every agent of the cluster).
+    pub page_key: ClusterKey,
     /// Capacity of the on-disk page store, in 4 KiB pages (0 = no store).
     pub page_store_pages: u64,
     /// Quotas: VM sizes, connections in the handshake.
@@ -114,7 +121,7 @@ fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
 /// `index` lock is taken by the agent and the engine between registry calls, never inside one.
 struct AgentState {
     name: String,
-    key: ClusterKey,
+    credentials: Credentials,
     limits: AgentLimits,
     hasher: PageHasher,
     /// The VMs hosted, the names reserved by boots and arrivals, and which VM is migrating or tracked.
@@ -149,8 +156,13 @@ impl Agent {
             config.limits.max_unauthenticated >= 1 && config.limits.max_unauthenticated_per_source >= 1,
             "the caps on connections in the handshake must be at least 1 (no connection could authenticate)"
         );
+        anyhow::ensure!(
+            config.credentials.identity().role == perfplus_protocol::CertRole::Agent,
+            "an agent needs an agent's certificate; this one is {}'s (`perfplus cert issue --agent NAME`)",
+            config.credentials.identity()
+        );
         crate::private_files::state_dir(&config.state_dir)?;
-        let hasher = PageHasher::new(&config.key.derive(PAGE_DIGEST_KEY_LABEL));
+        let hasher = PageHasher::new(&config.page_key.derive(PAGE_DIGEST_KEY_LABEL));
         let store = if config.page_store_pages > 0 {
             let dir = config.state_dir.join("page-store");
             Some(PageStore::open(
@@ -167,7 +179,7 @@ impl Agent {
         let addr = listener.local_addr()?;
         let state = Arc::new(AgentState {
             name: addr.to_string(),
-            key: config.key.clone(),
+            credentials: config.credentials.clone(),
             limits: config.limits.clone(),
             index: Arc::new(Mutex::new(ContentIndex::new(hasher.clone(), store))),
             hasher,
@@ -224,7 +236,7 @@ impl Agent {
             let admission = self.admission.clone();
             tokio::spawn(async move {
                 // The admission's place is held until the handshake ends, either way.
-                let accepted = Connection::accept(stream, &state.key).await;
+                let accepted = Connection::accept(stream, &state.credentials).await;
                 drop(permit);
                 match accepted {
                     Err(err) => admission.handshake_failed(peer, &err),
@@ -244,6 +256,22 @@ async fn handle(state: Arc<AgentState>, mut conn: Connection, role: Role) -> any
     let request = conn.recv().await?;
     match role {
         Role::Control => {
+            // The role in the CLI's certificate decides what it may ask.
+            let who = conn.peer_identity().clone();
+            let allowed = match request.control_access() {
+                Some(access) => who.role.allows(access),
+                None => true, // not a control request: `control` refuses it, naming it
+            };
+            if !allowed {
+                let text = format!(
+                    "{} refused: the certificate of {who} may only read (vm list, vm status); starting, stopping, \
+                     resuming, migrating, cancelling and tracking need an operator's certificate",
+                    request.name()
+                );
+                tracing::warn!(peer = %conn.peer(), "{text}");
+                conn.send_error(&text).await;
+                bail!(text);
+            }
             if let Err(err) = control::control(&state, &mut conn, request).await {
                 conn.send_error(&format!("{err:#}")).await;
                 return Err(err);

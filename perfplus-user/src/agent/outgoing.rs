@@ -52,8 +52,11 @@ pub(super) async fn migrate_out(
     // what to do) if the VM was not created in the mode it needs.
     let tracker = req.options.tracker.unwrap_or(hosted.tracker);
     tracker.check_vm(&hosted.vm)?;
+    let mut attach_secret = [0u8; 32];
+    getrandom::fill(&mut attach_secret).map_err(|e| anyhow::anyhow!("drawing the migration's attach secret: {e}"))?;
     let job = Outbound {
         migration_id: postcopy::new_migration_id(),
+        attach_secret,
         resume: Default::default(),
         cancel: Default::default(),
         vm: hosted.vm,
@@ -67,7 +70,9 @@ pub(super) async fn migrate_out(
             tracker: Some(tracker),
             ..req.options.clone()
         },
-        key: state.key.clone(),
+        // The destination is checked when the engine connects: an agent of this cluster, the one the
+        // operator named (if any), and one this agent's allow-list admits.
+        credentials: state.credentials.clone().expecting_agent(req.destination_agent.clone()),
         hasher: state.hasher.clone(),
     };
     let id = job.migration_id.clone();

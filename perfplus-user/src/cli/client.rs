@@ -4,7 +4,7 @@ use anyhow::bail;
 
 use crate::report::{MigrationReport, RoundReport};
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::{ClusterKey, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
+use perfplus_protocol::{Credentials, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
 
 /// A connection from the CLI to one agent.
 pub struct AgentClient {
@@ -13,8 +13,8 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    pub async fn connect(agent: &str, key: &ClusterKey) -> anyhow::Result<AgentClient> {
-        let conn = Connection::connect(agent, Role::Control, key).await?;
+    pub async fn connect(agent: &str, credentials: &Credentials) -> anyhow::Result<AgentClient> {
+        let conn = Connection::connect(agent, Role::Control, credentials).await?;
         Ok(AgentClient {
             conn,
             agent: agent.to_string(),

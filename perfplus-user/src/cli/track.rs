@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::ebpf::{EbpfHeat, HeatSource, HOTTEST, REGION_BYTES};
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::{ClusterKey, Message, Role, TrackRegion, TrackRequest, TrackSample};
+use perfplus_protocol::{Credentials, Message, Role, TrackRegion, TrackRequest, TrackSample};
 
 /// What the CLI asked for.
 #[derive(Clone, Debug)]
@@ -273,8 +273,8 @@ pub fn track_pid(pid: u32, options: TrackOptions) -> anyhow::Result<()> {
 }
 
 /// `perfplus track --vm NAME --agent ADDR`: asks the agent to measure, prints what it sends.
-pub async fn track_vm(agent: &str, key: &ClusterKey, vm: &str, options: TrackOptions) -> anyhow::Result<()> {
-    let mut conn = Connection::connect(agent, Role::Control, key).await?;
+pub async fn track_vm(agent: &str, credentials: &Credentials, vm: &str, options: TrackOptions) -> anyhow::Result<()> {
+    let mut conn = Connection::connect(agent, Role::Control, credentials).await?;
     let request = TrackRequest {
         vm: vm.to_string(),
         interval_ms: options.interval.as_millis().clamp(10, u32::MAX as u128) as u32,

@@ -2,7 +2,7 @@
 //! to the engine (pre-copy rounds in `source`, the post-copy supply in `postcopy::supply`).
 use std::sync::Arc;
 
-use perfplus_protocol::{ClusterKey, MigrateOptions};
+use perfplus_protocol::{AttachSecret, Credentials, MigrateOptions};
 use perfplus_vmm::vm::Vm;
 use tokio::sync::Notify;
 
@@ -22,10 +22,14 @@ pub struct Outbound {
     pub source_name: String,
     pub destination: String,
     pub options: MigrateOptions,
-    pub key: ClusterKey,
+    /// This agent's TLS credentials, with what the destination must be (an agent of the cluster; the
+    /// one the operator named; one the allow-list admits).
+    pub credentials: Credentials,
     pub hasher: PageHasher,
     /// Names the migration (post-copy attach and resume).
     pub migration_id: String,
+    /// What the migration's post-copy connections present to attach (sent only in `MigrateBegin`).
+    pub attach_secret: AttachSecret,
     /// Wakes a post-copy migration's reconnection loop at once (`perfplus migrate --resume`).
     pub resume: ResumeSignal,
     /// An operator's `perfplus migrate --cancel`: before the commit the guest keeps running here; in

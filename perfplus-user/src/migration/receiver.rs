@@ -443,7 +443,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use perfplus_protocol::frame::PageBatch;
-    use perfplus_protocol::{ClusterKey, MigrateOptions, Role};
+    use perfplus_protocol::{MigrateOptions, Role};
 
     use super::*;
 
@@ -480,6 +480,7 @@ mod tests {
                 ..Default::default()
             },
             migration_id: String::new(),
+            attach_secret: [0; 32],
         }
     }
 
@@ -490,8 +491,7 @@ mod tests {
         F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let key = ClusterKey::generate();
-        let (source_end, mut dest_end) = Connection::pair(Role::Peer, &key).await.unwrap();
+        let (source_end, mut dest_end) = Connection::pair(Role::Peer).await.unwrap();
         let (_attach_tx, attach_rx) = tokio::sync::mpsc::unbounded_channel();
         let installed = dest.installed.clone();
         let receiving = receive(&mut dest_end, begin(), &dest.ctx, attach_rx, move |_, _| {

@@ -76,7 +76,7 @@ pub struct CommittedUnconfirmed {
 pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> anyhow::Result<Completed> {
     let cpu_start = agent_cpu_ms();
     let started = Instant::now();
-    let mut conn = Connection::connect(&job.destination, Role::Peer, &job.key)
+    let mut conn = Connection::connect(&job.destination, Role::Peer, &job.credentials)
         .await
         .with_context(|| format!("connecting to destination agent {}", job.destination))?;
     let mut ownership = Ownership::Running;
@@ -152,6 +152,7 @@ async fn precopy(
         cmdline: job.cmdline.clone(),
         options: job.options.clone(),
         migration_id: job.migration_id.clone(),
+        attach_secret: job.attach_secret,
     }))
     .await?;
     let held = match recv(conn, "MigrateReady").await? {
@@ -701,7 +702,7 @@ fn log_round(vm: &str, r: &RoundReport) {
 mod tests {
     use std::sync::Arc;
 
-    use perfplus_protocol::{ClusterKey, MigrateOptions, MigrateReady};
+    use perfplus_protocol::{CertRole, Credentials, Identity, MigrateOptions, MigrateReady};
     use perfplus_vmm::vm::{builtin_guest, RunState};
     use tokio::net::TcpListener;
 
@@ -717,9 +718,9 @@ mod tests {
         AfterCommit,
     }
 
-    async fn scripted_destination(listener: TcpListener, key: ClusterKey, hang_up: HangUp) {
+    async fn scripted_destination(listener: TcpListener, credentials: Credentials, hang_up: HangUp) {
         let (stream, _) = listener.accept().await.unwrap();
-        let (mut conn, _) = Connection::accept(stream, &key).await.unwrap();
+        let (mut conn, _) = Connection::accept(stream, &credentials).await.unwrap();
         loop {
             match conn.recv().await.unwrap() {
                 Message::MigrateBegin(_) => conn
@@ -748,7 +749,10 @@ mod tests {
         vm.load_multiboot(builtin_guest::IMAGE, &cmdline).unwrap();
         vm.start().unwrap();
         let vm = Arc::new(vm);
-        let key = ClusterKey::generate();
+        let (source_credentials, ca) =
+            Credentials::ephemeral(&Identity::new(CertRole::Agent, "source").unwrap()).unwrap();
+        let destination_credentials =
+            Credentials::issued_by(&ca, &Identity::new(CertRole::Agent, "destination").unwrap()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let destination = listener.local_addr().unwrap().to_string();
         let job = Outbound {
@@ -765,14 +769,18 @@ mod tests {
                 verify_guest: false,
                 ..Default::default()
             },
-            key: key.clone(),
+            credentials: source_credentials,
             hasher: PageHasher::new(&[4; 32]),
             migration_id: String::new(),
+            attach_secret: [0; 32],
             resume: Default::default(),
             cancel: Default::default(),
         };
         let (progress, _rounds) = tokio::sync::mpsc::unbounded_channel();
-        let (result, ()) = tokio::join!(migrate(job, progress), scripted_destination(listener, key, hang_up));
+        let (result, ()) = tokio::join!(
+            migrate(job, progress),
+            scripted_destination(listener, destination_credentials, hang_up)
+        );
         let Err(err) = result else {
             panic!("the migration cannot complete");
         };

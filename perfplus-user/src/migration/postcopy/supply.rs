@@ -113,12 +113,13 @@ pub async fn send_eager(
 
 /// Opens the demand channel of migration `id`.
 pub async fn attach(job: &Outbound, id: &str, channel: Channel) -> anyhow::Result<Connection> {
-    let mut conn = Connection::connect_timeout(&job.destination, Role::Peer, &job.key, Duration::from_secs(3))
+    let mut conn = Connection::connect_timeout(&job.destination, Role::Peer, &job.credentials, Duration::from_secs(3))
         .await
         .with_context(|| format!("connecting to destination agent {}", job.destination))?;
     conn.send(&Message::PostcopyAttach(PostcopyAttach {
         id: id.to_string(),
         channel,
+        secret: job.attach_secret,
     }))
     .await?;
     Ok(conn)
