@@ -1,8 +1,9 @@
 //! Shared pieces of the end-to-end tests (and of the benchmarks, which include this module by
-//! `#[path]`): real agent processes, the real CLI, a cluster key, network namespaces joined by a
-//! shaped link, and the checks every migration report must pass.
+//! `#[path]`): real agent processes, the real CLI, a cluster CA and credentials, network namespaces
+//! joined by a shaped link, and the checks every migration report must pass.
 //!
-//! - [`cluster`]: a temporary directory with a cluster key; starts agents and runs the CLI in it.
+//! - [`cluster`]: a temporary directory with a cluster CA; starts agents (each with its own
+//!   certificate) and runs the CLI (as an operator) in it.
 //! - [`agent`]: a `perfplus agent` process, on loopback or inside a network namespace.
 //! - [`cli`]: the `perfplus` command, run here or inside a network namespace.
 //! - [`netns`], [`link`]: network namespaces, and two of them joined by a veth pair shaped with tbf.
@@ -20,17 +21,19 @@ pub mod cluster;
 pub mod guest;
 pub mod link;
 pub mod netns;
+pub mod relay;
 pub mod report;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use agent::TestAgent;
-pub use cli::{cli_with_key, json_of, perfplus_command, Spawned};
+pub use cli::{cli_with_tls, json_of, perfplus_command, Spawned};
 pub use cluster::Cluster;
 pub use guest::{guest_counter, guest_is_running_and_verified, GUEST_RUNNING};
 pub use link::ShapedLink;
 pub use netns::Netns;
+pub use relay::{Arm, Relay, Tamper};
 pub use report::{assert_nothing_lost, assert_sound_report, report_u64, Expect};
 
 pub const PERFPLUS: &str = env!("CARGO_BIN_EXE_perfplus");
