@@ -4,6 +4,7 @@
 #   scripts/bench.sh hashing         # page hashing speeds
 #   scripts/bench.sh shaped          # perfplus vs QEMU over a tbf-shaped link, felt stall from outside
 #   scripts/bench.sh soak            # 100 ping-pong migrations of one guest: all verified, fds/RSS flat
+#   scripts/bench.sh tls             # pages/s through TLS against clear, on loopback and a 1 Gbit/s link
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
