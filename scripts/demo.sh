@@ -33,12 +33,17 @@ cleanup() {
 trap cleanup EXIT
 say() { [ "$json" = 1 ] && echo "$*" >&2 || echo "$*"; }
 
-export PERFPLUS_CLUSTER_KEY_FILE=$work/cluster.key
-"$bin" keygen --out "$PERFPLUS_CLUSTER_KEY_FILE"
+# TLS, as always: a cluster CA, a certificate per agent, an operator's for this shell's CLI.
+"$bin" ca init --dir "$work/ca" --cluster demo >/dev/null
+for holder in "--agent a" "--agent b" "--operator demo"; do
+    "$bin" cert issue --ca-dir "$work/ca" $holder --out "$work/tls-${holder##* }" >/dev/null
+done
+export PERFPLUS_TLS_DIR=$work/tls-demo
 
 start_agent() { # name -> starts the agent in the background; sets $addr to its address
     local name=$1
-    "$bin" agent --listen 127.0.0.1:0 --state-dir "$work/$name" >"$work/$name.out" 2>"$work/$name.log" &
+    "$bin" --tls-dir "$work/tls-$name" agent --listen 127.0.0.1:0 --state-dir "$work/$name" \
+        >"$work/$name.out" 2>"$work/$name.log" &
     pids+=($!)
     for _ in $(seq 100); do
         addr=$(sed -n 's/.*listening on //p' "$work/$name.out" 2>/dev/null)
@@ -54,7 +59,7 @@ start_agent a
 a=$addr
 start_agent b
 b=$addr
-say "agents: A on $a, B on $b (logs in $work while the demo runs)"
+say "agents: A on $a, B on $b, TLS 1.3 with certificates of the demo's CA (logs in $work while the demo runs)"
 
 "$bin" vm start --agent "$a" --name web1 --memory "$MEMORY" --workload "$WORKLOAD" --tracker "$tracker" >/dev/null
 say "started web1 ($MEMORY, $WORKLOAD, tracker $tracker) on A; waiting for its workload to run"
@@ -64,4 +69,4 @@ for _ in $(seq 600); do
     sleep 0.1
 done
 sleep 1
-"$bin" migrate web1 --from "$a" --to "$b" "$@"
+"$bin" migrate web1 --from "$a" --to "$b" --to-agent b "$@"

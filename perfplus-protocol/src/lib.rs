@@ -1,38 +1,53 @@
-//! The perfplus wire protocol: CLI ⇄ agent (control) and agent ⇄ agent (migration), over TCP.
+//! The perfplus wire protocol: CLI ⇄ agent (control) and agent ⇄ agent (migration), over TLS 1.3
+//! on TCP.
 //!
 //! Layers, each knowing nothing of the ones above it:
-//! - [`handshake`] (`handshake.rs`): the handshake as a state machine without I/O, the cluster key it
-//!   proves, and the bytes of its Hello and Auth. Knows nothing of frames or sockets.
+//! - [`tls`] (`tls/`): the cluster CA and certificates ([`tls::pki`]), the identity a certificate
+//!   carries ([`Identity`]: a [`CertRole`] and a name), one side's [`Credentials`] and the rustls
+//!   configurations and verifiers built from them.
+//! - [`handshake`] (`handshake.rs`): the perfplus handshake inside TLS (versions, role) as a state
+//!   machine without I/O, and the bytes of its Hello. Knows nothing of frames or sockets.
 //! - [`frame`] (`frame/`): one frame ⇄ bytes, no sockets. `header.rs`: the table of frame types and
 //!   their payload limits, the 8-byte header; `codec.rs`: every [`Message`] ⇄ its payload, and the
-//!   handshake's Hello and Auth wrapped in their frames; `page_batch.rs`: the `Pages` payload
+//!   handshake's Hello wrapped in its frame; `page_batch.rs`: the `Pages` payload
 //!   ([`PageBatch`](frame::PageBatch)).
-//! - [`connection`] (`connection.rs`): a tokio TCP stream buffered into frames; it drives the
-//!   handshake when it opens, then moves [`Message`]s.
+//! - [`connection`] (`connection.rs`): TLS on a tokio TCP stream, buffered into frames; it runs the
+//!   TLS handshake and the perfplus handshake when it opens, checks who the peer is, then moves
+//!   [`Message`]s.
+//! - [`cluster_key`]: the cluster's page-digest secret (agents only; authenticates nothing).
 //! - the migration engine and the agent apply [`Message`]s; they never see bytes.
 //!
 //! What the layers carry: [`message`] (`message.rs`: [`Message`] and its payload types) and
 //! [`report`] (`report.rs`: the migration report and its rounds).
 //!
-//! ## Handshake (both roles)
+//! ## Opening a connection (both roles)
 //! ```text
 //! A (initiator)                                  B (responder)
-//! |-- Hello{"PERFPLUS", min..=max, role, nonce_a} -->|
-//! |<-- Hello{"PERFPLUS", min..=max, role, nonce_b} --|  both check the version ranges overlap; B echoes the role
-//! |-- Auth{HMAC(k, "a" || hello_a || hello_b)} ----->|  B checks A's proof before sending its own
-//! |<-- Auth{HMAC(k, "b" || hello_b || hello_a)} -----|  A checks B's proof
+//! |== TLS 1.3 handshake, ALPN "perfplus" ========|  both present a certificate; each checks the other's
+//! |                                              |  chain to the cluster CA, valid now (no resumption,
+//! |                                              |  no early data, no SNI)
+//! |   A: B's certificate is an agent's (for Peer: the agent asked for, one A's allow-list admits)
+//! |-- Hello{"PERFPLUS", min..=max, role} ------->|  B: a Peer connection only from an agent's certificate
+//! |<-- Hello{"PERFPLUS", min..=max, role} -------|  both check the version ranges overlap; B echoes the role
 //! ```
-//! `k` = HMAC(cluster key, "perfplus handshake v1"); `hello_x` = the 45 payload bytes of that side's
-//! Hello, so the proofs cover both nonces, both version ranges and the role. The agreed version is the
-//! highest in both ranges; the Hello layout never changes between versions. The whole handshake is
-//! time-limited (10 s). The cluster key is never sent. A peer without it is refused with an error frame
-//! that says so, before any other message is read. The handshake authenticates the ends only: frames
-//! after it are neither encrypted nor authenticated, so agents belong on a trusted network (or a tunnel).
+//! The agreed version is the highest in both ranges; from version 4 on the Hello layout never changes.
+//! Everything from the Hello on travels in TLS records (AES-128-GCM preferred) bound to that handshake:
+//! a record altered, replayed, reordered or injected on the way fails authentication and ends the
+//! connection; nothing of it is used. Who the peer is comes from its certificate's identity
+//! (`perfplus:<agent|operator|reader>:<name>`), never from the Hello. The whole opening is time-limited
+//! (10 s); until the Hello is exchanged only the Hello and a short `Error` frame are admitted. A
+//! refusal says why: a TLS alert (certificate of another cluster, expired, not an agent's) or an `Error`
+//! frame (versions, role). A peer that speaks the clear protocol of versions 1 to 3 gets one clear
+//! `Error` frame telling it to upgrade.
+//!
+//! What a certificate may ask on a control connection ([`Message::control_access`]): `VmList` and
+//! `VmStatus` any certificate of the cluster; every other request only an operator's.
 //!
 //! ## Migration (source agent → destination agent, role Peer)
 //! ```text
 //! source                                        destination
-//! |-- MigrateBegin{vm, memory, vcpus, options} -->|  creates an empty VM (not running)
+//! |-- MigrateBegin{vm, memory, vcpus, options,    |  creates an empty VM (not running)
+//! |     migration id, attach secret} ------------->|
 //! |<-- MigrateReady{held digest prefixes} --------|  what its content index holds
 //! |   round r = 1 (every page), 2, 3 … while the guest runs:
 //! |-- Pages{Full|Zero|Ref …} ×N ----------------->|  writes pages, resolves references
@@ -73,8 +88,10 @@
 //!
 //! ## Post-copy and hybrid (`MigrateOptions::mode`)
 //! Two connections: the one above (*bulk*: rounds, the switch, the background push, acks, the end) and
-//! a *demand* channel the source opens right after `MigrateReady` (`PostcopyAttach{id, Demand}` as its
-//! first message), so that a faulting vCPU never waits behind bulk traffic.
+//! a *demand* channel the source opens right after `MigrateReady` (`PostcopyAttach{id, Demand, secret}`
+//! as its first message), so that a faulting vCPU never waits behind bulk traffic. The destination
+//! attaches a connection only if it comes from the agent that sent the `MigrateBegin` and presents that
+//! migration's secret (the id alone, shown in `vm status` and reports, is no credential).
 //! ```text
 //! source                                        destination
 //! |   hybrid: pre-copy rounds as above while the dirty set shrinks; postcopy: none
@@ -97,7 +114,7 @@
 //! ```
 //! After `Running` neither side holds the whole guest. A lost connection ends nothing: the destination's
 //! vCPUs wait on their faults, the source keeps every page and reconnects with back-off (or at once on
-//! `MigrateResume{id}` from a CLI): new bulk connection `PostcopyAttach{id, Bulk}` ⇒ `ResumeState{bitmap
+//! `MigrateResume{id}` from a CLI): new bulk connection `PostcopyAttach{id, Bulk, secret}` ⇒ `ResumeState{bitmap
 //! of pages still missing}`, then a new demand connection; outstanding requests are sent again.
 //!
 //! A link that stays down (version 3): after `MigrateOptions::postcopy_timeout_ms` without one, or on an

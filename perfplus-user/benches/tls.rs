@@ -15,6 +15,7 @@
 //!   TLS could add is its CPU time per byte (if it did not keep up) and the 22 bytes per 16 KiB record.
 //! - The TLS handshake (connect + accept, mutual certificates, the perfplus Hello) on loopback:
 //!   median of 20.
+//!
 //! The clear mode (`Connection::insecure_clear_for_benchmarks`) exists only for this comparison: no
 //! agent accepts a connection without TLS.
 

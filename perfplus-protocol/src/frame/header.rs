@@ -380,10 +380,8 @@ mod tests {
     fn before_the_handshake_only_small_handshake_frames_pass() {
         let parse =
             |frame_type: FrameType, len: u32| peek_header(&header(frame_type as u16, 0, len)).map(Option::unwrap);
-        for frame_type in [FrameType::Hello] {
-            let len = frame_type.limit().max() as u32;
-            assert!(parse(frame_type, len).unwrap().check_before_handshake().is_ok());
-        }
+        let hello = parse(FrameType::Hello, FrameType::Hello.limit().max() as u32).unwrap();
+        assert!(hello.check_before_handshake().is_ok());
         let small_error = parse(FrameType::Error, HANDSHAKE_ERROR_MAX as u32).unwrap();
         assert!(small_error.check_before_handshake().is_ok());
         // What the attacker sent: a 128 MiB VmStart before any handshake.
