@@ -28,7 +28,9 @@ pub enum Arm {
     AfterBytes(u64),
 }
 
-/// The relay; dropping it stops it and closes its connections.
+/// The relay; dropping it stops accepting. Its connections end as their ends close: when either
+/// direction ends, the relay closes both sockets (drops all its handles), as a forwarding process
+/// would, so that a side still writing gets a reset rather than a window that never opens.
 pub struct Relay {
     pub addr: String,
     armed: Arc<AtomicBool>,
@@ -36,7 +38,6 @@ pub struct Relay {
     stop: Arc<AtomicBool>,
     /// Everything the connecting side of the first connection sent.
     recorded: Arc<Mutex<Vec<u8>>>,
-    sockets: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -50,16 +51,9 @@ impl Relay {
         let tampered = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let recorded = Arc::new(Mutex::new(Vec::new()));
-        let sockets = Arc::new(Mutex::new(Vec::new()));
         let forwarded = Arc::new(AtomicU64::new(0));
         let accept = {
-            let (armed, tampered, stop, recorded, sockets) = (
-                armed.clone(),
-                tampered.clone(),
-                stop.clone(),
-                recorded.clone(),
-                sockets.clone(),
-            );
+            let (armed, tampered, stop, recorded) = (armed.clone(), tampered.clone(), stop.clone(), recorded.clone());
             let target = target.to_string();
             std::thread::spawn(move || {
                 let mut first = true;
@@ -75,11 +69,6 @@ impl Relay {
                     let Ok(server) = TcpStream::connect(&target) else {
                         continue;
                     };
-                    {
-                        let mut s = sockets.lock().unwrap();
-                        s.push(client.try_clone().unwrap());
-                        s.push(server.try_clone().unwrap());
-                    }
                     // Target to client: as it comes. When either direction ends, both sockets close, as
                     // they would at a relay that is a forwarding process.
                     let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
@@ -125,8 +114,9 @@ impl Relay {
                                 break;
                             }
                         }
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
+                        // The target hears the end (or has gone); what it still says, e.g. why it
+                        // refused, reaches the client through the other direction, which closes both.
+                        let _ = to.shutdown(Shutdown::Write);
                     });
                 }
             })
@@ -137,7 +127,6 @@ impl Relay {
             tampered,
             stop,
             recorded,
-            sockets,
             accept: Some(accept),
         }
     }
@@ -161,9 +150,6 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for socket in self.sockets.lock().unwrap().drain(..) {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }
