@@ -40,13 +40,15 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::frame::{self, Frame, FrameError, FrameHeader, FrameType, ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN};
@@ -68,6 +70,89 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 const WRITE_BUFFER_KEEP: usize = 4 * 1024 * 1024;
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Read buffer below TLS, once the peer's certificate is verified: rustls reads the socket at most
+/// 4 KiB at a time, so without it a 4 MiB page batch costs a thousand `read` calls.
+const SOCKET_READ_BUFFER: usize = 256 * 1024;
+/// TLS records rustls may hold encrypted and not yet written (its default is 64 KiB): larger writes,
+/// fewer of them, for the page stream.
+const TLS_SEND_BUFFER: usize = 1024 * 1024;
+
+/// The TCP stream TLS runs on: reads go through a buffer of its own, empty (no buffering, nothing
+/// allocated) until [`Socket::grow`] after the peer is authenticated; writes pass straight through.
+struct Socket {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Socket {
+    fn new(tcp: TcpStream) -> Socket {
+        Socket {
+            tcp,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn grow(&mut self, capacity: usize) {
+        if self.buf.len() < capacity {
+            self.buf.resize(capacity, 0);
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.start == this.end {
+            if this.buf.is_empty() || out.remaining() >= this.buf.len() {
+                return Pin::new(&mut this.tcp).poll_read(cx, out);
+            }
+            let mut fill = ReadBuf::new(&mut this.buf);
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut fill) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            this.start = 0;
+            this.end = fill.filled().len();
+            if this.end == 0 {
+                return Poll::Ready(Ok(())); // end of stream
+            }
+        }
+        let n = out.remaining().min(this.end - this.start);
+        out.put_slice(&this.buf[this.start..this.start + n]);
+        this.start += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
 
 type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
 type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
@@ -189,8 +274,8 @@ impl Connection {
             .with_context(|| format!("setting TCP_NODELAY on the connection to {peer}"))?;
         let witness = Witness::default();
         let connector = tokio_rustls::TlsConnector::from(credentials.client_config(&witness));
-        let tls = connector
-            .connect(Credentials::server_name(), stream)
+        let mut tls = connector
+            .connect(Credentials::server_name(), Socket::new(stream))
             .await
             .map_err(|e| {
                 anyhow!(tls::describe_tls_error(
@@ -204,6 +289,10 @@ impl Connection {
         if let Err(why) = credentials.check_responder(&identity, role == Role::Peer) {
             bail!("refusing {peer}: {why}");
         }
+        // The peer's certificate is verified: the buffers for bulk traffic.
+        let (socket, session) = tls.get_mut();
+        socket.grow(SOCKET_READ_BUFFER);
+        session.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (read, write) = tokio::io::split(tls);
         let (conn, _) = Connection::handshake(
             Box::new(read),
@@ -258,7 +347,7 @@ impl Connection {
         }
         let witness = Witness::default();
         let acceptor = tokio_rustls::TlsAcceptor::from(credentials.server_config(&witness));
-        let tls = acceptor.accept(stream).await.map_err(|e| {
+        let mut tls = acceptor.accept(Socket::new(stream)).await.map_err(|e| {
             anyhow!(tls::describe_tls_error(
                 &e,
                 &peer.to_string(),
@@ -267,6 +356,9 @@ impl Connection {
             ))
         })?;
         let identity = verified_identity(tls.get_ref().1.peer_certificates(), peer)?;
+        let (socket, session) = tls.get_mut();
+        socket.grow(SOCKET_READ_BUFFER);
+        session.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (read, write) = tokio::io::split(tls);
         Connection::handshake(
             Box::new(read),
