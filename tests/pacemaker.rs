@@ -109,22 +109,24 @@ impl Budget {
 struct HaCluster {
     dir: tempfile::TempDir,
     prefix: String,
-    key_file: PathBuf,
+    /// The operator's credentials the test's CLI and the resource agent use.
+    tls_dir: PathBuf,
 }
 
 impl HaCluster {
-    fn up(key_file: &Path) -> HaCluster {
+    /// Up, with agents whose certificates `keys`' CA issues (named n1, n2).
+    fn up(keys: &Cluster) -> HaCluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let mut cluster = HaCluster {
             dir,
             prefix: String::new(),
-            key_file: key_file.to_path_buf(),
+            tls_dir: keys.tls_dir.clone(),
         };
         // `cluster` exists before up.sh runs: if it fails half-way, Drop still runs down.sh.
         let out = Command::new(repo().join("scripts/ha/up.sh"))
             .arg(cluster.dir.path())
             .env("PERFPLUS", PERFPLUS)
-            .env("PERFPLUS_KEY", key_file)
+            .env("PERFPLUS_CA", &keys.ca_dir)
             .output()
             .expect("running scripts/ha/up.sh");
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -160,8 +162,8 @@ impl HaCluster {
     fn vm_status(&self, node: &str, vm: &str) -> Option<Value> {
         let netns = format!("{}{node}", self.prefix);
         let out = perfplus_command(Some(&netns))
-            .arg("--cluster-key-file")
-            .arg(&self.key_file)
+            .arg("--tls-dir")
+            .arg(&self.tls_dir)
             .args(["vm", "status", vm, "--agent", "127.0.0.1:7001", "--json"])
             .output()
             .expect("perfplus vm status");
@@ -355,18 +357,18 @@ fn standby_moves_the_vm_by_live_migration_and_back() {
     let started = Instant::now();
     let budget = Budget::start();
     let keys = Cluster::new();
-    let ha = HaCluster::up(&keys.key_file);
+    let ha = HaCluster::up(&keys);
     eprintln!("cluster up in {:.1} s", started.elapsed().as_secs_f64());
 
     // The VM resource and its preference for n1 (less than it sticks where it runs: stickiness 100),
     // in one CIB update, so that Pacemaker places it knowing both.
-    let key = keys.key_file.display().to_string();
+    let tls_dir = keys.tls_dir.display().to_string();
     let configuration = format!(
         r#"<configuration><resources>
   <primitive id="vm1" class="ocf" provider="perfplus" type="vm">
     <instance_attributes id="vm1-params">
       <nvpair id="vm1-binary" name="binary" value="{PERFPLUS}"/>
-      <nvpair id="vm1-key" name="cluster_key_file" value="{key}"/>
+      <nvpair id="vm1-tls" name="tls_dir" value="{tls_dir}"/>
       <nvpair id="vm1-memory" name="memory" value="64M"/>
       <nvpair id="vm1-workload" name="workload" value="dirtier:working-set=16M,rate=5k"/>
       <nvpair id="vm1-downtime" name="migration_downtime" value="30"/>
@@ -443,14 +445,14 @@ fn ocf_tester_passes_on_the_resource_agent() {
         return;
     }
     let cluster = Cluster::new();
-    let agent = cluster.agent("a");
+    let agent = cluster.agent("na");
     // ocf-tester runs meta-data as `nobody`: the agent must be where nobody can reach it.
     let public = public_tempdir();
     let ra = public.path().join("perfplus-vm");
     fs::copy(resource_agent(), &ra).expect("copying the resource agent");
     fs::set_permissions(&ra, fs::Permissions::from_mode(0o755)).expect("chmod");
 
-    let key = format!("cluster_key_file={}", cluster.key_file.display());
+    let key = format!("tls_dir={}", cluster.tls_dir.display());
     let local = format!("agent={}", agent.addr);
     let binary = format!("binary={PERFPLUS}");
     let out = Command::new("ocf-tester")
@@ -487,8 +489,9 @@ fn the_resource_agent_actions_and_their_exit_codes() {
         return;
     }
     let cluster = Cluster::new();
-    let a = cluster.agent("a");
-    let b = cluster.agent("b");
+    // Agents named after their nodes, as the resource agent checks by default.
+    let a = cluster.agent("na");
+    let b = cluster.agent("nb");
     let report_log = cluster.dir.path().join("reports.jsonl");
     let agents = format!("na={} nb={}", a.addr, b.addr);
     let run = |action: &str, local: &str, extra: &[(&str, &str)]| -> (i32, String) {
@@ -499,7 +502,7 @@ fn the_resource_agent_actions_and_their_exit_codes() {
             .env("OCF_RESKEY_CRM_meta_timeout", "30000")
             .env("OCF_RESKEY_CRM_meta_interval", "10000")
             .env("OCF_RESKEY_binary", PERFPLUS)
-            .env("OCF_RESKEY_cluster_key_file", &cluster.key_file)
+            .env("OCF_RESKEY_tls_dir", &cluster.tls_dir)
             .env("OCF_RESKEY_agent", local)
             .env("OCF_RESKEY_agents", &agents)
             .env("OCF_RESKEY_memory", "32M")
@@ -567,6 +570,23 @@ fn the_resource_agent_actions_and_their_exit_codes() {
     assert_eq!(lines[0]["from_node"], "na");
     assert_eq!(lines[0]["to_node"], "nb");
     assert_nothing_lost(&lines[0]["report"]);
+
+    // An agent that answers for another node is not trusted with the guest: refused, and the VM stays.
+    let impostor_agents = format!("nb={} nx={}", b.addr, a.addr);
+    let impostor = [
+        ("OCF_RESKEY_CRM_meta_migrate_source", "nb"),
+        ("OCF_RESKEY_CRM_meta_migrate_target", "nx"),
+        ("OCF_RESKEY_agents", impostor_agents.as_str()),
+    ];
+    let (rc, out) = run("migrate_to", &b.addr, &impostor);
+    assert_eq!(rc, ERR_GENERIC, "{out}");
+    assert!(
+        out.contains(r#"it is agent \"na\", not the agent \"nx\""#)
+            || out.contains(r#"it is agent "na", not the agent "nx""#),
+        "the refusal names the agent that answered: {out}"
+    );
+    assert_eq!(run("monitor", &b.addr, &[]).0, SUCCESS);
+    assert_eq!(run("monitor", &a.addr, &[]).0, NOT_RUNNING);
 
     // A migration that cannot happen (the target has no agent) fails, and the VM stays.
     let nowhere = [

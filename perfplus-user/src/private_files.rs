@@ -1,6 +1,6 @@
 //! Files only this host's agent may read: its state directory (0700), the page store in it (a 0700
-//! directory of 0600 files: they hold guest memory), and the cluster key (0600, written by
-//! `perfplus keygen`). Nothing here is encrypted: the modes keep other users out; root and whoever
+//! directory of 0600 files: they hold guest memory), and the private keys `perfplus ca init` and
+//! `perfplus cert issue` write (0600). Nothing here is encrypted: the modes keep other users out; root and whoever
 //! holds the disk can read it all.
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};

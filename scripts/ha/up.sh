@@ -16,8 +16,9 @@
 # is added to /usr/lib/ocf/resource.d as ocf:perfplus:vm by a read-only overlay.
 # There is no systemd here: Corosync and pacemakerd are started directly.
 #
-# With PERFPLUS (the binary) and PERFPLUS_KEY (a cluster key file) set, a perfplus agent listens on
-# 0.0.0.0:7001 in each node (state and log in DIR/nI/perfplus/).
+# With PERFPLUS (the binary) and PERFPLUS_CA (a cluster CA directory, `perfplus ca init`) set, a
+# perfplus agent listens on 0.0.0.0:7001 in each node with a certificate named after the node
+# (credentials, state and log in DIR/nI/perfplus/).
 #
 # Test configuration (a real cluster needs fencing): stonith-enabled=false, no-quorum-policy=ignore,
 # Corosync's two_node, resource-stickiness=100, and dc-deadtime=2s so that the first DC election
@@ -167,10 +168,12 @@ for n in $NODES; do
     "$HERE/on" "$DIR" "$n" setsid -f pacemakerd </dev/null >"$DIR/$n/pacemakerd.out" 2>&1
 done
 
-if [ -n "${PERFPLUS:-}" ] && [ -n "${PERFPLUS_KEY:-}" ]; then
+if [ -n "${PERFPLUS:-}" ] && [ -n "${PERFPLUS_CA:-}" ]; then
     for n in $NODES; do
         mkdir -p "$DIR/$n/perfplus"
-        "$HERE/on" "$DIR" "$n" setsid -f "$PERFPLUS" --cluster-key-file "$PERFPLUS_KEY" agent \
+        # The node's agent certificate, named after the node (the OCF agent checks that name).
+        "$PERFPLUS" cert issue --ca-dir "$PERFPLUS_CA" --agent "$n" --out "$DIR/$n/perfplus/tls" >/dev/null
+        "$HERE/on" "$DIR" "$n" setsid -f "$PERFPLUS" --tls-dir "$DIR/$n/perfplus/tls" agent \
             --listen 0.0.0.0:7001 --state-dir "$DIR/$n/perfplus/state" --page-store-size 64M \
             </dev/null >"$DIR/$n/perfplus/agent.log" 2>&1
     done
