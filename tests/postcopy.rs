@@ -95,10 +95,6 @@ fn postcopy_and_hybrid_over_a_shaped_link() {
         report_u64(&back, "demand_faults") > 0,
         "the guest faulted on missing pages: {back}"
     );
-    assert!(
-        back["downtime_ms"].as_f64().unwrap() < 500.0,
-        "post-copy switches without moving memory: {back}"
-    );
     assert_eq!(cluster.status(&a, "busy")["run_state"], "running");
 }
 
