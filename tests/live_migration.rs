@@ -27,6 +27,8 @@ fn a_running_guest_migrates_and_comes_back() {
         &b.addr,
         "--downtime-target",
         "30ms",
+        "--mode",
+        "precopy",
         "--json",
     ]);
     assert_sound_report(&report, Expect::PreCopy { pages });
@@ -56,7 +58,9 @@ fn a_running_guest_migrates_and_comes_back() {
 
     // Back to A: A kept the pages of the VM that left in its page store, so whatever the guest did
     // not rewrite meanwhile travels as references.
-    let back = cluster.cli_json(&["migrate", "web1", "--from", &b.addr, "--to", &a.addr, "--json"]);
+    let back = cluster.cli_json(&[
+        "migrate", "web1", "--from", &b.addr, "--to", &a.addr, "--mode", "precopy", "--json",
+    ]);
     assert_sound_report(&back, Expect::PreCopy { pages });
     assert!(
         back["held_from_store"].as_u64().unwrap() > 0,
@@ -86,6 +90,8 @@ fn hashing_off_sends_every_non_zero_dirty_page_in_full_and_zero_pages_as_markers
         "--to",
         &b.addr,
         "--no-hashing",
+        "--mode",
+        "precopy",
         "--json",
     ]);
     assert_sound_report(&report, Expect::PreCopy { pages: 32 * 256 });
@@ -167,7 +173,10 @@ fn migrates_there_and_back_with(kind: &str) {
         &["--tracker", kind],
     );
     let pages = 64 * 256;
-    let there = cluster.cli_json(&["migrate", &name, "--from", &a.addr, "--to", &b.addr, "--json"]);
+    // Pre-copy whatever the machine's load: hybrid would switch to post-copy if rounds were slow.
+    let there = cluster.cli_json(&[
+        "migrate", &name, "--from", &a.addr, "--to", &b.addr, "--mode", "precopy", "--json",
+    ]);
     assert_sound_report(&there, Expect::PreCopy { pages });
     assert_eq!(there["tracker"], kind, "report: {there}");
     if kind == "dirty-ring" {
@@ -177,7 +186,9 @@ fn migrates_there_and_back_with(kind: &str) {
     } else {
         assert!(there["ebpf"].is_null(), "eBPF only runs with the dirty ring: {there}");
     }
-    let back = cluster.cli_json(&["migrate", &name, "--from", &b.addr, "--to", &a.addr, "--json"]);
+    let back = cluster.cli_json(&[
+        "migrate", &name, "--from", &b.addr, "--to", &a.addr, "--mode", "precopy", "--json",
+    ]);
     assert_sound_report(&back, Expect::PreCopy { pages });
     assert_eq!(back["tracker"], kind, "the destination kept the VM's tracker: {back}");
     assert_eq!(cluster.status(&a, &name)["run_state"], "running");
@@ -249,6 +260,8 @@ fn migrate_tracker_option_overrides_or_explains() {
         &b.addr,
         "--tracker",
         "uffd-wp",
+        "--mode",
+        "precopy",
         "--json",
     ]);
     assert_sound_report(&report, Expect::PreCopy { pages: 32 * 256 });
