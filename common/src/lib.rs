@@ -92,7 +92,9 @@ pub mod guest_abi {
         /// Page writes per second (default 10k; 0 = as fast as the guest can).
         pub const RATE: &str = "rate";
         /// Content mix, percentages that add up to 100:
-        /// `mix=unique:40,dup:30,zero:10,same:20` (the default).
+        /// `mix=unique:40,dup:30,zero:10,same:20` (the default); `text:P` adds pages of text-like
+        /// content (letters at English-like frequencies: about 2-2.5x smaller with zstd), unique per
+        /// page and version like `unique`, whose pages are random and do not compress.
         /// `unique`: fresh pseudo-random content on every write; `dup`: one of a small pool of contents
         /// shared by many pages; `zero`: all zero; `same`: the same content the page already had.
         pub const MIX: &str = "mix";

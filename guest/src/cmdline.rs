@@ -9,7 +9,7 @@ use perfplus_common::guest_abi::cmdline as key;
 use crate::sys::Line;
 
 /// Content kinds, in the order of [`Config::mix`].
-pub const KIND_NAMES: [&str; 4] = ["unique", "dup", "zero", "same"];
+pub const KIND_NAMES: [&str; 5] = ["unique", "dup", "zero", "same", "text"];
 
 /// Workload parameters.
 #[derive(Clone, Copy)]
@@ -18,8 +18,8 @@ pub struct Config {
     pub working_set: u64,
     /// Page writes per second; 0 = unpaced.
     pub rate: u64,
-    /// Percentages of unique, dup, zero and same pages (sum 100).
-    pub mix: [u8; 4],
+    /// Percentages of unique, dup, zero, same and text pages (sum 100).
+    pub mix: [u8; 5],
     /// Hot set: (percent of the working set, percent of the writes).
     pub hot: Option<(u8, u8)>,
     /// TSC frequency in kHz from the VMM; 0 if absent.
@@ -32,7 +32,7 @@ impl Default for Config {
         Config {
             working_set: 64 << 20,
             rate: 10_000,
-            mix: [40, 30, 10, 20],
+            mix: [40, 30, 10, 20, 0],
             hot: None,
             tsc_khz: 0,
             seed: 1,
@@ -87,9 +87,9 @@ fn percent(s: &[u8]) -> Option<u8> {
     number(s).filter(|&p| p <= 100).map(|p| p as u8)
 }
 
-fn parse_mix(v: &[u8]) -> Option<[u8; 4]> {
-    let mut mix = [0u8; 4];
-    let mut seen = [false; 4];
+fn parse_mix(v: &[u8]) -> Option<[u8; KIND_NAMES.len()]> {
+    let mut mix = [0u8; KIND_NAMES.len()];
+    let mut seen = [false; KIND_NAMES.len()];
     for item in v.split(|&c| c == b',') {
         let mut kv = item.splitn(2, |&c| c == b':');
         let name = kv.next()?;
@@ -145,7 +145,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, Line> {
                     bad(
                         k,
                         v,
-                        "expected unique:P,dup:P,zero:P,same:P with percentages adding up to 100",
+                        "expected unique:P,dup:P,zero:P,same:P,text:P (any of them) with percentages adding up to 100",
                     )
                 })?;
             }

@@ -24,12 +24,29 @@ pub const UNIQUE: usize = 0;
 pub const DUP: usize = 1;
 pub const ZERO: usize = 2;
 pub const SAME: usize = 3;
+pub const TEXT: usize = 4;
 
-/// What a page holds: all zero, or the splitmix64 stream that starts after `key`.
+/// Letters with roughly English frequencies (and spaces): a text page draws each byte from here, so
+/// it has about 4 bits of entropy per byte, as prose does before any repetition is exploited.
+const TEXT_LETTERS: &[u8; 64] = b"eeeeeeetttttaaaaoooooiiinnnnsssshhhrrrddllcuumwfgypbvk,.       \n";
+
+/// What a page holds: all zero, the splitmix64 stream that starts after `key`, or text-like bytes
+/// drawn from that stream.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Content {
     Zero,
     Stream(u64),
+    Text(u64),
+}
+
+/// A stream word turned into eight text-like bytes.
+#[inline(always)]
+fn text_word(x: u64) -> u64 {
+    let mut w = 0u64;
+    for b in 0..8 {
+        w |= u64::from(TEXT_LETTERS[((x >> (b * 6)) & 63) as usize]) << (b * 8);
+    }
+    w
 }
 
 impl Content {
@@ -39,14 +56,15 @@ impl Content {
         match self {
             Content::Zero => 0,
             Content::Stream(k) => mix64(k.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN))),
+            Content::Text(k) => text_word(mix64(k.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)))),
         }
     }
 }
 
 /// The content rules of one run.
 pub struct Contents {
-    /// Cumulative percentage thresholds of unique, dup, zero (same is the rest).
-    thresholds: [u64; 3],
+    /// Cumulative percentage thresholds of unique, dup, zero, same (text is the rest).
+    thresholds: [u64; 4],
     kind_salt: u64,
     unique_salt: u64,
     dup_salt: u64,
@@ -54,10 +72,10 @@ pub struct Contents {
 }
 
 impl Contents {
-    pub fn new(seed: u64, mix: [u8; 4]) -> Contents {
+    pub fn new(seed: u64, mix: [u8; 5]) -> Contents {
         let m = mix.map(u64::from);
         Contents {
-            thresholds: [m[0], m[0] + m[1], m[0] + m[1] + m[2]],
+            thresholds: [m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]],
             kind_salt: mix64(seed ^ 0x4b49_4e44),
             unique_salt: mix64(seed ^ 0x554e_4951),
             dup_salt: mix64(seed ^ 0x4455_5000),
@@ -75,8 +93,10 @@ impl Contents {
             DUP
         } else if h < self.thresholds[2] {
             ZERO
-        } else {
+        } else if h < self.thresholds[3] {
             SAME
+        } else {
+            TEXT
         }
     }
 
@@ -90,7 +110,9 @@ impl Contents {
                 Content::Stream(mix64(self.dup_salt.wrapping_add(slot)))
             }
             ZERO => Content::Zero,
-            _ => Content::Stream(mix64(self.same_salt ^ page)),
+            SAME => Content::Stream(mix64(self.same_salt ^ page)),
+            // Its own salt, so a text page is not a unique page's stream in other letters.
+            _ => Content::Text(mix64(mix64(self.unique_salt ^ page ^ 0x5445_5854) ^ u64::from(version))),
         }
     }
 }
@@ -114,6 +136,14 @@ pub unsafe fn fill(p: *mut u64, c: Content) {
                 x = x.wrapping_add(GOLDEN);
                 // SAFETY: i < WORDS, within the page (caller).
                 unsafe { p.add(i).write_volatile(mix64(x)) };
+            }
+        }
+        Content::Text(k) => {
+            let mut x = k;
+            for i in 0..WORDS {
+                x = x.wrapping_add(GOLDEN);
+                // SAFETY: i < WORDS, within the page (caller).
+                unsafe { p.add(i).write_volatile(text_word(mix64(x))) };
             }
         }
     }
@@ -140,6 +170,14 @@ pub unsafe fn check(p: *const u64, c: Content) -> Option<(usize, u64)> {
                 x = x.wrapping_add(GOLDEN);
                 // SAFETY: i < WORDS, within the page (caller).
                 diff |= unsafe { p.add(i).read_volatile() } ^ mix64(x);
+            }
+        }
+        Content::Text(k) => {
+            let mut x = k;
+            for i in 0..WORDS {
+                x = x.wrapping_add(GOLDEN);
+                // SAFETY: i < WORDS, within the page (caller).
+                diff |= unsafe { p.add(i).read_volatile() } ^ text_word(mix64(x));
             }
         }
     }

@@ -40,6 +40,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,7 +52,10 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::frame::{self, Frame, FrameError, FrameHeader, FrameType, ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN};
+use super::frame::{
+    self, CompressionMode, CompressionStats, Frame, FrameError, FrameHeader, FrameType, PageCompressor, ERROR_MAX,
+    HANDSHAKE_ERROR_MAX, HEADER_LEN,
+};
 use super::handshake::{Established, Handshake, Side};
 use super::tls::{self, CertRole, Credentials, Identity, Integrity, Witness};
 use super::{Message, Role, PROTOCOL_VERSION};
@@ -236,6 +240,15 @@ pub struct ConnectionWriter {
     counters: Arc<Counters>,
     /// Encoded frames not yet written.
     buf: Vec<u8>,
+    /// The protocol version agreed (compressed batches from version 5 on).
+    version: u16,
+    /// The TCP socket under the stream (for its kernel delivery-rate estimate), when there is one.
+    /// The stream this writer owns keeps it open.
+    tcp_fd: Option<RawFd>,
+    /// Compression of `Pages` batches, when asked for ([`set_compression`](Self::set_compression)).
+    compressor: Option<Box<PageCompressor>>,
+    /// The highest delivery rate the kernel reported for this connection, bytes/s.
+    link_rate: Option<f64>,
 }
 
 impl Connection {
@@ -293,8 +306,9 @@ impl Connection {
         let (socket, session) = tls.get_mut();
         socket.grow(SOCKET_READ_BUFFER);
         session.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        let fd = socket.tcp.as_raw_fd();
         let (read, write) = tokio::io::split(tls);
-        let (conn, _) = Connection::handshake(
+        let (mut conn, _) = Connection::handshake(
             Box::new(read),
             Box::new(write),
             peer,
@@ -304,6 +318,7 @@ impl Connection {
             &|e: &io::Error| tls::describe_tls_error(e, &peer.to_string(), witness.claimed(), credentials),
         )
         .await?;
+        conn.writer.tcp_fd = Some(fd);
         Ok(conn)
     }
 
@@ -359,8 +374,9 @@ impl Connection {
         let (socket, session) = tls.get_mut();
         socket.grow(SOCKET_READ_BUFFER);
         session.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        let fd = socket.tcp.as_raw_fd();
         let (read, write) = tokio::io::split(tls);
-        Connection::handshake(
+        let (mut conn, role) = Connection::handshake(
             Box::new(read),
             Box::new(write),
             peer,
@@ -369,7 +385,9 @@ impl Connection {
             Role::Peer, // replaced by the initiator's
             &|e: &io::Error| tls::describe_tls_error(e, &peer.to_string(), witness.claimed(), credentials),
         )
-        .await
+        .await?;
+        conn.writer.tcp_fd = Some(fd);
+        Ok((conn, role))
     }
 
     /// Two connected ends over loopback TCP, TLS and handshake done, `role` agreed: the initiator first.
@@ -414,6 +432,7 @@ impl Connection {
     pub fn insecure_clear_for_benchmarks(stream: TcpStream, identity: Identity) -> anyhow::Result<Connection> {
         let peer = stream.peer_addr()?;
         stream.set_nodelay(true)?;
+        let fd = stream.as_raw_fd();
         let (read, write) = stream.into_split();
         let counters = Arc::new(Counters::default());
         Ok(Connection {
@@ -427,12 +446,7 @@ impl Connection {
                 payload: None,
                 authenticated: true,
             },
-            writer: ConnectionWriter {
-                stream: Box::new(write),
-                peer,
-                counters,
-                buf: Vec::with_capacity(READ_BUFFER),
-            },
+            writer: ConnectionWriter::new(Box::new(write), peer, counters, READ_BUFFER, Some(fd)),
             version: PROTOCOL_VERSION,
             peer_identity: identity,
         })
@@ -534,6 +548,17 @@ impl Connection {
     }
 
     /// Splits the connection into a reader and a writer that can be used from different tasks.
+    /// Compresses the `Pages` batches this side sends from now on as `mode` says; see
+    /// [`ConnectionWriter::set_compression`].
+    pub fn set_compression(&mut self, mode: CompressionMode) -> anyhow::Result<()> {
+        self.writer.set_compression(mode)
+    }
+
+    /// What compression did so far, if it is on.
+    pub fn compression_stats(&self) -> Option<CompressionStats> {
+        self.writer.compression_stats()
+    }
+
     pub fn into_split(self) -> (ConnectionReader, ConnectionWriter) {
         (self.reader, self.writer)
     }
@@ -560,14 +585,10 @@ impl Connection {
             payload: None,
             authenticated: false,
         };
-        let mut writer = ConnectionWriter {
-            stream: write,
-            peer,
-            counters,
-            buf: Vec::with_capacity(HANDSHAKE_BUFFER),
-        };
+        let mut writer = ConnectionWriter::new(write, peer, counters, HANDSHAKE_BUFFER, None);
         let established = run_handshake(&mut reader, &mut writer, side, role, &identity, tls_view).await?;
         writer.buf.reserve(READ_BUFFER);
+        writer.version = established.version;
         let conn = Connection {
             reader: reader.authenticated(),
             writer,
@@ -853,6 +874,52 @@ impl ConnectionReader {
 }
 
 impl ConnectionWriter {
+    fn new(
+        stream: WriteStream,
+        peer: SocketAddr,
+        counters: Arc<Counters>,
+        buffer: usize,
+        tcp_fd: Option<RawFd>,
+    ) -> ConnectionWriter {
+        ConnectionWriter {
+            stream,
+            peer,
+            counters,
+            buf: Vec::with_capacity(buffer),
+            version: PROTOCOL_VERSION,
+            tcp_fd,
+            compressor: None,
+            link_rate: None,
+        }
+    }
+
+    /// Sends the `Pages` batches that follow compressed as `mode` says ([`PageCompressor`]). A peer of
+    /// version 4 gets them as they are.
+    pub fn set_compression(&mut self, mode: CompressionMode) -> anyhow::Result<()> {
+        self.compressor = match mode {
+            CompressionMode::Off => None,
+            _ if self.version < 5 => None,
+            mode => Some(Box::new(
+                PageCompressor::new(mode).context("creating a zstd compressor")?,
+            )),
+        };
+        Ok(())
+    }
+
+    /// What compression did so far, if it is on.
+    pub fn compression_stats(&self) -> Option<CompressionStats> {
+        self.compressor.as_ref().map(|c| c.stats())
+    }
+
+    /// The link's rate as the kernel measures it (TCP_INFO's delivery rate, the highest seen), if this
+    /// connection runs over TCP.
+    fn link_rate(&mut self) -> Option<f64> {
+        if let Some(rate) = self.tcp_fd.and_then(tcp_delivery_rate) {
+            self.link_rate = Some(self.link_rate.map_or(rate, |r| r.max(rate)));
+        }
+        self.link_rate
+    }
+
     /// Sends `msg` and flushes.
     pub async fn send(&mut self, msg: &Message) -> anyhow::Result<()> {
         self.feed(msg).await?;
@@ -864,6 +931,21 @@ impl ConnectionWriter {
         let peer = self.peer;
         let frame_type = FrameType::of(msg);
         if let Message::Pages(batch) = msg {
+            if self.compressor.is_some() {
+                let link_rate = self.link_rate();
+                let compressor = self.compressor.as_mut().expect("checked above");
+                if let Some(payload) = compressor.compress(batch, link_rate) {
+                    let mut header = [0u8; HEADER_LEN];
+                    header[..2].copy_from_slice(&(FrameType::PagesZstd as u16).to_le_bytes());
+                    header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+                    self.buf.extend_from_slice(&header);
+                    let written = write_all_vectored(&mut self.stream, &self.buf, payload).await;
+                    self.buf.clear();
+                    self.account(written)
+                        .with_context(|| format!("sending {} to {peer}", FrameType::PagesZstd))?;
+                    return Ok(());
+                }
+            }
             let header = frame::pages_header(batch).map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
             self.buf.extend_from_slice(&header);
             let written = write_all_vectored(&mut self.stream, &self.buf, batch.as_bytes()).await;
@@ -947,6 +1029,32 @@ impl ConnectionWriter {
 
 /// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
 /// records it encrypted until flushed); returns the bytes written and the outcome.
+/// The delivery rate (bytes/s) the kernel estimates for the TCP connection on `fd`, if it has one.
+fn tcp_delivery_rate(fd: RawFd) -> Option<f64> {
+    // struct tcp_info (include/uapi/linux/tcp.h) up to and past tcpi_delivery_rate, a u64 at byte
+    // 160 (kernel 4.9 on); libc's struct stops before it, so the bytes are read by offset.
+    const DELIVERY_RATE: usize = 160;
+    let mut info = [0u64; 32];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len` tells the
+    // kernel its size; the kernel writes at most that many bytes and stores how many in `len`. A
+    // closed or non-TCP fd only makes the call fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < DELIVERY_RATE + 8 {
+        return None;
+    }
+    let rate = info[DELIVERY_RATE / 8];
+    (rate > 0).then_some(rate as f64)
+}
+
 async fn write_all_vectored(stream: &mut WriteStream, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
     let mut total = 0;
     while !a.is_empty() || !b.is_empty() {
@@ -1384,7 +1492,7 @@ mod tests {
             err,
             format!(
                 "{client_addr} speaks the perfplus protocol without TLS (version 3 or older, a cluster key): refused; \
-                 it must be upgraded to protocol 4"
+                 it must be upgraded to protocol {PROTOCOL_VERSION}"
             )
         );
         let mut reply = Vec::new();
@@ -1393,7 +1501,9 @@ mod tests {
             panic!("{reply:?}")
         };
         assert!(
-            message.starts_with("this agent speaks perfplus protocol 4 over TLS"),
+            message.starts_with(&format!(
+                "this agent speaks perfplus protocol {PROTOCOL_VERSION} over TLS"
+            )),
             "{message}"
         );
 

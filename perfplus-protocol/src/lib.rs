@@ -157,6 +157,8 @@ pub use tls::{CertRole, Credentials, Identity};
 /// cancelled (`MigrateCancel`).
 /// 4: every connection is TLS 1.3 with certificates of a cluster CA (the cluster-key proof is gone);
 /// post-copy connections attach with the migration's secret (`MigrateBegin::attach_secret`).
-pub const PROTOCOL_VERSION: u16 = 4;
-/// Oldest version this build still accepts (a version-3 peer speaks without TLS).
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+/// 5: page batches may travel compressed (`PagesZstd`), as `MigrateOptions::compression` asks.
+pub const PROTOCOL_VERSION: u16 = 5;
+/// Oldest version this build still accepts (a version-3 peer speaks without TLS; version 4 does not
+/// know `MigrateOptions::compression`).
+pub const MIN_PROTOCOL_VERSION: u16 = 5;

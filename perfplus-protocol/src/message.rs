@@ -71,6 +71,54 @@ pub struct MigrateOptions {
     /// source ends the migration as `postcopy-broken`; the destination pauses the guest and waits for
     /// the source or an operator's `MigrateCancel`).
     pub postcopy_timeout_ms: u64,
+    /// Compression of the full pages the source sends (version 5).
+    pub compression: Compression,
+}
+
+/// Whether the source compresses the page batches it sends (zstd; the destination decodes either).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    /// When the link is slower than compressing would make it: decided per batch from the kernel's
+    /// delivery rate of the connection and the measured zstd speed and ratio.
+    #[default]
+    Auto,
+    /// Every batch that shrinks.
+    Zstd,
+    /// Never.
+    Off,
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::Auto => "auto",
+            Compression::Zstd => "zstd",
+            Compression::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compression::Auto),
+            "zstd" | "on" => Ok(Compression::Zstd),
+            "off" | "none" => Ok(Compression::Off),
+            other => Err(format!("unknown compression {other:?}: use auto, zstd or off")),
+        }
+    }
+}
+
+impl Compression {
+    /// The connection's mode for this choice.
+    pub fn mode(self) -> crate::frame::CompressionMode {
+        match self {
+            Compression::Auto => crate::frame::CompressionMode::Adaptive,
+            Compression::Zstd => crate::frame::CompressionMode::Always,
+            Compression::Off => crate::frame::CompressionMode::Off,
+        }
+    }
 }
 
 /// Default of [`MigrateOptions::postcopy_timeout_ms`]: a minute.
@@ -163,6 +211,7 @@ impl Default for MigrateOptions {
             mode: MigrationMode::Hybrid,
             tracker: None,
             postcopy_timeout_ms: DEFAULT_POSTCOPY_TIMEOUT_MS,
+            compression: Compression::Auto,
         }
     }
 }

@@ -127,6 +127,25 @@ pub struct MigrationReport {
     pub predicted_downtime_ms: Option<f64>,
     /// What the eBPF dirty-ring program saw during the pre-copy rounds (dirty-ring VMs only).
     pub ebpf: Option<EbpfReport>,
+    /// Compression of the page batches on the migration's connection ("auto", "zstd" or "off") and
+    /// what it did (None when off).
+    pub compression: String,
+    pub compressed: Option<CompressionReport>,
+}
+
+/// What compressing page batches did in one migration (the bulk connection's pre-copy rounds and
+/// post-copy push; demand answers travel as they are).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompressionReport {
+    /// Batches sent compressed, the bytes of their pages, and what crossed for them instead.
+    pub batches: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    /// Batches compressed to measure the ratio and sent as they were (adaptive mode off, or too
+    /// little gain).
+    pub probes_unused: u64,
+    /// CPU time spent compressing.
+    pub cpu_ms: f64,
 }
 
 /// How a migration that reached `Running` ended. (One that did not returns an error instead of a

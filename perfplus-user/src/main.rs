@@ -250,6 +250,12 @@ struct MigrateArgs {
     /// the migration as `postcopy-broken`).
     #[arg(long, default_value = "60s", value_parser = parse_duration_ms)]
     postcopy_timeout: f64,
+    /// Compression of the full pages sent (zstd): auto compresses while the link is slower than
+    /// compressing would make it (the kernel's delivery rate of the connection against the measured
+    /// zstd speed and ratio: on at 1 Gbit/s for text-like memory, off on loopback and for random
+    /// pages); zstd compresses every batch that shrinks; off never does.
+    #[arg(long, default_value = "auto")]
+    compression: perfplus_protocol::Compression,
     /// Longest acceptable downtime (e.g. 30ms, 0.2s): pre-copy iterates until the remaining dirty
     /// pages can be sent within it at the rate measured so far.
     #[arg(long, default_value = "30ms", value_parser = parse_duration_ms)]
@@ -496,6 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         mode: args.mode,
                         tracker: args.tracker,
                         postcopy_timeout_ms: args.postcopy_timeout.round().max(1.0) as u64,
+                        compression: args.compression,
                     },
                 };
                 eprintln!("migrating {name} from {from} to {to} ({}) ...", args.mode.name());

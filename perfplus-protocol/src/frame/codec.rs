@@ -204,6 +204,9 @@ pub fn decode_payload(header: FrameHeader, payload: Vec<u8>) -> Result<Frame, Fr
     frame_type.check_len(payload.len())?;
     match frame_type {
         FrameType::Pages => Ok(Frame::Message(Message::Pages(PageBatch::from_payload(payload)?))),
+        FrameType::PagesZstd => Ok(Frame::Message(Message::Pages(super::compression::decompress_batch(
+            &payload,
+        )?))),
         FrameType::VmState => Ok(Frame::Message(Message::VmState(payload))),
         _ => decode_payload_slice(frame_type, &payload),
     }
@@ -249,6 +252,7 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
             held: get_u64s(frame_type, p, "held digest prefixes")?,
         }),
         FrameType::Pages => Message::Pages(PageBatch::from_payload(p.to_vec())?),
+        FrameType::PagesZstd => Message::Pages(super::compression::decompress_batch(p)?),
         FrameType::RoundEnd => Message::RoundEnd {
             round: get_u32(frame_type, p)?,
         },
@@ -312,7 +316,7 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     })
 }
 
-fn malformed(frame: FrameType, detail: impl fmt::Display) -> FrameError {
+pub(super) fn malformed(frame: FrameType, detail: impl fmt::Display) -> FrameError {
     FrameError::Malformed {
         frame,
         detail: detail.to_string(),
@@ -405,7 +409,8 @@ mod tests {
         }
         let message_types: Vec<_> = FrameType::ALL
             .iter()
-            .filter(|t| !matches!(t, FrameType::Hello))
+            // Hello is the handshake's; PagesZstd is a Pages message compressed (compression.rs).
+            .filter(|t| !matches!(t, FrameType::Hello | FrameType::PagesZstd))
             .collect();
         assert_eq!(seen.len(), message_types.len(), "a variant is missing");
     }

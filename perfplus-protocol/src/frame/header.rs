@@ -226,6 +226,9 @@ frame_types! {
     Restored = 0x0212, Limit::Exact(0);
     /// [`Message::Commit`].
     Commit = 0x0213, Limit::Exact(0);
+    /// [`Message::Pages`] compressed with zstd (version 5): `u32` length of the `Pages` payload, then
+    /// the zstd frame (`compression.rs`). Decodes to the same [`Message::Pages`].
+    PagesZstd = 0x0214, Limit::Max(4 + PAGE_BATCH_MAX_PAYLOAD);
 }
 
 impl fmt::Display for FrameType {

@@ -32,6 +32,8 @@
 //! - `AllPresent`, `Ping`: empty.
 //! - `VmState`: the bytes as given (already a postcard encoding, see [`Message::VmState`]).
 //! - `Pages`: a sequence of page items (see [`PageBatch`]).
+//! - `PagesZstd` (version 5): `u32` length of a `Pages` payload, then that payload compressed by zstd
+//!   (see [`PageCompressor`]); it decodes to the same [`Message::Pages`].
 //! - every other frame: the postcard encoding of the variant's payload struct or field.
 //!
 //! Decoding checks everything: counts against lengths, postcard content, trailing bytes. A `Pages`
@@ -44,6 +46,8 @@
 //! - `codec.rs`: [`Message`] ⇄ payload, and the handshake's Hello ⇄ payload:
 //!   [`encode`], [`decode`], [`decode_frame`], [`decode_payload`].
 //! - `page_batch.rs`: [`PageBatch`], the `Pages` payload, and its items.
+//! - `compression.rs`: the `PagesZstd` payload and [`PageCompressor`], which decides per batch whether
+//!   compressing makes sending faster.
 
 #[cfg(doc)]
 use crate::handshake::{Hello, HELLO_LEN};
@@ -51,12 +55,14 @@ use crate::handshake::{Hello, HELLO_LEN};
 use crate::Message;
 
 mod codec;
+mod compression;
 mod header;
 mod page_batch;
 #[cfg(test)]
 mod test_support;
 
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_hello, pages_header, Frame};
+pub use compression::{decompress_batch, CompressionMode, CompressionStats, PageCompressor};
 pub use header::{
     peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX,
     FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX, HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX,

@@ -89,6 +89,7 @@ pub(super) fn every_message() -> Vec<Message> {
         mode: crate::MigrationMode::Postcopy,
         tracker: Some(perfplus_vmm::tracking::TrackerKind::UffdWp),
         postcopy_timeout_ms: 4_500,
+        compression: crate::Compression::Zstd,
     };
     vec![
         Message::VmStart(VmStartRequest {

@@ -79,6 +79,7 @@ pub async fn migrate(job: Outbound, progress: UnboundedSender<RoundReport>) -> a
     let mut conn = Connection::connect(&job.destination, Role::Peer, &job.credentials)
         .await
         .with_context(|| format!("connecting to destination agent {}", job.destination))?;
+    conn.set_compression(job.options.compression.mode())?;
     let mut ownership = Ownership::Running;
     let result = precopy(&job, &mut conn, &progress, started, &mut ownership).await;
     let mut switched = match result {
@@ -546,6 +547,14 @@ async fn finish(
         ebpf: switched
             .ebpf_events
             .map(|write_events| crate::report::EbpfReport { write_events }),
+        compression: job.options.compression.to_string(),
+        compressed: conn.compression_stats().map(|s| crate::report::CompressionReport {
+            batches: s.batches,
+            raw_bytes: s.raw_bytes,
+            wire_bytes: s.compressed_bytes,
+            probes_unused: s.probes_unused,
+            cpu_ms: s.cpu.as_secs_f64() * 1e3,
+        }),
         ..Default::default()
     };
     report.rounds = switched.rounds;
