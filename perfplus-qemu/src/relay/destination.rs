@@ -4,7 +4,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::pump::{self, RelayError};
-use super::{Held, RelayConfig, RelayStats, RoundStats};
+use super::{Held, RelayConfig, RelayStats};
 use crate::digest::PageDigester;
 use crate::stream::{self, Dialect, Item, RamBody, RamRecord, PAGE_SIZE};
 
@@ -29,7 +29,7 @@ impl<'d> Expander<'d> {
         match item {
             Item::Ram(record) => return self.ram(record, out),
             Item::SectionStart { .. } | Item::SectionPart { .. } | Item::SectionEnd { .. } => {
-                self.stats.rounds.push(RoundStats::default());
+                self.stats.section(&item);
             }
             Item::Tail(ref bytes) => self.stats.tail_bytes += bytes.len() as u64,
             _ => {}
@@ -54,7 +54,7 @@ impl<'d> Expander<'d> {
                 {
                     self.held.offer(digest, || page);
                 }
-                self.stats.round().full += 1;
+                self.stats.counts().full += 1;
             }
             RamBody::Ref(digest) => {
                 let page = self
@@ -70,11 +70,11 @@ impl<'d> Expander<'d> {
                     ..record
                 };
                 stream::write(&Item::Ram(record), out);
-                self.stats.round().referenced += 1;
+                self.stats.counts().referenced += 1;
             }
             RamBody::Zero(_) => {
                 stream::write(&Item::Ram(record), out);
-                self.stats.round().zero += 1;
+                self.stats.counts().zero += 1;
             }
         }
         Ok(())

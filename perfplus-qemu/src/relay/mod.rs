@@ -42,10 +42,9 @@ impl Default for RelayConfig {
     }
 }
 
-/// What became of the RAM records of one round (one RAM section: QEMU's start, a pre-copy pass,
-/// the stop-and-copy).
+/// What became of RAM records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RoundStats {
+pub struct PageCounts {
     /// Pages sent whole.
     pub full: u64,
     /// Pages sent as a reference to a page the destination agent holds.
@@ -58,26 +57,36 @@ pub struct RoundStats {
     pub zero_unchanged: u64,
 }
 
-impl RoundStats {
-    /// RAM records QEMU sent in this round.
+impl PageCounts {
+    /// RAM records QEMU sent.
     pub fn records(&self) -> u64 {
         self.full + self.referenced + self.unchanged + self.zero + self.zero_unchanged
     }
 
-    fn add(&mut self, other: &RoundStats) {
-        self.full += other.full;
-        self.referenced += other.referenced;
-        self.unchanged += other.unchanged;
-        self.zero += other.zero;
-        self.zero_unchanged += other.zero_unchanged;
+    /// Both added up.
+    pub fn plus(&self, other: &PageCounts) -> PageCounts {
+        PageCounts {
+            full: self.full + other.full,
+            referenced: self.referenced + other.referenced,
+            unchanged: self.unchanged + other.unchanged,
+            zero: self.zero + other.zero,
+            zero_unchanged: self.zero_unchanged + other.zero_unchanged,
+        }
     }
 }
 
-/// What one side of the relay did.
+/// What one side of the relay did. QEMU sends a RAM section per slice of an iteration (~50 ms, not
+/// one per pass over memory; `query-migrate`'s `dirty-sync-count` counts the passes), so the pages
+/// are counted for the pre-copy sections together and for the stop-and-copy section (`SECTION_END`,
+/// sent with the guest paused) apart.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
-    /// One entry per RAM section (the first is QEMU's set-up, which has no pages).
-    pub rounds: Vec<RoundStats>,
+    /// RAM sections (start, parts, end).
+    pub sections: u64,
+    /// Records of the sections sent while the guest ran.
+    pub precopy: PageCounts,
+    /// Records of the stop-and-copy section.
+    pub stop_and_copy: PageCounts,
     /// Bytes read from the stream's input (QEMU on the source, the link on the destination).
     pub bytes_in: u64,
     /// Bytes written to the output (the link on the source, QEMU on the destination).
@@ -86,23 +95,29 @@ pub struct RelayStats {
     pub tail_bytes: u64,
     /// Bytes relayed on the return path (destination QEMU to source QEMU).
     pub return_path_bytes: u64,
+    /// Whether the current section is the stop-and-copy.
+    in_stop_and_copy: bool,
 }
 
 impl RelayStats {
-    /// The rounds added up.
-    pub fn total(&self) -> RoundStats {
-        let mut total = RoundStats::default();
-        for round in &self.rounds {
-            total.add(round);
-        }
-        total
+    /// Pre-copy and stop-and-copy added up.
+    pub fn total(&self) -> PageCounts {
+        self.precopy.plus(&self.stop_and_copy)
     }
 
-    pub(crate) fn round(&mut self) -> &mut RoundStats {
-        if self.rounds.is_empty() {
-            self.rounds.push(RoundStats::default());
+    /// A RAM section begins.
+    pub(crate) fn section(&mut self, item: &crate::stream::Item) {
+        self.sections += 1;
+        self.in_stop_and_copy = matches!(item, crate::stream::Item::SectionEnd { .. });
+    }
+
+    /// The counts of the current section's kind.
+    pub(crate) fn counts(&mut self) -> &mut PageCounts {
+        if self.in_stop_and_copy {
+            &mut self.stop_and_copy
+        } else {
+            &mut self.precopy
         }
-        self.rounds.last_mut().expect("a round")
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::pump::{self, RelayError};
-use super::{Held, RelayConfig, RelayStats, RoundStats};
+use super::{Held, RelayConfig, RelayStats};
 use crate::digest::PageDigester;
 use crate::stream::{self, Dialect, Digest, Item, RamBody, RamRecord, PAGE_SIZE};
 
@@ -42,7 +42,7 @@ impl<'d> Filter<'d> {
             Item::Ram(record) => return self.ram(record, out),
             Item::SectionStart { .. } | Item::SectionPart { .. } | Item::SectionEnd { .. } => {
                 self.link_block = None;
-                self.stats.rounds.push(RoundStats::default());
+                self.stats.section(&item);
             }
             Item::RamBlock(ref block) => self.block_names.push(block.name.clone()),
             Item::Tail(ref bytes) => self.stats.tail_bytes += bytes.len() as u64,
@@ -62,24 +62,24 @@ impl<'d> Filter<'d> {
                     self.digester.digest(&[fill; PAGE_SIZE])
                 };
                 if self.at_destination.get(&address) == Some(&digest) {
-                    self.stats.round().zero_unchanged += 1;
+                    self.stats.counts().zero_unchanged += 1;
                     return Ok(());
                 }
-                self.stats.round().zero += 1;
+                self.stats.counts().zero += 1;
                 (digest, RamBody::Zero(fill))
             }
             RamBody::Page(page) => {
                 let digest = self.digester.digest(&page);
                 if self.at_destination.get(&address) == Some(&digest) {
-                    self.stats.round().unchanged += 1;
+                    self.stats.counts().unchanged += 1;
                     return Ok(());
                 }
                 if self.held.contains(&digest) {
-                    self.stats.round().referenced += 1;
+                    self.stats.counts().referenced += 1;
                     (digest, RamBody::Ref(digest))
                 } else {
                     self.held.offer(digest, || ());
-                    self.stats.round().full += 1;
+                    self.stats.counts().full += 1;
                     (digest, RamBody::Page(page))
                 }
             }
