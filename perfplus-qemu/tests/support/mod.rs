@@ -43,6 +43,21 @@ impl Drop for Qemu {
 impl Qemu {
     /// Starts QEMU with the guest; `incoming` waits for `migrate-incoming` (`-incoming defer`).
     pub fn start(dir: &Path, name: &str, kernel: &Path, memory_mib: u64, append: &str, incoming: bool) -> Qemu {
+        let incoming = incoming.then_some("defer");
+        Qemu::start_with(dir, name, kernel, memory_mib, append, incoming, |_| {})
+    }
+
+    /// Starts QEMU with the guest, `-incoming` set to `incoming` if given; `setup` may change the
+    /// command first (e.g. to run it inside a network namespace, keeping its pid).
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        kernel: &Path,
+        memory_mib: u64,
+        append: &str,
+        incoming: Option<&str>,
+        setup: impl FnOnce(&mut Command),
+    ) -> Qemu {
         let serial = dir.join(format!("{name}.serial"));
         let qmp = dir.join(format!("{name}.qmp"));
         let stderr = dir.join(format!("{name}.stderr"));
@@ -59,9 +74,10 @@ impl Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap());
-        if incoming {
-            cmd.args(["-incoming", "defer"]);
+        if let Some(incoming) = incoming {
+            cmd.args(["-incoming", incoming]);
         }
+        setup(&mut cmd);
         let child = cmd
             .spawn()
             .expect("starting qemu-system-x86_64 (Debian's qemu-system-x86)");
