@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+# QEMU 7.2 (Debian's): the QEMU relay tests (perfplus-qemu's, tests/qemu_relay.rs) migrate real QEMU guests.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings

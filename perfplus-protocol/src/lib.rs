@@ -133,6 +133,21 @@
 //! Neither side runs the guest after the source gives up: an operator chooses (cancel on the
 //! destination, `vm resume` of the stale copy on the source).
 //!
+//! ## Relaying a QEMU migration (`perfplus qemu migrate`)
+//! The CLI asks the source host's agent (`QemuMigrate{qmp, to, incoming, …}`, role Control, operator);
+//! that agent runs the source half of the relay next to the source QEMU and answers
+//! `QemuMigrateDone{report as JSON}` (or `Error`). Between the agents (role Peer) the bytes are
+//! `perfplus_qemu`'s relay dialect (QEMU's stream with dropped pages left out and held ones as
+//! references), chunked into `QemuStream` frames; the destination agent feeds the destination QEMU.
+//! ```text
+//! source agent                                   destination agent
+//! |-- QemuRelayBegin{incoming, qmp, held_pages} -->|  checks QEMU 7.2 (if qmp), connects to incoming
+//! |<-- Done ---------------------------------------|
+//! |== QemuStream{relay dialect} … QemuStream{} ==> |  expands references (re-hashed), feeds QEMU
+//! |<= QemuStream{QEMU's return path} … {} ======== |
+//! |<-- QemuRelayDone{counts, QEMU's status} -------|  (or Error)
+//! ```
+//!
 //! ## Control (CLI → agent, role Control)
 //! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
 //! `MigrateDone` (or `Error`), and `Track`, which streams one `TrackSample` per interval and ends

@@ -182,6 +182,57 @@ pub struct PostcopyAttach {
 /// `MigrateBegin`; a post-copy connection must present it to attach.
 pub type AttachSecret = [u8; 32];
 
+/// `perfplus qemu migrate` to the source host's agent: migrate the QEMU behind `qmp` (on that host)
+/// to the QEMU waiting at `incoming` on the host of agent `to`, through both agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuMigrateRequest {
+    /// The source QEMU's QMP socket on the source agent's host.
+    pub qmp: String,
+    /// The destination agent (host:port).
+    pub to: String,
+    /// The agent the destination must be (its certificate's name), if the operator names one.
+    pub destination_agent: Option<String>,
+    /// The destination QEMU's `-incoming` address and QMP socket on the destination host.
+    pub incoming: String,
+    pub destination_qmp: Option<String>,
+    /// QEMU's `downtime-limit` (ms) and `max-bandwidth` (bytes/s), when the operator sets them.
+    pub downtime_limit_ms: Option<u64>,
+    pub max_bandwidth: Option<u64>,
+    /// Distinct pages the destination agent keeps to expand references.
+    pub held_pages: u64,
+}
+
+/// First message of a peer connection that relays a QEMU migration stream (`perfplus qemu migrate`):
+/// where the destination agent feeds it, and how many pages it must hold for references.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuRelayBegin {
+    /// The destination QEMU's `-incoming` address on the destination host: `unix:PATH` or `tcp:HOST:PORT`.
+    pub incoming: String,
+    /// The destination QEMU's QMP socket, if the agent should check its version and report its status.
+    pub qmp: Option<String>,
+    /// Distinct pages the destination agent keeps to expand references (both sides apply one rule).
+    pub held_pages: u64,
+}
+
+/// The destination agent's last word on a relayed QEMU migration: what it wrote into the destination
+/// QEMU's stream and what that QEMU says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuRelayDone {
+    /// Pages written into the stream as they came, and expanded from references (re-hashed first).
+    pub pages_full: u64,
+    pub pages_expanded: u64,
+    pub zero_records: u64,
+    /// Bytes of the relay stream received, and of the QEMU stream written.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The destination QEMU's `query-migrate` status and `query-status` run state, with `qmp` given.
+    pub qemu_migration_status: Option<String>,
+    pub qemu_run_state: Option<String>,
+}
+
+/// Largest `QemuStream` chunk.
+pub const QEMU_STREAM_CHUNK_MAX: usize = 1 << 20;
+
 /// Longest migration id accepted.
 pub const MIGRATION_ID_MAX: usize = 64;
 
@@ -418,6 +469,19 @@ pub enum Message {
     /// Keepalive on the demand channel.
     Ping,
 
+    // ---- relaying a QEMU migration (`perfplus qemu migrate` → destination agent)
+    QemuRelayBegin(QemuRelayBegin),
+    /// Bytes of the relay stream (source → destination) or of QEMU's return path (destination →
+    /// source); an empty one ends its direction.
+    QemuStream(Vec<u8>),
+    QemuRelayDone(QemuRelayDone),
+    /// Control: relay a QEMU migration from this agent's host (answered by `QemuMigrateDone` or `Error`).
+    QemuMigrate(QemuMigrateRequest),
+    /// The report of a relayed QEMU migration, as JSON (`perfplus::qemu::report::QemuReport`).
+    QemuMigrateDone {
+        report_json: String,
+    },
+
     // ---- both
     /// Ends whatever was going on; the text says what went wrong.
     Error {
@@ -445,7 +509,8 @@ impl Message {
             | Message::Migrate(..)
             | Message::MigrateResume { .. }
             | Message::MigrateCancel { .. }
-            | Message::Track(..) => Some(Access::Operate),
+            | Message::Track(..)
+            | Message::QemuMigrate(..) => Some(Access::Operate),
             _ => None,
         }
     }
@@ -488,6 +553,11 @@ impl Message {
             Message::AllPresent => "AllPresent",
             Message::ResumeState { .. } => "ResumeState",
             Message::Ping => "Ping",
+            Message::QemuRelayBegin(..) => "QemuRelayBegin",
+            Message::QemuStream(..) => "QemuStream",
+            Message::QemuRelayDone(..) => "QemuRelayDone",
+            Message::QemuMigrate(..) => "QemuMigrate",
+            Message::QemuMigrateDone { .. } => "QemuMigrateDone",
             Message::Error { .. } => "Error",
         }
     }

@@ -17,4 +17,5 @@ pub mod hashing;
 pub mod migration;
 pub mod page_store;
 pub mod private_files;
+pub mod qemu;
 pub mod report;

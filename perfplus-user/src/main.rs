@@ -44,6 +44,9 @@ enum Command {
     /// Live-migrate a running VM from one agent to another (hybrid by default: pre-copy, then post-copy
     /// if it cannot converge), then print the report.
     Migrate(MigrateArgs),
+    /// Perf+ for QEMU's own live migration: relay a QEMU 7.2 migration through perfplus agents.
+    #[command(subcommand)]
+    Qemu(QemuCommand),
     /// Watch how fast a process or a VM writes its memory (eBPF write faults, KVM dirty log), and
     /// whether pre-copy migration could keep up with it over a given link.
     Track(TrackArgs),
@@ -283,6 +286,53 @@ struct MigrateArgs {
     json: bool,
 }
 
+#[derive(Subcommand)]
+enum QemuCommand {
+    /// Live-migrate a running QEMU 7.2 guest to a QEMU waiting with `-incoming` on another host,
+    /// through the two hosts' perfplus agents: pages the destination already has at that address are
+    /// dropped, pages whose content it holds travel as references.
+    /// Pre-copy over one channel only: multifd, xbzrle, compress and post-copy are refused.
+    Migrate(QemuMigrateArgs),
+}
+
+#[derive(Args)]
+struct QemuMigrateArgs {
+    /// The source host's agent: it runs the source half of the relay (it holds the page secret).
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    agent: String,
+    /// The source QEMU's QMP socket on the source agent's host (`-qmp unix:PATH,server=on,wait=off`;
+    /// QEMU serves one QMP client at a time: leave it free).
+    #[arg(long)]
+    qmp: PathBuf,
+    /// The destination host's perfplus agent (host:port).
+    #[arg(long)]
+    to: String,
+    /// The name the destination agent's certificate must carry (as `migrate --to-agent`).
+    #[arg(long)]
+    to_agent: Option<String>,
+    /// The destination QEMU's `-incoming` address as the destination host reaches it: unix:PATH or
+    /// tcp:HOST:PORT.
+    #[arg(long)]
+    incoming: String,
+    /// The destination QEMU's QMP socket on the destination host: its agent then checks that it is
+    /// QEMU 7.2 and reports its status at the end.
+    #[arg(long)]
+    destination_qmp: Option<String>,
+    /// QEMU's downtime limit (e.g. 30ms, 0.3s); QEMU's own setting if absent.
+    #[arg(long, value_parser = parse_duration_ms)]
+    downtime_limit: Option<f64>,
+    /// QEMU's bandwidth cap in bytes/s (K/M/G suffix); QEMU's own setting if absent (its default,
+    /// 32M, is low for a fast link).
+    #[arg(long, value_parser = parse_size)]
+    max_bandwidth: Option<u64>,
+    /// Distinct page contents the destination agent keeps to expand references (e.g. 256M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    held: u64,
+    /// Print the report as one JSON object instead of a table (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["pid", "vm"])))]
 struct TrackArgs {
@@ -392,6 +442,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = track_options(&args)?;
             let vm = args.vm.as_deref().expect("clap requires --pid or --vm");
             perfplus::cli::track::track_vm(&args.agent, &credentials, vm, options).await
+        }
+        Command::Qemu(QemuCommand::Migrate(args)) => {
+            let request = perfplus_protocol::QemuMigrateRequest {
+                qmp: args.qmp.display().to_string(),
+                to: args.to.clone(),
+                destination_agent: args.to_agent.clone(),
+                incoming: args.incoming.clone(),
+                destination_qmp: args.destination_qmp.clone(),
+                downtime_limit_ms: args.downtime_limit.map(|ms| ms.round().max(1.0) as u64),
+                max_bandwidth: args.max_bandwidth,
+                held_pages: args.held / PAGE_SIZE as u64,
+            };
+            eprintln!(
+                "migrating the QEMU at {} ({}) to {} through {} ...",
+                request.qmp, args.agent, request.incoming, request.to
+            );
+            let report = AgentClient::connect(&args.agent, &credentials)
+                .await?
+                .qemu_migrate(request)
+                .await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if !report.succeeded() {
+                bail!("the QEMU migration did not complete ({})", report.status);
+            }
+            Ok(())
         }
         Command::Agent(args) => {
             anyhow::ensure!(

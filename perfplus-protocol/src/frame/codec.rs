@@ -59,6 +59,11 @@ impl FrameType {
             Message::AllPresent => FrameType::AllPresent,
             Message::ResumeState { .. } => FrameType::ResumeState,
             Message::Ping => FrameType::Ping,
+            Message::QemuRelayBegin(_) => FrameType::QemuRelayBegin,
+            Message::QemuStream(_) => FrameType::QemuStream,
+            Message::QemuRelayDone(_) => FrameType::QemuRelayDone,
+            Message::QemuMigrate(_) => FrameType::QemuMigrate,
+            Message::QemuMigrateDone { .. } => FrameType::QemuMigrateDone,
             Message::Error { .. } => FrameType::Error,
         }
     }
@@ -124,6 +129,11 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
             out.extend_from_slice(&present.to_le_bytes());
         }
         Message::AllPresent | Message::Ping => {}
+        Message::QemuRelayBegin(begin) => put_postcard(out, begin),
+        Message::QemuStream(bytes) => out.extend_from_slice(bytes),
+        Message::QemuRelayDone(done) => put_postcard(out, done),
+        Message::QemuMigrate(request) => put_postcard(out, request),
+        Message::QemuMigrateDone { report_json } => put_postcard(out, report_json),
         Message::Error { message } => out.extend_from_slice(message.as_bytes()),
     }
     Ok(())
@@ -300,6 +310,13 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         },
         FrameType::AllPresent => Message::AllPresent,
         FrameType::Ping => Message::Ping,
+        FrameType::QemuRelayBegin => Message::QemuRelayBegin(get_postcard(frame_type, p)?),
+        FrameType::QemuStream => Message::QemuStream(p.to_vec()),
+        FrameType::QemuRelayDone => Message::QemuRelayDone(get_postcard(frame_type, p)?),
+        FrameType::QemuMigrate => Message::QemuMigrate(get_postcard(frame_type, p)?),
+        FrameType::QemuMigrateDone => Message::QemuMigrateDone {
+            report_json: get_postcard(frame_type, p)?,
+        },
     };
     Ok(Frame::Message(msg))
 }

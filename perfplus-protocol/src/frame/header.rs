@@ -188,6 +188,10 @@ frame_types! {
     Track = 0x0120, Limit::Max(CONTROL_MAX);
     /// [`Message::TrackSample`].
     TrackSample = 0x0121, Limit::Max(CONTROL_MAX);
+    /// [`Message::QemuMigrate`].
+    QemuMigrate = 0x0130, Limit::Max(CONTROL_MAX);
+    /// [`Message::QemuMigrateDone`].
+    QemuMigrateDone = 0x0131, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateBegin`].
     MigrateBegin = 0x0201, Limit::Max(CONTROL_MAX);
     /// [`Message::MigrateReady`].
@@ -229,6 +233,12 @@ frame_types! {
     /// [`Message::Pages`] compressed with zstd (version 5): `u32` length of the `Pages` payload, then
     /// the zstd frame (`compression.rs`). Decodes to the same [`Message::Pages`].
     PagesZstd = 0x0214, Limit::Max(4 + PAGE_BATCH_MAX_PAYLOAD);
+    /// [`Message::QemuRelayBegin`].
+    QemuRelayBegin = 0x0301, Limit::Max(CONTROL_MAX);
+    /// [`Message::QemuStream`].
+    QemuStream = 0x0302, Limit::Max(crate::message::QEMU_STREAM_CHUNK_MAX);
+    /// [`Message::QemuRelayDone`].
+    QemuRelayDone = 0x0303, Limit::Max(CONTROL_MAX);
 }
 
 impl fmt::Display for FrameType {

@@ -215,6 +215,31 @@ pub(super) fn every_message() -> Vec<Message> {
         },
         Message::AllPresent,
         Message::Ping,
+        Message::QemuRelayBegin(crate::QemuRelayBegin {
+            incoming: "unix:/run/qemu/web1.incoming".into(),
+            qmp: Some("/run/qemu/web1.qmp".into()),
+            held_pages: 65536,
+        }),
+        Message::QemuStream(b"QEVM\0\0\0\x03".to_vec()),
+        Message::QemuStream(vec![]),
+        Message::QemuMigrate(crate::QemuMigrateRequest {
+            qmp: "/run/qemu/web1.qmp".into(),
+            to: "10.0.0.2:7001".into(),
+            destination_agent: Some("b".into()),
+            incoming: "unix:/run/qemu/web1.in".into(),
+            destination_qmp: None,
+            downtime_limit_ms: Some(30),
+            max_bandwidth: None,
+            held_pages: 65536,
+        }),
+        Message::QemuMigrateDone {
+            report_json: "{}".into(),
+        },
+        Message::QemuRelayDone(crate::QemuRelayDone {
+            pages_full: 3,
+            qemu_migration_status: Some("completed".into()),
+            ..Default::default()
+        }),
         Message::Error {
             message: "no VM named \"x\" ✗".into(),
         },

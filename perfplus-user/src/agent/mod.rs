@@ -12,6 +12,7 @@
 //! - `boot`: booting a VM and indexing its image's pages;
 //! - `outgoing`: migrations of hosted VMs to other agents, and their resumable handles;
 //! - `incoming`: migrations from other agents, and the attachment of their post-copy connections;
+//! - `qemu_out`, `qemu_in`: the two halves of `perfplus qemu migrate` (a relayed QEMU migration stream);
 //! - `archive`: keeping the pages of VMs that left in the page store;
 //! - `by_id`: the tables of migrations under way by id (outgoing ones, incoming post-copy ones);
 //! - `registry`: the VMs hosted, the names reserved, and what each VM is busy with (one lock, guards);
@@ -27,6 +28,8 @@ mod control;
 mod incoming;
 pub mod limits;
 mod outgoing;
+mod qemu_in;
+mod qemu_out;
 mod registry;
 pub mod track;
 
@@ -281,9 +284,10 @@ async fn handle(state: Arc<AgentState>, mut conn: Connection, role: Role) -> any
         Role::Peer => match request {
             Message::MigrateBegin(begin) => incoming::migrate_in(&state, &mut conn, begin).await,
             Message::PostcopyAttach(attach) => incoming::attach(&state, conn, attach).await,
+            Message::QemuRelayBegin(begin) => qemu_in::relay_in(&state, conn, begin).await,
             other => {
                 let text = format!(
-                    "a peer connection must start with MigrateBegin, not {}",
+                    "a peer connection must start with MigrateBegin, PostcopyAttach or QemuRelayBegin, not {}",
                     other.describe()
                 );
                 conn.send_error(&text).await;

@@ -102,4 +102,16 @@ impl AgentClient {
             }
         }
     }
+
+    /// Asks the (source) agent to relay the QEMU migration `request` describes; waits for its report.
+    pub async fn qemu_migrate(
+        mut self,
+        request: perfplus_protocol::QemuMigrateRequest,
+    ) -> anyhow::Result<crate::qemu::report::QemuReport> {
+        self.conn.send(&Message::QemuMigrate(request)).await?;
+        match self.conn.recv().await? {
+            Message::QemuMigrateDone { report_json } => Ok(serde_json::from_str(&report_json)?),
+            other => bail!("agent {} answered QemuMigrate with {}", self.agent, other.describe()),
+        }
+    }
 }

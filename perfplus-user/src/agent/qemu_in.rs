@@ -1,0 +1,138 @@
+//! The destination half of `perfplus qemu migrate`: a peer's `QemuRelayBegin`, then the relay dialect
+//! in, a valid QEMU stream out to the destination QEMU's incoming socket (references expanded from
+//! pages of this migration, re-hashed before they are written), QEMU's return path back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use perfplus_common::PAGE_SIZE;
+use perfplus_protocol::connection::Connection;
+use perfplus_protocol::{Message, QemuRelayBegin, QemuRelayDone};
+use perfplus_qemu::qmp::Qmp;
+use perfplus_qemu::relay::{self, RelayConfig, RelayStats};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::AgentState;
+use crate::qemu::{link, QemuSocket};
+
+/// How long the destination QEMU may take to report the end of its migration after the stream ended.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Relays one QEMU migration into the QEMU `begin` names; errors go to the peer too.
+pub(super) async fn relay_in(
+    state: &Arc<AgentState>,
+    mut conn: Connection,
+    begin: QemuRelayBegin,
+) -> anyhow::Result<()> {
+    let max_held = state.limits.max_vm_memory / PAGE_SIZE as u64;
+    let prepared = async {
+        if begin.held_pages > max_held {
+            bail!(
+                "{} held pages asked for; this agent holds at most {max_held} (its --max-vm-memory)",
+                begin.held_pages
+            );
+        }
+        let mut qmp = match &begin.qmp {
+            Some(path) => {
+                let mut qmp = Qmp::connect(path.as_ref())
+                    .await
+                    .with_context(|| format!("the destination QEMU's QMP socket {path}"))?;
+                qmp.check_supported().await?;
+                Some(qmp)
+            }
+            None => None,
+        };
+        let socket = QemuSocket::connect(&begin.incoming).await?;
+        if let Some(qmp) = &mut qmp {
+            // Started with `-incoming URI`, QEMU is waiting: it says so.
+            let status = qmp.execute("query-status", json!({})).await?;
+            tracing::info!(incoming = %begin.incoming, status = %status["status"], "relaying a QEMU migration");
+        }
+        anyhow::Ok((qmp, socket))
+    };
+    let (qmp, socket) = match prepared.await {
+        Ok(ready) => ready,
+        Err(e) => {
+            conn.send_error(&format!("{e:#}")).await;
+            return Err(e);
+        }
+    };
+    conn.send(&Message::Done).await?;
+    let config = RelayConfig {
+        held_pages: begin.held_pages as usize,
+    };
+    let (mut reader, mut writer) = conn.into_split();
+    let (relay_end, link_end) = link::pipe();
+    let relayed = async {
+        let (stats, ()) = tokio::try_join!(
+            async {
+                match socket {
+                    QemuSocket::Unix(s) => expand(relay_end, s, state, config).await,
+                    QemuSocket::Tcp(s) => expand(relay_end, s, state, config).await,
+                }
+            },
+            link::carry(&mut reader, &mut writer, link_end),
+        )?;
+        anyhow::Ok(stats)
+    };
+    let stats = match relayed.await {
+        Ok(stats) => stats,
+        Err(e) => {
+            writer.send_error(&format!("{e:#}")).await;
+            return Err(e);
+        }
+    };
+    let (status, run_state) = match qmp {
+        Some(mut qmp) => settle(&mut qmp).await.map(|(a, b)| (Some(a), Some(b)))?,
+        None => (None, None),
+    };
+    let total = stats.total();
+    tracing::info!(
+        incoming = %begin.incoming,
+        full = total.full,
+        expanded = total.referenced,
+        bytes_in = stats.bytes_in,
+        bytes_out = stats.bytes_out,
+        status = ?status,
+        "QEMU migration relayed"
+    );
+    writer
+        .send(&Message::QemuRelayDone(QemuRelayDone {
+            pages_full: total.full,
+            pages_expanded: total.referenced,
+            zero_records: total.zero,
+            bytes_in: stats.bytes_in,
+            bytes_out: stats.bytes_out,
+            qemu_migration_status: status,
+            qemu_run_state: run_state,
+        }))
+        .await
+}
+
+async fn expand<Q>(
+    link: tokio::io::DuplexStream,
+    qemu: Q,
+    state: &AgentState,
+    config: RelayConfig,
+) -> anyhow::Result<RelayStats>
+where
+    Q: AsyncRead + AsyncWrite + Unpin,
+{
+    Ok(relay::destination::run(link, qemu, &state.hasher, config).await?)
+}
+
+/// Waits until the destination QEMU's migration has ended; its status and run state.
+async fn settle(qmp: &mut Qmp) -> anyhow::Result<(String, String)> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let info = qmp.query_migrate().await?;
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") || Instant::now() > deadline {
+            let run = qmp.execute("query-status", json!({})).await?;
+            return Ok((status, run["status"].as_str().unwrap_or("unknown").to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

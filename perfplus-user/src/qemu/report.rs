@@ -1,0 +1,165 @@
+//! The report of a relayed QEMU migration: QEMU's own figures (`query-migrate`), what the relay did
+//! with QEMU's pages, and what the destination agent and QEMU said.
+
+use std::path::Path;
+
+use perfplus_protocol::QemuRelayDone;
+use perfplus_qemu::relay::{PageCounts, RelayStats};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Pages by kind, as the report shows them.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Pages {
+    /// Sent whole.
+    pub full: u64,
+    /// Sent as a reference (the destination agent held the content).
+    pub referenced: u64,
+    /// Dropped: the destination QEMU had this content at this address.
+    pub unchanged: u64,
+    /// Zero records passed on, and dropped as unchanged.
+    pub zero: u64,
+    pub zero_unchanged: u64,
+}
+
+impl From<PageCounts> for Pages {
+    fn from(c: PageCounts) -> Pages {
+        Pages {
+            full: c.full,
+            referenced: c.referenced,
+            unchanged: c.unchanged,
+            zero: c.zero,
+            zero_unchanged: c.zero_unchanged,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QemuReport {
+    pub qmp: String,
+    pub destination: String,
+    pub qemu_version: String,
+    /// QEMU's final status (`completed`, `failed`, `cancelled`).
+    pub status: String,
+    /// QEMU's passes over memory (`dirty-sync-count`).
+    pub rounds: u64,
+    pub total_ms: f64,
+    /// Downtime as QEMU reports it.
+    pub downtime_ms: f64,
+    pub setup_ms: f64,
+    /// RAM sections QEMU sent (a section per ~50 ms slice of a pass).
+    pub sections: u64,
+    pub precopy: Pages,
+    pub stop_and_copy: Pages,
+    /// Bytes of QEMU's stream, bytes the relay sent to the destination (frames included), bytes the
+    /// destination agent wrote into the destination QEMU's stream.
+    pub qemu_bytes: u64,
+    pub link_bytes: u64,
+    pub destination_qemu_bytes: u64,
+    /// Bytes of QEMU's return path relayed back.
+    pub return_path_bytes: u64,
+    /// The destination QEMU's `query-migrate` status and run state (with `--destination-qmp`).
+    pub destination_status: Option<String>,
+    pub destination_run_state: Option<String>,
+}
+
+impl QemuReport {
+    pub fn new(
+        qmp: &Path,
+        destination: &str,
+        version: (u64, u64, u64),
+        info: &Value,
+        stats: RelayStats,
+        link_bytes: u64,
+        done: QemuRelayDone,
+    ) -> QemuReport {
+        let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        QemuReport {
+            qmp: qmp.display().to_string(),
+            destination: destination.to_string(),
+            qemu_version: format!("{}.{}.{}", version.0, version.1, version.2),
+            status: info["status"].as_str().unwrap_or("unknown").to_string(),
+            rounds: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            total_ms: number(&info["total-time"]),
+            downtime_ms: number(&info["downtime"]),
+            setup_ms: number(&info["setup-time"]),
+            sections: stats.sections,
+            precopy: stats.precopy.into(),
+            stop_and_copy: stats.stop_and_copy.into(),
+            qemu_bytes: stats.bytes_in,
+            link_bytes,
+            destination_qemu_bytes: done.bytes_out,
+            return_path_bytes: stats.return_path_bytes,
+            destination_status: done.qemu_migration_status,
+            destination_run_state: done.qemu_run_state,
+        }
+    }
+
+    /// Completed on the source, and on the destination too when its QEMU was asked.
+    pub fn succeeded(&self) -> bool {
+        self.status == "completed" && self.destination_status.as_deref().is_none_or(|s| s == "completed")
+    }
+
+    /// The report as a human reads it.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        const MB: f64 = 1e6;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "QEMU {} migration ({}) -> {} through perfplus: {}",
+            self.qemu_version, self.qmp, self.destination, self.status
+        );
+        let _ = writeln!(
+            out,
+            "QEMU: {} rounds (dirty syncs), {} RAM sections, total {:.0} ms, downtime {:.0} ms, setup {:.0} ms",
+            self.rounds, self.sections, self.total_ms, self.downtime_ms, self.setup_ms
+        );
+        let _ = writeln!(out, "{:<28} {:>12} {:>14}", "pages", "pre-copy", "stop-and-copy");
+        let (pre, stop) = (&self.precopy, &self.stop_and_copy);
+        for (name, pre, stop) in [
+            ("sent whole", pre.full, stop.full),
+            ("sent as reference", pre.referenced, stop.referenced),
+            ("dropped (unchanged)", pre.unchanged, stop.unchanged),
+            ("zero records", pre.zero, stop.zero),
+            ("zero dropped (unchanged)", pre.zero_unchanged, stop.zero_unchanged),
+        ] {
+            let _ = writeln!(out, "{name:<28} {pre:>12} {stop:>14}");
+        }
+        let ratio = if self.qemu_bytes > 0 {
+            self.link_bytes as f64 / self.qemu_bytes as f64
+        } else {
+            f64::NAN
+        };
+        let _ = writeln!(
+            out,
+            "bytes: QEMU sent {:.1} MB, the link carried {:.1} MB ({ratio:.2}x), the destination QEMU got {:.1} MB",
+            self.qemu_bytes as f64 / MB,
+            self.link_bytes as f64 / MB,
+            self.destination_qemu_bytes as f64 / MB
+        );
+        let _ = writeln!(
+            out,
+            "destination QEMU: {}, {}",
+            self.destination_status
+                .as_deref()
+                .unwrap_or("status not asked (no --destination-qmp)"),
+            self.destination_run_state.as_deref().unwrap_or("run state not asked")
+        );
+        out
+    }
+}
+
+/// One progress line from QEMU's `query-migrate`.
+pub fn progress_line(info: &Value) -> String {
+    let ram = &info["ram"];
+    format!(
+        "QEMU: {} round {}, {:.1} MB sent, {:.1} MB remaining, {} pages whole, {} zero",
+        info["status"].as_str().unwrap_or("?"),
+        ram["dirty-sync-count"].as_u64().unwrap_or(0),
+        ram["transferred"].as_f64().unwrap_or(0.0) / 1e6,
+        ram["remaining"].as_f64().unwrap_or(0.0) / 1e6,
+        ram["normal"].as_u64().unwrap_or(0),
+        ram["duplicate"].as_u64().unwrap_or(0)
+    )
+}
