@@ -73,6 +73,10 @@ pub struct DrainArgs {
     /// Turn Perf+ hashing off (zero pages are still found and sent as markers).
     #[arg(long)]
     pub no_hashing: bool,
+    /// Do not wait for each guest's self-check on its destination (two sweeps of its memory) before the
+    /// VM's slot goes to the next one; the page checksums still confirm every page.
+    #[arg(long)]
+    pub no_verify: bool,
     /// Post-copy: how long a lost link may stay down before a migration gives up (e.g. 60s).
     #[arg(long, default_value = "60s", value_parser = parse_ms)]
     pub postcopy_timeout: f64,
@@ -238,7 +242,7 @@ pub async fn drain(args: DrainArgs, credentials: &Credentials) -> anyhow::Result
         downtime_target_ms: args.downtime_target,
         max_rounds: args.max_rounds,
         hashing: !args.no_hashing,
-        verify_guest: true,
+        verify_guest: !args.no_verify,
         hot_last: true,
         mode: args.mode,
         tracker: None,
