@@ -10,9 +10,16 @@ use serde_json::Value;
 use support::{guest_counter, kvm_missing, Cluster, TestAgent};
 
 /// The built-in guest with mostly unique content, keyed by `seed`: two guests of the same seed fill
-/// their memory with the same pages. Slow writers, so that they stay alike while they wait.
+/// their memory with the same pages.
 fn workload(seed: u32, working_set: &str) -> String {
-    format!("dirtier:working-set={working_set},rate=300,mix=unique:85,dup:5,zero:5,same:5,seed={seed}")
+    workload_at(seed, working_set, 300)
+}
+
+/// [`workload`] writing `rate` pages per second. The twins write slowly (20/s), so that they stay alike
+/// however long the second waits for the first: even a minute of waiting (a loaded machine) rewrites
+/// under 15 % of their 8192-page working set.
+fn workload_at(seed: u32, working_set: &str, rate: u32) -> String {
+    format!("dirtier:working-set={working_set},rate={rate},mix=unique:85,dup:5,zero:5,same:5,seed={seed}")
 }
 
 /// Runs `node drain` with `args` and returns (success, the JSON report, stderr).
@@ -79,8 +86,8 @@ fn three_vms_drain_to_one_destination_and_the_second_of_two_alike_sends_referenc
     let cluster = Cluster::new();
     let a = cluster.agent("a");
     let b = cluster.agent("b");
-    cluster.start_guest(&a, "twin1", "48M", &workload(7, "32M"));
-    cluster.start_guest(&a, "twin2", "48M", &workload(7, "32M"));
+    cluster.start_guest(&a, "twin1", "48M", &workload_at(7, "32M", 20));
+    cluster.start_guest(&a, "twin2", "48M", &workload_at(7, "32M", 20));
     cluster.start_guest(&a, "other", "32M", &workload(99, "8M"));
 
     let (ok, report, stderr) = drain(&cluster, &["--from", &a.addr, "--to", &b.addr]);
