@@ -518,9 +518,10 @@ impl Display {
         let state = match (&live.done, live.started) {
             (Some(done), _) => done.clone(),
             (None, None) => format!("waiting (predicted {:.1} s)", self.predicted[i]),
+            (None, Some(t)) if live.round == 0 => format!("first pass, {:.1} s", t.elapsed().as_secs_f64()),
             (None, Some(t)) => format!(
-                "round {}: {} full, {} held, {} zero pages, {:.1} MB, {:.1} s",
-                live.round.max(1),
+                "round {} done: {} full, {} held, {} zero pages, {:.1} MB, {:.1} s",
+                live.round,
                 live.full,
                 live.held,
                 live.zero,
