@@ -5,6 +5,9 @@
 #   scripts/bench.sh shaped          # perfplus vs QEMU over a tbf-shaped link, felt stall from outside
 #   scripts/bench.sh soak            # 100 ping-pong migrations of one guest: all verified, fds/RSS flat
 #   scripts/bench.sh tls             # pages/s through TLS against clear, on loopback and a 1 Gbit/s link
+#   scripts/bench.sh ha              # the Perf+ papers' experiment: 4 and 8 VMs drained off a node, hashing
+#                                    # on and off, over a 1 Gbit/s link; table and SVG charts in
+#                                    # target/bench-results/ha/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -47,6 +47,9 @@ enum Command {
     /// Perf+ for QEMU's own live migration: relay a QEMU 7.2 migration through perfplus agents.
     #[command(subcommand)]
     Qemu(QemuCommand),
+    /// Operations on a whole node (agent), e.g. emptying it for maintenance.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Watch how fast a process or a VM writes its memory (eBPF write faults, KVM dirty log), and
     /// whether pre-copy migration could keep up with it over a given link.
     Track(TrackArgs),
@@ -68,6 +71,14 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Live-migrate every VM of agent --from to the --to agents, a few at a time (shortest predicted
+    /// migration first, balanced by memory), with progress per VM and a report per VM and for the
+    /// event; exits non-zero unless every VM ended running on a destination with nothing lost.
+    Drain(perfplus::cli::drain::DrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -438,6 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen { .. } | Command::GuestImage { .. } | Command::Ca(_) | Command::Cert(_) => {
             unreachable!("handled above")
         }
+        Command::Node(NodeCommand::Drain(args)) => perfplus::cli::drain::run(args, &credentials).await,
         Command::Track(args) => {
             let options = track_options(&args)?;
             let vm = args.vm.as_deref().expect("clap requires --pid or --vm");
