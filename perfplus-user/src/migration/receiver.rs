@@ -25,7 +25,7 @@ use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
 use perfplus_vmm::demand_paging::{punch_pages, GuestUffd};
 use perfplus_vmm::memory::GuestMemory;
-use perfplus_vmm::vm::{GuestStatus, Vm};
+use perfplus_vmm::vm::{GuestStatus, Vm, VmState};
 use perfplus_vmm::PageSet;
 
 /// How many digest prefixes the destination advertises at most (8 bytes each on the wire).
@@ -390,7 +390,7 @@ async fn finish_switch(
 /// the source owns the guest: any failure here (no commit within the peer timeout, a lost connection)
 /// returns an error and the VM, which never ran, is destroyed by the caller.
 async fn restore_and_commit(conn: &mut Connection, vm: &mut Vm, state: &[u8]) -> anyhow::Result<()> {
-    let state = postcard::from_bytes(state).context("decoding the VM state from the source")?;
+    let state = VmState::from_bytes(state).context("the VM state from the source")?;
     vm.restore_state(&state)
         .context("restoring the vCPU and device state")?;
     conn.send(&Message::Restored).await?;
@@ -588,7 +588,7 @@ mod tests {
             .unwrap();
         vm.start().unwrap();
         vm.pause().unwrap();
-        let state = postcard::to_allocvec(&vm.save_state().unwrap()).unwrap();
+        let state = vm.save_state().unwrap().to_bytes().unwrap();
         (vm, state)
     }
 
