@@ -121,9 +121,21 @@ pub async fn receive(
     } else {
         vm.guest_status()
     };
+    // The counters are guest memory: a verdict is only made from readings that can be believed, and
+    // with arithmetic that cannot wrap.
+    let untrusted = match (&at_resume, &after) {
+        (Some(before), Some(after)) => after.untrustworthy_since(before),
+        _ => None,
+    };
+    if let Some(why) = &untrusted {
+        tracing::error!(vm = %begin.vm, "the guest's status page is not trustworthy: {why}");
+    }
     let verified = match (&at_resume, &after) {
         (Some(before), Some(after)) => {
-            after.verify_sweeps >= before.verify_sweeps + 2 && after.mismatches == 0 && after.state != state::FAILED
+            untrusted.is_none()
+                && after.verify_sweeps >= before.verify_sweeps.saturating_add(2)
+                && after.mismatches == 0
+                && after.state != state::FAILED
         }
         _ => false,
     };
@@ -426,9 +438,10 @@ async fn wait_for_guest_check(vm: &Vm, at_resume: Option<&GuestStatus>) -> Optio
     let deadline = Instant::now() + GUEST_CHECK_TIMEOUT;
     loop {
         let status = vm.guest_status()?;
-        let done = status.verify_sweeps >= at_resume.verify_sweeps + 2
+        let done = status.verify_sweeps >= at_resume.verify_sweeps.saturating_add(2)
             || status.mismatches > at_resume.mismatches
-            || status.state == state::FAILED;
+            || status.state == state::FAILED
+            || status.untrustworthy_since(at_resume).is_some();
         if done || Instant::now() >= deadline {
             return Some(status);
         }

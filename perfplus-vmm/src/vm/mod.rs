@@ -22,6 +22,7 @@
 //! [`crate::sys::kvm`] for what it lacks (`KVM_CLEAR_DIRTY_LOG`, `KVM_RESET_DIRTY_RINGS`, the
 //! dirty-ring mapping); no file here defines an ioctl.
 pub mod builtin_guest;
+pub mod console;
 pub mod cpu;
 pub mod devices;
 pub mod multiboot;
@@ -482,9 +483,14 @@ impl Vm {
         status::request_stall_reset(&self.memory)
     }
 
-    /// The last lines the guest wrote to its serial console.
+    /// The last lines the guest wrote to its serial console, escaped ([`console::escape`]).
     pub fn console_tail(&self) -> String {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_tail()
+    }
+
+    /// Console lines and bytes kept out of the log since the VM started ([`console::LogBudget`]).
+    pub fn console_dropped(&self) -> console::Dropped {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_dropped()
     }
 
     /// The RAM slot (shareable with a dirty tracker on another thread): the one way into the KVM dirty
