@@ -12,3 +12,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 # Release: the end-to-end tests migrate real guests, and MD5 in a debug build is ten times slower.
 cargo test --workspace --release -- --test-threads 2 "$@"
+# Every fuzz target for 20 s on the stable mutation fuzzer (fuzz/, issue 10): a short bounded run that
+# fails on a panic or an over-allocation in a decoder.
+bash scripts/fuzz.sh --ci 20

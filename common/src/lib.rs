@@ -104,6 +104,10 @@ pub mod guest_abi {
         pub const TSC_KHZ: &str = "tsc_khz";
         /// Seed of the guest's pseudo-random generator.
         pub const SEED: &str = "seed";
+        /// For tests of the host's defences: `hostile=console` floods the console with lines full of
+        /// terminal escapes, forged log lines and invalid UTF-8; `hostile=counters` publishes absurd
+        /// counters (verify_sweeps at u64::MAX, pages_written counting down); both: `console,counters`.
+        pub const HOSTILE: &str = "hostile";
     }
 }
 

@@ -25,6 +25,10 @@ pub struct Config {
     /// TSC frequency in kHz from the VMM; 0 if absent.
     pub tsc_khz: u64,
     pub seed: u64,
+    /// `hostile=console`: flood the console with hostile lines (see `guest_abi::cmdline::HOSTILE`).
+    pub hostile_console: bool,
+    /// `hostile=counters`: publish absurd counters.
+    pub hostile_counters: bool,
 }
 
 impl Default for Config {
@@ -36,6 +40,8 @@ impl Default for Config {
             hot: None,
             tsc_khz: 0,
             seed: 1,
+            hostile_console: false,
+            hostile_counters: false,
         }
     }
 }
@@ -157,6 +163,15 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, Line> {
             }
             key::SEED => {
                 c.seed = number(v).ok_or_else(|| bad(k, v, "expected a number"))?;
+            }
+            key::HOSTILE => {
+                for item in v.split(|&c| c == b',') {
+                    match item {
+                        b"console" => c.hostile_console = true,
+                        b"counters" => c.hostile_counters = true,
+                        _ => return Err(bad(k, v, "expected console, counters or console,counters")),
+                    }
+                }
             }
             _ => {}
         }

@@ -131,6 +131,14 @@ pub fn run(magic: u64, mbi: u64) -> ! {
         }
     }
     let _ = write!(line, " seed={} tsc_khz={}", cfg.seed, cfg.tsc_khz);
+    if cfg.hostile_console || cfg.hostile_counters {
+        let _ = write!(
+            line,
+            " HOSTILE:{}{}",
+            if cfg.hostile_console { " console" } else { "" },
+            if cfg.hostile_counters { " counters" } else { "" }
+        );
+    }
     if cfg.tsc_khz == 0 {
         let _ = write!(line, " (assuming {FALLBACK_TSC_KHZ} for pacing)");
     }
@@ -164,7 +172,17 @@ struct Workload<'a> {
     verify_cursor: u64,
     mismatches: u64,
     first_mismatch: u64,
+    hostile_console: bool,
+    hostile_counters: bool,
 }
+
+/// What `hostile=console` prints, over and over: a screen clear and cursor move, colours, a carriage
+/// return over the line, a forged agent log line after a newline, invalid UTF-8, a C1 CSI and a bidi
+/// override, then a run of filler so that the lines are long.
+const HOSTILE_LINE: &[u8] = b"\x1b[2J\x1b[1;1H\x1b[31mHOSTILE red\x1b[0m\roverwritten\n\
+2026-01-01T00:00:00.000000Z  INFO perfplus::agent: FORGED migration completed\n\
+bad utf-8: \xff\xfe\xc3 c1: \xc2\x9b2J bidi: \xe2\x80\xaeevil\x07\x08 \
+................................................................................\r\n";
 
 impl<'a> Workload<'a> {
     fn new(cfg: Config, status: &'a Status, ws_base: u64, versions: u64, pages: u64) -> Self {
@@ -201,7 +219,20 @@ impl<'a> Workload<'a> {
             verify_cursor: 0,
             mismatches: 0,
             first_mismatch: NO_MISMATCH,
+            hostile_console: cfg.hostile_console,
+            hostile_counters: cfg.hostile_counters,
         }
+    }
+
+    /// `pages_written` as published: counting down under `hostile=counters`.
+    #[inline(always)]
+    fn publish_written(&self) {
+        let shown = if self.hostile_counters {
+            u64::MAX - self.written
+        } else {
+            self.written
+        };
+        self.status.set_pages_written(shown);
     }
 
     /// xorshift64* for choosing pages.
@@ -263,7 +294,7 @@ impl<'a> Workload<'a> {
         unsafe { fill(self.page_ptr(page), c) };
         compiler_fence(Ordering::SeqCst);
         self.written += 1;
-        self.status.set_pages_written(self.written);
+        self.publish_written();
     }
 
     /// Initial content (version 0) of every page.
@@ -280,7 +311,7 @@ impl<'a> Workload<'a> {
             unsafe { fill(self.page_ptr(page), c) };
             compiler_fence(Ordering::SeqCst);
             self.written += 1;
-            self.status.set_pages_written(self.written);
+            self.publish_written();
             if page & 255 == 0 && rdtsc() >= next_report {
                 println!("perfplus-guest: filling {}/{} pages", page, self.pages);
                 next_report = rdtsc() + self.tsc_hz;
@@ -309,7 +340,9 @@ impl<'a> Workload<'a> {
         if self.verify_cursor == self.pages {
             self.verify_cursor = 0;
             self.sweeps += 1;
-            self.status.set_verify_sweeps(self.sweeps);
+            // `hostile=counters`: a sweep count at u64::MAX (a host adding 2 to it wraps to 1).
+            self.status
+                .set_verify_sweeps(if self.hostile_counters { u64::MAX } else { self.sweeps });
         }
     }
 
@@ -397,6 +430,11 @@ impl<'a> Workload<'a> {
                 self.write_page(page);
             } else {
                 self.verify_next();
+            }
+            if self.hostile_console && heartbeat.is_multiple_of(64) {
+                sys::print_bytes(HOSTILE_LINE);
+                // Not a stall: the guest chose to print.
+                prev = rdtsc();
             }
 
             if self.mismatches != last_mismatches {

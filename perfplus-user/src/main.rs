@@ -688,7 +688,7 @@ fn workload_cmdline(spec: &str) -> anyhow::Result<String> {
     for part in params.split(',').filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             Some((k, v)) => {
-                const KNOWN: [&str; 5] = ["working-set", "rate", "mix", "hot", "seed"];
+                const KNOWN: [&str; 6] = ["working-set", "rate", "mix", "hot", "seed", "hostile"];
                 if !KNOWN.contains(&k) {
                     bail!("unknown workload parameter {k:?} (known: {})", KNOWN.join(", "));
                 }

@@ -163,13 +163,13 @@ fn save_restore_into_a_new_vm_continues_the_guest() {
     wait_for("counters", Duration::from_secs(5), || read32(&src, B) > 1000);
     src.pause().unwrap();
     let state = src.save_state().unwrap();
-    let bytes = postcard::to_stdvec(&state).unwrap();
+    let bytes = state.to_bytes().unwrap();
     eprintln!(
         "VmState: {} bytes postcard, {} MSRs",
         bytes.len(),
         state.vcpus[0].msrs.len()
     );
-    let state: VmState = postcard::from_bytes(&bytes).unwrap();
+    let state = VmState::from_bytes(&bytes).unwrap();
 
     let mut dst = Vm::create("dst", 16 << 20, 1).unwrap();
     let mut page = [0u8; 4096];
@@ -355,9 +355,9 @@ mod builtin_guest_tests {
         assert!(!src.console_tail().is_empty());
         let paused = src.pause_timed().unwrap();
         let state = src.save_state().unwrap();
-        let bytes = postcard::to_stdvec(&state).unwrap();
+        let bytes = state.to_bytes().unwrap();
         eprintln!("built-in guest: pause {paused:?}, VmState {} bytes", bytes.len());
-        let state: VmState = postcard::from_bytes(&bytes).unwrap();
+        let state = VmState::from_bytes(&bytes).unwrap();
         let at_pause = src.guest_status().unwrap();
 
         let mut dst = Vm::create("bg-dst", MEM, 1).unwrap();

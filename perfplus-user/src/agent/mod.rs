@@ -105,14 +105,30 @@ fn vm_info(hosted: &Snapshot<HostedVm>) -> VmInfo {
         RunState::Halted => "halted".to_string(),
         RunState::Failed(why) => format!("failed: {why}"),
     };
+    let guest = hosted.vm.guest_status();
+    // What the operator should know beyond the state: the migration's note, a status page that
+    // cannot be believed (guest memory, written by the guest), console output kept out of the log.
+    let mut notes: Vec<String> = hosted.note.get().into_iter().collect();
+    if let Some(why) = guest.as_ref().and_then(|g| g.untrustworthy()) {
+        notes.push(format!("the guest's status page is not trustworthy: {why}"));
+    }
+    let dropped = hosted.vm.console_dropped();
+    if dropped.lines > 0 {
+        notes.push(format!(
+            "{} console lines ({} bytes) were over the log limit of {} bytes/s and not logged",
+            dropped.lines,
+            dropped.bytes,
+            perfplus_vmm::vm::console::LOG_BYTES_PER_SEC
+        ));
+    }
     VmInfo {
         name: name.clone(),
         memory_bytes: hosted.memory_bytes,
         vcpus: hosted.vcpus,
         run_state,
-        note: hosted.note.get(),
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
         cmdline: hosted.cmdline.clone(),
-        guest: hosted.vm.guest_status(),
+        guest,
         console_tail: hosted.vm.console_tail(),
     }
 }

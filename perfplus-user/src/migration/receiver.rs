@@ -25,7 +25,7 @@ use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
 use perfplus_vmm::demand_paging::{punch_pages, GuestUffd};
 use perfplus_vmm::memory::GuestMemory;
-use perfplus_vmm::vm::{GuestStatus, Vm};
+use perfplus_vmm::vm::{GuestStatus, Vm, VmState};
 use perfplus_vmm::PageSet;
 
 /// How many digest prefixes the destination advertises at most (8 bytes each on the wire).
@@ -121,9 +121,21 @@ pub async fn receive(
     } else {
         vm.guest_status()
     };
+    // The counters are guest memory: a verdict is only made from readings that can be believed, and
+    // with arithmetic that cannot wrap.
+    let untrusted = match (&at_resume, &after) {
+        (Some(before), Some(after)) => after.untrustworthy_since(before),
+        _ => None,
+    };
+    if let Some(why) = &untrusted {
+        tracing::error!(vm = %begin.vm, "the guest's status page is not trustworthy: {why}");
+    }
     let verified = match (&at_resume, &after) {
         (Some(before), Some(after)) => {
-            after.verify_sweeps >= before.verify_sweeps + 2 && after.mismatches == 0 && after.state != state::FAILED
+            untrusted.is_none()
+                && after.verify_sweeps >= before.verify_sweeps.saturating_add(2)
+                && after.mismatches == 0
+                && after.state != state::FAILED
         }
         _ => false,
     };
@@ -390,7 +402,7 @@ async fn finish_switch(
 /// the source owns the guest: any failure here (no commit within the peer timeout, a lost connection)
 /// returns an error and the VM, which never ran, is destroyed by the caller.
 async fn restore_and_commit(conn: &mut Connection, vm: &mut Vm, state: &[u8]) -> anyhow::Result<()> {
-    let state = postcard::from_bytes(state).context("decoding the VM state from the source")?;
+    let state = VmState::from_bytes(state).context("the VM state from the source")?;
     vm.restore_state(&state)
         .context("restoring the vCPU and device state")?;
     conn.send(&Message::Restored).await?;
@@ -426,9 +438,10 @@ async fn wait_for_guest_check(vm: &Vm, at_resume: Option<&GuestStatus>) -> Optio
     let deadline = Instant::now() + GUEST_CHECK_TIMEOUT;
     loop {
         let status = vm.guest_status()?;
-        let done = status.verify_sweeps >= at_resume.verify_sweeps + 2
+        let done = status.verify_sweeps >= at_resume.verify_sweeps.saturating_add(2)
             || status.mismatches > at_resume.mismatches
-            || status.state == state::FAILED;
+            || status.state == state::FAILED
+            || status.untrustworthy_since(at_resume).is_some();
         if done || Instant::now() >= deadline {
             return Some(status);
         }
@@ -588,7 +601,7 @@ mod tests {
             .unwrap();
         vm.start().unwrap();
         vm.pause().unwrap();
-        let state = postcard::to_allocvec(&vm.save_state().unwrap()).unwrap();
+        let state = vm.save_state().unwrap().to_bytes().unwrap();
         (vm, state)
     }
 

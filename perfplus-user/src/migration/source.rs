@@ -291,7 +291,7 @@ async fn precopy(
     }
     fault_injection::reached("source:state").await;
     let state = job.vm.save_state().context("saving the vCPU and device state")?;
-    let state = postcard::to_allocvec(&state).context("encoding the VM state")?;
+    let state = state.to_bytes()?;
     conn.send(&Message::VmState(state)).await?;
     match recv(conn, "Restored").await? {
         Message::Restored => {}

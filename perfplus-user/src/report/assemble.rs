@@ -29,7 +29,7 @@ pub fn record_lost_pages(report: &mut MigrationReport, ours: &[u64], theirs: Opt
 /// request the source wrote before round 1: the guest's longest stall counts only if the guest
 /// acknowledged it (otherwise the figure could predate the migration).
 pub fn record_guest_check(report: &mut MigrationReport, check: &GuestCheck, stall_reset: Option<u64>) {
-    report.guest_verified = check.verified;
+    report.guest_verified = check.verified && untrusted_status(check).is_none();
     report.held_from_store = check.held_from_store;
     report.held_from_hosted_vms = check.held_from_hosted_vms;
     report.held_from_this_migration = check.held_from_this_migration;
@@ -50,6 +50,17 @@ pub fn record_guest_check(report: &mut MigrationReport, check: &GuestCheck, stal
     }
     if report.guest_pages_written_before.is_none() {
         report.guest_pages_written_before = check.at_resume.as_ref().map(|s| s.pages_written);
+    }
+}
+
+/// Why the guest's status readings the destination sent cannot be believed, if they cannot: they are
+/// guest memory, and a guest may write anything there (see `GuestStatus::untrustworthy`). The source
+/// checks them itself rather than take the destination's `verified` alone.
+fn untrusted_status(check: &GuestCheck) -> Option<String> {
+    match (&check.at_resume, &check.after) {
+        (Some(before), Some(after)) => after.untrustworthy_since(before),
+        (Some(one), None) | (None, Some(one)) => one.untrustworthy(),
+        (None, None) => None,
     }
 }
 
@@ -76,7 +87,12 @@ pub fn record_outcome(
             )),
         )
     } else if let Some(check) = check {
-        if verify_requested && check.at_resume.is_some() && !check.verified {
+        if let Some(why) = untrusted_status(check) {
+            (
+                Outcome::Unverified,
+                Some(format!("the guest's status page is not trustworthy: {why}")),
+            )
+        } else if verify_requested && check.at_resume.is_some() && !check.verified {
             (
                 Outcome::Unverified,
                 Some("the guest's self-check did not pass on the destination".to_string()),
@@ -224,6 +240,73 @@ mod tests {
             (Outcome::PagesLost, true)
         );
         assert_eq!(outcome(4096, false, None, true), (Outcome::Unverified, true));
+    }
+
+    #[test]
+    fn absurd_guest_counters_are_not_a_clean_verdict() {
+        let before = GuestStatus {
+            state: 2,
+            working_set_pages: 100,
+            pages_written: 500,
+            pages_verified: 300,
+            verify_sweeps: 3,
+            heartbeat: 10,
+            ..Default::default()
+        };
+        // What a hostile guest wrote: sweeps at u64::MAX (`before + 2` would wrap to 1) and
+        // pages_written going back; the destination (old code) called that verified.
+        let after = GuestStatus {
+            verify_sweeps: u64::MAX,
+            pages_written: 400,
+            ..before.clone()
+        };
+        let check = GuestCheck {
+            at_resume: Some(before.clone()),
+            after: Some(after),
+            verified: true,
+            cpu_ms: 0.0,
+            held_from_store: 0,
+            held_from_hosted_vms: 0,
+            held_from_this_migration: 0,
+            postcopy: None,
+        };
+        let mut r = MigrationReport::default();
+        record_guest_check(&mut r, &check, None);
+        assert!(!r.guest_verified);
+        record_outcome(&mut r, true, Some(&check), true);
+        assert_eq!(r.outcome, Outcome::Unverified);
+        let detail = r.outcome_detail.unwrap();
+        assert!(
+            detail.starts_with("the guest's status page is not trustworthy: verify_sweeps is 18446744073709551615"),
+            "{detail}"
+        );
+        // Counters that went back alone are enough, and so is one absurd reading.
+        let check = GuestCheck {
+            after: Some(GuestStatus {
+                pages_written: 499,
+                heartbeat: 11,
+                ..before.clone()
+            }),
+            ..check
+        };
+        let mut r = MigrationReport::default();
+        record_outcome(&mut r, true, Some(&check), false);
+        assert_eq!(r.outcome, Outcome::Unverified);
+        assert!(r
+            .outcome_detail
+            .unwrap()
+            .contains("pages_written went back from 500 to 499"));
+        let check = GuestCheck {
+            after: None,
+            at_resume: Some(GuestStatus {
+                mismatches: u64::MAX,
+                ..before
+            }),
+            ..check
+        };
+        let mut r = MigrationReport::default();
+        record_outcome(&mut r, true, Some(&check), false);
+        assert_eq!(r.outcome, Outcome::Unverified);
     }
 
     #[test]

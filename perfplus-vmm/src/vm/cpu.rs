@@ -158,6 +158,31 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
 }
 
+/// Largest XSAVE area a saved state may carry: KVM's XSAVE2 areas are a few KiB (AMX makes them
+/// ~11 KiB); anything much larger is not a state this host could restore.
+pub const XSAVE_MAX_BYTES: usize = 64 * 1024;
+
+impl VcpuState {
+    /// What a decoded state must satisfy before any ioctl sees it (see [`crate::vm::VmState::from_bytes`]).
+    pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.cpuid.len() <= KVM_MAX_CPUID_ENTRIES,
+            "vCPU {}: {} CPUID entries, KVM takes at most {KVM_MAX_CPUID_ENTRIES}",
+            self.id,
+            self.cpuid.len()
+        );
+        let legacy_words = std::mem::size_of::<kvm_bindings::kvm_xsave>() / 4;
+        ensure!(
+            (legacy_words..=XSAVE_MAX_BYTES / 4).contains(&self.xsave.len()),
+            "vCPU {}: XSAVE area of {} bytes, expected {} to {XSAVE_MAX_BYTES}",
+            self.id,
+            self.xsave.len() * 4,
+            legacy_words * 4
+        );
+        Ok(())
+    }
+}
+
 /// Size in bytes of the vCPU's XSAVE area (`KVM_CAP_XSAVE2`), at least the legacy 4 KiB.
 fn xsave_bytes(vm: &VmFd) -> usize {
     (vm.check_extension_int(Cap::Xsave2).max(0) as usize).max(std::mem::size_of::<kvm_bindings::kvm_xsave>())

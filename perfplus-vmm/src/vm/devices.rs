@@ -8,6 +8,8 @@ use std::collections::{HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use super::console::{self, Admit, LogBudget};
+
 /// First port of the COM1 UART.
 pub const COM1: u16 = 0x3f8;
 /// CMOS index register port.
@@ -17,7 +19,7 @@ pub const CMOS_DATA: u16 = 0x71;
 
 /// How many bytes of console output the VMM keeps for [`Devices::console_tail`].
 const CONSOLE_KEEP: usize = 64 * 1024;
-/// Longest line forwarded to `tracing` before it is cut.
+/// Longest line forwarded to `tracing` before it is cut (before escaping).
 const LINE_MAX: usize = 1024;
 
 const LCR_DLAB: u8 = 0x80;
@@ -53,6 +55,8 @@ pub struct Devices {
     state: DeviceState,
     console: VecDeque<u8>,
     line: Vec<u8>,
+    /// Bounds what the guest's console puts into the agent's log ([`console::LOG_BYTES_PER_SEC`]).
+    log_budget: LogBudget,
     unknown_ports: HashSet<u16>,
 }
 
@@ -70,6 +74,11 @@ impl Devices {
             },
             console: VecDeque::with_capacity(CONSOLE_KEEP),
             line: Vec::new(),
+            log_budget: LogBudget::new(
+                console::LOG_BYTES_PER_SEC,
+                console::LOG_BURST_BYTES,
+                std::time::Instant::now(),
+            ),
             unknown_ports: HashSet::new(),
         }
     }
@@ -167,19 +176,53 @@ impl Devices {
         }
     }
 
+    /// Logs the line (escaped: the guest cannot act on a terminal or forge log lines) within the
+    /// VM's log budget; a line over the budget is dropped and counted, and the log says so once when
+    /// dropping begins and with the counts before the next line it logs.
     fn flush_line(&mut self) {
-        let line = String::from_utf8_lossy(&self.line);
-        tracing::info!(vm = %self.vm_name, "guest: {line}");
+        let line = console::escape(&self.line);
         self.line.clear();
+        match self.log_budget.admit(line.len(), std::time::Instant::now()) {
+            Admit::Log { dropped } => {
+                if let Some(d) = dropped {
+                    tracing::warn!(
+                        vm = %self.vm_name,
+                        "guest console: {} lines ({} bytes) not logged over the last {:.1} s (limit {} bytes/s per VM)",
+                        d.lines,
+                        d.bytes,
+                        d.over.as_secs_f64(),
+                        console::LOG_BYTES_PER_SEC
+                    );
+                }
+                tracing::info!(vm = %self.vm_name, "guest: {line}");
+            }
+            Admit::Drop { first: true } => tracing::warn!(
+                vm = %self.vm_name,
+                "guest console: output over the log limit of {} bytes/s per VM; lines are dropped from the log \
+                 (counted, and kept in the console tail of `vm status`)",
+                console::LOG_BYTES_PER_SEC
+            ),
+            Admit::Drop { first: false } => {}
+        }
     }
 
-    /// The last (up to 64 KiB of) console output, lossily decoded.
+    /// Console lines and bytes not logged since the VM started (over the log budget).
+    pub fn console_dropped(&self) -> console::Dropped {
+        self.log_budget.total_dropped
+    }
+
+    /// The last (up to 64 KiB of) console output, one line per line, each escaped (see
+    /// [`console::escape`]; a CR before a line's end is dropped).
     pub fn console_tail(&self) -> String {
         let (a, b) = self.console.as_slices();
         let mut bytes = Vec::with_capacity(a.len() + b.len());
         bytes.extend_from_slice(a);
         bytes.extend_from_slice(b);
-        String::from_utf8_lossy(&bytes).into_owned()
+        let lines: Vec<String> = bytes
+            .split(|&c| c == b'\n')
+            .map(|line| console::escape(line.strip_suffix(b"\r").unwrap_or(line)))
+            .collect();
+        lines.join("\n")
     }
 
     fn cmos_read(&self) -> u8 {

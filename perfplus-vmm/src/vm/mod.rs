@@ -22,6 +22,7 @@
 //! [`crate::sys::kvm`] for what it lacks (`KVM_CLEAR_DIRTY_LOG`, `KVM_RESET_DIRTY_RINGS`, the
 //! dirty-ring mapping); no file here defines an ioctl.
 pub mod builtin_guest;
+pub mod console;
 pub mod cpu;
 pub mod devices;
 pub mod multiboot;
@@ -39,7 +40,7 @@ use kvm_bindings::{kvm_enable_cap, CpuId, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
-pub use cpu::VcpuState;
+pub use cpu::{VcpuState, XSAVE_MAX_BYTES};
 pub use devices::DeviceState;
 pub use ram::RamSlot;
 pub use vcpu_rings::DirtyRings;
@@ -104,6 +105,43 @@ pub struct VmState {
     /// guest's TSC is advanced by the time that passed, so the guest sees its downtime.
     pub saved_at_unix_ns: u64,
     pub tsc_khz: u32,
+}
+
+impl VmState {
+    /// The bytes a `VmState` message carries (postcard).
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        postcard::to_allocvec(self).context("encoding the VM state")
+    }
+
+    /// Decodes what [`VmState::to_bytes`] wrote, as it arrives from a peer, and checks what can be
+    /// checked without a VM: the layout version, one state per vCPU with distinct ids, CPUID entries
+    /// KVM could take, an XSAVE area at least the legacy size and at most [`XSAVE_MAX_BYTES`], and 128
+    /// bytes of CMOS RAM. [`Vm::restore_state`] checks the rest against the VM it restores into.
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<VmState> {
+        let state: VmState = postcard::from_bytes(bytes).context("decoding the VM state")?;
+        state.check()?;
+        Ok(state)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.version == VM_STATE_VERSION,
+            "VM state version {} is not the supported {VM_STATE_VERSION}",
+            self.version
+        );
+        ensure!(!self.vcpus.is_empty(), "VM state has no vCPU");
+        let mut ids = std::collections::HashSet::new();
+        for vcpu in &self.vcpus {
+            ensure!(ids.insert(vcpu.id), "VM state has vCPU {} twice", vcpu.id);
+            vcpu.check()?;
+        }
+        ensure!(
+            self.devices.cmos_ram.len() == 128,
+            "device state has {} bytes of CMOS RAM, expected 128",
+            self.devices.cmos_ram.len()
+        );
+        Ok(())
+    }
 }
 
 /// How a VM is created. The default is what [`Vm::create`] makes.
@@ -445,9 +483,14 @@ impl Vm {
         status::request_stall_reset(&self.memory)
     }
 
-    /// The last lines the guest wrote to its serial console.
+    /// The last lines the guest wrote to its serial console, escaped ([`console::escape`]).
     pub fn console_tail(&self) -> String {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_tail()
+    }
+
+    /// Console lines and bytes kept out of the log since the VM started ([`console::LogBudget`]).
+    pub fn console_dropped(&self) -> console::Dropped {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_dropped()
     }
 
     /// The RAM slot (shareable with a dirty tracker on another thread): the one way into the KVM dirty

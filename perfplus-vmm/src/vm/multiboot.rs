@@ -119,12 +119,11 @@ pub fn find_header(image: &[u8]) -> anyhow::Result<Header> {
     bail!("no multiboot (v1) header in the first 8 KiB of the kernel image (magic {HEADER_MAGIC:#x} with a valid checksum)")
 }
 
-/// Checks that `[start, end)` is inside RAM and clear of the VMM's reserved low area.
-fn check_range(mem: &GuestMemory, start: u64, end: u64, what: &str) -> anyhow::Result<()> {
+/// Checks that `[start, end)` is inside RAM of `ram_size` bytes and clear of the VMM's reserved low area.
+fn check_range(ram_size: u64, start: u64, end: u64, what: &str) -> anyhow::Result<()> {
     ensure!(
-        end <= mem.size(),
-        "{what} [{start:#x}, {end:#x}) does not fit in guest RAM of {:#x} bytes",
-        mem.size()
+        end <= ram_size,
+        "{what} [{start:#x}, {end:#x}) does not fit in guest RAM of {ram_size:#x} bytes"
     );
     ensure!(
         end <= RESERVED.start || start >= RESERVED.end,
@@ -135,16 +134,49 @@ fn check_range(mem: &GuestMemory, start: u64, end: u64, what: &str) -> anyhow::R
     Ok(())
 }
 
-/// Loads the image into guest memory (not the boot information; see [`write_boot_info`]).
-pub fn load_image(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
+/// One piece of a kernel image in guest memory: the image bytes `file` go to `start`, and zeroes
+/// follow them up to `end` (the bss).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    pub end: u64,
+    pub file: std::ops::Range<usize>,
+}
+
+/// What loading an image will do, decided from the image bytes alone ([`plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub entry: u32,
+    pub segments: Vec<Segment>,
+}
+
+/// Parses and checks a multiboot image for guest RAM of `ram_size` bytes, touching no memory: every
+/// segment lies inside RAM and outside [`RESERVED`], its file bytes inside the image, no two overlap.
+/// [`load_image`] carries the plan out; this is the part a peer's (or an operator's) bytes reach.
+pub fn plan(image: &[u8], ram_size: u64) -> anyhow::Result<Plan> {
     let header = find_header(image)?;
     match &header.addresses {
-        Some(a) => load_aout(mem, image, &header, a),
-        None => load_elf(mem, image),
+        Some(a) => plan_aout(image, ram_size, &header, a),
+        None => plan_elf(image, ram_size),
     }
 }
 
-fn load_aout(mem: &GuestMemory, image: &[u8], header: &Header, a: &AoutAddresses) -> anyhow::Result<Loaded> {
+/// Loads the image into guest memory (not the boot information; see [`write_boot_info`]).
+pub fn load_image(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
+    let plan = plan(image, mem.size())?;
+    for s in &plan.segments {
+        let data = &image[s.file.clone()];
+        mem.write(s.start, data)?;
+        let data_end = s.start + data.len() as u64;
+        mem.zero(data_end, s.end - data_end)?;
+    }
+    Ok(Loaded {
+        entry: plan.entry,
+        ranges: plan.segments.iter().map(|s| s.start..s.end).collect(),
+    })
+}
+
+fn plan_aout(image: &[u8], ram_size: u64, header: &Header, a: &AoutAddresses) -> anyhow::Result<Plan> {
     ensure!(
         a.load_addr <= a.header_addr,
         "multiboot header: load_addr {:#x} is above header_addr {:#x}",
@@ -182,16 +214,18 @@ fn load_aout(mem: &GuestMemory, image: &[u8], header: &Header, a: &AoutAddresses
         );
         u64::from(a.bss_end_addr)
     };
-    check_range(mem, start, end, "kernel image")?;
-    mem.write(start, &image[file_start as usize..(file_start + load_len) as usize])?;
-    mem.zero(load_end, end - load_end)?;
-    Ok(Loaded {
+    check_range(ram_size, start, end, "kernel image")?;
+    Ok(Plan {
         entry: a.entry_addr,
-        ranges: std::iter::once(start..end).collect(),
+        segments: vec![Segment {
+            start,
+            end,
+            file: file_start as usize..(file_start + load_len) as usize,
+        }],
     })
 }
 
-fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
+fn plan_elf(image: &[u8], ram_size: u64) -> anyhow::Result<Plan> {
     let elf = Elf::parse(image).context(
         "the multiboot header does not set flag 16 (address fields), so the kernel must be ELF, but it does not parse as ELF",
     )?;
@@ -203,7 +237,7 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
         "ELF kernel is for machine {} (need x86 or x86-64)",
         elf.header.e_machine
     );
-    let mut ranges = Vec::new();
+    let mut segments: Vec<Segment> = Vec::new();
     let mut entry = None;
     for ph in elf.program_headers.iter().filter(|ph| ph.p_type == PT_LOAD) {
         if ph.p_memsz == 0 {
@@ -218,7 +252,7 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
         );
         let start = ph.p_paddr;
         let end = start.checked_add(ph.p_memsz).context("ELF segment end overflows")?;
-        check_range(mem, start, end, "ELF segment")?;
+        check_range(ram_size, start, end, "ELF segment")?;
         let file_end = ph
             .p_offset
             .checked_add(ph.p_filesz)
@@ -229,17 +263,25 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
                     ph.p_offset, ph.p_filesz
                 )
             })?;
-        mem.write(start, &image[ph.p_offset as usize..file_end as usize])?;
-        mem.zero(start + ph.p_filesz, ph.p_memsz - ph.p_filesz)?;
         // The entry is a virtual address; translate it through the segment that contains it.
-        if (ph.p_vaddr..ph.p_vaddr + ph.p_memsz).contains(&elf.entry) {
+        let vend = ph.p_vaddr.checked_add(ph.p_memsz).with_context(|| {
+            format!(
+                "ELF segment at {start:#x}: virtual range {:#x} + {:#x} overflows",
+                ph.p_vaddr, ph.p_memsz
+            )
+        })?;
+        if (ph.p_vaddr..vend).contains(&elf.entry) {
             entry = Some(elf.entry - ph.p_vaddr + ph.p_paddr);
         }
-        ranges.push(start..end);
+        segments.push(Segment {
+            start,
+            end,
+            file: ph.p_offset as usize..file_end as usize,
+        });
     }
-    ensure!(!ranges.is_empty(), "ELF kernel has no loadable segment");
-    for (i, a) in ranges.iter().enumerate() {
-        for b in &ranges[i + 1..] {
+    ensure!(!segments.is_empty(), "ELF kernel has no loadable segment");
+    for (i, a) in segments.iter().enumerate() {
+        for b in &segments[i + 1..] {
             ensure!(
                 a.end <= b.start || b.end <= a.start,
                 "ELF segments [{:#x}, {:#x}) and [{:#x}, {:#x}) overlap",
@@ -253,7 +295,7 @@ fn load_elf(mem: &GuestMemory, image: &[u8]) -> anyhow::Result<Loaded> {
     let entry = entry.unwrap_or(elf.entry);
     let entry = u32::try_from(entry)
         .with_context(|| format!("ELF entry point {entry:#x} is above 4 GiB (multiboot enters in 32-bit mode)"))?;
-    Ok(Loaded { entry, ranges })
+    Ok(Plan { entry, segments })
 }
 
 /// Writes the multiboot information structure, memory map, loader name and command line.
@@ -472,6 +514,53 @@ pub(crate) mod tests {
         let err = load_image(&mem, &high).unwrap_err().to_string();
         assert!(err.contains("does not fit in guest RAM"), "{err}");
         assert!(load_image(&mem, b"not a kernel").is_err());
+    }
+
+    /// A minimal ELF64 x86-64 executable with one PT_LOAD of `payload` at `paddr`, virtual `vaddr`.
+    fn elf64(payload: &[u8], paddr: u64, vaddr: u64, entry: u64) -> Vec<u8> {
+        let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        f.extend_from_slice(&1u32.to_le_bytes());
+        for v in [entry, 64, 0] {
+            f.extend_from_slice(&v.to_le_bytes()); // entry, phoff, shoff
+        }
+        f.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f.extend_from_slice(&7u32.to_le_bytes());
+        let len = payload.len() as u64;
+        for v in [120, vaddr, paddr, len, len + 0x1000, 0x1000] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_virtual_range_that_wraps_is_refused_not_an_overflow() {
+        // Found by fuzzing (fuzz/regressions/multiboot/): p_vaddr + p_memsz overflowed (a panic where
+        // overflow checks are on, a wrapped range where not).
+        let image = elf64(&header(None), 0x10_0000, u64::MAX - 5, 0x10_0000);
+        let err = plan(&image, 16 << 20).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "ELF segment at 0x100000: virtual range 0xfffffffffffffffa + 0x100c overflows"
+        );
+        // The same image with a sane virtual address loads, its entry translated to physical.
+        let image = elf64(&header(None), 0x10_0000, 0xffff_8000_0000_0000, 0xffff_8000_0000_0004);
+        let plan = plan(&image, 16 << 20).unwrap();
+        assert_eq!(plan.entry, 0x10_0004);
+        assert_eq!(
+            plan.segments,
+            vec![Segment {
+                start: 0x10_0000,
+                end: 0x10_100c,
+                file: 120..132
+            }]
+        );
     }
 
     #[test]
