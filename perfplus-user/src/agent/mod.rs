@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use self::admission::{Admission, RateLimited};
 use self::by_id::ById;
@@ -143,6 +144,17 @@ impl AgentState {
     }
 }
 
+/// What the service around an agent may ask of it while it serves (see [`Agent::view`]).
+#[derive(Clone)]
+pub struct AgentView(Arc<AgentState>);
+
+impl AgentView {
+    /// VMs hosted now.
+    pub fn vms_hosted(&self) -> usize {
+        self.0.vms.len()
+    }
+}
+
 pub struct Agent {
     listener: TcpListener,
     state: Arc<AgentState>,
@@ -196,6 +208,11 @@ impl Agent {
             state,
             admission,
         })
+    }
+
+    /// A handle on what the agent hosts, for its metrics endpoint; it stays valid while the agent serves.
+    pub fn view(&self) -> AgentView {
+        AgentView(self.state.clone())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -279,7 +296,14 @@ async fn handle(state: Arc<AgentState>, mut conn: Connection, role: Role) -> any
             Ok(())
         }
         Role::Peer => match request {
-            Message::MigrateBegin(begin) => incoming::migrate_in(&state, &mut conn, begin).await,
+            Message::MigrateBegin(begin) => {
+                // Every line of the arrival, here and in the engine, carries the migration's id.
+                let span = tracing::info_span!("migration", migration_id = %begin.migration_id, vm = %begin.vm);
+                let result = incoming::migrate_in(&state, &mut conn, begin).instrument(span).await;
+                let arrived = if result.is_ok() { "hosted" } else { "failed" };
+                crate::metrics::get().incoming.with_label_values(&[arrived]).inc();
+                result
+            }
             Message::PostcopyAttach(attach) => incoming::attach(&state, conn, attach).await,
             other => {
                 let text = format!(
