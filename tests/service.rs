@@ -343,3 +343,91 @@ fn metrics_and_the_json_log_follow_a_real_migration() {
         assert_eq!(lines[start]["span"]["vm"], "m1");
     }
 }
+
+#[test]
+fn the_console_streams_escaped_and_is_logged_to_a_private_file() {
+    if kvm_missing() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let a = cluster.agent("a");
+    // The built-in guest as a kernel file, given a command line it refuses: it prints that line, an
+    // escape sequence (ESC [31m) included, on its console.
+    let kernel = cluster.dir.path().join("guest.elf");
+    let out = cluster.cli(&["guest-image", "--out", kernel.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cluster.cli(&[
+        "vm",
+        "start",
+        "--agent",
+        &a.addr,
+        "--name",
+        "noisy",
+        "--memory",
+        "16M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "seed=\u{1b}[31mred",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = "bad command line value seed=";
+    support::wait_until(BOUND, "the guest's complaint on its console", || {
+        cluster.status(&a, "noisy")["console_tail"]
+            .as_str()
+            .is_some_and(|tail| tail.contains(printed))
+    });
+
+    // Escaped by default, raw on request; a reader's certificate may read it.
+    let reader = cluster.issue("reader", "watcher");
+    let escaped = cluster.cli_as(&reader, &["vm", "console", "noisy", "--agent", &a.addr, "--no-follow"]);
+    assert!(escaped.status.success(), "{}", String::from_utf8_lossy(&escaped.stderr));
+    let text = String::from_utf8_lossy(&escaped.stdout).to_string();
+    assert!(text.contains("seed=\\x1b[31mred"), "{text:?}");
+    assert!(
+        !escaped.stdout.contains(&0x1b),
+        "no raw escape byte reaches the terminal: {text:?}"
+    );
+    let raw = cluster.cli(&["vm", "console", "noisy", "--agent", &a.addr, "--no-follow", "--raw"]);
+    assert!(raw.status.success());
+    assert!(String::from_utf8_lossy(&raw.stdout).contains("seed=\u{1b}[31mred"));
+
+    // The log file in the state directory: the raw bytes, mode 0600.
+    let log = cluster.dir.path().join("a").join("console").join("noisy.log");
+    support::wait_until(BOUND, "the console log file", || {
+        std::fs::read(&log).is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains("seed=\u{1b}[31mred"))
+    });
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Following: the stream stays open until the VM leaves, then the CLI ends by itself.
+    let mut follow = support::Spawned::new(
+        cluster
+            .command_in(None, &["vm", "console", "noisy", "--agent", &a.addr])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = follow.child().stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let first = (0..)
+        .map_while(|_| line_rx.recv_timeout(BOUND).ok())
+        .find(|line| line.contains(printed));
+    assert!(first.is_some(), "the following console shows what the console holds");
+    assert!(follow.child().try_wait().unwrap().is_none(), "following: it stays open");
+    let out = cluster.cli(&["vm", "stop", "noisy", "--agent", &a.addr]);
+    assert!(out.status.success());
+    support::wait_until(BOUND, "the console to end when the VM left", || {
+        follow.child().try_wait().unwrap().is_some()
+    });
+    let ended = follow.wait_with_output();
+    assert!(ended.status.success(), "{}", String::from_utf8_lossy(&ended.stderr));
+    assert!(String::from_utf8_lossy(&ended.stderr).contains("console closed"));
+}

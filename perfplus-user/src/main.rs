@@ -131,6 +131,19 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stream a VM's serial console (read-only, like `virsh console`; Ctrl-C ends it). Control
+    /// characters are escaped unless --raw. Any certificate of the cluster may read it.
+    Console {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        agent: String,
+        /// Print what the agent keeps of the console (the last 64 KiB) and exit.
+        #[arg(long)]
+        no_follow: bool,
+        /// Write the guest's bytes as they are (escape sequences reach the terminal).
+        #[arg(long)]
+        raw: bool,
+    },
     /// Stop a VM and free its memory.
     Stop {
         name: String,
@@ -405,6 +418,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let info = AgentClient::connect(&agent, &credentials).await?.status(&name).await?;
             print_vm(&info, json)
         }
+        Command::Vm(VmCommand::Console {
+            name,
+            agent,
+            no_follow,
+            raw,
+        }) => perfplus::cli::console::console(&agent, &credentials, &name, !no_follow, raw).await,
         Command::Vm(VmCommand::Stop { name, agent }) => {
             AgentClient::connect(&agent, &credentials).await?.stop(&name).await?;
             println!("stopped {name} on {agent}");

@@ -10,6 +10,7 @@
 //! This file binds the listener and dispatches each connection by its role; the rest, one concern a file:
 //! - `control`: the CLI's requests (start, list, status, stop, migrate, resume, track);
 //! - `boot`: booting a VM and indexing its image's pages;
+//! - `console`: a VM's serial console streamed to a CLI (`VmConsole`), and its log file;
 //! - `outgoing`: migrations of hosted VMs to other agents, and their resumable handles;
 //! - `incoming`: migrations from other agents, and the attachment of their post-copy connections;
 //! - `archive`: keeping the pages of VMs that left in the page store;
@@ -23,6 +24,7 @@ mod admission;
 mod archive;
 mod boot;
 mod by_id;
+mod console;
 mod control;
 mod incoming;
 pub mod limits;
@@ -71,6 +73,8 @@ pub struct AgentConfig {
     pub page_store_pages: u64,
     /// Quotas: VM sizes, connections in the handshake.
     pub limits: AgentLimits,
+    /// Largest console log file of one VM (`STATE_DIR/console/NAME.log`); 0: no console logs.
+    pub console_log_bytes: u64,
 }
 
 /// What the agent keeps of a VM it hosts (cloned out of the registry: cheap, and it holds the VM by `Arc`).
@@ -159,6 +163,8 @@ pub struct Agent {
     listener: TcpListener,
     state: Arc<AgentState>,
     admission: Arc<Admission>,
+    /// Where the VMs' console logs go, and their largest size (0: none).
+    console_logs: (PathBuf, u64),
 }
 
 impl Agent {
@@ -207,6 +213,7 @@ impl Agent {
             listener,
             state,
             admission,
+            console_logs: (config.state_dir.join("console"), config.console_log_bytes),
         })
     }
 
@@ -224,6 +231,8 @@ impl Agent {
     /// agent's guests outlive any number of connections. Connections over the handshake caps are
     /// closed at once.
     pub async fn serve(self) -> anyhow::Result<()> {
+        let (dir, max_bytes) = self.console_logs.clone();
+        tokio::spawn(console::keep_logs(self.state.clone(), dir, max_bytes));
         let mut accept_errors = RateLimited::default();
         let mut refusals = RateLimited::default();
         loop {

@@ -66,6 +66,28 @@ impl AgentClient {
         }
     }
 
+    /// Streams VM `name`'s console: `output` gets each chunk (and the bytes lost before it) until the
+    /// agent ends the stream (not following, or the VM left).
+    pub async fn console(
+        mut self,
+        name: &str,
+        follow: bool,
+        mut output: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let request = perfplus_protocol::ConsoleRequest {
+            name: name.to_string(),
+            follow,
+        };
+        self.conn.send(&Message::VmConsole(request)).await?;
+        loop {
+            match self.conn.recv().await? {
+                Message::ConsoleOutput(chunk) => output(chunk.lost, &chunk.bytes)?,
+                Message::Done => return Ok(()),
+                other => bail!("agent {} answered VmConsole with {}", self.agent, other.describe()),
+            }
+        }
+    }
+
     /// Asks the (source) agent to resume post-copy migration `id` now and waits for its report.
     pub async fn resume(mut self, id: &str) -> anyhow::Result<MigrationReport> {
         self.conn.send(&Message::MigrateResume { id: id.to_string() }).await?;

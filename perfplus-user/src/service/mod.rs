@@ -62,6 +62,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         credentials: credentials.with_allowed_agents(allowed),
         page_store_pages: settings.page_store_size.0 / PAGE_SIZE as u64,
         limits: settings.limits(),
+        console_log_bytes: settings.console_log_size.0,
     })
     .await?;
     let metrics = match &settings.metrics_listen {

@@ -83,7 +83,7 @@ impl<'de> Deserialize<'de> for Size {
 pub struct Settings {
     /// Address for the CLI and for other agents (host:port; port 0 picks a free one).
     pub listen: String,
-    /// The agent's state: its page store.
+    /// The agent's state: its page store, the VMs' console logs.
     pub state_dir: PathBuf,
     /// This agent's TLS credentials (ca.pem, cert.pem, key.pem, page.key), as `perfplus cert issue
     /// --agent` writes them.
@@ -107,6 +107,9 @@ pub struct Settings {
     /// Address of the Prometheus endpoint (`GET /metrics`); absent: no metrics endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// Each VM's serial console is logged to STATE_DIR/console/NAME.log (mode 0600), at most this much:
+    /// then the file moves to NAME.log.1 (replacing it) and a new one starts. 0: no console logs.
+    pub console_log_size: Size,
 }
 
 impl Default for Settings {
@@ -124,6 +127,7 @@ impl Default for Settings {
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
             metrics_listen: None,
+            console_log_size: Size(1 << 20),
         }
     }
 }
@@ -142,7 +146,7 @@ pub struct AgentArgs {
     /// prints the address it got). [default: 127.0.0.1:7001]
     #[arg(long)]
     pub listen: Option<String>,
-    /// Directory for the agent's state (its page store of earlier migrations).
+    /// Directory for the agent's state (its page store of earlier migrations, console logs).
     /// [default: /var/lib/perfplus]
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -177,6 +181,9 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100). Default: off.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Largest console log of one VM (STATE_DIR/console/NAME.log, then NAME.log.1; 0: none). [default: 1M]
+    #[arg(long)]
+    pub console_log_size: Option<Size>,
 }
 
 /// Where the settings came from, for `--print-config`'s header and for errors.
@@ -259,6 +266,7 @@ impl Settings {
         if args.metrics_listen.is_some() {
             self.metrics_listen = args.metrics_listen.clone();
         }
+        set(&mut self.console_log_size, &args.console_log_size);
     }
 
     /// What no agent can run with, said before anything starts.
