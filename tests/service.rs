@@ -431,3 +431,99 @@ fn the_console_streams_escaped_and_is_logged_to_a_private_file() {
     assert!(ended.status.success(), "{}", String::from_utf8_lossy(&ended.stderr));
     assert!(String::from_utf8_lossy(&ended.stderr).contains("console closed"));
 }
+
+#[test]
+fn local_operators_use_the_control_socket_without_a_certificate() {
+    let cluster = Cluster::new();
+    // Its directory does not exist yet: the agent makes it 0700.
+    let socket = cluster.dir.path().join("run").join("control.sock");
+    let socket_arg = socket.to_str().unwrap();
+    let mut a = TestAgent::start_with(
+        &cluster.issue("agent", "a"),
+        &cluster.dir.path().join("a"),
+        "0",
+        None,
+        &["--control-socket", socket_arg],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+
+    // No credentials at all, and an operator's request is served (a missing VM is the answer, not a
+    // refusal of the role).
+    let agent = format!("unix:{socket_arg}");
+    let local = |args: &[&str]| {
+        perfplus_command(None)
+            .args(["--tls-dir", "/nonexistent/perfplus-credentials"])
+            .args(args)
+            .env_remove("PERFPLUS_TLS_DIR")
+            .output()
+            .unwrap()
+    };
+    let out = local(&["vm", "list", "--agent", &agent]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no VMs"));
+    let out = local(&["vm", "stop", "ghost", "--agent", &agent]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("no VM named \"ghost\""),
+        "{text}"
+    );
+    // Without the socket, the same CLI has no credentials for the TLS port.
+    let out = local(&["vm", "list", "--agent", &a.addr]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS credentials"));
+
+    // Another user is refused by the agent itself (SO_PEERCRED), even with the file (and the
+    // directories on its way) opened up to it.
+    let opened = [cluster.dir.path(), socket.parent().unwrap()];
+    for dir in opened {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", PERFPLUS])
+        .args(["--tls-dir", "/nonexistent", "vm", "list", "--agent", &agent])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!nobody.status.success(), "{}", String::from_utf8_lossy(&nobody.stdout));
+    support::wait_until(BOUND, "the agent's word on the refused uid", || {
+        a.log_text().contains("uid 65534")
+    });
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for dir in opened {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+
+    // A second agent cannot take a socket the first serves; once the first is gone, its stale file is
+    // replaced.
+    let second = perfplus_command(None)
+        .args(["--tls-dir"])
+        .arg(cluster.issue("agent", "b"))
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--page-store-size",
+            "0",
+            "--state-dir",
+        ])
+        .arg(cluster.dir.path().join("b"))
+        .args(["--control-socket", socket_arg])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another process serves it"));
+    a.kill();
+    let b = TestAgent::start_with(
+        &cluster.issue("agent", "b"),
+        &cluster.dir.path().join("b"),
+        "0",
+        None,
+        &["--control-socket", socket_arg],
+    );
+    let out = local(&["vm", "list", "--agent", &agent]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(b);
+}

@@ -14,6 +14,8 @@
 //! - [`connection`] (`connection.rs`): TLS on a tokio TCP stream, buffered into frames; it runs the
 //!   TLS handshake and the perfplus handshake when it opens, checks who the peer is, then moves
 //!   [`Message`]s.
+//! - [`local`] (`local.rs`): the same connection over an agent's unix control socket, for the operators
+//!   of its host: no TLS, the peer known from the kernel (`SO_PEERCRED`), control requests only.
 //! - [`cluster_key`]: the cluster's page-digest secret (agents only; authenticates nothing).
 //! - the migration engine and the agent apply [`Message`]s; they never see bytes.
 //!
@@ -153,6 +155,7 @@ pub mod cluster_key;
 pub mod connection;
 pub mod frame;
 pub mod handshake;
+pub mod local;
 pub mod message;
 pub mod report;
 pub mod tls;

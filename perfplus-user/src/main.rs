@@ -365,7 +365,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let credentials = perfplus::cli::pki::load(&cli.tls_dir)?;
+    // An agent reached over its control socket (`--agent unix:PATH`) needs no certificate.
+    let local_agent = std::env::args().any(|arg| arg.starts_with("unix:") || arg.contains("=unix:"));
+    let credentials = perfplus::cli::pki::load_for_cli(&cli.tls_dir, local_agent)?;
     match cli.command {
         Command::Keygen { .. } | Command::GuestImage { .. } | Command::Ca(_) | Command::Cert(_) => {
             unreachable!("handled above")

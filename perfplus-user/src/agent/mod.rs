@@ -10,6 +10,7 @@
 //! This file binds the listener and dispatches each connection by its role; the rest, one concern a file:
 //! - `control`: the CLI's requests (start, list, status, stop, migrate, resume, track);
 //! - `boot`: booting a VM and indexing its image's pages;
+//! - `control_socket`: the unix control socket of local operators (no certificate; `SO_PEERCRED`);
 //! - `console`: a VM's serial console streamed to a CLI (`VmConsole`), and its log file;
 //! - `outgoing`: migrations of hosted VMs to other agents, and their resumable handles;
 //! - `incoming`: migrations from other agents, and the attachment of their post-copy connections;
@@ -26,6 +27,7 @@ mod boot;
 mod by_id;
 mod console;
 mod control;
+mod control_socket;
 mod incoming;
 pub mod limits;
 mod outgoing;
@@ -75,6 +77,8 @@ pub struct AgentConfig {
     pub limits: AgentLimits,
     /// Largest console log file of one VM (`STATE_DIR/console/NAME.log`); 0: no console logs.
     pub console_log_bytes: u64,
+    /// The unix control socket for local operators, if any.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// What the agent keeps of a VM it hosts (cloned out of the registry: cheap, and it holds the VM by `Arc`).
@@ -165,6 +169,7 @@ pub struct Agent {
     admission: Arc<Admission>,
     /// Where the VMs' console logs go, and their largest size (0: none).
     console_logs: (PathBuf, u64),
+    control_socket: Option<control_socket::ControlSocket>,
 }
 
 impl Agent {
@@ -194,6 +199,7 @@ impl Agent {
         let listener = TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let control_socket = config.control_socket.as_deref().map(control_socket::bind).transpose()?;
         let addr = listener.local_addr()?;
         let state = Arc::new(AgentState {
             name: addr.to_string(),
@@ -214,12 +220,18 @@ impl Agent {
             state,
             admission,
             console_logs: (config.state_dir.join("console"), config.console_log_bytes),
+            control_socket,
         })
     }
 
     /// A handle on what the agent hosts, for its metrics endpoint; it stays valid while the agent serves.
     pub fn view(&self) -> AgentView {
         AgentView(self.state.clone())
+    }
+
+    /// The control socket's path, if the agent has one.
+    pub fn control_socket(&self) -> Option<&std::path::Path> {
+        self.control_socket.as_ref().map(|s| s.path())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -233,6 +245,9 @@ impl Agent {
     pub async fn serve(self) -> anyhow::Result<()> {
         let (dir, max_bytes) = self.console_logs.clone();
         tokio::spawn(console::keep_logs(self.state.clone(), dir, max_bytes));
+        if let Some(socket) = self.control_socket {
+            tokio::spawn(socket.serve(self.state.clone()));
+        }
         let mut accept_errors = RateLimited::default();
         let mut refusals = RateLimited::default();
         loop {

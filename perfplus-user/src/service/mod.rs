@@ -63,6 +63,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         page_store_pages: settings.page_store_size.0 / PAGE_SIZE as u64,
         limits: settings.limits(),
         console_log_bytes: settings.console_log_size.0,
+        control_socket: settings.control_socket.clone(),
     })
     .await?;
     let metrics = match &settings.metrics_listen {
@@ -73,6 +74,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // Scripts and tests wait for this line to learn the address.
     println!("perfplus agent listening on {listening}");
     let mut status = format!("listening on {listening}");
+    if let Some(path) = agent.control_socket() {
+        status.push_str(&format!(", control socket {}", path.display()));
+    }
     if let Some(metrics) = &metrics {
         let addr = metrics.local_addr();
         println!("perfplus agent metrics on http://{addr}/metrics");

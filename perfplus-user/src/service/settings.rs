@@ -107,6 +107,10 @@ pub struct Settings {
     /// Address of the Prometheus endpoint (`GET /metrics`); absent: no metrics endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// A unix socket for the operators of this host (mode 0600; root or the agent's user; no
+    /// certificate): `perfplus ... --agent unix:PATH`. Absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
     /// Each VM's serial console is logged to STATE_DIR/console/NAME.log (mode 0600), at most this much:
     /// then the file moves to NAME.log.1 (replacing it) and a new one starts. 0: no console logs.
     pub console_log_size: Size,
@@ -127,6 +131,7 @@ impl Default for Settings {
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
             metrics_listen: None,
+            control_socket: None,
             console_log_size: Size(1 << 20),
         }
     }
@@ -181,6 +186,10 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100). Default: off.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// A unix control socket for local operators (e.g. /run/perfplus/control.sock; mode 0600, root or
+    /// the agent's user, no certificate): `perfplus vm list --agent unix:PATH`. Default: none.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Largest console log of one VM (STATE_DIR/console/NAME.log, then NAME.log.1; 0: none). [default: 1M]
     #[arg(long)]
     pub console_log_size: Option<Size>,
@@ -267,6 +276,9 @@ impl Settings {
             self.metrics_listen = args.metrics_listen.clone();
         }
         set(&mut self.console_log_size, &args.console_log_size);
+        if args.control_socket.is_some() {
+            self.control_socket = args.control_socket.clone();
+        }
     }
 
     /// What no agent can run with, said before anything starts.
@@ -301,6 +313,9 @@ impl Settings {
         let mut text = toml::to_string(self).expect("settings serialize to TOML");
         if self.metrics_listen.is_none() {
             text.push_str("# metrics_listen = \"127.0.0.1:9100\"  (off)\n");
+        }
+        if self.control_socket.is_none() {
+            text.push_str("# control_socket = \"/run/perfplus/control.sock\"  (off)\n");
         }
         text
     }
