@@ -49,9 +49,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let credentials = crate::cli::pki::load(&settings.tls_dir)?;
     anyhow::ensure!(
         credentials.identity().role == CertRole::Agent,
-        "an agent needs an agent's certificate; the one in {} is {}'s (`perfplus cert issue --agent NAME`)",
-        settings.tls_dir.display(),
-        credentials.identity()
+        "an agent needs an agent's certificate; this one is {}'s (in {}; `perfplus cert issue --agent NAME`)",
+        credentials.identity(),
+        settings.tls_dir.display()
     );
     let identity = credentials.identity().clone();
     let allowed = (!settings.allow_destinations.is_empty()).then(|| settings.allow_destinations.clone());
