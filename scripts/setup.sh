@@ -84,6 +84,16 @@ if perfplus_ha_missing; then
     fi
 fi
 
+# tests/service.rs checks the systemd unit with `systemd-analyze verify`, which runs without systemd as
+# PID 1. Debian ships it in the systemd package; its maintainer scripts start nothing here.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "setup: installing systemd-analyze (Debian's systemd package)" >&2
+    if ! apt-cache show systemd >/dev/null 2>&1; then
+        apt-get update -qq
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
 if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is absent; VMs cannot run here" >&2
 fi

@@ -565,7 +565,7 @@ impl Connection {
 
     /// The perfplus handshake over the (TLS) stream; the responder also applies the rule that only an
     /// agent opens peer connections.
-    async fn handshake(
+    pub(crate) async fn handshake(
         read: ReadStream,
         write: WriteStream,
         peer: SocketAddr,

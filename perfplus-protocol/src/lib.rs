@@ -14,6 +14,8 @@
 //! - [`connection`] (`connection.rs`): TLS on a tokio TCP stream, buffered into frames; it runs the
 //!   TLS handshake and the perfplus handshake when it opens, checks who the peer is, then moves
 //!   [`Message`]s.
+//! - [`local`] (`local.rs`): the same connection over an agent's unix control socket, for the operators
+//!   of its host: no TLS, the peer known from the kernel (`SO_PEERCRED`), control requests only.
 //! - [`cluster_key`]: the cluster's page-digest secret (agents only; authenticates nothing).
 //! - the migration engine and the agent apply [`Message`]s; they never see bytes.
 //!
@@ -40,8 +42,9 @@
 //! frame (versions, role). A peer that speaks the clear protocol of versions 1 to 3 gets one clear
 //! `Error` frame telling it to upgrade.
 //!
-//! What a certificate may ask on a control connection ([`Message::control_access`]): `VmList` and
-//! `VmStatus` any certificate of the cluster; every other request only an operator's.
+//! What a certificate may ask on a control connection ([`Message::control_access`]): `VmList`,
+//! `VmStatus` and `VmConsole` any certificate of the cluster (reading the console is reading: `VmStatus`
+//! has always carried its last 64 KiB); every other request only an operator's.
 //!
 //! ## Migration (source agent → destination agent, role Peer)
 //! ```text
@@ -150,13 +153,24 @@
 //!
 //! ## Control (CLI → agent, role Control)
 //! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with
-//! `MigrateDone` (or `Error`), and `Track`, which streams one `TrackSample` per interval and ends
-//! with `Done` (or `Error`; the CLI may also just hang up).
+//! `MigrateDone` (or `Error`), `Track`, which streams one `TrackSample` per interval and ends
+//! with `Done` (or `Error`; the CLI may also just hang up), and `VmConsole`:
+//! ```text
+//! CLI                                           agent
+//! |-- VmConsole{name, follow} ------------------>|
+//! |<-- ConsoleOutput{lost, bytes ≤ 64 KiB} ------|  what it keeps of the console (the last 64 KiB)
+//! |<-- ConsoleOutput … (as the guest writes) ----|  following: new output as it comes; `lost` counts
+//! |<-- Done -------------------------------------|  bytes it no longer had; Done: not following, or
+//! |                                              |  the VM left (stopped, migrated away)
+//! ```
+//! The CLI may hang up at any time. The bytes are the guest's, unfiltered: a CLI escapes control
+//! characters before a terminal sees them.
 
 pub mod cluster_key;
 pub mod connection;
 pub mod frame;
 pub mod handshake;
+pub mod local;
 pub mod message;
 pub mod report;
 pub mod tls;

@@ -331,6 +331,25 @@ pub struct TrackRequest {
     pub ebpf: bool,
 }
 
+/// `perfplus vm console`: stream a VM's serial console.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleRequest {
+    pub name: String,
+    /// Keep streaming new output until the CLI hangs up or the VM leaves; false: only what the agent
+    /// keeps (the last 64 KiB), then `Done`.
+    pub follow: bool,
+}
+
+/// Guest console output, raw bytes as the guest wrote them (the CLI escapes them for a terminal).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleOutput {
+    /// Bytes the guest wrote before these that the agent no longer kept (the CLI fell behind by more
+    /// than the agent keeps).
+    pub lost: u64,
+    /// At most [`frame::CONSOLE_CHUNK_MAX`] bytes.
+    pub bytes: Vec<u8>,
+}
+
 /// A range of guest memory and the writes seen in it during one interval.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackRegion {
@@ -408,6 +427,11 @@ pub enum Message {
     Progress(RoundReport),
     /// The migration the CLI asked for completed.
     MigrateDone(Box<MigrationReport>),
+    /// Stream a VM's serial console; answered by `ConsoleOutput`s, then `Done` (not following, or
+    /// the VM left) or `Error`.
+    VmConsole(ConsoleRequest),
+    /// Console output of the VM a `VmConsole` named.
+    ConsoleOutput(ConsoleOutput),
     /// Measure a VM's writes (`perfplus track --vm`); answered by `TrackSample`s, then `Done`.
     Track(TrackRequest),
     /// One measured interval of a `Track`.
@@ -492,7 +516,8 @@ pub enum Message {
 /// What a control request needs of the certificate of the CLI that sends it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Reading what an agent hosts: `VmList`, `VmStatus`.
+    /// Reading what an agent hosts: `VmList`, `VmStatus`, `VmConsole` (the console is read access:
+    /// `VmStatus` already carries its last 64 KiB).
     Read,
     /// Changing it: starting, stopping, resuming, migrating, cancelling, tracking.
     Operate,
@@ -502,7 +527,7 @@ impl Message {
     /// What this message needs as a control request; None for a message that is not one.
     pub fn control_access(&self) -> Option<Access> {
         match self {
-            Message::VmList | Message::VmStatus { .. } => Some(Access::Read),
+            Message::VmList | Message::VmStatus { .. } | Message::VmConsole(..) => Some(Access::Read),
             Message::VmStart(..)
             | Message::VmStop { .. }
             | Message::VmResume { .. }
@@ -532,6 +557,8 @@ impl Message {
             Message::Done => "Done",
             Message::Progress(..) => "Progress",
             Message::MigrateDone(..) => "MigrateDone",
+            Message::VmConsole(..) => "VmConsole",
+            Message::ConsoleOutput(..) => "ConsoleOutput",
             Message::Track(..) => "Track",
             Message::TrackSample(..) => "TrackSample",
             Message::MigrateBegin(..) => "MigrateBegin",

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
-use perfplus::agent::{Agent, AgentConfig, AgentLimits};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use perfplus::cli::client::AgentClient;
-use perfplus_common::PAGE_SIZE;
+use perfplus::service::settings::parse_size;
 use perfplus_protocol::report::Outcome;
 use perfplus_protocol::{CertRole, Identity, KernelSource, MigrateOptions, MigrateRequest, VmInfo, VmStartRequest};
 use perfplus_vmm::tracking::TrackerKind;
@@ -36,8 +36,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent of this host: it hosts VMs and migrates them to and from other agents.
-    Agent(AgentArgs),
+    /// Run the agent of this host: it hosts VMs and migrates them to and from other agents. Its
+    /// settings come from a TOML file (`--config`, default /etc/perfplus/agent.toml if it exists),
+    /// overridden by these flags; `--print-config` shows the result.
+    Agent(perfplus::service::AgentArgs),
     /// Start, list, inspect and stop VMs on an agent.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -124,39 +126,6 @@ enum CertCommand {
     },
 }
 
-#[derive(Args)]
-struct AgentArgs {
-    /// Address to listen on for the CLI and for other agents (port 0 picks a free port; the agent
-    /// prints the address it got).
-    #[arg(long, default_value = "127.0.0.1:7001")]
-    listen: String,
-    /// Directory for the agent's state (its page store of earlier migrations).
-    #[arg(long, default_value = "/var/lib/perfplus")]
-    state_dir: PathBuf,
-    /// Size of the on-disk page store that keeps pages of VMs that left this host, so that their
-    /// content is not sent again if they come back (e.g. 512M; 0 disables it).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
-    page_store_size: u64,
-    /// Largest guest memory of one VM this agent creates, started here or arriving by migration
-    /// (e.g. 64G); larger requests are refused before anything is allocated.
-    #[arg(long, default_value = "64G", value_parser = parse_size)]
-    max_vm_memory: u64,
-    /// Most vCPUs of one VM this agent creates.
-    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_VCPUS)]
-    max_vcpus: u8,
-    /// Connections that have not yet completed the handshake (TLS and the perfplus Hello), at most;
-    /// more are closed at once.
-    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED)]
-    max_unauthenticated: usize,
-    /// Of those, from one source address (an IPv4 address or an IPv6 /64), at most.
-    #[arg(long, default_value_t = perfplus::agent::limits::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
-    max_unauthenticated_per_source: usize,
-    /// Migrate only to these agents (names in their certificates; repeat or separate with commas).
-    /// Without it, to any agent of the cluster.
-    #[arg(long, value_name = "AGENT", value_delimiter = ',')]
-    allow_destination: Vec<String>,
-}
-
 #[derive(Subcommand)]
 enum VmCommand {
     /// Start a VM: the built-in workload guest (`--workload`) or a multiboot kernel (`--kernel`).
@@ -175,6 +144,19 @@ enum VmCommand {
         agent: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Stream a VM's serial console (read-only, like `virsh console`; Ctrl-C ends it). Control
+    /// characters are escaped unless --raw. Any certificate of the cluster may read it.
+    Console {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        agent: String,
+        /// Print what the agent keeps of the console (the last 64 KiB) and exit.
+        #[arg(long)]
+        no_follow: bool,
+        /// Write the guest's bytes as they are (escape sequences reach the terminal).
+        #[arg(long)]
+        raw: bool,
     },
     /// Stop a VM and free its memory.
     Stop {
@@ -375,16 +357,22 @@ struct TrackArgs {
 const DEFAULT_WORKLOAD: &str = "working-set=64M rate=10k mix=unique:40,dup:30,zero:10,same:20";
 
 fn main() {
-    let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Agent(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Agent(args) = cli.command {
+        // The agent is a service: its settings (file and flags), log and runtime are its own. A
+        // --tls-dir given (flag or PERFPLUS_TLS_DIR) overrides the file's; the default does not.
+        let tls_dir = (matches.value_source("tls_dir") != Some(ValueSource::DefaultValue)).then_some(cli.tls_dir);
+        if let Err(err) = perfplus::service::run(args, tls_dir) {
+            eprintln!("perfplus: error: {err:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -444,7 +432,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let credentials = perfplus::cli::pki::load(&cli.tls_dir)?;
+    // An agent reached over its control socket (`--agent unix:PATH`) needs no certificate.
+    let local_agent = std::env::args().any(|arg| arg.starts_with("unix:") || arg.contains("=unix:"));
+    let credentials = perfplus::cli::pki::load_for_cli(&cli.tls_dir, local_agent)?;
     match cli.command {
         Command::Keygen { .. } | Command::GuestImage { .. } | Command::Ca(_) | Command::Cert(_) => {
             unreachable!("handled above")
@@ -464,7 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 destination_qmp: args.destination_qmp.clone(),
                 downtime_limit_ms: args.downtime_limit.map(|ms| ms.round().max(1.0) as u64),
                 max_bandwidth: args.max_bandwidth,
-                held_pages: args.held / PAGE_SIZE as u64,
+                held_pages: args.held / perfplus_common::PAGE_SIZE as u64,
             };
             eprintln!(
                 "migrating the QEMU at {} ({}) to {} through {} ...",
@@ -484,31 +474,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Agent(args) => {
-            anyhow::ensure!(
-                credentials.identity().role == CertRole::Agent,
-                "an agent needs an agent's certificate; this one is {}'s (`perfplus cert issue --agent NAME`)",
-                credentials.identity()
-            );
-            let allowed = (!args.allow_destination.is_empty()).then_some(args.allow_destination);
-            let agent = Agent::bind(AgentConfig {
-                listen: args.listen,
-                state_dir: args.state_dir,
-                page_key: perfplus::cli::pki::page_key(&cli.tls_dir)?,
-                credentials: credentials.with_allowed_agents(allowed),
-                page_store_pages: args.page_store_size / PAGE_SIZE as u64,
-                limits: AgentLimits {
-                    max_vm_memory: args.max_vm_memory,
-                    max_vcpus: args.max_vcpus,
-                    max_unauthenticated: args.max_unauthenticated,
-                    max_unauthenticated_per_source: args.max_unauthenticated_per_source,
-                },
-            })
-            .await?;
-            // Scripts and tests wait for this line to learn the address.
-            println!("perfplus agent listening on {}", agent.local_addr());
-            agent.serve().await
-        }
+        Command::Agent(_) => unreachable!("perfplus::service runs the agent"),
         Command::Vm(VmCommand::Start(args)) => {
             let (kernel, cmdline) = match (&args.kernel, &args.workload) {
                 (Some(path), _) => {
@@ -551,6 +517,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let info = AgentClient::connect(&agent, &credentials).await?.status(&name).await?;
             print_vm(&info, json)
         }
+        Command::Vm(VmCommand::Console {
+            name,
+            agent,
+            no_follow,
+            raw,
+        }) => perfplus::cli::console::console(&agent, &credentials, &name, !no_follow, raw).await,
         Command::Vm(VmCommand::Stop { name, agent }) => {
             AgentClient::connect(&agent, &credentials).await?.stop(&name).await?;
             println!("stopped {name} on {agent}");
@@ -712,27 +684,6 @@ fn workload_cmdline(spec: &str) -> anyhow::Result<String> {
     Ok(cmdline.join(" "))
 }
 
-/// `256M`, `1G`, `4096`, `512K` → bytes.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (number, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => text.split_at(i),
-        None => (text, ""),
-    };
-    let number: u64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 256M or 1G"))?;
-    let unit = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {text:?} (use K, M or G)")),
-    };
-    number.checked_mul(unit).ok_or_else(|| format!("{text:?} is too large"))
-}
-
 /// `30ms`, `0.5s`, `30` (milliseconds) → milliseconds.
 fn parse_duration_ms(text: &str) -> Result<f64, String> {
     let text = text.trim();
@@ -758,12 +709,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12X").unwrap_err().contains("unknown size unit"));
+    fn durations() {
         assert_eq!(parse_duration_ms("30ms"), Ok(30.0));
         assert_eq!(parse_duration_ms("0.5s"), Ok(500.0));
         assert!(parse_duration_ms("-1ms").is_err());

@@ -10,6 +10,8 @@ use super::cli::perfplus_command;
 /// A `perfplus agent` process, killed (by the pid this test started) and reaped when dropped.
 pub struct TestAgent {
     child: Child,
+    /// The agent's standard output after the "listening on" line, line by line.
+    stdout: std::sync::mpsc::Receiver<String>,
     netns: Option<String>,
     port: u16,
     /// The agent's address where it runs: on loopback, or inside its namespace (run the CLI there:
@@ -61,11 +63,15 @@ impl TestAgent {
         std::fs::create_dir_all(state_dir).expect("agent state dir");
         let log = state_dir.join("agent.log");
         let listen = if netns.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
-        let mut child = perfplus_command(netns)
+        let mut command = perfplus_command(netns);
+        command
             .arg("--tls-dir")
             .arg(tls_dir)
             .args([
                 "agent",
+                // Whatever /etc/perfplus/agent.toml this machine has: the test's agent is set by its flags.
+                "--config",
+                "/dev/null",
                 "--listen",
                 listen,
                 "--page-store-size",
@@ -74,16 +80,23 @@ impl TestAgent {
             ])
             .arg(state_dir)
             .args(options)
+            .envs(env.iter().copied());
+        TestAgent::spawn(command, log, netns)
+    }
+
+    /// Starts the agent `command` (a `perfplus ... agent ...` command line, configured by the caller,
+    /// e.g. from a config file), its stderr to `log`, and waits for the line that says where it listens.
+    /// `netns`: the namespace the command runs in, if any.
+    pub fn spawn(mut command: std::process::Command, log: PathBuf, netns: Option<&str>) -> TestAgent {
+        let mut child = command
             .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()
             .expect("starting perfplus agent");
+        let mut stdout = BufReader::new(child.stdout.take().expect("agent stdout"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("agent stdout"))
-            .read_line(&mut line)
-            .expect("agent output");
+        stdout.read_line(&mut line).expect("agent output");
         let listening: SocketAddr = line
             .trim()
             .strip_prefix("perfplus agent listening on ")
@@ -98,13 +111,30 @@ impl TestAgent {
                 )
             });
         let port = listening.port();
+        // The agent may print more (e.g. its metrics address): read it on, so it never blocks on
+        // a full pipe.
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         TestAgent {
+            stdout: lines_rx,
             child,
             netns: netns.map(str::to_string),
             port,
             addr: format!("127.0.0.1:{port}"),
             log,
         }
+    }
+
+    /// The next line the agent prints on its standard output after "listening on" (None if it prints
+    /// none within `timeout`).
+    pub fn next_stdout_line(&self, timeout: std::time::Duration) -> Option<String> {
+        self.stdout.recv_timeout(timeout).ok()
     }
 
     /// The network namespace the agent runs in (None: this test's own).

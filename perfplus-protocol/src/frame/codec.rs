@@ -38,6 +38,8 @@ impl FrameType {
             Message::Done => FrameType::Done,
             Message::Progress(_) => FrameType::Progress,
             Message::MigrateDone(_) => FrameType::MigrateDone,
+            Message::VmConsole(_) => FrameType::VmConsole,
+            Message::ConsoleOutput(_) => FrameType::ConsoleOutput,
             Message::Track(_) => FrameType::Track,
             Message::TrackSample(_) => FrameType::TrackSample,
             Message::MigrateBegin(_) => FrameType::MigrateBegin,
@@ -101,6 +103,20 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::Vms(list) => put_postcard(out, list),
         Message::Progress(round) => put_postcard(out, round),
         Message::MigrateDone(report) | Message::Complete(report) => put_postcard(out, &**report),
+        Message::VmConsole(req) => put_postcard(out, req),
+        Message::ConsoleOutput(output) => {
+            if output.bytes.len() > super::CONSOLE_CHUNK_MAX {
+                return Err(FrameError::Malformed {
+                    frame: FrameType::ConsoleOutput,
+                    detail: format!(
+                        "{} bytes of console output; at most {} go in one frame",
+                        output.bytes.len(),
+                        super::CONSOLE_CHUNK_MAX
+                    ),
+                });
+            }
+            put_postcard(out, output)
+        }
         Message::Track(req) => put_postcard(out, req),
         Message::TrackSample(sample) => put_postcard(out, &**sample),
         Message::MigrateBegin(begin) => put_postcard(out, begin),
@@ -255,6 +271,8 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::Done => Message::Done,
         FrameType::Progress => Message::Progress(get_postcard(frame_type, p)?),
         FrameType::MigrateDone => Message::MigrateDone(Box::new(get_postcard(frame_type, p)?)),
+        FrameType::VmConsole => Message::VmConsole(get_postcard(frame_type, p)?),
+        FrameType::ConsoleOutput => Message::ConsoleOutput(get_postcard(frame_type, p)?),
         FrameType::Track => Message::Track(get_postcard(frame_type, p)?),
         FrameType::TrackSample => Message::TrackSample(Box::new(get_postcard(frame_type, p)?)),
         FrameType::MigrateBegin => Message::MigrateBegin(get_postcard(frame_type, p)?),

@@ -50,6 +50,12 @@ pub const BULK_MAX: usize = 128 * MIB;
 pub const PAGE_REQUEST_MAX: usize = 4096;
 /// Largest `PostcopyAttach` / `MigrateResume` / `MigrateCancel` payload (an id and a tag).
 pub const ATTACH_MAX: usize = 256;
+/// Bytes of guest console output in one `ConsoleOutput` at most (what an agent keeps of a console).
+pub const CONSOLE_CHUNK_MAX: usize = 64 * KIB;
+/// Largest `ConsoleOutput` payload: a chunk, its length and the count of bytes lost before it.
+pub const CONSOLE_OUTPUT_MAX: usize = CONSOLE_CHUNK_MAX + 16;
+/// Largest `VmConsole` payload: a VM name and a flag.
+pub const CONSOLE_REQUEST_MAX: usize = 256;
 /// Largest `VmState` payload.
 pub const VM_STATE_MAX: usize = 4 * MIB;
 /// Largest `Error` payload before the handshake completes: a refusal of the handshake says why in a
@@ -184,6 +190,10 @@ frame_types! {
     MigrateCancel = 0x010d, Limit::Max(ATTACH_MAX);
     /// [`Message::Cancelled`].
     Cancelled = 0x010e, Limit::Max(CONTROL_MAX);
+    /// [`Message::VmConsole`].
+    VmConsole = 0x0110, Limit::Max(CONSOLE_REQUEST_MAX);
+    /// [`Message::ConsoleOutput`].
+    ConsoleOutput = 0x0111, Limit::Max(CONSOLE_OUTPUT_MAX);
     /// [`Message::Track`].
     Track = 0x0120, Limit::Max(CONTROL_MAX);
     /// [`Message::TrackSample`].

@@ -64,8 +64,9 @@ mod test_support;
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_hello, pages_header, Frame};
 pub use compression::{decompress_batch, CompressionMode, CompressionStats, PageCompressor};
 pub use header::{
-    peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX,
-    FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX, HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX,
-    REF_ITEM_LEN, VM_LIST_MAX, VM_STATE_MAX, ZERO_ITEM_LEN,
+    peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONSOLE_CHUNK_MAX,
+    CONSOLE_OUTPUT_MAX, CONSOLE_REQUEST_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX, FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX,
+    HEADER_LEN, PAGE_BATCH_MAX_ITEMS, PAGE_BATCH_MAX_PAYLOAD, PAGE_REQUEST_MAX, REF_ITEM_LEN, VM_LIST_MAX,
+    VM_STATE_MAX, ZERO_ITEM_LEN,
 };
 pub use page_batch::{PageBatch, PageItem, PageItems};

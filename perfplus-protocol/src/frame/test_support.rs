@@ -124,6 +124,18 @@ pub(super) fn every_message() -> Vec<Message> {
         Message::Done,
         Message::Progress(round()),
         Message::MigrateDone(Box::new(report())),
+        Message::VmConsole(crate::ConsoleRequest {
+            name: "web".into(),
+            follow: true,
+        }),
+        Message::ConsoleOutput(crate::ConsoleOutput {
+            lost: 12,
+            bytes: b"boot\x1b[2J\r\nok\n".to_vec(),
+        }),
+        Message::ConsoleOutput(crate::ConsoleOutput {
+            lost: 0,
+            bytes: vec![0xff; crate::frame::CONSOLE_CHUNK_MAX],
+        }),
         Message::Track(crate::TrackRequest {
             vm: "web".into(),
             interval_ms: 1000,

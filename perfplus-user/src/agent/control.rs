@@ -1,6 +1,6 @@
 //! Control requests from a CLI ([`Role::Control`](perfplus_protocol::Role::Control)): `VmStart`, `VmList`,
-//! `VmStatus`, `VmStop`, `VmResume`, `Migrate`, `MigrateResume` and `Track`, each answered on the connection it
-//! came on.
+//! `VmStatus`, `VmStop`, `VmResume`, `Migrate`, `MigrateResume`, `Track` and `VmConsole`, each answered on the
+//! connection it came on.
 use std::sync::Arc;
 
 use anyhow::bail;
@@ -10,7 +10,7 @@ use perfplus_protocol::Message;
 use perfplus_vmm::vm::RunState;
 
 use super::registry::{Busy, Refusal};
-use super::{boot, incoming, outgoing, qemu_out, track, vm_info, AgentState};
+use super::{boot, console, incoming, outgoing, qemu_out, track, vm_info, AgentState};
 
 /// Answers one control request.
 pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, request: Message) -> anyhow::Result<()> {
@@ -84,6 +84,7 @@ pub(super) async fn control(state: &Arc<AgentState>, conn: &mut Connection, requ
         }
         Message::Track(req) => track::track(state, conn, req).await,
         Message::QemuMigrate(req) => qemu_out::migrate(state, conn, req).await,
+        Message::VmConsole(req) => console::stream(state, conn, req).await,
         other => bail!("{} is not a control request", other.describe()),
     }
 }

@@ -10,6 +10,8 @@
 //! This file binds the listener and dispatches each connection by its role; the rest, one concern a file:
 //! - `control`: the CLI's requests (start, list, status, stop, migrate, resume, track);
 //! - `boot`: booting a VM and indexing its image's pages;
+//! - `control_socket`: the unix control socket of local operators (no certificate; `SO_PEERCRED`);
+//! - `console`: a VM's serial console streamed to a CLI (`VmConsole`), and its log file;
 //! - `outgoing`: migrations of hosted VMs to other agents, and their resumable handles;
 //! - `incoming`: migrations from other agents, and the attachment of their post-copy connections;
 //! - `qemu_out`, `qemu_in`: the two halves of `perfplus qemu migrate` (a relayed QEMU migration stream);
@@ -24,7 +26,9 @@ mod admission;
 mod archive;
 mod boot;
 mod by_id;
+mod console;
 mod control;
+mod control_socket;
 mod incoming;
 pub mod limits;
 mod outgoing;
@@ -39,6 +43,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use self::admission::{Admission, RateLimited};
 use self::by_id::ById;
@@ -73,6 +78,10 @@ pub struct AgentConfig {
     pub page_store_pages: u64,
     /// Quotas: VM sizes, connections in the handshake.
     pub limits: AgentLimits,
+    /// Largest console log file of one VM (`STATE_DIR/console/NAME.log`); 0: no console logs.
+    pub console_log_bytes: u64,
+    /// The unix control socket for local operators, if any.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// What the agent keeps of a VM it hosts (cloned out of the registry: cheap, and it holds the VM by `Arc`).
@@ -162,10 +171,24 @@ impl AgentState {
     }
 }
 
+/// What the service around an agent may ask of it while it serves (see [`Agent::view`]).
+#[derive(Clone)]
+pub struct AgentView(Arc<AgentState>);
+
+impl AgentView {
+    /// VMs hosted now.
+    pub fn vms_hosted(&self) -> usize {
+        self.0.vms.len()
+    }
+}
+
 pub struct Agent {
     listener: TcpListener,
     state: Arc<AgentState>,
     admission: Arc<Admission>,
+    /// Where the VMs' console logs go, and their largest size (0: none).
+    console_logs: (PathBuf, u64),
+    control_socket: Option<control_socket::ControlSocket>,
 }
 
 impl Agent {
@@ -195,6 +218,7 @@ impl Agent {
         let listener = TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let control_socket = config.control_socket.as_deref().map(control_socket::bind).transpose()?;
         let addr = listener.local_addr()?;
         let state = Arc::new(AgentState {
             name: addr.to_string(),
@@ -214,7 +238,19 @@ impl Agent {
             listener,
             state,
             admission,
+            console_logs: (config.state_dir.join("console"), config.console_log_bytes),
+            control_socket,
         })
+    }
+
+    /// A handle on what the agent hosts, for its metrics endpoint; it stays valid while the agent serves.
+    pub fn view(&self) -> AgentView {
+        AgentView(self.state.clone())
+    }
+
+    /// The control socket's path, if the agent has one.
+    pub fn control_socket(&self) -> Option<&std::path::Path> {
+        self.control_socket.as_ref().map(|s| s.path())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -226,6 +262,11 @@ impl Agent {
     /// agent's guests outlive any number of connections. Connections over the handshake caps are
     /// closed at once.
     pub async fn serve(self) -> anyhow::Result<()> {
+        let (dir, max_bytes) = self.console_logs.clone();
+        tokio::spawn(console::keep_logs(self.state.clone(), dir, max_bytes));
+        if let Some(socket) = self.control_socket {
+            tokio::spawn(socket.serve(self.state.clone()));
+        }
         let mut accept_errors = RateLimited::default();
         let mut refusals = RateLimited::default();
         loop {
@@ -298,7 +339,14 @@ async fn handle(state: Arc<AgentState>, mut conn: Connection, role: Role) -> any
             Ok(())
         }
         Role::Peer => match request {
-            Message::MigrateBegin(begin) => incoming::migrate_in(&state, &mut conn, begin).await,
+            Message::MigrateBegin(begin) => {
+                // Every line of the arrival, here and in the engine, carries the migration's id.
+                let span = tracing::info_span!("migration", migration_id = %begin.migration_id, vm = %begin.vm);
+                let result = incoming::migrate_in(&state, &mut conn, begin).instrument(span).await;
+                let arrived = if result.is_ok() { "hosted" } else { "failed" };
+                crate::metrics::get().incoming.with_label_values(&[arrived]).inc();
+                result
+            }
             Message::PostcopyAttach(attach) => incoming::attach(&state, conn, attach).await,
             Message::QemuRelayBegin(begin) => qemu_in::relay_in(&state, conn, begin).await,
             other => {

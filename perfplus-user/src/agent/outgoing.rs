@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Message, MigrateOptions, MigrateRequest};
 use perfplus_vmm::vm::RunState;
+use tracing::Instrument;
 
 use super::registry::{Busy, Refusal};
 use super::{archive, AgentState};
@@ -77,103 +78,115 @@ pub(super) async fn migrate_out(
     };
     let id = job.migration_id.clone();
     let note = hosted.note.clone();
-    note.set(format!("migrating to {} (migration {id})", req.destination));
-    tracing::info!(vm = %req.vm, to = %req.destination, %id, mode = req.options.mode.name(), "migration out starts");
-    let (done_tx, done_rx) = tokio::sync::watch::channel(None);
-    // Found by `MigrateResume` until the migration ends.
-    let registration = state.outbound.register(
-        id.clone(),
-        OutboundHandle {
-            resume: job.resume.clone(),
-            cancel: job.cancel.clone(),
-            done: done_rx,
-        },
-    );
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut migration = tokio::spawn(source::migrate(job, progress_tx));
-    // Forward progress to the CLI while the migration runs; a CLI that goes away does not stop it.
-    let mut cli_gone = false;
-    let result = loop {
-        tokio::select! {
-            Some(round) = progress_rx.recv() => {
-                if !cli_gone && conn.send(&Message::Progress(round)).await.is_err() {
-                    cli_gone = true;
+    // Every line this migration logs, here and in the engine's tasks, carries its id.
+    let span = tracing::info_span!("migration", migration_id = %id, vm = %req.vm);
+    async move {
+        note.set(format!("migrating to {} (migration {id})", req.destination));
+        tracing::info!(to = %req.destination, mode = req.options.mode.name(), "migration out starts");
+        let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+        // Found by `MigrateResume` until the migration ends.
+        let registration = state.outbound.register(
+            id.clone(),
+            OutboundHandle {
+                resume: job.resume.clone(),
+                cancel: job.cancel.clone(),
+                done: done_rx,
+            },
+        );
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut migration = tokio::spawn(source::migrate(job, progress_tx).in_current_span());
+        // Forward progress to the CLI while the migration runs; a CLI that goes away does not stop it.
+        let mut cli_gone = false;
+        let result = loop {
+            tokio::select! {
+                Some(round) = progress_rx.recv() => {
+                    if !cli_gone && conn.send(&Message::Progress(round)).await.is_err() {
+                        cli_gone = true;
+                    }
                 }
+                result = &mut migration => break result.context("migration task")?,
             }
-            result = &mut migration => break result.context("migration task")?,
-        }
-    };
-    while let Ok(round) = progress_rx.try_recv() {
-        if !cli_gone {
-            let _ = conn.send(&Message::Progress(round)).await;
-        }
-    }
-    let _ = done_tx.send(Some(match &result {
-        Ok(completed) => Ok(completed.report.clone()),
-        Err(err) => Err(format!("{err:#}")),
-    }));
-    drop(registration);
-    match result {
-        Ok(completed) if completed.report.outcome != Outcome::Completed => {
-            // The guest runs on the destination, but what it holds was not confirmed (or post-copy
-            // broke): the paused copy here is kept (never resumed by the agent) for the operator to
-            // compare or recover from.
-            let report = completed.report;
-            note.set(format!(
-                "kept after migration {id} to {} ended {} at {}; resume it here only if {} does not run it",
-                req.destination,
-                report.outcome.name(),
-                time_of_day(),
-                req.destination
-            ));
-            drop(claim);
-            tracing::error!(vm = %req.vm, to = %req.destination, outcome = report.outcome.name(),
-                detail = report.outcome_detail.as_deref().unwrap_or(""),
-                "migration out ended unconfirmed; the guest runs on the destination, its paused copy stays here");
-            conn.send(&Message::MigrateDone(Box::new(report))).await
-        }
-        Ok(completed) => {
-            // The VM runs on the destination now, confirmed: it leaves the registry with its claim.
-            let hosted = claim.remove();
-            let report = completed.report;
-            if let Some(hosted) = hosted {
-                // Archiving writes the guest's pages to disk and dropping the VM joins its threads:
-                // both off the async runtime, which serves every other connection.
-                let (state, name, digests) = (state.clone(), req.vm.clone(), completed.page_digests);
-                tokio::task::spawn_blocking(move || {
-                    crate::migration::at_low_priority(|| {
-                        archive::keep_pages(&state, &name, &hosted.vm, digests);
-                        drop(hosted);
-                    })
-                })
-                .await?;
+        };
+        while let Ok(round) = progress_rx.try_recv() {
+            if !cli_gone {
+                let _ = conn.send(&Message::Progress(round)).await;
             }
-            tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
-                lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
-            conn.send(&Message::MigrateDone(Box::new(report))).await
         }
-        Err(err) => {
-            let committed = err.downcast_ref::<source::CommittedUnconfirmed>().is_some();
-            if committed {
+        let _ = done_tx.send(Some(match &result {
+            Ok(completed) => Ok(completed.report.clone()),
+            Err(err) => Err(format!("{err:#}")),
+        }));
+        drop(registration);
+        match &result {
+            Ok(completed) => crate::metrics::get().record_report(&completed.report),
+            Err(_) => crate::metrics::get().record_failed(),
+        }
+        match result {
+            Ok(completed) if completed.report.outcome != Outcome::Completed => {
+                // The guest runs on the destination, but what it holds was not confirmed (or post-copy
+                // broke): the paused copy here is kept (never resumed by the agent) for the operator to
+                // compare or recover from.
+                let report = completed.report;
                 note.set(format!(
-                    "kept after migration {id} to {} failed past its commit at {}; resume it here only if {} \
-                     does not run it",
+                    "kept after migration {id} to {} ended {} at {}; resume it here only if {} does not run it",
                     req.destination,
+                    report.outcome.name(),
                     time_of_day(),
                     req.destination
                 ));
-            } else {
-                note.clear();
+                drop(claim);
+                tracing::error!(vm = %req.vm, to = %req.destination, outcome = report.outcome.name(),
+                detail = report.outcome_detail.as_deref().unwrap_or(""),
+                "migration out ended unconfirmed; the guest runs on the destination, its paused copy stays here");
+                conn.send(&Message::MigrateDone(Box::new(report))).await
             }
-            drop(claim);
-            let here = if committed {
-                "the VM is paused here"
-            } else {
-                "the VM keeps running here"
-            };
-            Err(err.context(format!("migrating {} to {} ({here})", req.vm, req.destination)))
+            Ok(completed) => {
+                // The VM runs on the destination now, confirmed: it leaves the registry with its claim.
+                let hosted = claim.remove();
+                let report = completed.report;
+                if let Some(hosted) = hosted {
+                    // Archiving writes the guest's pages to disk and dropping the VM joins its threads:
+                    // both off the async runtime, which serves every other connection.
+                    let (state, name, digests) = (state.clone(), req.vm.clone(), completed.page_digests);
+                    let span = tracing::Span::current();
+                    tokio::task::spawn_blocking(move || {
+                        let _span = span.enter();
+                        crate::migration::at_low_priority(|| {
+                            archive::keep_pages(&state, &name, &hosted.vm, digests);
+                            drop(hosted);
+                        })
+                    })
+                    .await?;
+                }
+                tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
+                lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
+                conn.send(&Message::MigrateDone(Box::new(report))).await
+            }
+            Err(err) => {
+                let committed = err.downcast_ref::<source::CommittedUnconfirmed>().is_some();
+                if committed {
+                    note.set(format!(
+                        "kept after migration {id} to {} failed past its commit at {}; resume it here only if {} \
+                     does not run it",
+                        req.destination,
+                        time_of_day(),
+                        req.destination
+                    ));
+                } else {
+                    note.clear();
+                }
+                drop(claim);
+                let here = if committed {
+                    "the VM is paused here"
+                } else {
+                    "the VM keeps running here"
+                };
+                Err(err.context(format!("migrating {} to {} ({here})", req.vm, req.destination)))
+            }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// `MigrateCancel` of an outgoing migration: signals it and waits for its end. Returns what became of

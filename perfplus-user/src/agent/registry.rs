@@ -91,6 +91,11 @@ impl<T> Registry<T> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// How many VMs are hosted (reserved names not counted).
+    pub(super) fn len(&self) -> usize {
+        self.lock().hosted.len()
+    }
+
     /// Reserves `name` for a VM that is about to boot or arrive.
     pub(super) fn reserve(&self, name: &str) -> Result<Reservation<'_, T>, NameTaken> {
         let mut inner = self.lock();

@@ -6,6 +6,14 @@ use crate::report::{MigrationReport, RoundReport};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Credentials, Message, MigrateRequest, Role, VmInfo, VmStartRequest};
 
+/// A control connection to `agent`: host:port over TLS, or `unix:PATH` over the agent's control socket.
+pub async fn connect(agent: &str, role: Role, credentials: &Credentials) -> anyhow::Result<Connection> {
+    match agent.strip_prefix("unix:") {
+        Some(path) => Connection::connect_local(std::path::Path::new(path), role).await,
+        None => Connection::connect(agent, role, credentials).await,
+    }
+}
+
 /// A connection from the CLI to one agent.
 pub struct AgentClient {
     conn: Connection,
@@ -13,8 +21,10 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
+    /// Connects to `agent`: host:port (TLS, with `credentials`), or `unix:PATH`, the agent's control
+    /// socket (no certificate: `credentials` go unused).
     pub async fn connect(agent: &str, credentials: &Credentials) -> anyhow::Result<AgentClient> {
-        let conn = Connection::connect(agent, Role::Control, credentials).await?;
+        let conn = connect(agent, Role::Control, credentials).await?;
         Ok(AgentClient {
             conn,
             agent: agent.to_string(),
@@ -63,6 +73,28 @@ impl AgentClient {
         match self.call(Message::VmResume { name: name.to_string() }).await? {
             Message::Vm(info) => Ok(info),
             other => bail!("agent {agent} answered VmResume with {}", other.describe()),
+        }
+    }
+
+    /// Streams VM `name`'s console: `output` gets each chunk (and the bytes lost before it) until the
+    /// agent ends the stream (not following, or the VM left).
+    pub async fn console(
+        mut self,
+        name: &str,
+        follow: bool,
+        mut output: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let request = perfplus_protocol::ConsoleRequest {
+            name: name.to_string(),
+            follow,
+        };
+        self.conn.send(&Message::VmConsole(request)).await?;
+        loop {
+            match self.conn.recv().await? {
+                Message::ConsoleOutput(chunk) => output(chunk.lost, &chunk.bytes)?,
+                Message::Done => return Ok(()),
+                other => bail!("agent {} answered VmConsole with {}", self.agent, other.describe()),
+            }
         }
     }
 

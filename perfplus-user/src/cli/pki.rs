@@ -93,6 +93,22 @@ pub fn load(dir: &Path) -> anyhow::Result<Credentials> {
     Ok(credentials)
 }
 
+/// The CLI's credentials from `dir`. A command that talks to its agent over the agent's control socket
+/// (`--agent unix:PATH`) needs none: when `dir` cannot be read and `local_agent` (the command line
+/// names a `unix:` agent), the CLI runs with throw-away credentials of no cluster, which only a control
+/// socket accepts (every agent's TLS port refuses them, so a TCP agent named too is refused clearly).
+pub fn load_for_cli(dir: &Path, local_agent: bool) -> anyhow::Result<Credentials> {
+    match load(dir) {
+        Ok(credentials) => Ok(credentials),
+        Err(err) if local_agent => {
+            tracing::debug!("no TLS credentials ({err:#}): a control socket needs none");
+            let identity = Identity::new(CertRole::Operator, "no-credentials").map_err(|e| anyhow::anyhow!(e))?;
+            Ok(Credentials::ephemeral(&identity)?.0)
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// The page-digest secret of an agent (`page.key` in `dir`).
 pub fn page_key(dir: &Path) -> anyhow::Result<ClusterKey> {
     let path = dir.join(tls::PAGE_KEY_FILE);

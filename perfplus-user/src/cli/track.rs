@@ -19,7 +19,6 @@ use perfplus_common::PAGE_SIZE;
 use serde_json::{json, Value};
 
 use crate::ebpf::{EbpfHeat, HeatSource, HOTTEST, REGION_BYTES};
-use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Credentials, Message, Role, TrackRegion, TrackRequest, TrackSample};
 
 /// What the CLI asked for.
@@ -274,7 +273,7 @@ pub fn track_pid(pid: u32, options: TrackOptions) -> anyhow::Result<()> {
 
 /// `perfplus track --vm NAME --agent ADDR`: asks the agent to measure, prints what it sends.
 pub async fn track_vm(agent: &str, credentials: &Credentials, vm: &str, options: TrackOptions) -> anyhow::Result<()> {
-    let mut conn = Connection::connect(agent, Role::Control, credentials).await?;
+    let mut conn = super::client::connect(agent, Role::Control, credentials).await?;
     let request = TrackRequest {
         vm: vm.to_string(),
         interval_ms: options.interval.as_millis().clamp(10, u32::MAX as u128) as u32,

@@ -49,11 +49,24 @@ pub struct DeviceState {
     pub cmos_ram: Vec<u8>,
 }
 
+/// Console output read by position ([`Devices::console_since`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleChunk {
+    /// The bytes from the position asked for (or from the oldest kept) to the newest.
+    pub bytes: Vec<u8>,
+    /// Bytes between the position asked for and the first of `bytes` that are no longer kept.
+    pub lost: u64,
+    /// The position after the last of `bytes`: ask from there next time.
+    pub next: u64,
+}
+
 /// The VM's devices, behind one lock held by the vCPU thread for each I/O exit.
 pub struct Devices {
     vm_name: String,
     state: DeviceState,
     console: VecDeque<u8>,
+    /// Bytes the guest ever wrote to the console (the position after `console`'s last byte).
+    console_written: u64,
     line: Vec<u8>,
     /// Bounds what the guest's console puts into the agent's log ([`console::LOG_BYTES_PER_SEC`]).
     log_budget: LogBudget,
@@ -73,6 +86,7 @@ impl Devices {
                 ..Default::default()
             },
             console: VecDeque::with_capacity(CONSOLE_KEEP),
+            console_written: 0,
             line: Vec::new(),
             log_budget: LogBudget::new(
                 console::LOG_BYTES_PER_SEC,
@@ -164,6 +178,7 @@ impl Devices {
             self.console.pop_front();
         }
         self.console.push_back(byte);
+        self.console_written += 1;
         match byte {
             b'\n' => self.flush_line(),
             b'\r' => {}
@@ -223,6 +238,19 @@ impl Devices {
             .map(|line| console::escape(line.strip_suffix(b"\r").unwrap_or(line)))
             .collect();
         lines.join("\n")
+    }
+
+    /// The console output from position `from` on (positions count the bytes the guest wrote since
+    /// this VM was created), as far as it is still kept (the last 64 KiB).
+    pub fn console_since(&self, from: u64) -> ConsoleChunk {
+        let kept_from = self.console_written - self.console.len() as u64;
+        let start = from.clamp(kept_from, self.console_written);
+        let skip = (start - kept_from) as usize;
+        ConsoleChunk {
+            bytes: self.console.range(skip..).copied().collect(),
+            lost: start - from.min(start),
+            next: self.console_written,
+        }
     }
 
     fn cmos_read(&self) -> u8 {
@@ -311,6 +339,26 @@ impl UtcTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_is_read_by_position_and_says_what_it_no_longer_keeps() {
+        let mut d = Devices::new("t");
+        d.io_out(COM1, b"hi\n");
+        let all = d.console_since(0);
+        assert_eq!((all.bytes.as_slice(), all.lost, all.next), (&b"hi\n"[..], 0, 3));
+        let rest = d.console_since(1);
+        assert_eq!((rest.bytes.as_slice(), rest.lost, rest.next), (&b"i\n"[..], 0, 3));
+        assert!(d.console_since(3).bytes.is_empty());
+        // 100 bytes more than it keeps after position 3: a reader at 3 lost those 100.
+        for i in 0..CONSOLE_KEEP + 100 {
+            d.io_out(COM1, &[b'a' + (i % 26) as u8]);
+        }
+        let behind = d.console_since(3);
+        assert_eq!(behind.lost, 100);
+        assert_eq!(behind.bytes.len(), CONSOLE_KEEP);
+        assert_eq!(behind.next, 3 + CONSOLE_KEEP as u64 + 100);
+        assert_eq!(behind.bytes[CONSOLE_KEEP - 1], b'a' + ((CONSOLE_KEEP + 99) % 26) as u8);
+    }
 
     #[test]
     fn uart_honours_dlab_and_reports_thr_empty() {

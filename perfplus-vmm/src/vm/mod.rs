@@ -493,6 +493,14 @@ impl Vm {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).console_dropped()
     }
 
+    /// The serial console's output from position `from` on (see [`devices::Devices::console_since`]).
+    pub fn console_since(&self, from: u64) -> devices::ConsoleChunk {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .console_since(from)
+    }
+
     /// The RAM slot (shareable with a dirty tracker on another thread): the one way into the KVM dirty
     /// log ([`RamSlot::set_dirty_logging`], [`RamSlot::get_dirty_log`], [`RamSlot::clear_dirty_log`]).
     pub fn ram_slot(&self) -> &Arc<RamSlot> {

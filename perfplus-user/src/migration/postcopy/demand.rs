@@ -131,8 +131,9 @@ impl PageTable {
         if old == REQUESTED {
             let started = self.faults.lock().expect("faults lock").remove(&page);
             if let Some(started) = started {
-                let us = started.elapsed().as_secs_f64() * 1e6;
-                self.latencies_us.lock().expect("latency lock").push(us);
+                let seconds = started.elapsed().as_secs_f64();
+                crate::metrics::get().fault_latency_seconds.observe(seconds);
+                self.latencies_us.lock().expect("latency lock").push(seconds * 1e6);
             }
         }
     }
@@ -213,9 +214,12 @@ impl FaultThread {
     pub fn spawn(table: Arc<PageTable>, requests: UnboundedSender<u64>) -> anyhow::Result<FaultThread> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        // The thread logs inside the migration's span (its id on every line).
+        let span = tracing::Span::current();
         let handle = std::thread::Builder::new()
             .name("uffd-faults".into())
             .spawn(move || {
+                let _span = span.enter();
                 while !flag.load(Ordering::Acquire) {
                     match table.uffd.next_fault(50) {
                         Ok(Some(page)) => table.on_fault(page, &requests),
