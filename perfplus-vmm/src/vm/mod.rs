@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 pub use cpu::{VcpuState, XSAVE_MAX_BYTES};
 pub use devices::DeviceState;
 pub use ram::RamSlot;
+pub use vcpu::VcpuKicker;
 pub use vcpu_rings::DirtyRings;
 
 use crate::memory::GuestMemory;
@@ -510,6 +511,12 @@ impl Vm {
     /// The VM's dirty rings, if it was created with them ([`VmOptions::dirty_ring_entries`]).
     pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
         self.dirty_rings.as_ref()
+    }
+
+    /// A handle that kicks the running vCPUs out of KVM_RUN and waits for them (it may outlive the
+    /// VM); see [`VcpuKicker::kick_and_wait`].
+    pub fn vcpu_kicker(&self) -> VcpuKicker {
+        VcpuKicker::new(self.control.clone())
     }
 
     /// The `/dev/kvm` handle the VM was created with.

@@ -10,6 +10,14 @@
 //! the `Run` request, so a kick is never lost. KVM completes a pending port-I/O exit before it honours
 //! `immediate_exit`, and a thread that has handled an I/O exit re-enters KVM_RUN once more before it
 //! parks: when a vCPU is parked, its registers hold the results of all its I/O.
+//!
+//! Kicking without pausing ([`VcpuKicker::kick_and_wait`], for the dirty-ring tracker): each thread
+//! counts its passes through KVM_RUN under the control lock (odd from the moment it leaves the lock
+//! to enter KVM_RUN until it takes the lock again at the top of its loop, or on its way out). The
+//! kicker kicks every thread whose count is odd and waits until that count moved: the KVM_RUN the
+//! thread was in has returned. KVM pushes the dirty-ring entry of some guest writes only after the
+//! write is in memory, but always before KVM_RUN returns ([`super::vcpu_rings`]): after this, every
+//! write the caller could already see is in the ring.
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -26,6 +34,11 @@ use super::RunState;
 const KICK_SIGNAL_OFFSET: i32 = 1;
 /// How long `pause` waits for every vCPU to park before it reports an error.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`VcpuKicker::kick_and_wait`] waits for the kicked vCPUs to leave KVM_RUN.
+const KICK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a kick is repeated while a vCPU has not left KVM_RUN (a kick is never lost, see the
+/// module doc; repeating it is cheap insurance, as in `pause_all`).
+const KICK_REPEAT: Duration = Duration::from_millis(20);
 
 /// The signal used to kick vCPU threads (its handler does nothing; installed once per process).
 pub fn kick_signal() -> i32 {
@@ -66,6 +79,51 @@ pub struct ControlState {
     /// Threads parked (paused, halted, failed, or about to exit).
     pub parked: usize,
     pub run_state: RunState,
+    /// Every vCPU thread that has started, in start order (see [`VcpuKicker`]).
+    runners: Vec<Runner>,
+    /// Callers of [`VcpuKicker::kick_and_wait`] waiting on `cond` for a thread to leave KVM_RUN.
+    kick_waiters: usize,
+}
+
+impl ControlState {
+    /// Thread `slot` is back from KVM_RUN (or never entered it): ends its pass and wakes a waiting
+    /// kicker. Call with the control lock held, which is how the `ControlState` is reached.
+    fn back_from_run(&mut self, slot: usize, cond: &Condvar) {
+        let runner = &mut self.runners[slot];
+        if runner.in_run() {
+            runner.passes += 1;
+            if self.kick_waiters > 0 {
+                cond.notify_all();
+            }
+        }
+    }
+
+    /// Thread `slot` is about to release the control lock and enter KVM_RUN.
+    fn entering_run(&mut self, slot: usize) {
+        let runner = &mut self.runners[slot];
+        debug_assert!(!runner.in_run());
+        runner.passes += 1;
+    }
+}
+
+/// One started vCPU thread as [`VcpuKicker`] sees it.
+#[derive(Debug)]
+struct Runner {
+    /// `pthread_self()` of the thread: the target of the kick signal.
+    thread: libc::pthread_t,
+    immediate_exit: ImmediateExit,
+    /// Passes through KVM_RUN, counted under the control lock: odd from the moment the thread
+    /// releases the lock to enter KVM_RUN until it holds it again afterwards. A thread only exits
+    /// (and is only joined) after holding the lock with an even count, so a thread whose count is
+    /// odd under the lock is alive, its pthread_t valid and its vCPU fd (whose `kvm_run` page
+    /// `immediate_exit` points into) open.
+    passes: u64,
+}
+
+impl Runner {
+    fn in_run(&self) -> bool {
+        self.passes % 2 == 1
+    }
 }
 
 /// The lock + condvar the controller and the vCPU threads meet on.
@@ -89,6 +147,8 @@ impl Control {
                 threads: 0,
                 parked: 0,
                 run_state: RunState::Created,
+                runners: Vec::new(),
+                kick_waiters: 0,
             }),
             cond: Condvar::new(),
         }
@@ -104,8 +164,9 @@ impl Control {
 pub struct ImmediateExit(*mut u8);
 
 // SAFETY: the pointer refers to the vCPU's kvm_run mmap, which lives as long as the vCPU fd; the
-// `VcpuHandle` that holds this also holds the fd (Arc), so the pointer outlives every use. Accesses
-// are atomic byte stores.
+// `VcpuHandle` that holds this also holds the fd (Arc), so the pointer outlives every use through it;
+// the copy in a `Runner` is used only while its thread, which holds the fd too, is alive (see
+// `Runner::passes`). Accesses are atomic byte stores.
 unsafe impl Send for ImmediateExit {}
 // SAFETY: as above; all accesses are atomic.
 unsafe impl Sync for ImmediateExit {}
@@ -151,12 +212,93 @@ impl VcpuThread {
                 kick_signal(),
             )
         };
-        if ret != 0 {
-            tracing::warn!(
-                "pthread_kill of a vCPU thread: {}",
-                std::io::Error::from_raw_os_error(ret)
-            );
+        warn_kill_failed(ret);
+    }
+}
+
+fn warn_kill_failed(ret: libc::c_int) {
+    if ret != 0 {
+        tracing::warn!(
+            "pthread_kill of a vCPU thread: {}",
+            std::io::Error::from_raw_os_error(ret)
+        );
+    }
+}
+
+/// Kicks a VM's running vCPUs out of KVM_RUN and waits until each has come out, without pausing
+/// them. Holds the VM's control block only (no vCPU, no fd): it is `Send`, cheap to clone, and
+/// harmless after the VM is gone (there is nothing left to kick).
+#[derive(Clone, Debug)]
+pub struct VcpuKicker(Arc<Control>);
+
+impl VcpuKicker {
+    pub(crate) fn new(control: Arc<Control>) -> Self {
+        Self(control)
+    }
+
+    /// Returns once every vCPU thread that was inside KVM_RUN (or handling its last exit) when this
+    /// was called has come back to the top of its run loop, so that every KVM_RUN that was under
+    /// way has returned. Whatever KVM does for a vCPU before KVM_RUN returns is then done; in
+    /// particular every guest write the caller could see before the call has its dirty-ring entry
+    /// (see [`crate::vm::vcpu_rings`]). Parked, halted and not yet started vCPUs are not waited
+    /// for. The vCPUs run on at once (each exit costs tens of microseconds). Must not be called
+    /// from a vCPU thread, nor with a lock a vCPU thread takes while handling an exit (the dirty
+    /// rings', the devices').
+    ///
+    /// Fails if a vCPU does not come out within 5 s. (Under kvm-pvm a vCPU blocked on a page that
+    /// userfaultfd has not supplied spins instead of leaving; the trackers, the only callers, never
+    /// run on a VM whose memory is still arriving.)
+    pub fn kick_and_wait(&self) -> anyhow::Result<()> {
+        let control = &*self.0;
+        let start = Instant::now();
+        let mut st = control.lock();
+        let waiting: Vec<(usize, u64)> = st
+            .runners
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.in_run())
+            .map(|(slot, r)| (slot, r.passes))
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
         }
+        st.kick_waiters += 1;
+        let mut kicked_at = None;
+        let result = loop {
+            let pending: Vec<usize> = waiting
+                .iter()
+                .filter(|&&(slot, passes)| st.runners[slot].passes == passes)
+                .map(|&(slot, _)| slot)
+                .collect();
+            if pending.is_empty() {
+                break Ok(());
+            }
+            if start.elapsed() > KICK_TIMEOUT {
+                break Err(anyhow::anyhow!(
+                    "{} of {} vCPUs did not leave KVM_RUN within {KICK_TIMEOUT:?} of a kick",
+                    pending.len(),
+                    waiting.len()
+                ));
+            }
+            if kicked_at.is_none_or(|at: Instant| at.elapsed() >= KICK_REPEAT) {
+                for &slot in &pending {
+                    let runner = &st.runners[slot];
+                    runner.immediate_exit.set(1);
+                    // SAFETY: the runner's pass is still odd and we hold the control lock, so the
+                    // thread is alive (see `Runner::passes`) and its pthread_t valid; pthread_kill
+                    // with a valid signal has no other precondition.
+                    warn_kill_failed(unsafe { libc::pthread_kill(runner.thread, kick_signal()) });
+                }
+                kicked_at = Some(Instant::now());
+            }
+            st = control
+                .cond
+                .wait_timeout(st, KICK_REPEAT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        st.kick_waiters -= 1;
+        result
     }
 }
 
@@ -191,13 +333,25 @@ fn thread_main(ctx: VcpuContext) {
     if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
         tracing::warn!("unblocking the vCPU kick signal: {e}");
     }
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&ctx)));
+    let slot = {
+        let mut st = ctx.control.lock();
+        st.runners.push(Runner {
+            // SAFETY: pthread_self has no precondition.
+            thread: unsafe { libc::pthread_self() },
+            immediate_exit: ctx.immediate_exit,
+            passes: 0,
+        });
+        st.runners.len() - 1
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&ctx, slot)));
     let terminal = match outcome {
         Ok(Some(state)) => Some(state),
         Ok(None) => None, // asked to stop
         Err(_) => Some(RunState::Failed(format!("vCPU {} thread panicked", ctx.id))),
     };
     let mut st = ctx.control.lock();
+    // Out of KVM_RUN for good (run_loop may have returned straight from an exit, or panicked).
+    st.back_from_run(slot, &ctx.control.cond);
     if let Some(state) = terminal {
         tracing::info!(vm = %ctx.vm_name, vcpu = ctx.id, "vCPU stopped: {state:?}");
         if !matches!(st.run_state, RunState::Failed(_)) {
@@ -218,11 +372,13 @@ fn thread_main(ctx: VcpuContext) {
 }
 
 /// Runs until asked to stop (`None`) or the vCPU can no longer run (`Some(Halted | Failed)`).
-fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
+/// `slot` is the thread's entry in `ControlState::runners`.
+fn run_loop(ctx: &VcpuContext, slot: usize) -> Option<RunState> {
     let mut io_pending = false;
     loop {
         {
             let mut st = ctx.control.lock();
+            st.back_from_run(slot, &ctx.control.cond);
             // A vCPU with an I/O exit in flight re-enters KVM_RUN once (immediate_exit is set) before
             // it parks, so that KVM completes the I/O into its registers.
             if st.want == Want::Stop {
@@ -246,6 +402,7 @@ fn run_loop(ctx: &VcpuContext) -> Option<RunState> {
             if st.want == Want::Run {
                 ctx.immediate_exit.set(0);
             }
+            st.entering_run(slot);
         }
         let mut vcpu = ctx.fd.lock().unwrap_or_else(|e| e.into_inner());
         let exit = vcpu.run();

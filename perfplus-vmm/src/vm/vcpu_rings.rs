@@ -13,6 +13,13 @@
 //! move on. `KVM_RESET_DIRTY_RINGS` on the VM fd then, for every ring, recycles the entries marked
 //! `RESET` (in order, stopping at the first that is not) and write-protects their pages again.
 //!
+//! **When an entry appears.** Not necessarily when the write does: KVM pushes before a faulting write
+//! to a write-protected page is redone, but only after the write for writes it makes itself
+//! (`__kvm_write_guest_page` copies, then calls `mark_page_dirty_in_slot`; under kvm-pvm that is every
+//! write of emulated guest ring-0 code), and with Intel PML at the next VM exit. It is always in the
+//! ring before the vCPU's KVM_RUN returns, so a harvest that must see every write the harvester could
+//! already see kicks the vCPUs out first (the tracker does, [`crate::tracking::dirty_ring`]).
+//!
 //! **Full rings.** A ring has a soft limit (its size minus entries KVM reserves, 64 here plus the CPU's
 //! PML buffer on Intel). When a vCPU's ring reaches it, KVM finishes the current exit with room to
 //! spare (the reserved entries; the hard limit is never reached, so nothing is dropped) and the next
