@@ -684,24 +684,12 @@ fn workload_cmdline(spec: &str) -> anyhow::Result<String> {
     Ok(cmdline.join(" "))
 }
 
-/// `30ms`, `0.5s`, `30` (milliseconds) → milliseconds.
+/// A duration option that must be positive: `30ms`, `0.5s`, `30` (milliseconds) → milliseconds.
 fn parse_duration_ms(text: &str) -> Result<f64, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (text, 1.0)
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30ms or 0.5s"))?;
-    if !(value > 0.0 && value.is_finite()) {
-        return Err(format!("{text:?}: the duration must be positive"));
+    match perfplus::cli::parse_ms(text)? {
+        0.0 => Err(format!("{:?}: the duration must be positive", text.trim())),
+        ms => Ok(ms),
     }
-    Ok(value * scale)
 }
 
 #[cfg(test)]

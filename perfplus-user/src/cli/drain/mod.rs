@@ -88,25 +88,7 @@ pub struct DrainArgs {
     pub json: bool,
 }
 
-/// `30ms`, `0.5s`, `30` (milliseconds), `0` → milliseconds.
-fn parse_ms(text: &str) -> Result<f64, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (text, 1.0)
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30ms or 0.5s"))?;
-    if !(value >= 0.0 && value.is_finite()) {
-        return Err(format!("{text:?}: the duration must not be negative"));
-    }
-    Ok(value * scale)
-}
+use super::parse_ms;
 
 /// Runs the drain, prints its report (a table, or JSON with `--json`) and fails unless every VM ended
 /// running on a destination with nothing lost.
