@@ -61,11 +61,17 @@ fn seeds_are_real_encodings() {
             }
             other => panic!("seed for unknown target {other}"),
         }
-        // The committed corpus holds it too.
+        // The committed corpus holds it too; the built-in guest only as a file of that name: its bytes
+        // depend on where it was compiled (the build path reaches the image), so the committed copy is
+        // a build of it, not this build's.
         let committed = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("corpus")
             .join(seed.target)
             .join(&seed.name);
+        if seed.name == "builtin-guest" {
+            assert!(committed.is_file(), "{} is missing", committed.display());
+            continue;
+        }
         assert_eq!(
             std::fs::read(&committed).ok().as_deref(),
             Some(&seed.bytes[..]),
