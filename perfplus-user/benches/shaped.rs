@@ -15,8 +15,15 @@
 //!   counters of both veth ends; CPU is the user + system time of the source and destination processes
 //!   (vCPU threads included, for both); total time is what each tool reports (perfplus: `total_ms`;
 //!   QEMU: `total-time`); the guest's self-check must be clean on the destination.
-//! - Runs are interleaved (perfplus, QEMU, QEMU multifd+zstd, then again), `PERFPLUS_BENCH_REPEAT`
-//!   times (default 3); the table gives medians with min–max and the ratios perfplus / QEMU.
+//! - Runs are interleaved (each perfplus mode, QEMU, QEMU multifd+zstd, then again),
+//!   `PERFPLUS_BENCH_REPEAT` times (default 3); the table gives medians with min–max and the ratios
+//!   perfplus / QEMU.
+//! - Scenarios (the guest's page contents are a mix like real memory: random, text-like (about 1.9×
+//!   smaller with zstd), duplicated, zero, unchanged): `moderate` (10k page writes/s in 256 MiB),
+//!   `idle` (100/s), `read-heavy` (10k writes/s into 256 MiB while the guest's verification reads the
+//!   whole 1 GiB, about a pass a second), `duplicate-heavy` (60 % duplicated pages) and
+//!   `faster-than-link` (50k writes/s: perfplus hybrid and post-copy against QEMU post-copy, pre-copy
+//!   and multifd+zstd). perfplus migrates with its defaults (`--compression auto`).
 //!
 //! Run: `scripts/bench.sh shaped` (installs QEMU and iperf3) or `cargo bench -p perfplus --bench shaped`.
 //! `PERFPLUS_BENCH_SCENARIOS` (comma-separated names) picks scenarios.
@@ -41,38 +48,48 @@ struct Scenario {
     name: &'static str,
     /// The built-in guest's command line (without `tsc_khz=`).
     cmdline: &'static str,
-    /// `perfplus migrate --mode`.
-    perfplus_mode: &'static str,
+    /// `perfplus migrate --mode`, one variant per mode.
+    perfplus_modes: &'static [&'static str],
     qemu: &'static [QemuMode],
 }
 
 const LIMIT30: QemuMode = QemuMode::Precopy { downtime_limit_ms: 30 };
 const MULTIFD: QemuMode = QemuMode::MultifdZstd { downtime_limit_ms: 30 };
 
+// Page contents like real memory: random (unique), text-like (about 1.9× smaller with zstd),
+// duplicated across pages, zero, and unchanged by writes (same).
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "moderate",
-        cmdline: "working-set=256M rate=10k mix=unique:40,dup:30,zero:10,same:20",
-        perfplus_mode: "precopy",
+        cmdline: "working-set=256M rate=10k mix=unique:30,text:20,dup:20,zero:10,same:20",
+        perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
     },
     Scenario {
         name: "idle",
-        cmdline: "working-set=256M rate=100 mix=unique:40,dup:30,zero:10,same:20",
-        perfplus_mode: "precopy",
+        cmdline: "working-set=256M rate=100 mix=unique:30,text:20,dup:20,zero:10,same:20",
+        perfplus_modes: &["precopy"],
+        qemu: &[LIMIT30, MULTIFD],
+    },
+    Scenario {
+        // Writes go to the first quarter of the working set (hot=25:100), and the guest's
+        // verification reads the whole of it, about a full pass over memory a second.
+        name: "read-heavy",
+        cmdline: "working-set=1G rate=10k hot=25:100 mix=unique:30,text:20,dup:20,zero:10,same:20",
+        perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
     },
     Scenario {
         name: "duplicate-heavy",
-        cmdline: "working-set=256M rate=10k mix=unique:10,dup:70,zero:10,same:10",
-        perfplus_mode: "precopy",
+        cmdline: "working-set=256M rate=10k mix=unique:10,text:10,dup:60,zero:10,same:10",
+        perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
     },
     Scenario {
         name: "faster-than-link",
-        cmdline: "working-set=256M rate=50k mix=unique:40,dup:30,zero:10,same:20",
-        perfplus_mode: "hybrid",
-        qemu: &[QemuMode::Postcopy, MULTIFD],
+        cmdline: "working-set=256M rate=50k mix=unique:30,text:20,dup:20,zero:10,same:20",
+        perfplus_modes: &["hybrid", "postcopy"],
+        qemu: &[QemuMode::Postcopy, LIMIT30, MULTIFD],
     },
 ];
 
@@ -125,7 +142,7 @@ fn iperf(link: &ShapedLink) -> Option<f64> {
     json["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e6)
 }
 
-fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario) -> Run {
+fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
     let cluster = Cluster::new();
     let a = cluster.agent_in(&link.a, "a", "0");
     let b = cluster.agent_in(&link.b, "b", "0");
@@ -139,15 +156,7 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario) -> Run {
     let report = cluster.cli_json_in(
         Some(link.a.name()),
         &[
-            "migrate",
-            "bench",
-            "--from",
-            &a.addr,
-            "--to",
-            &to,
-            "--mode",
-            scenario.perfplus_mode,
-            "--json",
+            "migrate", "bench", "--from", &a.addr, "--to", &to, "--mode", mode, "--json",
         ],
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -269,20 +278,19 @@ fn main() {
             continue;
         }
         let append = format!("{} tsc_khz={tsc_khz}", scenario.cmdline);
-        let mut ours = Vec::new();
+        let mut ours: Vec<Vec<Run>> = vec![Vec::new(); scenario.perfplus_modes.len()];
         let mut theirs: Vec<Vec<Run>> = vec![Vec::new(); scenario.qemu.len()];
         for rep in 0..repeat {
             eprintln!("{}: run {}/{repeat}", scenario.name, rep + 1);
-            ours.push(perfplus_run(&link, &memory, scenario));
+            for (i, mode) in scenario.perfplus_modes.iter().enumerate() {
+                ours[i].push(perfplus_run(&link, &memory, scenario, mode));
+            }
             for (i, mode) in scenario.qemu.iter().enumerate() {
                 port += 1;
                 theirs[i].push(qemu_run(&link, &kernel, &memory, &append, *mode, port));
             }
         }
-        println!(
-            "## {} ({}; perfplus {})\n",
-            scenario.name, scenario.cmdline, scenario.perfplus_mode
-        );
+        println!("## {} ({})\n", scenario.name, scenario.cmdline);
         println!("| variant | felt stall (ms) | reported downtime (ms) | wire (MB) | total (ms) | CPU src / dst (ms) | probe blind (ms) |");
         println!("|---|---|---|---|---|---|---|");
         let row = |label: &str, runs: &[Run]| {
@@ -297,20 +305,24 @@ fn main() {
                 stat(runs, |r| r.felt.blind_ms).2,
             )
         };
-        row(&format!("perfplus {}", scenario.perfplus_mode), &ours);
+        for (mode, runs) in scenario.perfplus_modes.iter().zip(&ours) {
+            row(&format!("perfplus {mode}"), runs);
+        }
         for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
             row(&qemu_label(mode), runs);
         }
-        println!("\n| perfplus / … | felt stall | wire bytes | total time |\n|---|---|---|---|");
-        for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
-            let ratio = |f: fn(&Run) -> f64| stat(&ours, f).0 / stat(runs, f).0;
-            println!(
-                "| {} | {:.2} | {:.2} | {:.2} |",
-                qemu_label(mode),
-                ratio(|r| r.felt.max_stall_ms),
-                ratio(|r| r.wire_bytes),
-                ratio(|r| r.total_ms)
-            );
+        println!("\n| perfplus … / … | felt stall | wire bytes | total time |\n|---|---|---|---|");
+        for (ours_mode, ours) in scenario.perfplus_modes.iter().zip(&ours) {
+            for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
+                let ratio = |f: fn(&Run) -> f64| stat(ours, f).0 / stat(runs, f).0;
+                println!(
+                    "| {ours_mode} / {} | {:.2} | {:.2} | {:.2} |",
+                    qemu_label(mode),
+                    ratio(|r| r.felt.max_stall_ms),
+                    ratio(|r| r.wire_bytes),
+                    ratio(|r| r.total_ms)
+                );
+            }
         }
         println!();
     }
