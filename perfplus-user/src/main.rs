@@ -327,11 +327,23 @@ struct QemuMigrateArgs {
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["pid", "vm"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["pid", "vm", "qmp"])))]
 struct TrackArgs {
-    /// Any process: count its write faults with eBPF (`exceptions:page_fault_user`); needs root.
+    /// Any process: count its write faults with eBPF (`exceptions:page_fault_user`); needs root. A
+    /// KVM hypervisor's guest writes do not fault in the host: for a QEMU use --qmp, for a perfplus VM
+    /// --vm (a KVM process is refused).
     #[arg(long)]
     pid: Option<u32>,
+    /// A QEMU guest, through its QMP socket: QEMU measures it (`calc-dirty-rate`) once per interval
+    /// (whole seconds in QEMU 7.2).
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// How QEMU measures with --qmp: page-sampling hashes a sample of pages at both ends of the
+    /// interval and counts those whose content changed (what Perf+ sends again); dirty-bitmap counts
+    /// the pages KVM's dirty log reports (what plain QEMU pre-copy sends again: under some KVM flavours
+    /// it includes pages the guest only read).
+    #[arg(long, default_value = "page-sampling", requires = "qmp")]
+    qmp_mode: perfplus::cli::track::QemuDirtyMode,
     /// A VM the agent hosts: the agent measures it with its dirty log, plus eBPF dirty-ring heat.
     #[arg(long)]
     vm: Option<String>,
@@ -416,6 +428,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!(e))?;
             println!("{}", perfplus::cli::pki::cert_issue(ca_dir, &identity, *days, out)?);
             return Ok(());
+        }
+        Command::Track(TrackArgs {
+            qmp: Some(qmp),
+            qmp_mode,
+            ..
+        }) => {
+            let options = track_options(match &cli.command {
+                Command::Track(args) => args,
+                _ => unreachable!("matched above"),
+            })?;
+            return perfplus::cli::track::track_qmp(qmp, *qmp_mode, options).await;
         }
         Command::Track(TrackArgs { pid: Some(pid), .. }) => {
             let options = track_options(match &cli.command {

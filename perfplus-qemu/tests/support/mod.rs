@@ -106,6 +106,11 @@ impl Qemu {
         }
     }
 
+    /// The pid it was started with.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }

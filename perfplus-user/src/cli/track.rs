@@ -8,6 +8,11 @@
 //!   while the VM migrates and a migration is refused while it is tracked), plus the eBPF dirty-ring
 //!   heat when the kernel lets the agent attach it (it only sees VMs in dirty-ring mode).
 //!
+//! - `--qmp PATH`: a QEMU guest. Its write faults never reach the host (KVM maps guest memory
+//!   writable), so eBPF on the QEMU process sees nothing of them; QEMU measures instead
+//!   (`calc-dirty-rate`, then `query-dirty-rate` once it says `measured`), in one of two modes
+//!   ([`QemuDirtyMode`]): sampled content changes, or KVM's dirty log.
+//!
 //! Each interval prints a line (or, with `--json`, one JSON object): dirty pages and their rate, the
 //! working set (distinct pages written in the interval), the hottest 2 MiB regions, and a verdict: the
 //! dirty rate against the migration link (`--link`, default 1 Gbit/s).
@@ -171,7 +176,9 @@ impl IntervalReport {
                 written as f64 / self.interval_s.max(1e-9)
             ));
         }
-        line.push_str(&format!("  hottest 2M: {}", hot.join(" ")));
+        if !hot.is_empty() {
+            line.push_str(&format!("  hottest 2M: {}", hot.join(" ")));
+        }
         line.push_str(&format!(
             "\n      {}",
             verdict(self.working_set_rate(), link_pages_per_s)
@@ -227,6 +234,13 @@ impl Printer {
 
 /// `perfplus track --pid PID`: eBPF write faults of any process, measured here.
 pub fn track_pid(pid: u32, options: TrackOptions) -> anyhow::Result<()> {
+    if is_kvm_hypervisor(pid) {
+        bail!(
+            "pid {pid} runs a KVM guest: the guest's writes do not fault in the host, so counting the \
+             process's write faults would report a dirty rate near 0 whatever the guest does; for a QEMU \
+             guest use `perfplus track --qmp <its QMP socket>`, for a VM of a perfplus agent `--vm NAME`"
+        );
+    }
     let mut heat = EbpfHeat::attach(HeatSource::Process { pid }).context("tracking the process's write faults")?;
     if !options.json {
         println!(
@@ -266,6 +280,131 @@ pub fn track_pid(pid: u32, options: TrackOptions) -> anyhow::Result<()> {
         if !alive {
             break;
         }
+    }
+    printer.finish();
+    Ok(())
+}
+
+/// Whether process `pid` holds a KVM VM (an fd on `anon_inode:kvm-vm`).
+fn is_kvm_hypervisor(pid: u32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:kvm-vm"))
+}
+
+/// How QEMU measures a guest's dirty rate (`calc-dirty-rate`'s `mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuDirtyMode {
+    /// A sample of pages (512 per GiB) hashed at both ends of the interval: pages whose content
+    /// changed, which is what Perf+ sends again. RAM blocks under 128 MiB are not sampled.
+    PageSampling,
+    /// KVM's dirty log for the interval: what plain QEMU pre-copy sends again (under kvm-pvm it
+    /// includes pages the guest only read).
+    DirtyBitmap,
+}
+
+impl QemuDirtyMode {
+    fn qmp_name(self) -> &'static str {
+        match self {
+            QemuDirtyMode::PageSampling => "page-sampling",
+            QemuDirtyMode::DirtyBitmap => "dirty-bitmap",
+        }
+    }
+}
+
+impl std::str::FromStr for QemuDirtyMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "page-sampling" => Ok(QemuDirtyMode::PageSampling),
+            "dirty-bitmap" => Ok(QemuDirtyMode::DirtyBitmap),
+            other => Err(format!("{other:?}: expected page-sampling or dirty-bitmap")),
+        }
+    }
+}
+
+/// Longest a QEMU measurement may take beyond its own length before tracking gives up.
+const QEMU_MEASURE_SLACK: Duration = Duration::from_secs(10);
+
+/// `perfplus track --qmp PATH`: QEMU measures its guest, interval by interval.
+pub async fn track_qmp(path: &std::path::Path, mode: QemuDirtyMode, options: TrackOptions) -> anyhow::Result<()> {
+    let mut qmp = perfplus_qemu::qmp::Qmp::connect(path)
+        .await
+        .with_context(|| format!("QMP socket {}", path.display()))?;
+    let (major, minor, micro) = qmp.version().await?;
+    // QEMU 7.2 measures in whole seconds.
+    let seconds = options.interval.as_secs_f64().ceil().max(1.0) as u64;
+    let options = TrackOptions {
+        interval: Duration::from_secs(seconds),
+        ..options
+    };
+    if !options.json {
+        println!(
+            "tracking the QEMU {major}.{minor}.{micro} guest at {} every {seconds} s ({})",
+            path.display(),
+            mode.qmp_name()
+        );
+    }
+    let intervals = options.intervals();
+    let mut printer = Printer {
+        options: options.clone(),
+        reports: Vec::new(),
+    };
+    let start = Instant::now();
+    let mut previous_start: Option<Value> = None;
+    let mut i = 0u32;
+    while intervals == 0 || i < intervals {
+        i += 1;
+        let began = Instant::now();
+        qmp.execute(
+            "calc-dirty-rate",
+            json!({ "calc-time": seconds, "mode": mode.qmp_name() }),
+        )
+        .await
+        .context("QEMU's calc-dirty-rate")?;
+        let deadline = began + options.interval + QEMU_MEASURE_SLACK;
+        let measured = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::signal::ctrl_c() => {
+                    printer.finish();
+                    return Ok(());
+                }
+            }
+            let info = qmp.execute("query-dirty-rate", json!({})).await?;
+            // A `measured` left from the previous interval has its start time.
+            if info["status"] == "measured" && Some(&info["start-time"]) != previous_start.as_ref() {
+                break info;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "QEMU did not finish measuring the dirty rate within {:?}: {info}",
+                    deadline - began
+                );
+            }
+        };
+        previous_start = Some(measured["start-time"].clone());
+        let mib_per_s = measured["dirty-rate"]
+            .as_f64()
+            .with_context(|| format!("query-dirty-rate gave no dirty-rate: {measured}"))?;
+        let interval_s = seconds as f64;
+        let pages = (mib_per_s * (1 << 20) as f64 / PAGE_SIZE as f64 * interval_s).round() as u64;
+        printer.print(IntervalReport {
+            interval: i,
+            elapsed_s: start.elapsed().as_secs_f64(),
+            interval_s,
+            dirty_pages: pages,
+            working_set_pages: pages,
+            hottest: Vec::new(),
+            source: format!("qemu {}", mode.qmp_name()),
+            ebpf_events: None,
+            guest: true,
+            guest_pages_written: None,
+            note: None,
+        });
     }
     printer.finish();
     Ok(())
