@@ -63,6 +63,17 @@ pub trait PageSource: Send + Sync {
     fn page_count(&self) -> u64;
     /// Copies page `page` (< `page_count()`) into `out`. May race with writers: the index re-hashes.
     fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]);
+    /// The page ranges that may hold data; every other page is zero without being read. Reading a
+    /// page that was never written can cost memory (a memfd allocates it), so callers that walk every
+    /// page walk these. By default: all of them.
+    fn data_page_ranges(&self) -> Vec<Range<u64>> {
+        std::iter::once(0..self.page_count()).collect()
+    }
+}
+
+/// The pages of `source` that may hold data, in order (see [`PageSource::data_page_ranges`]).
+pub fn data_pages(source: &dyn PageSource) -> impl Iterator<Item = u64> {
+    source.data_page_ranges().into_iter().flatten()
 }
 
 impl PageSource for GuestMemory {
@@ -71,6 +82,13 @@ impl PageSource for GuestMemory {
     }
     fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) {
         GuestMemory::read_page(self, page, out)
+    }
+    fn data_page_ranges(&self) -> Vec<Range<u64>> {
+        // The memfd's holes were never written: zero. If the kernel cannot say, every page.
+        GuestMemory::data_page_ranges(self).unwrap_or_else(|err| {
+            tracing::warn!("{err:#}; reading every page");
+            std::iter::once(0..self.page_count()).collect()
+        })
     }
 }
 
@@ -251,6 +269,16 @@ impl ReadBatch {
     }
 }
 
+/// `ranges` (clipped to `pages`) cut into pieces of at most [`HASH_BATCH`] pages.
+fn hash_batches(ranges: Vec<Range<u64>>, pages: u64) -> impl Iterator<Item = Range<u64>> {
+    ranges.into_iter().flat_map(move |range| {
+        let end = range.end.min(pages);
+        (range.start..end)
+            .step_by(HASH_BATCH)
+            .map(move |first| first..end.min(first + HASH_BATCH as u64))
+    })
+}
+
 impl ContentIndex {
     /// An index keyed like `hasher`, over `store` (if any). The store must have been opened with
     /// `hasher.key_fingerprint()`; a store of another key is dropped with a warning, as its digests
@@ -401,8 +429,11 @@ impl ContentIndex {
         let pages = self.vms[id as usize].as_ref().expect("slot").digests.len() as u64;
         let mut read = ReadBatch::new();
         let mut batch = Vec::with_capacity(HASH_BATCH);
-        for first in (0..pages).step_by(HASH_BATCH) {
-            let range = first..pages.min(first + HASH_BATCH as u64);
+        // Pages outside the data ranges are zero, recorded as such without being read.
+        let mut next = 0;
+        for range in hash_batches(source.data_page_ranges(), pages) {
+            batch.extend((next..range.start).map(|page| (page, self.zero_digest)));
+            next = range.end;
             let digests = read.digests(&*source, range.clone(), &self.hasher);
             batch.extend(
                 range
@@ -412,6 +443,8 @@ impl ContentIndex {
             self.record_pages(vm, &batch)?;
             batch.clear();
         }
+        batch.extend((next..pages).map(|page| (page, self.zero_digest)));
+        self.record_pages(vm, &batch)?;
         Ok(pages)
     }
 
@@ -445,8 +478,7 @@ impl ContentIndex {
             chunk.clear();
             Ok(())
         };
-        'pages: for first in (0..pages).step_by(HASH_BATCH) {
-            let range = first..pages.min(first + HASH_BATCH as u64);
+        'pages: for range in hash_batches(source.data_page_ranges(), pages) {
             let digests = read.digests(&*source, range, &hasher);
             for (data, digest) in read.pages.iter().zip(digests) {
                 if offered == capacity {

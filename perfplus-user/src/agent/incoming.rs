@@ -51,6 +51,13 @@ pub(super) async fn migrate_in(
         }
     };
     tracing::info!(vm = %name, memory_bytes = begin.memory_bytes, "migration in starts");
+    if !state.archiving.settled(std::time::Duration::ZERO).await {
+        tracing::info!(vm = %name, "waiting for the page store to take the pages of a VM that left");
+        if !state.archiving.settled(super::archive::ARCHIVE_WAIT).await {
+            tracing::warn!(vm = %name, "the page store is still archiving after {:?}; going ahead without those pages",
+                super::archive::ARCHIVE_WAIT);
+        }
+    }
     let note = StatusNote::default();
     let cancel = CancelSignal::default();
     let inbound = receiver::Inbound {

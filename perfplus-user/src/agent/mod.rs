@@ -159,6 +159,8 @@ struct AgentState {
     attach: ById<incoming::IncomingHandle>,
     /// Outgoing migrations by id: their resume signal and, once done, their result.
     outbound: ById<outgoing::OutboundHandle>,
+    /// Pages of departed VMs going into the page store.
+    archiving: archive::Archiving,
 }
 
 impl AgentState {
@@ -229,6 +231,7 @@ impl Agent {
             vms: Registry::default(),
             attach: ById::default(),
             outbound: ById::default(),
+            archiving: archive::Archiving::default(),
         });
         let admission = Admission::new(
             config.limits.max_unauthenticated,

@@ -144,9 +144,15 @@ pub(super) async fn migrate_out(
                 // The VM runs on the destination now, confirmed: it leaves the registry with its claim.
                 let hosted = claim.remove();
                 let report = completed.report;
+                tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
+                lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
+                // The report first: what follows is housekeeping, which a loaded host may delay.
+                let sent = conn.send(&Message::MigrateDone(Box::new(report))).await;
                 if let Some(hosted) = hosted {
                     // Archiving writes the guest's pages to disk and dropping the VM joins its threads:
-                    // both off the async runtime, which serves every other connection.
+                    // both off the async runtime, which serves every other connection. A VM arriving
+                    // meanwhile waits for the archive (`archive::Archiving`).
+                    let under_way = state.archiving.begin();
                     let (state, name, digests) = (state.clone(), req.vm.clone(), completed.page_digests);
                     let span = tracing::Span::current();
                     tokio::task::spawn_blocking(move || {
@@ -154,13 +160,12 @@ pub(super) async fn migrate_out(
                         crate::migration::at_low_priority(|| {
                             archive::keep_pages(&state, &name, &hosted.vm, digests);
                             drop(hosted);
-                        })
+                        });
+                        drop(under_way);
                     })
                     .await?;
                 }
-                tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
-                lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
-                conn.send(&Message::MigrateDone(Box::new(report))).await
+                sent
             }
             Err(err) => {
                 let committed = err.downcast_ref::<source::CommittedUnconfirmed>().is_some();

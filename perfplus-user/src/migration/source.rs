@@ -514,19 +514,9 @@ async fn finish(
     // off the async runtime and at a low priority: the guest now runs elsewhere (on this host too,
     // in tests and benchmarks) and must not wait for this.
     let memory = job.vm.memory().clone();
-    let ours: Vec<u64> = tokio::task::spawn_blocking(move || {
-        super::at_low_priority(|| {
-            let mut data = Box::new([0u8; PAGE_SIZE]);
-            (0..memory.page_count())
-                .map(|page| {
-                    memory.read_page(page, &mut data);
-                    page_checksum(&data)
-                })
-                .collect()
-        })
-    })
-    .await
-    .context("checksumming the source's pages")?;
+    let ours: Vec<u64> = tokio::task::spawn_blocking(move || super::at_low_priority(|| page_checksums(&memory)))
+        .await
+        .context("checksumming the source's pages")?;
     let mut report = MigrationReport {
         vm: job.vm_name.clone(),
         source: job.source_name.clone(),
@@ -640,6 +630,19 @@ async fn recv_expected<T>(conn: &mut Connection, what: &str, pick: impl FnOnce(M
     }
 }
 
+/// The xxh3 checksum of every page of `memory`. Pages the memfd holds no data for are zero and are
+/// not read: reading them through the mapping would make the kernel allocate them, all of the
+/// guest's untouched memory, on a host it has just left.
+fn page_checksums(memory: &perfplus_vmm::memory::GuestMemory) -> Vec<u64> {
+    let mut sums = vec![page_checksum(&[0; PAGE_SIZE]); memory.page_count() as usize];
+    let mut data = Box::new([0u8; PAGE_SIZE]);
+    for page in crate::content_index::data_pages(memory) {
+        memory.read_page(page, &mut data);
+        sums[page as usize] = page_checksum(&data);
+    }
+    sums
+}
+
 async fn recv_page_checksums(conn: &mut Connection) -> Option<Vec<u64>> {
     recv_expected(conn, "its page checksums", |m| match m {
         Message::PageChecksums { checksums } => Some(checksums),
@@ -717,6 +720,37 @@ mod tests {
 
     use super::*;
     use crate::hashing::PageHasher;
+
+    /// Bytes of memory the kernel has allocated for `memory`'s memfd.
+    fn allocated(memory: &perfplus_vmm::memory::GuestMemory) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{}", memory.memfd()))
+            .unwrap()
+            .blocks()
+            * 512
+    }
+
+    #[test]
+    fn checksums_skip_pages_never_written_and_allocate_nothing() {
+        let memory = perfplus_vmm::memory::GuestMemory::new(1024 * PAGE_SIZE as u64).unwrap();
+        for (page, fill) in [(3u64, 1u8), (4, 2), (700, 3)] {
+            memory.write_page(page, &[fill; PAGE_SIZE]);
+        }
+        let before = allocated(&memory);
+        assert_eq!(before, 3 * PAGE_SIZE as u64);
+        let sums = page_checksums(&memory);
+        assert_eq!(allocated(&memory), before, "reading holes allocated them");
+        let mut data = Box::new([0u8; PAGE_SIZE]);
+        for page in 0..memory.page_count() {
+            memory.read_page(page, &mut data);
+            assert_eq!(sums[page as usize], page_checksum(&data), "page {page}");
+        }
+        assert_eq!(
+            allocated(&memory),
+            1024 * PAGE_SIZE as u64,
+            "reading every page allocates them all"
+        );
+    }
 
     /// Where the scripted destination stops answering.
     #[derive(Clone, Copy, PartialEq)]
