@@ -16,7 +16,7 @@
 //!     a perfplus agent in each namespace (page store 1G each), and `perfplus qemu migrate --agent
 //!     <agent a> --qmp … --to <agent b via 10.77.0.2> --incoming unix:PATH --destination-qmp …
 //!     --downtime-limit … --max-bandwidth 10G --json` run in a, exactly as `tests/qemu_relay.rs` does.
-//!   Same QEMU parameters for both: QEMU's default downtime limit (read from a QEMU's
+//! - Same QEMU parameters for both: QEMU's default downtime limit (read from a QEMU's
 //!   `query-migrate-parameters` before the runs) set explicitly, and max-bandwidth 10 GiB/s so that
 //!   QEMU's own cap (32 MiB/s by default) is not the limit. Both are read back from the source QEMU
 //!   after every migration and printed.
@@ -28,8 +28,8 @@
 //!     the return leg is the one measured (both legs are shown);
 //!   - `two-vms`: two QEMUs of the same image, workload and seed on a; the first migrates a → b (and
 //!     keeps running there), then the second; the second is the one measured (both are shown).
-//!   `return` and `two-vms` pay off only once the destination agent can reference pages it holds
-//!   from before (its page store, a VM it hosts); until then they show what the relay does on its own.
+//! - `return` and `two-vms` pay off only once the destination agent can reference pages it holds from
+//!   before (its page store, a VM it hosts); until then they show what the relay does on its own.
 //! - Every QEMU, agent and the CLI are fresh for every run. Once the source guest runs its workload and
 //!   two more seconds have passed, the leg starts; from then until a second after it ended (plain:
 //!   the source's `query-migrate` says `completed`; relay: the CLI's report, after both QEMUs said
