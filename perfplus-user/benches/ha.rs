@@ -39,9 +39,12 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod peer {
+    pub mod link;
+}
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use plotters::prelude::*;
@@ -168,29 +171,6 @@ fn median(runs: &[Figures]) -> Figures {
         out.downtime_by_vm[i] = m(&|f| f.downtime_by_vm[i]);
     }
     out
-}
-
-/// The link's rate as iperf3 measures it (TCP, 2 s, node 1 → node 2), in Mbit/s.
-fn iperf(link: &ShapedLink) -> Option<f64> {
-    let mut cmd = std::process::Command::new("iperf3");
-    support::netns::run_inside(&mut cmd, link.b.name());
-    let mut server = support::Spawned::new(
-        cmd.args(["-s", "-1", "-p", "5298"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?,
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let mut cmd = std::process::Command::new("iperf3");
-    support::netns::run_inside(&mut cmd, link.a.name());
-    let out = cmd
-        .args(["-c", ShapedLink::IP_B, "-p", "5298", "-t", "2", "-J"])
-        .output()
-        .ok()?;
-    let _ = server.child().wait();
-    let json: Value = serde_json::from_slice(&out.stdout).ok()?;
-    json["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e6)
 }
 
 /// One controlled failure: `vms` guests on node 1, drained to node 2.
@@ -392,7 +372,7 @@ fn main() {
     let Some(link) = ShapedLink::new('h', &rate) else {
         return;
     };
-    let measured = iperf(&link);
+    let measured = peer::link::iperf(&link, 5298);
     let link_mbps = measured.unwrap_or_else(|| {
         let nominal = perfplus::cli::track::parse_link(&rate).expect("PERFPLUS_BENCH_RATE") / 1e6;
         eprintln!("iperf3 missing: link utilisation against the nominal {nominal:.0} Mbit/s");

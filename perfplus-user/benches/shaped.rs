@@ -33,15 +33,14 @@ mod support;
 
 mod peer {
     pub mod felt;
+    pub mod link;
     pub mod qemu;
 }
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use peer::felt::{Felt, FeltProbe};
 use peer::qemu::{process_cpu_ms, Placement, QemuMode, QemuPair};
-use serde_json::Value;
 use support::{Cluster, ShapedLink};
 
 struct Scenario {
@@ -117,29 +116,6 @@ fn memory_bytes(memory: &str) -> u64 {
         Some('M') | Some('m') => digits << 20,
         _ => digits,
     }
-}
-
-/// The link's rate as iperf3 measures it (TCP, 2 s, a → b), in Mbit/s; None without iperf3.
-fn iperf(link: &ShapedLink) -> Option<f64> {
-    let mut cmd = std::process::Command::new("iperf3");
-    support::netns::run_inside(&mut cmd, link.b.name());
-    let mut server = support::Spawned::new(
-        cmd.args(["-s", "-1", "-p", "5299"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?,
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let mut cmd = std::process::Command::new("iperf3");
-    support::netns::run_inside(&mut cmd, link.a.name());
-    let out = cmd
-        .args(["-c", ShapedLink::IP_B, "-p", "5299", "-t", "2", "-J"])
-        .output()
-        .ok()?;
-    let _ = server.child().wait();
-    let json: Value = serde_json::from_slice(&out.stdout).ok()?;
-    json["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e6)
 }
 
 fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
@@ -259,7 +235,7 @@ fn main() {
     let Some(link) = ShapedLink::new('q', &rate) else {
         return;
     };
-    let measured = iperf(&link);
+    let measured = peer::link::iperf(&link, 5299);
     println!("# perfplus vs QEMU over a {rate} tbf-shaped veth between two network namespaces");
     match measured {
         Some(mbps) => println!("\nlink measured with iperf3 (TCP, 2 s): {mbps:.0} Mbit/s"),

@@ -30,7 +30,8 @@ pub struct Felt {
     pub samples: u64,
     pub max_sample_gap_ms: f64,
     /// Time the probe could not see (a read that blocked over 2 ms, e.g. on a page a post-copy
-    /// destination did not have yet): not counted as a stall, so the figure is a lower bound there.
+    /// destination did not have yet, or on a destination QEMU busy loading RAM at the switch): taken
+    /// out of the stall it falls in, so the figure is a lower bound there.
     pub blind_ms: f64,
 }
 
@@ -135,6 +136,8 @@ impl FeltProbe {
                 let mut last_scan: Option<Instant> = None;
                 let mut best = 0u64;
                 let mut last_progress: Option<Instant> = None;
+                // Blind time since the last progress: taken out of the stall it falls in.
+                let mut blind_in_gap_ms = 0.0;
                 let mut last_sample = Instant::now();
                 let mut felt = Felt::default();
                 while !flag.load(Ordering::Acquire) {
@@ -163,18 +166,16 @@ impl FeltProbe {
                     last_sample = now;
                     let read_ms = (now - before_read).as_secs_f64() * 1e3;
                     if read_ms > 2.0 {
-                        // Blind while the read blocked: whatever happened then is not a measurement.
+                        // Blind while the read blocked: that time is not a measurement and does not
+                        // count, but the stall under way goes on (what was seen before the read, and
+                        // after it if the value did not move, is a measurement).
                         felt.blind_ms += read_ms;
-                        if value.is_some_and(|v| v > best) {
-                            best = value.unwrap_or(best);
-                        }
-                        last_progress = Some(now);
-                        continue;
+                        blind_in_gap_ms += read_ms;
                     }
                     if let Some(value) = value {
                         if value > best {
                             if let Some(prev) = last_progress {
-                                let gap = (now - prev).as_secs_f64() * 1e3;
+                                let gap = (now - prev).as_secs_f64() * 1e3 - blind_in_gap_ms;
                                 if gap > 10.0 {
                                     felt.stalls.push(((prev - started).as_secs_f64() * 1e3, gap));
                                 }
@@ -185,6 +186,7 @@ impl FeltProbe {
                             }
                             best = value;
                             last_progress = Some(now);
+                            blind_in_gap_ms = 0.0;
                         }
                     }
                     std::thread::sleep(Duration::from_micros(500));

@@ -26,10 +26,12 @@ pub struct QemuRun {
     pub mismatches: u64,
 }
 
-struct Qemu {
+/// One QEMU process, killed (by the pid it was started with) and reaped when dropped.
+pub struct Qemu {
     child: Child,
     serial: PathBuf,
     qmp: PathBuf,
+    stderr: PathBuf,
 }
 
 impl Drop for Qemu {
@@ -57,17 +59,20 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn start(
+/// Starts QEMU `name` (its console, QMP socket and stderr in `dir`) with the built-in guest `kernel`,
+/// inside `netns` if given; with `incoming` (`defer`, `tcp:…`, `unix:…`) it waits for a migration.
+pub fn start(
     dir: &Path,
     name: &str,
     kernel: &Path,
     memory_mib: u64,
     append: &str,
-    incoming: bool,
+    incoming: Option<&str>,
     netns: Option<&str>,
 ) -> Qemu {
     let serial = dir.join(format!("{name}.serial"));
     let qmp = dir.join(format!("{name}.qmp"));
+    let stderr = dir.join(format!("{name}.stderr"));
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-enable-kvm", "-display", "none", "-no-reboot", "-m"])
         .arg(memory_mib.to_string())
@@ -80,25 +85,109 @@ fn start(
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).expect("QEMU stderr file"));
-    if incoming {
-        // Capabilities (multifd) must be set on the destination before it listens.
-        cmd.args(["-incoming", "defer"]);
+        .stderr(std::fs::File::create(&stderr).expect("QEMU stderr file"));
+    if let Some(incoming) = incoming {
+        cmd.args(["-incoming", incoming]);
     }
     if let Some(ns) = netns {
         crate::support::netns::run_inside(&mut cmd, ns);
     }
     let child = cmd.spawn().expect("starting qemu-system-x86_64");
-    Qemu { child, serial, qmp }
+    Qemu {
+        child,
+        serial,
+        qmp,
+        stderr,
+    }
 }
 
-struct Qmp {
+/// What the guest says on its console after a migration: its self-check and its own longest stall.
+pub struct Verdict {
+    pub mismatches: u64,
+    pub guest_stall_ms: f64,
+}
+
+impl Qemu {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its QMP socket (QEMU serves one client at a time: let go of a [`Qmp`] before another needs it).
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
+    }
+
+    /// A QMP session with it.
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp)
+    }
+
+    /// CPU time (user + system, ms) of the process so far, vCPU thread included.
+    pub fn cpu_ms(&self) -> f64 {
+        process_cpu_ms(self.child.id())
+    }
+
+    /// Waits until the guest runs its workload (its console says so).
+    pub fn wait_running(&self) {
+        wait_for_console(&self.serial, "; running", Duration::from_secs(120));
+    }
+
+    /// Panics with its stderr if the process has exited (`what`: when).
+    pub fn check_alive(&mut self, what: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            panic!("QEMU {} exited ({status}) {what}:\n{stderr}", self.qmp.display());
+        }
+    }
+
+    /// Lets the guest print two more progress lines and reads the last: the guest re-verifies every
+    /// page it wrote continuously, so after a migration this is the destination's self-check.
+    pub fn verdict(&self) -> Verdict {
+        let before = std::fs::read_to_string(&self.serial)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(&self.serial)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < before + 2
+        {
+            assert!(Instant::now() < deadline, "the migrated QEMU guest printed nothing");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let console = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let last = console
+            .lines()
+            .rev()
+            .find(|l| l.contains("max_stall="))
+            .expect("a progress line")
+            .to_string();
+        let field = |name: &str| -> u64 {
+            let start = last.find(name).unwrap_or_else(|| panic!("no {name} in {last:?}")) + name.len();
+            last[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        };
+        Verdict {
+            mismatches: field("mismatches="),
+            guest_stall_ms: field("max_stall=") as f64 / 1000.0,
+        }
+    }
+}
+
+/// A blocking QMP client, enough for a bench.
+pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> Qmp {
+    pub fn connect(path: &Path) -> Qmp {
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             match UnixStream::connect(path) {
@@ -130,7 +219,8 @@ impl Qmp {
         }
     }
 
-    fn execute(&mut self, command: &str, arguments: Value) -> Value {
+    /// Runs `command`; panics on a QMP error. Its `return`.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Value {
         let request = json!({ "execute": command, "arguments": arguments });
         writeln!(self.writer, "{request}").unwrap();
         let reply = self.read();
@@ -202,7 +292,7 @@ impl QemuPair {
             kernel,
             memory_mib,
             append,
-            false,
+            None,
             placement.source_netns,
         );
         let destination = start(
@@ -211,7 +301,8 @@ impl QemuPair {
             kernel,
             memory_mib,
             append,
-            true,
+            // Capabilities (multifd) must be set on the destination before it listens.
+            Some("defer"),
             placement.destination_netns,
         );
         wait_for_console(&source.serial, "; running", Duration::from_secs(120));
@@ -272,26 +363,42 @@ impl QemuPair {
         );
         src.execute("migrate", json!({ "uri": uri }));
         let mut switched = false;
-        let info = loop {
-            if let Ok(Some(status)) = self.destination.child.try_wait() {
-                let stderr = std::fs::read_to_string(self.dir.path().join("destination.stderr")).unwrap_or_default();
-                panic!("the destination QEMU exited ({status}) during the migration ({mode:?}):\n{stderr}");
+        let info = wait_migration(&mut src, &mut self.destination, |src, info| {
+            if postcopy && !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+                // After the first full pass, as a QEMU user switching to post-copy would.
+                src.execute("migrate-start-postcopy", json!({}));
+                switched = true;
             }
-            let info = src.execute("query-migrate", json!({}));
-            match info["status"].as_str() {
-                Some("completed") => break info,
-                Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {info}"),
-                _ if postcopy && !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 => {
-                    // After the first full pass, as a QEMU user switching to post-copy would.
-                    src.execute("migrate-start-postcopy", json!({}));
-                    switched = true;
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let destination = &self.destination;
-        read_guest_verdict(destination, info)
+        });
+        read_guest_verdict(&self.destination, info)
     }
+}
+
+/// Polls the source's `query-migrate` every 20 ms until `completed` (panics if the migration fails
+/// or the destination exits), calling `during` with each reply before that; the last reply.
+pub fn wait_migration(src: &mut Qmp, destination: &mut Qemu, mut during: impl FnMut(&mut Qmp, &Value)) -> Value {
+    loop {
+        destination.check_alive("during the migration");
+        let info = src.execute("query-migrate", json!({}));
+        match info["status"].as_str() {
+            Some("completed") => return info,
+            Some("failed") | Some("cancelled") => panic!("QEMU migration failed: {info}"),
+            _ => {
+                during(src, &info);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// QEMU's own migration, as a QEMU user runs it: `parameters` (`migrate-set-parameters`) on the
+/// source, `migrate` to `uri` (where `destination` waits with `-incoming`), until `completed`; the
+/// source's last `query-migrate`. Both QMP sessions are closed when it returns.
+pub fn migrate_plain(source: &Qemu, destination: &mut Qemu, uri: &str, parameters: Value) -> Value {
+    let mut src = source.qmp();
+    src.execute("migrate-set-parameters", parameters);
+    src.execute("migrate", json!({ "uri": uri }));
+    wait_migration(&mut src, destination, |_, _| {})
 }
 
 /// CPU time (user + system) of process `pid`, in milliseconds.
@@ -318,43 +425,13 @@ pub fn migrate(kernel: &Path, memory_mib: u64, append: &str, downtime_limit_ms: 
 
 /// What the guest says on the destination's console after the migration, with QEMU's `info`.
 fn read_guest_verdict(destination: &Qemu, info: Value) -> QemuRun {
-    // Let the guest print two more progress lines on the destination.
-    let before = std::fs::read_to_string(&destination.serial)
-        .unwrap_or_default()
-        .lines()
-        .count();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_to_string(&destination.serial)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        < before + 2
-    {
-        assert!(Instant::now() < deadline, "the migrated QEMU guest printed nothing");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let console = std::fs::read_to_string(&destination.serial).unwrap_or_default();
-    let last = console
-        .lines()
-        .rev()
-        .find(|l| l.contains("max_stall="))
-        .expect("a progress line")
-        .to_string();
-    let field = |name: &str| -> u64 {
-        let start = last.find(name).unwrap_or_else(|| panic!("no {name} in {last:?}")) + name.len();
-        last[start..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect::<String>()
-            .parse()
-            .unwrap()
-    };
+    let verdict = destination.verdict();
     QemuRun {
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
         rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
-        guest_stall_ms: field("max_stall=") as f64 / 1000.0,
-        mismatches: field("mismatches="),
+        guest_stall_ms: verdict.guest_stall_ms,
+        mismatches: verdict.mismatches,
     }
 }
