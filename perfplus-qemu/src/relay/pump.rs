@@ -18,7 +18,7 @@ pub enum RelayError {
     Stream(#[from] StreamError),
     #[error("relay I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("reference to a page this agent does not hold (digest {0}): the two sides disagree on what the destination holds")]
+    #[error("reference to a page this agent does not hold (digest {0}): neither this migration's pages nor this host's page store and VMs have it (any more); the stream stops here, before QEMU gets a page that cannot be verified")]
     MissingReference(String),
     #[error("a held page no longer has its digest {0}: refusing to write it into the stream")]
     DigestMismatch(String),
