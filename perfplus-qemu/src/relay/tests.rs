@@ -385,3 +385,36 @@ fn loaded_prefix(bytes: &[u8]) -> HashMap<(usize, u64), [u8; PAGE_SIZE]> {
     }
     memory
 }
+
+/// A failed relay closes both of its connections at once: the destination QEMU, which keeps its
+/// return path open while it waits for the rest of the stream, sees its socket close instead of
+/// waiting for ever.
+#[tokio::test]
+async fn a_relay_that_fails_closes_both_connections_without_waiting_for_qemu() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let digester = HmacMd5::new(b"test key");
+    let mut filter = source::Filter::new(&digester, RelayConfig::default()).with_host_held(prefixes(&digester, &[2]));
+    let link_bytes = run_through(&qemu_stream(), Dialect::Qemu, |item, out| filter.step(item, out));
+    let (mut source_end, link) = tokio::io::duplex(1 << 20);
+    let (qemu, mut qemu_end) = tokio::io::duplex(1 << 20);
+    source_end.write_all(&link_bytes).await.unwrap();
+    // The host holds nothing: the first host reference fails the relay.
+    let expander = destination::Expander::new(&digester, RelayConfig::default()).with_host(Box::new(host_with(
+        &digester,
+        &[],
+        false,
+    )));
+    let relayed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        destination::run_expander(link, qemu, expander),
+    )
+    .await
+    .expect("the relay ends although neither QEMU nor the source closed anything");
+    assert!(matches!(relayed, Err(RelayError::MissingReference(_))), "{relayed:?}");
+    let mut got = Vec::new();
+    qemu_end.read_to_end(&mut got).await.unwrap();
+    assert!(
+        got.len() < qemu_stream().len(),
+        "QEMU got a truncated stream, then end of file"
+    );
+}
