@@ -24,6 +24,9 @@ use crate::qemu::{link, QemuSocket};
 /// How long the destination QEMU may take to report the end of its migration after the stream ended.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// How long a failed relay reads on, so that the source reads its error before the connection closes.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// Relays one QEMU migration into the QEMU `begin` names; errors go to the peer too.
 pub(super) async fn relay_in(
     state: &Arc<AgentState>,
@@ -90,6 +93,8 @@ pub(super) async fn relay_in(
         Err(e) => {
             tracing::warn!(incoming = %begin.incoming, "QEMU relay failed: {e:#}");
             writer.send_error(&format!("{e:#}")).await;
+            // Read on until the source hangs up: it then reads this error, not a reset connection.
+            let _ = tokio::time::timeout(DRAIN, async { while reader.recv().await.is_ok() {} }).await;
             return Err(e);
         }
     };
