@@ -223,6 +223,7 @@ async fn references_to_a_store_gone_bad_fail_the_migration_and_the_guest_runs_on
 
     let out = hosts.migrate('a', &a2, "b2", &b2);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains("does not hold") && stderr.contains("running here"),

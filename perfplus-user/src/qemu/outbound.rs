@@ -179,9 +179,9 @@ pub async fn migrate(
         &info,
         stats,
         link_bytes,
-        archived,
         done,
-    ))
+    )
+    .with_archive(archived))
 }
 
 /// A unix socket path of this process's own, removed when dropped.

@@ -93,7 +93,6 @@ impl QemuReport {
         info: &Value,
         stats: RelayStats,
         link_bytes: u64,
-        archived: Archived,
         done: QemuRelayDone,
     ) -> QemuReport {
         let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
@@ -117,10 +116,19 @@ impl QemuReport {
             destination_run_state: done.qemu_run_state,
             destination_expanded: done.pages_expanded,
             destination_expanded_host: done.pages_expanded_host,
-            archived_pages: archived.pages,
-            archive_skipped: archived.skipped,
+            archived_pages: 0,
+            archive_skipped: 0,
             destination_archived_pages: done.pages_archived,
             destination_archive_skipped: done.archive_skipped,
+        }
+    }
+
+    /// What the source agent's archive did.
+    pub fn with_archive(self, archived: Archived) -> QemuReport {
+        QemuReport {
+            archived_pages: archived.pages,
+            archive_skipped: archived.skipped,
+            ..self
         }
     }
 
