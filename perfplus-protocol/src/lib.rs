@@ -145,11 +145,15 @@
 //! ```text
 //! source agent                                   destination agent
 //! |-- QemuRelayBegin{incoming, qmp, held_pages} -->|  checks QEMU 7.2 (if qmp), connects to incoming
-//! |<-- Done ---------------------------------------|
-//! |== QemuStream{relay dialect} … QemuStream{} ==> |  expands references (re-hashed), feeds QEMU
-//! |<= QemuStream{QEMU's return path} … {} ======== |
+//! |<-- MigrateReady{held: digest prefixes} --------|  what its host holds (page store, hosted VMs)
+//! |== QemuStream{relay dialect} … QemuStream{} ==> |  expands references (re-hashed), feeds QEMU;
+//! |<= QemuStream{QEMU's return path} … {} ======== |  one it cannot resolve: Error, the stream stops
 //! |<-- QemuRelayDone{counts, QEMU's status} -------|  (or Error)
 //! ```
+//! References to what the destination host held are a hint like a perfplus migration's, but the
+//! stream cannot be rewound: one the destination can no longer resolve (evicted, corrupt) ends the
+//! relay with `Error` before QEMU gets anything more, and with QEMU's return path on (the source
+//! agent turns it on) the source QEMU fails its migration and keeps running the guest.
 //!
 //! ## Control (CLI → agent, role Control)
 //! One request, then one reply, except `Migrate`, which streams `Progress` frames and ends with

@@ -203,7 +203,9 @@ pub struct QemuMigrateRequest {
 }
 
 /// First message of a peer connection that relays a QEMU migration stream (`perfplus qemu migrate`):
-/// where the destination agent feeds it, and how many pages it must hold for references.
+/// where the destination agent feeds it, and how many pages it must hold for references. Answered
+/// with `MigrateReady{held}` (the digest prefixes the destination host holds, as for a perfplus
+/// migration) or `Error`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuRelayBegin {
     /// The destination QEMU's `-incoming` address on the destination host: `unix:PATH` or `tcp:HOST:PORT`.
@@ -218,7 +220,8 @@ pub struct QemuRelayBegin {
 /// QEMU's stream and what that QEMU says.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuRelayDone {
-    /// Pages written into the stream as they came, and expanded from references (re-hashed first).
+    /// Pages written into the stream as they came, and expanded from references to pages of this
+    /// migration (re-hashed first).
     pub pages_full: u64,
     pub pages_expanded: u64,
     pub zero_records: u64,
@@ -228,6 +231,13 @@ pub struct QemuRelayDone {
     /// The destination QEMU's `query-migrate` status and `query-status` run state, with `qmp` given.
     pub qemu_migration_status: Option<String>,
     pub qemu_run_state: Option<String>,
+    /// Pages expanded from references to what the destination host held before the migration (its
+    /// page store, its VMs; re-hashed first).
+    pub pages_expanded_host: u64,
+    /// Pages the destination agent put into its page store once the stream was written whole, and
+    /// pages its archive skipped (it never slows the relay).
+    pub pages_archived: u64,
+    pub archive_skipped: u64,
 }
 
 /// Largest `QemuStream` chunk.

@@ -1,17 +1,25 @@
 //! The destination side: the relay dialect in, a valid QEMU stream out (references expanded and
 //! verified, every other item as it came).
 
+use std::collections::{HashMap, HashSet};
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::pump::{self, RelayError};
-use super::{Held, RelayConfig, RelayStats};
+use super::{Held, HostPages, PageTee, RelayConfig, RelayStats, Relayed};
 use crate::digest::PageDigester;
-use crate::stream::{self, Dialect, Item, RamBody, RamRecord, PAGE_SIZE};
+use crate::stream::{self, Dialect, Digest, Item, RamBody, RamRecord, PAGE_SIZE};
 
 /// Expands references, without I/O: items in, the bytes for QEMU out.
 pub struct Expander<'d> {
     digester: &'d dyn PageDigester,
     held: Held<Box<[u8; PAGE_SIZE]>>,
+    /// What the host held before this migration, for references [`Held`] cannot resolve.
+    host: Option<Box<dyn HostPages + 'd>>,
+    /// Copies of the pages that came whole, for this agent's page store.
+    tee: Option<Box<dyn PageTee + 'd>>,
+    /// With a tee: the digest of the last non-zero page written at each address.
+    at_qemu: HashMap<(usize, u64), Digest>,
     stats: RelayStats,
 }
 
@@ -20,8 +28,24 @@ impl<'d> Expander<'d> {
         Expander {
             digester,
             held: Held::new(config.held_pages),
+            host: None,
+            tee: None,
+            at_qemu: HashMap::new(),
             stats: RelayStats::default(),
         }
+    }
+
+    /// References this migration's pages do not resolve are asked of `host`.
+    pub fn with_host(mut self, host: Box<dyn HostPages + 'd>) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    /// Every page that comes whole is handed to `tee` after it is written for QEMU, and the expander
+    /// remembers what QEMU got at each address ([`Expander::last_pages`]).
+    pub fn with_tee(mut self, tee: Box<dyn PageTee + 'd>) -> Self {
+        self.tee = Some(tee);
+        self
     }
 
     /// Writes what QEMU gets for `item` to `out`.
@@ -39,6 +63,7 @@ impl<'d> Expander<'d> {
     }
 
     fn ram(&mut self, record: RamRecord, out: &mut Vec<u8>) -> Result<(), RelayError> {
+        let address = (record.block, record.offset);
         match record.body {
             RamBody::Page(page) => {
                 let digest = self.digester.digest(&page);
@@ -52,27 +77,50 @@ impl<'d> Expander<'d> {
                     ..
                 }) = item
                 {
+                    if let Some(tee) = self.tee.as_mut() {
+                        tee.page(digest, page.clone());
+                        self.at_qemu.insert(address, digest);
+                    }
                     self.held.offer(digest, || page);
                 }
                 self.stats.counts().full += 1;
             }
             RamBody::Ref(digest) => {
-                let page = self
-                    .held
-                    .get(&digest)
-                    .ok_or_else(|| RelayError::MissingReference(hex(&digest)))?;
+                let (page, from_host) = match self.held.get(&digest) {
+                    Some(page) => (page.clone(), false),
+                    None => {
+                        let mut page = Box::new([0u8; PAGE_SIZE]);
+                        let found = self.host.as_mut().is_some_and(|host| host.fetch(&digest, &mut page));
+                        if !found {
+                            return Err(RelayError::MissingReference(hex(&digest)));
+                        }
+                        (page, true)
+                    }
+                };
                 // Re-hash before use: what goes into the guest is what the digest names.
-                if self.digester.digest(page) != digest {
+                if self.digester.digest(&page) != digest {
                     return Err(RelayError::DigestMismatch(hex(&digest)));
                 }
+                if from_host {
+                    // Kept as if it had come whole: the source applies the same rule.
+                    self.held.offer(digest, || page.clone());
+                    self.stats.counts().host_referenced += 1;
+                } else {
+                    self.stats.counts().referenced += 1;
+                }
+                if self.tee.is_some() {
+                    self.at_qemu.insert(address, digest);
+                }
                 let record = RamRecord {
-                    body: RamBody::Page(page.clone()),
+                    body: RamBody::Page(page),
                     ..record
                 };
                 stream::write(&Item::Ram(record), out);
-                self.stats.counts().referenced += 1;
             }
             RamBody::Zero(_) => {
+                if self.tee.is_some() {
+                    self.at_qemu.remove(&address);
+                }
                 stream::write(&Item::Ram(record), out);
                 self.stats.counts().zero += 1;
             }
@@ -84,6 +132,13 @@ impl<'d> Expander<'d> {
 impl Expander<'_> {
     pub fn stats(&self) -> &RelayStats {
         &self.stats
+    }
+
+    /// With a tee: the distinct digests of the last non-zero page written at each address (what the
+    /// destination QEMU's memory holds once the stream is complete). Empty without one.
+    pub fn last_pages(&self) -> Vec<Digest> {
+        let distinct: HashSet<&Digest> = self.at_qemu.values().collect();
+        distinct.into_iter().copied().collect()
     }
 }
 
@@ -103,11 +158,22 @@ where
     L: AsyncRead + AsyncWrite + Unpin,
     Q: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut expander = Expander::new(digester, config);
+    Ok(run_expander(link, qemu, Expander::new(digester, config)).await?.stats)
+}
+
+/// [`run`] with an expander set up by the caller (the host's pages, a tee); the expander's tee is
+/// dropped when this returns.
+pub async fn run_expander<L, Q>(link: L, qemu: Q, mut expander: Expander<'_>) -> Result<Relayed, RelayError>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+    Q: AsyncRead + AsyncWrite + Unpin,
+{
     let moved = pump::run(link, qemu, Dialect::Relay, |item, out| expander.step(item, out)).await?;
+    expander.tee = None;
+    let last_pages = expander.last_pages();
     let mut stats = expander.stats;
     stats.bytes_in = moved.forward_in;
     stats.bytes_out = moved.forward_out;
     stats.return_path_bytes = moved.backward;
-    Ok(stats)
+    Ok(Relayed { stats, last_pages })
 }

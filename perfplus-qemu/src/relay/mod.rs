@@ -12,6 +12,14 @@
 //! * the destination agent holds a page with this digest ([`Held`]: pages of this migration it
 //!   passed on) → a reference of 16 bytes, which [`destination::Expander`] replaces by the page after
 //!   re-hashing it;
+//! * the destination *host* holds it (the destination agent advertised the digest's 8-byte prefix
+//!   before the stream began: its page store of VMs that left, the VMs it hosts) → the same
+//!   reference; the expander finds it in [`Held`] or else asks the agent ([`HostPages`]), re-hashes
+//!   what it gets, and keeps it in [`Held`] as if it had come whole (both sides apply that rule too).
+//!   A reference it cannot resolve stops the stream with an error before QEMU gets anything more:
+//!   the stream cannot be rewound, and a page it cannot verify never goes into the guest (the
+//!   destination QEMU then fails its incoming migration, and the source QEMU, with its return path
+//!   on, fails too and keeps running the guest);
 //! * otherwise the page itself; zero records stay zero records (dropped too when unchanged).
 //!
 //! Both sides apply one deterministic rule to what the destination holds ([`Held::offer`], in stream
@@ -27,6 +35,40 @@ pub mod source;
 
 pub use held::Held;
 pub use pump::RelayError;
+
+use crate::stream::{Digest, PAGE_SIZE};
+
+/// The first 8 bytes of a digest, little-endian: what a destination agent advertises of what its
+/// host holds (the same prefix as perfplus's `hashing::digest_prefix`).
+pub fn digest_prefix(digest: &Digest) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// Pages the destination host holds outside this migration (the destination agent's page store, the
+/// VMs it hosts), as the destination agent resolves them. The [`destination::Expander`] re-hashes
+/// whatever it gets: an implementation that returns the wrong content makes the relay fail, never
+/// the guest read it.
+pub trait HostPages: Send {
+    /// Fills `out` with content whose keyed digest is `digest`, if the host holds one.
+    fn fetch(&mut self, digest: &Digest, out: &mut [u8; PAGE_SIZE]) -> bool;
+}
+
+/// Where an agent keeps copies of the pages the relay passes on (for its page store, after the
+/// migration). Called on the relay's hot path: it must not block (drop the page instead).
+pub trait PageTee: Send {
+    fn page(&mut self, digest: Digest, page: Box<[u8; PAGE_SIZE]>);
+}
+
+/// What a relay side did, and the content the destination QEMU ended up with.
+#[derive(Clone, Debug, Default)]
+pub struct Relayed {
+    pub stats: RelayStats,
+    /// The distinct digests of the last non-zero page the destination QEMU got at each address (its
+    /// memory's content when the stream ended), in no particular order.
+    pub last_pages: Vec<Digest>,
+}
 
 /// How much the destination agent keeps to resolve references.
 #[derive(Clone, Copy, Debug)]
@@ -47,8 +89,11 @@ impl Default for RelayConfig {
 pub struct PageCounts {
     /// Pages sent whole.
     pub full: u64,
-    /// Pages sent as a reference to a page the destination agent holds.
+    /// Pages sent as a reference to a page of this migration the destination agent holds.
     pub referenced: u64,
+    /// Pages sent as a reference to a page the destination host held before this migration (its
+    /// page store, its VMs).
+    pub host_referenced: u64,
     /// Pages dropped: the destination QEMU has this content at this address.
     pub unchanged: u64,
     /// Zero records passed on.
@@ -60,7 +105,7 @@ pub struct PageCounts {
 impl PageCounts {
     /// RAM records QEMU sent.
     pub fn records(&self) -> u64 {
-        self.full + self.referenced + self.unchanged + self.zero + self.zero_unchanged
+        self.full + self.referenced + self.host_referenced + self.unchanged + self.zero + self.zero_unchanged
     }
 
     /// Both added up.
@@ -68,6 +113,7 @@ impl PageCounts {
         PageCounts {
             full: self.full + other.full,
             referenced: self.referenced + other.referenced,
+            host_referenced: self.host_referenced + other.host_referenced,
             unchanged: self.unchanged + other.unchanged,
             zero: self.zero + other.zero,
             zero_unchanged: self.zero_unchanged + other.zero_unchanged,

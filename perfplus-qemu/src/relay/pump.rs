@@ -18,7 +18,7 @@ pub enum RelayError {
     Stream(#[from] StreamError),
     #[error("relay I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("reference to a page this agent does not hold (digest {0}): the two sides disagree on what the destination holds")]
+    #[error("reference to a page this agent does not hold (digest {0}): neither this migration's pages nor this host's page store and VMs have it (any more); the stream stops here, before QEMU gets a page that cannot be verified")]
     MissingReference(String),
     #[error("a held page no longer has its digest {0}: refusing to write it into the stream")]
     DigestMismatch(String),
@@ -34,7 +34,10 @@ pub(crate) struct Moved {
 
 /// Runs the forward stream (parsed, each item through `step`) and the backward return path (copied
 /// as it is) until both ends close. The forward direction's error is the one that counts; the return
-/// path's peer may close first (QEMU closes its socket when it is done).
+/// path's peer may close first (QEMU closes its socket when it is done). A failure of either ends
+/// both at once: both connections are dropped, so that QEMU, waiting for more of the stream or
+/// writing its return path, sees them close (it would otherwise wait for the rest of a stream that
+/// is never coming).
 pub(crate) async fn run<F, B, S>(forward: F, backward: B, dialect: Dialect, step: S) -> Result<Moved, RelayError>
 where
     F: AsyncRead + AsyncWrite + Unpin,
@@ -47,22 +50,20 @@ where
     let return_path = async {
         let copied = tokio::io::copy(&mut backward_reply, &mut forward_reply).await;
         let _ = forward_reply.shutdown().await;
-        copied
-    };
-    let (stream, return_path) = tokio::join!(stream, return_path);
-    let (forward_in, forward_out) = stream?;
-    let backward = match return_path {
-        Ok(n) => n,
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::NotConnected
-            ) =>
-        {
-            0
+        match copied {
+            Ok(n) => Ok(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::NotConnected
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(RelayError::from(e)),
         }
-        Err(e) => return Err(e.into()),
     };
+    let ((forward_in, forward_out), backward) = tokio::try_join!(stream, return_path)?;
     Ok(Moved {
         forward_in,
         forward_out,

@@ -15,7 +15,7 @@ pub(super) async fn migrate(
     request: QemuMigrateRequest,
 ) -> anyhow::Result<()> {
     tracing::info!(qmp = %request.qmp, to = %request.to, incoming = %request.incoming, "relaying a QEMU migration out");
-    let report = outbound::migrate(&state.credentials, &state.hasher, &request, |info| {
+    let report = outbound::migrate(&state.credentials, &state.hasher, &state.index, &request, |info| {
         tracing::debug!("{}", report::progress_line(info))
     })
     .await?;

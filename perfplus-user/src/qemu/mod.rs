@@ -12,6 +12,7 @@
 //! ([`PageHasher`] under the cluster key's page-digest key), so a relayed stream and a perfplus
 //! migration agree on what a page's digest is.
 
+pub(crate) mod held;
 pub(crate) mod link;
 pub mod outbound;
 pub mod report;

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use perfplus_protocol::QemuRelayDone;
 use perfplus_qemu::relay::{PageCounts, RelayStats};
+
+use super::held::Archived;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,8 +15,11 @@ use serde_json::Value;
 pub struct Pages {
     /// Sent whole.
     pub full: u64,
-    /// Sent as a reference (the destination agent held the content).
+    /// Sent as a reference to a page of this migration the destination agent held.
     pub referenced: u64,
+    /// Sent as a reference to a page the destination host held before (its page store, its VMs).
+    #[serde(default)]
+    pub host_referenced: u64,
     /// Dropped: the destination QEMU had this content at this address.
     pub unchanged: u64,
     /// Zero records passed on, and dropped as unchanged.
@@ -27,6 +32,7 @@ impl From<PageCounts> for Pages {
         Pages {
             full: c.full,
             referenced: c.referenced,
+            host_referenced: c.host_referenced,
             unchanged: c.unchanged,
             zero: c.zero,
             zero_unchanged: c.zero_unchanged,
@@ -61,6 +67,22 @@ pub struct QemuReport {
     /// The destination QEMU's `query-migrate` status and run state (with `--destination-qmp`).
     pub destination_status: Option<String>,
     pub destination_run_state: Option<String>,
+    /// What the destination agent expanded: references to pages of this migration, and to pages its
+    /// host held before (page store, hosted VMs); both re-hashed before QEMU got them.
+    #[serde(default)]
+    pub destination_expanded: u64,
+    #[serde(default)]
+    pub destination_expanded_host: u64,
+    /// Pages each agent put into its page store afterwards (the source once QEMU completed, the
+    /// destination once the stream was written whole), and pages their archives skipped.
+    #[serde(default)]
+    pub archived_pages: u64,
+    #[serde(default)]
+    pub archive_skipped: u64,
+    #[serde(default)]
+    pub destination_archived_pages: u64,
+    #[serde(default)]
+    pub destination_archive_skipped: u64,
 }
 
 impl QemuReport {
@@ -92,6 +114,21 @@ impl QemuReport {
             return_path_bytes: stats.return_path_bytes,
             destination_status: done.qemu_migration_status,
             destination_run_state: done.qemu_run_state,
+            destination_expanded: done.pages_expanded,
+            destination_expanded_host: done.pages_expanded_host,
+            archived_pages: 0,
+            archive_skipped: 0,
+            destination_archived_pages: done.pages_archived,
+            destination_archive_skipped: done.archive_skipped,
+        }
+    }
+
+    /// What the source agent's archive did.
+    pub fn with_archive(self, archived: Archived) -> QemuReport {
+        QemuReport {
+            archived_pages: archived.pages,
+            archive_skipped: archived.skipped,
+            ..self
         }
     }
 
@@ -119,7 +156,12 @@ impl QemuReport {
         let (pre, stop) = (&self.precopy, &self.stop_and_copy);
         for (name, pre, stop) in [
             ("sent whole", pre.full, stop.full),
-            ("sent as reference", pre.referenced, stop.referenced),
+            ("reference (this migration)", pre.referenced, stop.referenced),
+            (
+                "reference (host's store/VMs)",
+                pre.host_referenced,
+                stop.host_referenced,
+            ),
             ("dropped (unchanged)", pre.unchanged, stop.unchanged),
             ("zero records", pre.zero, stop.zero),
             ("zero dropped (unchanged)", pre.zero_unchanged, stop.zero_unchanged),
@@ -137,6 +179,19 @@ impl QemuReport {
             self.qemu_bytes as f64 / MB,
             self.link_bytes as f64 / MB,
             self.destination_qemu_bytes as f64 / MB
+        );
+        let _ = writeln!(
+            out,
+            "destination agent: expanded {} references to pages of this migration and {} to pages its host held (page store, VMs), each re-hashed",
+            self.destination_expanded, self.destination_expanded_host
+        );
+        let _ = writeln!(
+            out,
+            "page stores: {} pages archived here ({} skipped), {} at the destination ({} skipped)",
+            self.archived_pages,
+            self.archive_skipped,
+            self.destination_archived_pages,
+            self.destination_archive_skipped
         );
         let _ = writeln!(
             out,
