@@ -13,6 +13,12 @@ use crate::stream::{Digest, PAGE_SIZE};
 /// collision without the key (see `perfplus::hashing` for why HMAC-MD5 is enough).
 pub trait PageDigester: Send + Sync {
     fn digest(&self, page: &[u8; PAGE_SIZE]) -> Digest;
+
+    /// The digests of several pages, in order: what the relay asks for each chunk of the stream, so
+    /// that an implementation can hash them together (the agent's hashes eight at once).
+    fn digest_many(&self, pages: &[&[u8; PAGE_SIZE]]) -> Vec<Digest> {
+        pages.iter().map(|page| self.digest(page)).collect()
+    }
 }
 
 /// HMAC-MD5 under a key, one page at a time.

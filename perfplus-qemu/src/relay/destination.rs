@@ -50,8 +50,14 @@ impl<'d> Expander<'d> {
 
     /// Writes what QEMU gets for `item` to `out`.
     pub fn step(&mut self, item: Item, out: &mut Vec<u8>) -> Result<(), RelayError> {
+        self.step_with(item, None, out)
+    }
+
+    /// [`Expander::step`] with the digest of the item's page if the caller has it already (the pump
+    /// hashes the pages of a chunk together); it must be this expander's digester's.
+    pub fn step_with(&mut self, item: Item, digest: Option<Digest>, out: &mut Vec<u8>) -> Result<(), RelayError> {
         match item {
-            Item::Ram(record) => return self.ram(record, out),
+            Item::Ram(record) => return self.ram(record, digest, out),
             Item::SectionStart { .. } | Item::SectionPart { .. } | Item::SectionEnd { .. } => {
                 self.stats.section(&item);
             }
@@ -62,11 +68,11 @@ impl<'d> Expander<'d> {
         Ok(())
     }
 
-    fn ram(&mut self, record: RamRecord, out: &mut Vec<u8>) -> Result<(), RelayError> {
+    fn ram(&mut self, record: RamRecord, known: Option<Digest>, out: &mut Vec<u8>) -> Result<(), RelayError> {
         let address = (record.block, record.offset);
         match record.body {
             RamBody::Page(page) => {
-                let digest = self.digester.digest(&page);
+                let digest = known.unwrap_or_else(|| self.digester.digest(&page));
                 let item = Item::Ram(RamRecord {
                     body: RamBody::Page(page),
                     ..record
@@ -168,7 +174,11 @@ where
     L: AsyncRead + AsyncWrite + Unpin,
     Q: AsyncRead + AsyncWrite + Unpin,
 {
-    let moved = pump::run(link, qemu, Dialect::Relay, |item, out| expander.step(item, out)).await?;
+    let digester = expander.digester;
+    let moved = pump::run(link, qemu, Dialect::Relay, digester, |item, digest, out| {
+        expander.step_with(item, digest, out)
+    })
+    .await?;
     expander.tee = None;
     let last_pages = expander.last_pages();
     let mut stats = expander.stats;

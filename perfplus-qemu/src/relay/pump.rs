@@ -5,10 +5,11 @@ use std::io::ErrorKind;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::stream::{Dialect, Item, Parser, StreamError};
+use crate::digest::PageDigester;
+use crate::stream::{Dialect, Digest, Item, Parser, RamBody, RamRecord, StreamError};
 
-/// How much is read from the input at once.
-const CHUNK: usize = 64 << 10;
+/// How much is read from the input at once (up to 64 pages, hashed together).
+const CHUNK: usize = 256 << 10;
 /// Output is written when this much is pending, and at the end of every input chunk.
 const FLUSH_AT: usize = 256 << 10;
 
@@ -32,21 +33,28 @@ pub(crate) struct Moved {
     pub backward: u64,
 }
 
-/// Runs the forward stream (parsed, each item through `step`) and the backward return path (copied
+/// Runs the forward stream (parsed, each item through `step` with the digest of its page if it
+/// carries one whole, the pages of each chunk hashed together by `digester`) and the backward return path (copied
 /// as it is) until both ends close. The forward direction's error is the one that counts; the return
 /// path's peer may close first (QEMU closes its socket when it is done). A failure of either ends
 /// both at once: both connections are dropped, so that QEMU, waiting for more of the stream or
 /// writing its return path, sees them close (it would otherwise wait for the rest of a stream that
 /// is never coming).
-pub(crate) async fn run<F, B, S>(forward: F, backward: B, dialect: Dialect, step: S) -> Result<Moved, RelayError>
+pub(crate) async fn run<F, B, S>(
+    forward: F,
+    backward: B,
+    dialect: Dialect,
+    digester: &dyn PageDigester,
+    step: S,
+) -> Result<Moved, RelayError>
 where
     F: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
-    S: FnMut(Item, &mut Vec<u8>) -> Result<(), RelayError>,
+    S: FnMut(Item, Option<Digest>, &mut Vec<u8>) -> Result<(), RelayError>,
 {
     let (forward_read, mut forward_reply) = tokio::io::split(forward);
     let (mut backward_reply, backward_write) = tokio::io::split(backward);
-    let stream = pump(forward_read, backward_write, dialect, step);
+    let stream = pump(forward_read, backward_write, dialect, digester, step);
     let return_path = async {
         let copied = tokio::io::copy(&mut backward_reply, &mut forward_reply).await;
         let _ = forward_reply.shutdown().await;
@@ -71,15 +79,41 @@ where
     })
 }
 
-async fn pump<R, W, S>(mut input: R, mut output: W, dialect: Dialect, mut step: S) -> Result<(u64, u64), RelayError>
+/// The digest of every whole page among `items`, in order, hashed together.
+fn page_digests(items: &[Item], digester: &dyn PageDigester) -> Vec<Digest> {
+    let pages: Vec<&[u8; crate::stream::PAGE_SIZE]> = items
+        .iter()
+        .filter_map(|item| match item {
+            Item::Ram(RamRecord {
+                body: RamBody::Page(page),
+                ..
+            }) => Some(&**page),
+            _ => None,
+        })
+        .collect();
+    if pages.is_empty() {
+        Vec::new()
+    } else {
+        digester.digest_many(&pages)
+    }
+}
+
+async fn pump<R, W, S>(
+    mut input: R,
+    mut output: W,
+    dialect: Dialect,
+    digester: &dyn PageDigester,
+    mut step: S,
+) -> Result<(u64, u64), RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    S: FnMut(Item, &mut Vec<u8>) -> Result<(), RelayError>,
+    S: FnMut(Item, Option<Digest>, &mut Vec<u8>) -> Result<(), RelayError>,
 {
     let mut parser = Parser::new(dialect);
     let mut chunk = vec![0u8; CHUNK];
     let mut out = Vec::with_capacity(FLUSH_AT + CHUNK);
+    let mut items = Vec::new();
     let (mut read, mut written) = (0u64, 0u64);
     loop {
         let n = input.read(&mut chunk).await?;
@@ -90,7 +124,17 @@ where
         read += n as u64;
         parser.feed(&chunk[..n]);
         while let Some(item) = parser.next_item()? {
-            step(item, &mut out)?;
+            items.push(item);
+        }
+        let mut digests = page_digests(&items, digester).into_iter();
+        for item in items.drain(..) {
+            let digest = match &item {
+                Item::Ram(RamRecord {
+                    body: RamBody::Page(_), ..
+                }) => Some(digests.next().expect("one digest per whole page")),
+                _ => None,
+            };
+            step(item, digest, &mut out)?;
             if out.len() >= FLUSH_AT {
                 output.write_all(&out).await?;
                 written += out.len() as u64;

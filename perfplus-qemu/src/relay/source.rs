@@ -59,8 +59,14 @@ impl<'d> Filter<'d> {
 
     /// Writes what the link gets for `item` to `out`.
     pub fn step(&mut self, item: Item, out: &mut Vec<u8>) -> Result<(), RelayError> {
+        self.step_with(item, None, out)
+    }
+
+    /// [`Filter::step`] with the digest of the item's page if the caller has it already (the pump
+    /// hashes the pages of a chunk together); it must be this filter's digester's.
+    pub fn step_with(&mut self, item: Item, digest: Option<Digest>, out: &mut Vec<u8>) -> Result<(), RelayError> {
         match item {
-            Item::Ram(record) => return self.ram(record, out),
+            Item::Ram(record) => return self.ram(record, digest, out),
             Item::SectionStart { .. } | Item::SectionPart { .. } | Item::SectionEnd { .. } => {
                 self.link_block = None;
                 self.stats.section(&item);
@@ -73,7 +79,7 @@ impl<'d> Filter<'d> {
         Ok(())
     }
 
-    fn ram(&mut self, record: RamRecord, out: &mut Vec<u8>) -> Result<(), RelayError> {
+    fn ram(&mut self, record: RamRecord, known: Option<Digest>, out: &mut Vec<u8>) -> Result<(), RelayError> {
         let address = (record.block, record.offset);
         let (digest, body) = match record.body {
             RamBody::Zero(fill) => {
@@ -90,7 +96,7 @@ impl<'d> Filter<'d> {
                 (digest, RamBody::Zero(fill))
             }
             RamBody::Page(page) => {
-                let digest = self.digester.digest(&page);
+                let digest = known.unwrap_or_else(|| self.digester.digest(&page));
                 if self.at_destination.get(&address) == Some(&digest) {
                     self.stats.counts().unchanged += 1;
                     return Ok(());
@@ -179,7 +185,11 @@ where
     Q: AsyncRead + AsyncWrite + Unpin,
     L: AsyncRead + AsyncWrite + Unpin,
 {
-    let moved = pump::run(qemu, link, Dialect::Qemu, |item, out| filter.step(item, out)).await?;
+    let digester = filter.digester;
+    let moved = pump::run(qemu, link, Dialect::Qemu, digester, |item, digest, out| {
+        filter.step_with(item, digest, out)
+    })
+    .await?;
     filter.tee = None;
     let last_pages = filter.last_pages();
     let mut stats = filter.stats;

@@ -26,6 +26,10 @@ impl PageDigester for PageHasher {
     fn digest(&self, page: &[u8; perfplus_qemu::stream::PAGE_SIZE]) -> Digest {
         PageHasher::digest(self, page)
     }
+
+    fn digest_many(&self, pages: &[&[u8; perfplus_qemu::stream::PAGE_SIZE]]) -> Vec<Digest> {
+        PageHasher::digest_many(self, pages)
+    }
 }
 
 /// A connection to a QEMU migration address (`unix:PATH` or `tcp:HOST:PORT`).
