@@ -182,41 +182,48 @@ impl Stager {
             pages: 0,
             skipped: self.skipped.load(Ordering::Relaxed),
         };
-        let mut chunk: Vec<(Digest, [u8; PAGE_SIZE])> = Vec::with_capacity(ARCHIVE_CHUNK);
-        let insert = |chunk: &mut Vec<(Digest, [u8; PAGE_SIZE])>| -> anyhow::Result<()> {
+        // Read ARCHIVE_CHUNK pages, check them together (eight digests at once), insert them under one
+        // hold of the index lock.
+        let mut digests: Vec<Digest> = Vec::with_capacity(ARCHIVE_CHUNK);
+        let mut pages: Vec<[u8; PAGE_SIZE]> = Vec::with_capacity(ARCHIVE_CHUNK);
+        let insert = |digests: &mut Vec<Digest>, pages: &mut Vec<[u8; PAGE_SIZE]>| -> anyhow::Result<u64> {
+            let actual = hasher.digest_many(pages);
             let mut ix = lock(&self.index);
+            let mut inserted = 0;
             if let Some(store) = ix.store_mut() {
-                for (digest, page) in chunk.drain(..) {
-                    store.insert(&digest, &page)?;
+                for ((digest, page), actual) in digests.iter().zip(pages.iter()).zip(&actual) {
+                    if actual != digest {
+                        tracing::warn!("a staged page does not hash to its digest; not archived");
+                        continue;
+                    }
+                    store.insert(digest, page)?;
+                    inserted += 1;
                 }
             }
-            chunk.clear();
-            Ok(())
+            digests.clear();
+            pages.clear();
+            Ok(inserted)
         };
-        let mut page = [0u8; PAGE_SIZE];
         for digest in last {
-            if archived.pages == capacity {
+            if archived.pages + digests.len() as u64 == capacity {
                 break;
             }
             // Not staged: skipped, or content the host held already (expanded from it).
             let Some(&slot) = staging.slots.get(digest) else {
                 continue;
             };
+            let mut page = [0u8; PAGE_SIZE];
             staging
                 .file
                 .read_exact_at(&mut page, slot * PAGE_SIZE as u64)
                 .context("reading the QEMU relay's staging file")?;
-            if hasher.digest(&page) != *digest {
-                tracing::warn!("a staged page does not hash to its digest; not archived");
-                continue;
-            }
-            chunk.push((*digest, page));
-            archived.pages += 1;
-            if chunk.len() == ARCHIVE_CHUNK {
-                insert(&mut chunk)?;
+            digests.push(*digest);
+            pages.push(page);
+            if digests.len() == ARCHIVE_CHUNK {
+                archived.pages += insert(&mut digests, &mut pages)?;
             }
         }
-        insert(&mut chunk)?;
+        archived.pages += insert(&mut digests, &mut pages)?;
         if let Some(store) = lock(&self.index).store_mut() {
             store.flush()?;
         }
