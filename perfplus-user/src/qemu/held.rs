@@ -146,7 +146,8 @@ impl Stager {
         let skipped = Arc::new(AtomicU64::new(0));
         let worker = std::thread::Builder::new().name("qemu-archive".into()).spawn({
             let skipped = Arc::clone(&skipped);
-            move || stage(receiver, file, capacity, &skipped)
+            // Below the relay and the guests: on a busy host it skips pages rather than slow them.
+            move || crate::migration::at_low_priority(|| stage(receiver, file, capacity, &skipped))
         });
         let worker = match worker {
             Ok(worker) => worker,
