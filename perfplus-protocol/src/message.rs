@@ -200,6 +200,9 @@ pub struct QemuMigrateRequest {
     pub max_bandwidth: Option<u64>,
     /// Distinct pages the destination agent keeps to expand references.
     pub held_pages: u64,
+    /// Compression of the relayed stream on its way to the destination agent (version 6): chunks go
+    /// as `QemuStreamZstd` as this says (the return path goes as it is).
+    pub compression: Compression,
 }
 
 /// First message of a peer connection that relays a QEMU migration stream (`perfplus qemu migrate`):
