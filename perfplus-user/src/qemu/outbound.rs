@@ -6,7 +6,9 @@
 //! 2. The destination agent (role Peer, this agent's certificate and destination policy): `QemuRelayBegin`; it checks its QEMU and
 //!    connects to its incoming socket, then answers `Done`.
 //! 3. A unix socket of the agent's own; QMP `migrate unix:…`; QEMU's stream goes through
-//!    `perfplus_qemu::relay::source` and the connection; QEMU's `query-migrate` gives the progress.
+//!    `perfplus_qemu::relay::source` and the connection (compressed as `options.compression` says:
+//!    the connection's [`Compressor`](perfplus_protocol::frame::Compressor), as for page batches);
+//!    QEMU's `query-migrate` gives the progress.
 //! 4. The report: QEMU's figures, the relay's counts, the destination's `QemuRelayDone`.
 
 use std::path::{Path, PathBuf};
@@ -70,6 +72,8 @@ pub async fn migrate(
         other => bail!("agent {} answered QemuRelayBegin with {}", options.to, other.describe()),
     }
     let bytes_before = conn.bytes_sent();
+    // The relayed stream from here on; the destination's answers never pass this writer.
+    conn.set_compression(options.compression.mode())?;
 
     let socket = SocketFile::new()?;
     let listener = UnixListener::bind(&socket.0).with_context(|| format!("listening on {}", socket.0.display()))?;
@@ -118,6 +122,7 @@ pub async fn migrate(
     let (relayed, info) = tokio::join!(relaying, watching);
     let info = info?;
     let link_bytes = writer.bytes_sent() - bytes_before;
+    let compressed = writer.compression_stats();
     let (stats, done): (relay::RelayStats, QemuRelayDone) = match relayed {
         Ok(result) => result,
         Err(e) => bail!(
@@ -133,7 +138,8 @@ pub async fn migrate(
         stats,
         link_bytes,
         done,
-    ))
+    )
+    .with_compression(options.compression, compressed))
 }
 
 /// A unix socket path of this process's own, removed when dropped.

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use perfplus_protocol::QemuRelayDone;
+use perfplus_protocol::frame::CompressionStats;
+use perfplus_protocol::report::CompressionReport;
+use perfplus_protocol::{Compression, QemuRelayDone};
 use perfplus_qemu::relay::{PageCounts, RelayStats};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -58,6 +60,11 @@ pub struct QemuReport {
     pub destination_qemu_bytes: u64,
     /// Bytes of QEMU's return path relayed back.
     pub return_path_bytes: u64,
+    /// Compression of the relayed stream on the link ("auto", "zstd" or "off") and what it did (None
+    /// when off), as in perfplus's own report: `link_bytes` counts the compressed chunks as they
+    /// crossed.
+    pub compression: String,
+    pub compressed: Option<CompressionReport>,
     /// The destination QEMU's `query-migrate` status and run state (with `--destination-qmp`).
     pub destination_status: Option<String>,
     pub destination_run_state: Option<String>,
@@ -90,9 +97,18 @@ impl QemuReport {
             link_bytes,
             destination_qemu_bytes: done.bytes_out,
             return_path_bytes: stats.return_path_bytes,
+            compression: Compression::Off.to_string(),
+            compressed: None,
             destination_status: done.qemu_migration_status,
             destination_run_state: done.qemu_run_state,
         }
+    }
+
+    /// The report with what compression of the relayed stream (`compression`) did on the link.
+    pub fn with_compression(mut self, compression: Compression, stats: Option<CompressionStats>) -> QemuReport {
+        self.compression = compression.to_string();
+        self.compressed = stats.map(CompressionReport::from);
+        self
     }
 
     /// Completed on the source, and on the destination too when its QEMU was asked.
@@ -138,6 +154,7 @@ impl QemuReport {
             self.link_bytes as f64 / MB,
             self.destination_qemu_bytes as f64 / MB
         );
+        let _ = writeln!(out, "{}", self.compression_line());
         let _ = writeln!(
             out,
             "destination QEMU: {}, {}",
@@ -147,6 +164,31 @@ impl QemuReport {
             self.destination_run_state.as_deref().unwrap_or("run state not asked")
         );
         out
+    }
+
+    /// What compression did, in a line.
+    fn compression_line(&self) -> String {
+        const MB: f64 = 1e6;
+        match &self.compressed {
+            None => format!("compression: {}", self.compression),
+            Some(c) => {
+                let ratio = if c.wire_bytes > 0 {
+                    c.raw_bytes as f64 / c.wire_bytes as f64
+                } else {
+                    f64::NAN
+                };
+                format!(
+                    "compression: {}, {} chunks compressed ({:.1} MB of stream in {:.1} MB, {ratio:.2}x), {} probed \
+                     and sent as they were, {:.0} ms of CPU",
+                    self.compression,
+                    c.batches,
+                    c.raw_bytes as f64 / MB,
+                    c.wire_bytes as f64 / MB,
+                    c.probes_unused,
+                    c.cpu_ms
+                )
+            }
+        }
     }
 }
 
