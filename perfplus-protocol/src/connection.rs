@@ -53,8 +53,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, R
 use tokio::net::TcpStream;
 
 use super::frame::{
-    self, CompressionMode, CompressionStats, Compressor, Frame, FrameError, FrameHeader, FrameType, ERROR_MAX,
-    HANDSHAKE_ERROR_MAX, HEADER_LEN,
+    self, CompressionMode, CompressionStats, Compressor, Frame, FrameError, FrameHeader, FrameType, LinkRate,
+    ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN,
 };
 use super::handshake::{Established, Handshake, Side};
 use super::tls::{self, CertRole, Credentials, Identity, Integrity, Witness};
@@ -249,8 +249,8 @@ pub struct ConnectionWriter {
     /// Compression of `Pages` batches and `QemuStream` chunks, when asked for
     /// ([`set_compression`](Self::set_compression)).
     compressor: Option<Box<Compressor>>,
-    /// The highest delivery rate the kernel reported for this connection, bytes/s.
-    link_rate: Option<f64>,
+    /// The link's rate from the kernel's delivery-rate samples of this connection.
+    link_rate: LinkRate,
 }
 
 impl Connection {
@@ -891,7 +891,7 @@ impl ConnectionWriter {
             version: PROTOCOL_VERSION,
             tcp_fd,
             compressor: None,
-            link_rate: None,
+            link_rate: LinkRate::default(),
         }
     }
 
@@ -920,13 +920,13 @@ impl ConnectionWriter {
         self.compressor.as_ref().map(|c| c.stats())
     }
 
-    /// The link's rate as the kernel measures it (TCP_INFO's delivery rate, the highest seen), if this
+    /// The link's rate as the kernel measures it (TCP_INFO's delivery rate, see [`LinkRate`]), if this
     /// connection runs over TCP.
     fn link_rate(&mut self) -> Option<f64> {
-        if let Some(rate) = self.tcp_fd.and_then(tcp_delivery_rate) {
-            self.link_rate = Some(self.link_rate.map_or(rate, |r| r.max(rate)));
+        if let Some((rate, app_limited)) = self.tcp_fd.and_then(tcp_delivery_rate) {
+            self.link_rate.observe(rate, app_limited);
         }
-        self.link_rate
+        self.link_rate.estimate()
     }
 
     /// Sends `msg` and flushes.
@@ -1041,13 +1041,15 @@ impl ConnectionWriter {
     }
 }
 
-/// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
-/// records it encrypted until flushed); returns the bytes written and the outcome.
-/// The delivery rate (bytes/s) the kernel estimates for the TCP connection on `fd`, if it has one.
-fn tcp_delivery_rate(fd: RawFd) -> Option<f64> {
+/// The delivery rate (bytes/s) the kernel estimates for the TCP connection on `fd`, if it has one,
+/// and whether the sample was application-limited.
+fn tcp_delivery_rate(fd: RawFd) -> Option<(f64, bool)> {
     // struct tcp_info (include/uapi/linux/tcp.h) up to and past tcpi_delivery_rate, a u64 at byte
-    // 160 (kernel 4.9 on); libc's struct stops before it, so the bytes are read by offset.
+    // 160 (kernel 4.9 on); libc's struct stops before it, so the bytes are read by offset. The
+    // sample's app-limited flag is bit 0 of byte 7 (`tcpi_delivery_rate_app_limited:1`, the first
+    // bit-field after `tcpi_snd_wscale`/`tcpi_rcv_wscale`), also 4.9 on.
     const DELIVERY_RATE: usize = 160;
+    const APP_LIMITED_BYTE: usize = 7;
     let mut info = [0u64; 32];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len` tells the
@@ -1066,8 +1068,12 @@ fn tcp_delivery_rate(fd: RawFd) -> Option<f64> {
         return None;
     }
     let rate = info[DELIVERY_RATE / 8];
-    (rate > 0).then_some(rate as f64)
+    let app_limited = info[0].to_le_bytes()[APP_LIMITED_BYTE] & 1 == 1;
+    (rate > 0).then_some((rate as f64, app_limited))
 }
+
+/// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
+/// records it encrypted until flushed); returns the bytes written and the outcome.
 
 async fn write_all_vectored(stream: &mut WriteStream, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
     let mut total = 0;

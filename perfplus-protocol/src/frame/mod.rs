@@ -65,7 +65,7 @@ mod page_batch;
 mod test_support;
 
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_hello, pages_header, Frame};
-pub use compression::{decompress, decompress_batch, CompressionMode, CompressionStats, Compressor};
+pub use compression::{decompress, decompress_batch, CompressionMode, CompressionStats, Compressor, LinkRate};
 pub use header::{
     peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONSOLE_CHUNK_MAX,
     CONSOLE_OUTPUT_MAX, CONSOLE_REQUEST_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX, FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX,
