@@ -1074,7 +1074,6 @@ fn tcp_delivery_rate(fd: RawFd) -> Option<(f64, bool)> {
 
 /// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
 /// records it encrypted until flushed); returns the bytes written and the outcome.
-
 async fn write_all_vectored(stream: &mut WriteStream, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
     let mut total = 0;
     while !a.is_empty() || !b.is_empty() {
