@@ -171,12 +171,12 @@ impl QemuReport {
         const MB: f64 = 1e6;
         match &self.compressed {
             None => format!("compression: {}", self.compression),
+            Some(c) if c.batches == 0 => format!(
+                "compression: {}, no chunk compressed ({} probed and sent as they were, {:.0} ms of CPU)",
+                self.compression, c.probes_unused, c.cpu_ms
+            ),
             Some(c) => {
-                let ratio = if c.wire_bytes > 0 {
-                    c.raw_bytes as f64 / c.wire_bytes as f64
-                } else {
-                    f64::NAN
-                };
+                let ratio = c.raw_bytes as f64 / c.wire_bytes.max(1) as f64;
                 format!(
                     "compression: {}, {} chunks compressed ({:.1} MB of stream in {:.1} MB, {ratio:.2}x), {} probed \
                      and sent as they were, {:.0} ms of CPU",
@@ -204,4 +204,68 @@ pub fn progress_line(info: &Value) -> String {
         ram["normal"].as_u64().unwrap_or(0),
         ram["duplicate"].as_u64().unwrap_or(0)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn report() -> QemuReport {
+        let info = serde_json::json!({"status": "completed", "total-time": 600, "downtime": 14, "setup-time": 2});
+        let mut stats = RelayStats::default();
+        stats.bytes_in = 30_000_000;
+        QemuReport::new(
+            Path::new("/run/q.qmp"),
+            "10.0.0.2:7001",
+            (7, 2, 22),
+            &info,
+            stats,
+            11_000_000,
+            QemuRelayDone::default(),
+        )
+    }
+
+    #[test]
+    fn the_table_says_what_compression_did() {
+        let off = report();
+        assert_eq!((off.compression.as_str(), off.compressed.as_ref()), ("off", None));
+        assert!(off.table().contains("\ncompression: off\n"), "{}", off.table());
+        let auto = report().with_compression(
+            Compression::Auto,
+            Some(CompressionStats {
+                probes_unused: 7,
+                ..Default::default()
+            }),
+        );
+        assert!(
+            auto.table()
+                .contains("compression: auto, no chunk compressed (7 probed and sent as they were, 0 ms of CPU)"),
+            "{}",
+            auto.table()
+        );
+        let zstd = report().with_compression(
+            Compression::Zstd,
+            Some(CompressionStats {
+                batches: 86,
+                raw_bytes: 12_373_040,
+                compressed_bytes: 10_094_752,
+                probes_unused: 17,
+                cpu: Duration::from_millis(60),
+            }),
+        );
+        let table = zstd.table();
+        assert!(
+            table.contains(
+                "compression: zstd, 86 chunks compressed (12.4 MB of stream in 10.1 MB, 1.23x), 17 probed and \
+                 sent as they were, 60 ms of CPU"
+            ),
+            "{table}"
+        );
+        // And in the JSON, as perfplus's own report has them.
+        let json = serde_json::to_value(&zstd).unwrap();
+        assert_eq!(json["compression"], "zstd");
+        assert_eq!(json["compressed"]["wire_bytes"], 10_094_752);
+        assert_eq!(json["compressed"]["cpu_ms"], 60.0);
+    }
 }
