@@ -75,7 +75,8 @@ pub struct MigrateOptions {
     pub compression: Compression,
 }
 
-/// Whether the source compresses the page batches it sends (zstd; the destination decodes either).
+/// Whether the source compresses the page batches it sends, or, relaying a QEMU migration, the stream
+/// chunks (zstd; the destination decodes either).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
     /// When the link is slower than compressing would make it: decided per batch from the kernel's
