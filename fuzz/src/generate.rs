@@ -54,7 +54,7 @@ pub fn page_batch(u: &mut Unstructured, max_items: usize) -> Result<PageBatch> {
 
 /// A message of one of the float-free variants, within its frame's limits.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=27u8)? {
+    Ok(match u.int_in_range(0..=28u8)? {
         0 => Message::Error {
             message: string(u, ERROR_MAX)?,
         },
@@ -117,6 +117,7 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
         24 => Message::Commit,
         25 => Message::AllPresent,
         26 => Message::Ping,
+        27 => Message::QemuStream(vec_of(u, 4096, |u| u.arbitrary())?),
         _ => Message::Error { message: String::new() },
     })
 }

@@ -4,7 +4,7 @@
 //! ([`kvm_vm_state`], only where `/dev/kvm` is).
 
 use perfplus_common::PAGE_SIZE;
-use perfplus_protocol::frame::{encode, encode_hello, PageBatch};
+use perfplus_protocol::frame::{encode, encode_hello, CompressionMode, Compressor, FrameHeader, FrameType, PageBatch};
 use perfplus_protocol::handshake::{Hello, HELLO_LEN};
 use perfplus_protocol::report::{MigrationReport, RoundReport};
 use perfplus_protocol::{
@@ -248,6 +248,25 @@ fn frame_of(msg: &Message) -> Vec<u8> {
     out
 }
 
+/// A compressed frame (`PagesZstd`, `QemuStreamZstd`) of `raw`, as a connection that compresses
+/// sends it.
+fn compressed_frame(frame_type: FrameType, raw: &[u8]) -> Vec<u8> {
+    let mut compressor = Compressor::new(CompressionMode::Always).expect("a zstd compressor");
+    let payload = compressor.compress(raw, None).expect("the seed's content compresses");
+    let header = FrameHeader::new(frame_type, payload.len()).expect("within the frame's limit");
+    [&header.to_bytes()[..], payload].concat()
+}
+
+/// A few records of a relayed QEMU stream (RAM records of text-like pages), as a `QemuStream` chunk.
+fn qemu_stream_chunk() -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in 0..4u64 {
+        out.extend_from_slice(&((p << 12) | 0x08).to_be_bytes());
+        out.extend((0..PAGE_SIZE).map(|i| b"etaoin shrdlu"[(i * 7 + p as usize) % 13]));
+    }
+    out
+}
+
 fn hello_frame(hello: &Hello) -> Vec<u8> {
     let mut out = Vec::new();
     encode_hello(hello, &mut out);
@@ -421,6 +440,17 @@ pub fn seeds() -> Vec<Seed> {
         stream.extend(frame_of(msg));
     }
     out.push(seed("frame", "stream", stream));
+    // The compressed frames, which decode to a Pages and a QemuStream message.
+    out.push(seed(
+        "frame",
+        "zstd-pages",
+        compressed_frame(FrameType::PagesZstd, batch().as_bytes()),
+    ));
+    out.push(seed(
+        "frame",
+        "zstd-qemu-stream",
+        compressed_frame(FrameType::QemuStreamZstd, &qemu_stream_chunk()),
+    ));
 
     for (name, min, max, role) in [
         ("control-v4", 4, 4, perfplus_protocol::Role::Control),

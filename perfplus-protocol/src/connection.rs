@@ -53,8 +53,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, R
 use tokio::net::TcpStream;
 
 use super::frame::{
-    self, CompressionMode, CompressionStats, Frame, FrameError, FrameHeader, FrameType, PageCompressor, ERROR_MAX,
-    HANDSHAKE_ERROR_MAX, HEADER_LEN,
+    self, CompressionMode, CompressionStats, Compressor, Frame, FrameError, FrameHeader, FrameType, LinkRate,
+    ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN,
 };
 use super::handshake::{Established, Handshake, Side};
 use super::tls::{self, CertRole, Credentials, Identity, Integrity, Witness};
@@ -240,15 +240,17 @@ pub struct ConnectionWriter {
     counters: Arc<Counters>,
     /// Encoded frames not yet written.
     buf: Vec<u8>,
-    /// The protocol version agreed (compressed batches from version 5 on).
+    /// The protocol version agreed (compressed page batches from version 5 on, compressed QEMU stream
+    /// chunks from version 6 on).
     version: u16,
     /// The TCP socket under the stream (for its kernel delivery-rate estimate), when there is one.
     /// The stream this writer owns keeps it open.
     tcp_fd: Option<RawFd>,
-    /// Compression of `Pages` batches, when asked for ([`set_compression`](Self::set_compression)).
-    compressor: Option<Box<PageCompressor>>,
-    /// The highest delivery rate the kernel reported for this connection, bytes/s.
-    link_rate: Option<f64>,
+    /// Compression of `Pages` batches and `QemuStream` chunks, when asked for
+    /// ([`set_compression`](Self::set_compression)).
+    compressor: Option<Box<Compressor>>,
+    /// The link's rate from the kernel's delivery-rate samples of this connection.
+    link_rate: LinkRate,
 }
 
 impl Connection {
@@ -547,9 +549,8 @@ impl Connection {
         self.version
     }
 
-    /// Splits the connection into a reader and a writer that can be used from different tasks.
-    /// Compresses the `Pages` batches this side sends from now on as `mode` says; see
-    /// [`ConnectionWriter::set_compression`].
+    /// Compresses the `Pages` batches and `QemuStream` chunks this side sends from now on as `mode`
+    /// says; see [`ConnectionWriter::set_compression`].
     pub fn set_compression(&mut self, mode: CompressionMode) -> anyhow::Result<()> {
         self.writer.set_compression(mode)
     }
@@ -559,6 +560,7 @@ impl Connection {
         self.writer.compression_stats()
     }
 
+    /// Splits the connection into a reader and a writer that can be used from different tasks.
     pub fn into_split(self) -> (ConnectionReader, ConnectionWriter) {
         (self.reader, self.writer)
     }
@@ -889,21 +891,28 @@ impl ConnectionWriter {
             version: PROTOCOL_VERSION,
             tcp_fd,
             compressor: None,
-            link_rate: None,
+            link_rate: LinkRate::default(),
         }
     }
 
-    /// Sends the `Pages` batches that follow compressed as `mode` says ([`PageCompressor`]). A peer of
-    /// version 4 gets them as they are.
+    /// Sends the `Pages` batches and the `QemuStream` chunks that follow compressed as `mode` says
+    /// ([`Compressor`]: one compressor, one rule, its figures for whichever this connection carries).
+    /// A peer too old for a compressed frame gets the payload as it is.
     pub fn set_compression(&mut self, mode: CompressionMode) -> anyhow::Result<()> {
         self.compressor = match mode {
             CompressionMode::Off => None,
-            _ if self.version < 5 => None,
-            mode => Some(Box::new(
-                PageCompressor::new(mode).context("creating a zstd compressor")?,
-            )),
+            mode => Some(Box::new(Compressor::new(mode).context("creating a zstd compressor")?)),
         };
         Ok(())
+    }
+
+    /// The compressed frame type for `msg`'s payload, if it has one and the peer decodes it.
+    fn compressed_type(&self, msg: &Message) -> Option<FrameType> {
+        match msg {
+            Message::Pages(_) if self.version >= 5 => Some(FrameType::PagesZstd),
+            Message::QemuStream(_) if self.version >= 6 => Some(FrameType::QemuStreamZstd),
+            _ => None,
+        }
     }
 
     /// What compression did so far, if it is on.
@@ -911,13 +920,13 @@ impl ConnectionWriter {
         self.compressor.as_ref().map(|c| c.stats())
     }
 
-    /// The link's rate as the kernel measures it (TCP_INFO's delivery rate, the highest seen), if this
+    /// The link's rate as the kernel measures it (TCP_INFO's delivery rate, see [`LinkRate`]), if this
     /// connection runs over TCP.
     fn link_rate(&mut self) -> Option<f64> {
-        if let Some(rate) = self.tcp_fd.and_then(tcp_delivery_rate) {
-            self.link_rate = Some(self.link_rate.map_or(rate, |r| r.max(rate)));
+        if let Some((rate, app_limited)) = self.tcp_fd.and_then(tcp_delivery_rate) {
+            self.link_rate.observe(rate, app_limited);
         }
-        self.link_rate
+        self.link_rate.estimate()
     }
 
     /// Sends `msg` and flushes.
@@ -930,22 +939,27 @@ impl ConnectionWriter {
     pub async fn feed(&mut self, msg: &Message) -> anyhow::Result<()> {
         let peer = self.peer;
         let frame_type = FrameType::of(msg);
-        if let Message::Pages(batch) = msg {
-            if self.compressor.is_some() {
-                let link_rate = self.link_rate();
-                let compressor = self.compressor.as_mut().expect("checked above");
-                if let Some(payload) = compressor.compress(batch, link_rate) {
-                    let mut header = [0u8; HEADER_LEN];
-                    header[..2].copy_from_slice(&(FrameType::PagesZstd as u16).to_le_bytes());
-                    header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-                    self.buf.extend_from_slice(&header);
-                    let written = write_all_vectored(&mut self.stream, &self.buf, payload).await;
-                    self.buf.clear();
-                    self.account(written)
-                        .with_context(|| format!("sending {} to {peer}", FrameType::PagesZstd))?;
-                    return Ok(());
-                }
+        if let Some(zstd_type) = self.compressor.is_some().then(|| self.compressed_type(msg)).flatten() {
+            let link_rate = self.link_rate();
+            let raw = match msg {
+                Message::Pages(batch) => batch.as_bytes(),
+                Message::QemuStream(bytes) => bytes,
+                _ => unreachable!("compressed_type has a frame for these only"),
+            };
+            let compressor = self.compressor.as_mut().expect("checked above");
+            if let Some(payload) = compressor.compress(raw, link_rate) {
+                let mut header = [0u8; HEADER_LEN];
+                header[..2].copy_from_slice(&(zstd_type as u16).to_le_bytes());
+                header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+                self.buf.extend_from_slice(&header);
+                let written = write_all_vectored(&mut self.stream, &self.buf, payload).await;
+                self.buf.clear();
+                self.account(written)
+                    .with_context(|| format!("sending {zstd_type} to {peer}"))?;
+                return Ok(());
             }
+        }
+        if let Message::Pages(batch) = msg {
             let header = frame::pages_header(batch).map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
             self.buf.extend_from_slice(&header);
             let written = write_all_vectored(&mut self.stream, &self.buf, batch.as_bytes()).await;
@@ -1027,13 +1041,15 @@ impl ConnectionWriter {
     }
 }
 
-/// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
-/// records it encrypted until flushed); returns the bytes written and the outcome.
-/// The delivery rate (bytes/s) the kernel estimates for the TCP connection on `fd`, if it has one.
-fn tcp_delivery_rate(fd: RawFd) -> Option<f64> {
+/// The delivery rate (bytes/s) the kernel estimates for the TCP connection on `fd`, if it has one,
+/// and whether the sample was application-limited.
+fn tcp_delivery_rate(fd: RawFd) -> Option<(f64, bool)> {
     // struct tcp_info (include/uapi/linux/tcp.h) up to and past tcpi_delivery_rate, a u64 at byte
-    // 160 (kernel 4.9 on); libc's struct stops before it, so the bytes are read by offset.
+    // 160 (kernel 4.9 on); libc's struct stops before it, so the bytes are read by offset. The
+    // sample's app-limited flag is bit 0 of byte 7 (`tcpi_delivery_rate_app_limited:1`, the first
+    // bit-field after `tcpi_snd_wscale`/`tcpi_rcv_wscale`), also 4.9 on.
     const DELIVERY_RATE: usize = 160;
+    const APP_LIMITED_BYTE: usize = 7;
     let mut info = [0u64; 32];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len` tells the
@@ -1052,9 +1068,12 @@ fn tcp_delivery_rate(fd: RawFd) -> Option<f64> {
         return None;
     }
     let rate = info[DELIVERY_RATE / 8];
-    (rate > 0).then_some(rate as f64)
+    let app_limited = info[0].to_le_bytes()[APP_LIMITED_BYTE] & 1 == 1;
+    (rate > 0).then_some((rate as f64, app_limited))
 }
 
+/// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
+/// records it encrypted until flushed); returns the bytes written and the outcome.
 async fn write_all_vectored(stream: &mut WriteStream, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
     let mut total = 0;
     while !a.is_empty() || !b.is_empty() {
@@ -1587,6 +1606,43 @@ mod tests {
         let batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
         client.send(&Message::Pages(batch.clone())).await.unwrap();
         assert_eq!(server.recv().await.unwrap(), Message::Pages(batch));
+    }
+
+    #[tokio::test]
+    async fn a_compressing_writer_sends_qemu_stream_chunks_compressed_and_they_arrive_as_they_were() {
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        client.set_compression(CompressionMode::Always).unwrap();
+        // 256 KiB of a stream of few distinct bytes (compresses), then random bytes (does not),
+        // then the end of the direction.
+        let text: Vec<u8> = (0..256u32 << 10)
+            .map(|i| b"eeettaoin s"[(i * 7 % 11) as usize])
+            .collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let before = client.bytes_sent();
+        for chunk in [&text, &random, &Vec::new()] {
+            client.send(&Message::QemuStream(chunk.clone())).await.unwrap();
+            assert_eq!(server.recv().await.unwrap(), Message::QemuStream(chunk.clone()));
+        }
+        let stats = client.compression_stats().unwrap();
+        assert_eq!((stats.batches, stats.raw_bytes), (1, text.len() as u64));
+        assert_eq!(stats.probes_unused, 1, "the random chunk was tried and sent as it was");
+        assert_eq!(
+            client.bytes_sent() - before,
+            (3 * HEADER_LEN + random.len()) as u64 + stats.compressed_bytes
+        );
+        assert_eq!(client.bytes_sent(), server.bytes_received());
+        // The other direction is the peer's own choice: it sends as is.
+        server.send(&Message::QemuStream(text.clone())).await.unwrap();
+        assert_eq!(client.recv().await.unwrap(), Message::QemuStream(text.clone()));
+        assert_eq!(server.compression_stats(), None);
     }
 
     #[tokio::test]

@@ -10,7 +10,8 @@
 //! - [`frame`] (`frame/`): one frame ⇄ bytes, no sockets. `header.rs`: the table of frame types and
 //!   their payload limits, the 8-byte header; `codec.rs`: every [`Message`] ⇄ its payload, and the
 //!   handshake's Hello wrapped in its frame; `page_batch.rs`: the `Pages` payload
-//!   ([`PageBatch`](frame::PageBatch)).
+//!   ([`PageBatch`](frame::PageBatch)); `compression.rs`: the compressed `PagesZstd` and
+//!   `QemuStreamZstd` payloads and the rule that decides when to send them.
 //! - [`connection`] (`connection.rs`): TLS on a tokio TCP stream, buffered into frames; it runs the
 //!   TLS handshake and the perfplus handshake when it opens, checks who the peer is, then moves
 //!   [`Message`]s.
@@ -137,17 +138,23 @@
 //! destination, `vm resume` of the stale copy on the source).
 //!
 //! ## Relaying a QEMU migration (`perfplus qemu migrate`)
-//! The CLI asks the source host's agent (`QemuMigrate{qmp, to, incoming, …}`, role Control, operator);
+//! The CLI asks the source host's agent (`QemuMigrate{qmp, to, incoming, compression, …}`, role
+//! Control, operator);
 //! that agent runs the source half of the relay next to the source QEMU and answers
 //! `QemuMigrateDone{report as JSON}` (or `Error`). Between the agents (role Peer) the bytes are
 //! `perfplus_qemu`'s relay dialect (QEMU's stream with dropped pages left out and held ones as
 //! references), chunked into `QemuStream` frames; the destination agent feeds the destination QEMU.
+//! From version 6 the source agent may send a chunk as `QemuStreamZstd` instead (zstd, as
+//! `QemuMigrateRequest::compression` asks, by the rule page batches follow: while the link is slower
+//! than compressing would make it); it decodes to the same `QemuStream`. The return path travels as
+//! it is.
 //! ```text
 //! source agent                                   destination agent
 //! |-- QemuRelayBegin{incoming, qmp, held_pages} -->|  checks QEMU 7.2 (if qmp), connects to incoming
 //! |<-- MigrateReady{held: digest prefixes} --------|  what its host holds (page store, hosted VMs)
 //! |== QemuStream{relay dialect} … QemuStream{} ==> |  expands references (re-hashed), feeds QEMU;
-//! |<= QemuStream{QEMU's return path} … {} ======== |  one it cannot resolve: Error, the stream stops
+//! |     (a chunk may be QemuStreamZstd instead)     |  one it cannot resolve: Error, the stream stops
+//! |<= QemuStream{QEMU's return path} … {} ======== |
 //! |<-- QemuRelayDone{counts, QEMU's status} -------|  (or Error)
 //! ```
 //! References to what the destination host held are a hint like a perfplus migration's, but the
@@ -191,7 +198,10 @@ pub use tls::{CertRole, Credentials, Identity};
 /// 4: every connection is TLS 1.3 with certificates of a cluster CA (the cluster-key proof is gone);
 /// post-copy connections attach with the migration's secret (`MigrateBegin::attach_secret`).
 /// 5: page batches may travel compressed (`PagesZstd`), as `MigrateOptions::compression` asks.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: a relayed QEMU stream may travel compressed too (`QemuStreamZstd`), as
+/// `QemuMigrateRequest::compression` asks.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Oldest version this build still accepts (a version-3 peer speaks without TLS; version 4 does not
-/// know `MigrateOptions::compression`).
-pub const MIN_PROTOCOL_VERSION: u16 = 5;
+/// know `MigrateOptions::compression`; version 5 neither decodes `QemuStreamZstd` nor knows
+/// `QemuMigrateRequest::compression`).
+pub const MIN_PROTOCOL_VERSION: u16 = 6;

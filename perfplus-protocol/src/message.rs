@@ -75,7 +75,8 @@ pub struct MigrateOptions {
     pub compression: Compression,
 }
 
-/// Whether the source compresses the page batches it sends (zstd; the destination decodes either).
+/// Whether the source compresses the page batches it sends, or, relaying a QEMU migration, the stream
+/// chunks (zstd; the destination decodes either).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
     /// When the link is slower than compressing would make it: decided per batch from the kernel's
@@ -200,6 +201,9 @@ pub struct QemuMigrateRequest {
     pub max_bandwidth: Option<u64>,
     /// Distinct pages the destination agent keeps to expand references.
     pub held_pages: u64,
+    /// Compression of the relayed stream on its way to the destination agent (version 6): chunks go
+    /// as `QemuStreamZstd` as this says (the return path goes as it is).
+    pub compression: Compression,
 }
 
 /// First message of a peer connection that relays a QEMU migration stream (`perfplus qemu migrate`):

@@ -134,10 +134,11 @@ pub struct MigrationReport {
 }
 
 /// What compressing page batches did in one migration (the bulk connection's pre-copy rounds and
-/// post-copy push; demand answers travel as they are).
+/// post-copy push; demand answers travel as they are), or what compressing a relayed QEMU stream did
+/// (its chunks on the way to the destination; `perfplus::qemu::report`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompressionReport {
-    /// Batches sent compressed, the bytes of their pages, and what crossed for them instead.
+    /// Batches (or stream chunks) sent compressed, their bytes, and what crossed for them instead.
     pub batches: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
@@ -146,6 +147,18 @@ pub struct CompressionReport {
     pub probes_unused: u64,
     /// CPU time spent compressing.
     pub cpu_ms: f64,
+}
+
+impl From<crate::frame::CompressionStats> for CompressionReport {
+    fn from(s: crate::frame::CompressionStats) -> CompressionReport {
+        CompressionReport {
+            batches: s.batches,
+            raw_bytes: s.raw_bytes,
+            wire_bytes: s.compressed_bytes,
+            probes_unused: s.probes_unused,
+            cpu_ms: s.cpu.as_secs_f64() * 1e3,
+        }
+    }
 }
 
 /// How a migration that reached `Running` ended. (One that did not returns an error instead of a

@@ -233,6 +233,9 @@ pub fn decode_payload(header: FrameHeader, payload: Vec<u8>) -> Result<Frame, Fr
         FrameType::PagesZstd => Ok(Frame::Message(Message::Pages(super::compression::decompress_batch(
             &payload,
         )?))),
+        FrameType::QemuStreamZstd => Ok(Frame::Message(Message::QemuStream(super::compression::decompress(
+            frame_type, &payload,
+        )?))),
         FrameType::VmState => Ok(Frame::Message(Message::VmState(payload))),
         _ => decode_payload_slice(frame_type, &payload),
     }
@@ -330,6 +333,7 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::Ping => Message::Ping,
         FrameType::QemuRelayBegin => Message::QemuRelayBegin(get_postcard(frame_type, p)?),
         FrameType::QemuStream => Message::QemuStream(p.to_vec()),
+        FrameType::QemuStreamZstd => Message::QemuStream(super::compression::decompress(frame_type, p)?),
         FrameType::QemuRelayDone => Message::QemuRelayDone(get_postcard(frame_type, p)?),
         FrameType::QemuMigrate => Message::QemuMigrate(get_postcard(frame_type, p)?),
         FrameType::QemuMigrateDone => Message::QemuMigrateDone {
@@ -444,8 +448,9 @@ mod tests {
         }
         let message_types: Vec<_> = FrameType::ALL
             .iter()
-            // Hello is the handshake's; PagesZstd is a Pages message compressed (compression.rs).
-            .filter(|t| !matches!(t, FrameType::Hello | FrameType::PagesZstd))
+            // Hello is the handshake's; PagesZstd and QemuStreamZstd are a Pages and a QemuStream
+            // message compressed (compression.rs).
+            .filter(|t| !matches!(t, FrameType::Hello | FrameType::PagesZstd | FrameType::QemuStreamZstd))
             .collect();
         assert_eq!(seen.len(), message_types.len(), "a variant is missing");
     }

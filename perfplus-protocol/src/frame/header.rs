@@ -249,6 +249,9 @@ frame_types! {
     QemuStream = 0x0302, Limit::Max(crate::message::QEMU_STREAM_CHUNK_MAX);
     /// [`Message::QemuRelayDone`].
     QemuRelayDone = 0x0303, Limit::Max(CONTROL_MAX);
+    /// [`Message::QemuStream`] compressed with zstd (version 6): `u32` length of the `QemuStream`
+    /// payload, then the zstd frame (`compression.rs`). Decodes to the same [`Message::QemuStream`].
+    QemuStreamZstd = 0x0304, Limit::Max(4 + crate::message::QEMU_STREAM_CHUNK_MAX);
 }
 
 impl fmt::Display for FrameType {

@@ -33,7 +33,10 @@
 //! - `VmState`: the bytes as given (already a postcard encoding, see [`Message::VmState`]).
 //! - `Pages`: a sequence of page items (see [`PageBatch`]).
 //! - `PagesZstd` (version 5): `u32` length of a `Pages` payload, then that payload compressed by zstd
-//!   (see [`PageCompressor`]); it decodes to the same [`Message::Pages`].
+//!   (see [`Compressor`]); it decodes to the same [`Message::Pages`].
+//! - `QemuStream`: the bytes as given (a chunk of a relayed QEMU stream; empty ends a direction).
+//! - `QemuStreamZstd` (version 6): `u32` length of a `QemuStream` payload, then that payload compressed
+//!   by zstd, as `PagesZstd`; it decodes to the same [`Message::QemuStream`].
 //! - every other frame: the postcard encoding of the variant's payload struct or field.
 //!
 //! Decoding checks everything: counts against lengths, postcard content, trailing bytes. A `Pages`
@@ -46,8 +49,8 @@
 //! - `codec.rs`: [`Message`] ⇄ payload, and the handshake's Hello ⇄ payload:
 //!   [`encode`], [`decode`], [`decode_frame`], [`decode_payload`].
 //! - `page_batch.rs`: [`PageBatch`], the `Pages` payload, and its items.
-//! - `compression.rs`: the `PagesZstd` payload and [`PageCompressor`], which decides per batch whether
-//!   compressing makes sending faster.
+//! - `compression.rs`: the `PagesZstd` and `QemuStreamZstd` payloads ([`decompress`]) and
+//!   [`Compressor`], which decides per payload whether compressing makes sending faster.
 
 #[cfg(doc)]
 use crate::handshake::{Hello, HELLO_LEN};
@@ -62,7 +65,7 @@ mod page_batch;
 mod test_support;
 
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_hello, pages_header, Frame};
-pub use compression::{decompress_batch, CompressionMode, CompressionStats, PageCompressor};
+pub use compression::{decompress, decompress_batch, CompressionMode, CompressionStats, Compressor, LinkRate};
 pub use header::{
     peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONSOLE_CHUNK_MAX,
     CONSOLE_OUTPUT_MAX, CONSOLE_REQUEST_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX, FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX,

@@ -243,6 +243,7 @@ pub(super) fn every_message() -> Vec<Message> {
             downtime_limit_ms: Some(30),
             max_bandwidth: None,
             held_pages: 65536,
+            compression: crate::Compression::Off,
         }),
         Message::QemuMigrateDone {
             report_json: "{}".into(),

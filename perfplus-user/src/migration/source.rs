@@ -538,13 +538,7 @@ async fn finish(
             .ebpf_events
             .map(|write_events| crate::report::EbpfReport { write_events }),
         compression: job.options.compression.to_string(),
-        compressed: conn.compression_stats().map(|s| crate::report::CompressionReport {
-            batches: s.batches,
-            raw_bytes: s.raw_bytes,
-            wire_bytes: s.compressed_bytes,
-            probes_unused: s.probes_unused,
-            cpu_ms: s.cpu.as_secs_f64() * 1e3,
-        }),
+        compressed: conn.compression_stats().map(crate::report::CompressionReport::from),
         ..Default::default()
     };
     report.rounds = switched.rounds;

@@ -10,9 +10,11 @@
 //!    connects to its incoming socket, then answers `MigrateReady{held}`: the digest prefixes its
 //!    host holds (page store, hosted VMs), which the filter sends as references.
 //! 3. A unix socket of the agent's own; QMP `migrate unix:…`; QEMU's stream goes through
-//!    `perfplus_qemu::relay::source` and the connection; QEMU's `query-migrate` gives the progress.
-//!    The pages that leave are staged for this agent's page store ([`held::Stager`]) and archived
-//!    once QEMU says `completed` (each address's last content).
+//!    `perfplus_qemu::relay::source` and the connection (compressed as `options.compression` says:
+//!    the connection's [`Compressor`](perfplus_protocol::frame::Compressor), as for page batches);
+//!    QEMU's `query-migrate` gives the progress. The pages that leave are staged for this agent's
+//!    page store ([`held::Stager`]) and archived once QEMU says `completed` (each address's last
+//!    content).
 //! 4. The report: QEMU's figures, the relay's counts, the destination's `QemuRelayDone`.
 
 use std::path::{Path, PathBuf};
@@ -87,6 +89,8 @@ pub async fn migrate(
         other => bail!("agent {} answered QemuRelayBegin with {}", options.to, other.describe()),
     };
     let bytes_before = conn.bytes_sent();
+    // The relayed stream from here on; the destination's answers never pass this writer.
+    conn.set_compression(options.compression.mode())?;
 
     let socket = SocketFile::new()?;
     let listener = UnixListener::bind(&socket.0).with_context(|| format!("listening on {}", socket.0.display()))?;
@@ -140,6 +144,7 @@ pub async fn migrate(
     let (relayed, info) = tokio::join!(relaying, watching);
     let info = info?;
     let link_bytes = writer.bytes_sent() - bytes_before;
+    let compressed = writer.compression_stats();
     let (relayed, done): (relay::Relayed, QemuRelayDone) = match relayed {
         Ok(result) => result,
         Err(e) => {
@@ -181,7 +186,8 @@ pub async fn migrate(
         link_bytes,
         done,
     )
-    .with_archive(archived))
+    .with_archive(archived)
+    .with_compression(options.compression, compressed))
 }
 
 /// A unix socket path of this process's own, removed when dropped.

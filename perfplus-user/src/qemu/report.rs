@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use perfplus_protocol::QemuRelayDone;
+use perfplus_protocol::frame::CompressionStats;
+use perfplus_protocol::report::CompressionReport;
+use perfplus_protocol::{Compression, QemuRelayDone};
 use perfplus_qemu::relay::{PageCounts, RelayStats};
 
 use super::held::Archived;
@@ -64,6 +66,11 @@ pub struct QemuReport {
     pub destination_qemu_bytes: u64,
     /// Bytes of QEMU's return path relayed back.
     pub return_path_bytes: u64,
+    /// Compression of the relayed stream on the link ("auto", "zstd" or "off") and what it did (None
+    /// when off), as in perfplus's own report: `link_bytes` counts the compressed chunks as they
+    /// crossed.
+    pub compression: String,
+    pub compressed: Option<CompressionReport>,
     /// The destination QEMU's `query-migrate` status and run state (with `--destination-qmp`).
     pub destination_status: Option<String>,
     pub destination_run_state: Option<String>,
@@ -112,6 +119,8 @@ impl QemuReport {
             link_bytes,
             destination_qemu_bytes: done.bytes_out,
             return_path_bytes: stats.return_path_bytes,
+            compression: Compression::Off.to_string(),
+            compressed: None,
             destination_status: done.qemu_migration_status,
             destination_run_state: done.qemu_run_state,
             destination_expanded: done.pages_expanded,
@@ -130,6 +139,13 @@ impl QemuReport {
             archive_skipped: archived.skipped,
             ..self
         }
+    }
+
+    /// The report with what compression of the relayed stream (`compression`) did on the link.
+    pub fn with_compression(mut self, compression: Compression, stats: Option<CompressionStats>) -> QemuReport {
+        self.compression = compression.to_string();
+        self.compressed = stats.map(CompressionReport::from);
+        self
     }
 
     /// Completed on the source, and on the destination too when its QEMU was asked.
@@ -180,6 +196,7 @@ impl QemuReport {
             self.link_bytes as f64 / MB,
             self.destination_qemu_bytes as f64 / MB
         );
+        let _ = writeln!(out, "{}", self.compression_line());
         let _ = writeln!(
             out,
             "destination agent: expanded {} references to pages of this migration and {} to pages its host held (page store, VMs), each re-hashed",
@@ -203,6 +220,31 @@ impl QemuReport {
         );
         out
     }
+
+    /// What compression did, in a line.
+    fn compression_line(&self) -> String {
+        const MB: f64 = 1e6;
+        match &self.compressed {
+            None => format!("compression: {}", self.compression),
+            Some(c) if c.batches == 0 => format!(
+                "compression: {}, no chunk compressed ({} probed and sent as they were, {:.0} ms of CPU)",
+                self.compression, c.probes_unused, c.cpu_ms
+            ),
+            Some(c) => {
+                let ratio = c.raw_bytes as f64 / c.wire_bytes.max(1) as f64;
+                format!(
+                    "compression: {}, {} chunks compressed ({:.1} MB of stream in {:.1} MB, {ratio:.2}x), {} probed \
+                     and sent as they were, {:.0} ms of CPU",
+                    self.compression,
+                    c.batches,
+                    c.raw_bytes as f64 / MB,
+                    c.wire_bytes as f64 / MB,
+                    c.probes_unused,
+                    c.cpu_ms
+                )
+            }
+        }
+    }
 }
 
 /// One progress line from QEMU's `query-migrate`.
@@ -217,4 +259,68 @@ pub fn progress_line(info: &Value) -> String {
         ram["normal"].as_u64().unwrap_or(0),
         ram["duplicate"].as_u64().unwrap_or(0)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn report() -> QemuReport {
+        let info = serde_json::json!({"status": "completed", "total-time": 600, "downtime": 14, "setup-time": 2});
+        let mut stats = RelayStats::default();
+        stats.bytes_in = 30_000_000;
+        QemuReport::new(
+            Path::new("/run/q.qmp"),
+            "10.0.0.2:7001",
+            (7, 2, 22),
+            &info,
+            stats,
+            11_000_000,
+            QemuRelayDone::default(),
+        )
+    }
+
+    #[test]
+    fn the_table_says_what_compression_did() {
+        let off = report();
+        assert_eq!((off.compression.as_str(), off.compressed.as_ref()), ("off", None));
+        assert!(off.table().contains("\ncompression: off\n"), "{}", off.table());
+        let auto = report().with_compression(
+            Compression::Auto,
+            Some(CompressionStats {
+                probes_unused: 7,
+                ..Default::default()
+            }),
+        );
+        assert!(
+            auto.table()
+                .contains("compression: auto, no chunk compressed (7 probed and sent as they were, 0 ms of CPU)"),
+            "{}",
+            auto.table()
+        );
+        let zstd = report().with_compression(
+            Compression::Zstd,
+            Some(CompressionStats {
+                batches: 86,
+                raw_bytes: 12_373_040,
+                compressed_bytes: 10_094_752,
+                probes_unused: 17,
+                cpu: Duration::from_millis(60),
+            }),
+        );
+        let table = zstd.table();
+        assert!(
+            table.contains(
+                "compression: zstd, 86 chunks compressed (12.4 MB of stream in 10.1 MB, 1.23x), 17 probed and \
+                 sent as they were, 60 ms of CPU"
+            ),
+            "{table}"
+        );
+        // And in the JSON, as perfplus's own report has them.
+        let json = serde_json::to_value(&zstd).unwrap();
+        assert_eq!(json["compression"], "zstd");
+        assert_eq!(json["compressed"]["wire_bytes"], 10_094_752);
+        assert_eq!(json["compressed"]["cpu_ms"], 60.0);
+    }
 }
