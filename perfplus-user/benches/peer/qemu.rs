@@ -374,11 +374,21 @@ impl QemuPair {
     }
 }
 
+/// Longest a QEMU migration of the benches may take.
+const MIGRATION_PATIENCE: Duration = Duration::from_secs(300);
+
 /// Polls the source's `query-migrate` every 20 ms until `completed` (panics if the migration fails
 /// or the destination exits), calling `during` with each reply before that; the last reply.
 pub fn wait_migration(src: &mut Qmp, destination: &mut Qemu, mut during: impl FnMut(&mut Qmp, &Value)) -> Value {
+    // A pre-copy that cannot converge would run for ever: the bench stops there, saying so.
+    let deadline = Instant::now() + MIGRATION_PATIENCE;
     loop {
         destination.check_alive("during the migration");
+        if Instant::now() > deadline {
+            let info = src.execute("query-migrate", json!({}));
+            let _ = src.execute("migrate_cancel", json!({}));
+            panic!("QEMU's migration did not complete within {MIGRATION_PATIENCE:?} (it cannot converge?): {info}");
+        }
         let info = src.execute("query-migrate", json!({}));
         match info["status"].as_str() {
             Some("completed") => return info,
