@@ -70,8 +70,8 @@ fn page_present(pagemap: &std::fs::File, addr: u64) -> bool {
 /// Guest RAM found in a process: the address of guest-physical 0, and whether reads must be limited to
 /// present pages (anonymous memory, QEMU's: a read of a missing post-copy page there populates it
 /// behind QEMU's back. perfplus's memfd RAM is registered with userfaultfd before any page is missing,
-/// so a read of a missing page there waits for it like a vCPU would; the probe then counts that time
-/// as blind, not as a stall).
+/// so a read of a missing page there waits for it like a vCPU would; the probe counts that wait as
+/// part of the stall, since the guest's heartbeat page is missing, and any other slow read as blind).
 #[derive(Clone, Copy)]
 struct Ram {
     base: u64,
@@ -149,6 +149,10 @@ impl FeltProbe {
                         last_scan = Some(now);
                     }
                     let before_read = Instant::now();
+                    // Time spent in reads that waited for a missing page of userfaultfd-registered
+                    // RAM: the heartbeat page is missing there, so the guest cannot be making progress
+                    // either; that wait is part of the stall, not blindness.
+                    let mut waited_for_page_ms = 0.0;
                     let value = rams
                         .iter()
                         .zip(&pids)
@@ -157,7 +161,16 @@ impl FeltProbe {
                             let ram = (*ram)?;
                             let addr = ram.base + heartbeat;
                             let readable = !ram.present_only || page_present(pagemap.as_ref()?, addr);
-                            readable.then(|| read_u64(pid, addr))?
+                            if !readable {
+                                return None;
+                            }
+                            let read_started = Instant::now();
+                            let value = read_u64(pid, addr);
+                            let ms = read_started.elapsed().as_secs_f64() * 1e3;
+                            if !ram.present_only && ms > 2.0 {
+                                waited_for_page_ms += ms;
+                            }
+                            value
                         })
                         .max();
                     let now = Instant::now();
@@ -170,7 +183,7 @@ impl FeltProbe {
                         // count, but the stall under way goes on (what was seen before the read, and
                         // after it if the value did not move, is a measurement).
                         felt.blind_ms += read_ms;
-                        blind_in_gap_ms += read_ms;
+                        blind_in_gap_ms += (read_ms - waited_for_page_ms).max(0.0);
                     }
                     if let Some(value) = value {
                         if value > best {
