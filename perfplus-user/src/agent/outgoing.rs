@@ -146,13 +146,14 @@ pub(super) async fn migrate_out(
                 let report = completed.report;
                 tracing::info!(vm = %req.vm, to = %req.destination, downtime_ms = format!("{:.1}", report.downtime_ms),
                 lost_pages = report.lost_pages, "migration out complete; the VM now runs on the destination");
-                // The report first: what follows is housekeeping, which a loaded host may delay.
+                // The report first: what follows is housekeeping, which a loaded host may delay. The
+                // archive counts as under way from before the report leaves, so that a VM arriving
+                // after it (a return trip the CLI starts at once) waits for it (`archive::Archiving`).
+                let under_way = hosted.as_ref().map(|_| state.archiving.begin());
                 let sent = conn.send(&Message::MigrateDone(Box::new(report))).await;
                 if let Some(hosted) = hosted {
                     // Archiving writes the guest's pages to disk and dropping the VM joins its threads:
-                    // both off the async runtime, which serves every other connection. A VM arriving
-                    // meanwhile waits for the archive (`archive::Archiving`).
-                    let under_way = state.archiving.begin();
+                    // both off the async runtime, which serves every other connection.
                     let (state, name, digests) = (state.clone(), req.vm.clone(), completed.page_digests);
                     let span = tracing::Span::current();
                     tokio::task::spawn_blocking(move || {
