@@ -304,7 +304,18 @@ fn metrics_and_the_json_log_follow_a_real_migration() {
     assert!((sample(&after, "perfplus_migration_downtime_seconds_sum") - downtime_s).abs() < 1e-9);
     assert_eq!(sample(&after, "perfplus_migration_guest_stall_seconds_count"), 1.0);
     assert_eq!(sample(&after, "perfplus_vms_hosted"), 0.0);
-    // The destination counted the arrival, and hosts the VM.
+    // The destination counted the arrival, and hosts the VM. It counts once its receiver has the
+    // source's report, which may be after the CLI had it.
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "the destination to count the arrival",
+        || {
+            sample(
+                &scrape(&b_metrics),
+                "perfplus_incoming_migrations_total{result=\"hosted\"}",
+            ) == 1.0
+        },
+    );
     let there = scrape(&b_metrics);
     assert_eq!(
         sample(&there, "perfplus_incoming_migrations_total{result=\"hosted\"}"),
