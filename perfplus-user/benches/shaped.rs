@@ -26,7 +26,9 @@
 //!   pre-copy, one channel or multifd+zstd, never converges there with these contents). perfplus migrates with its defaults (`--compression auto`).
 //!
 //! Run: `scripts/bench.sh shaped` (installs QEMU and iperf3) or `cargo bench -p perfplus --bench shaped`.
-//! `PERFPLUS_BENCH_SCENARIOS` (comma-separated names) picks scenarios.
+//! `PERFPLUS_BENCH_SCENARIOS` (comma-separated names) picks scenarios. For work on perfplus itself:
+//! `PERFPLUS_BENCH_QEMU=off` runs only the perfplus variants (no ratios then), and
+//! `PERFPLUS_BENCH_LOGS=<dir>` keeps each perfplus run's agent logs and report there.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -139,6 +141,15 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
     );
     std::thread::sleep(Duration::from_secs(1));
     let felt = probe.finish();
+    if let Ok(dir) = std::env::var("PERFPLUS_BENCH_LOGS") {
+        keep_logs(
+            std::path::Path::new(&dir),
+            &format!("{}-{mode}", scenario.name),
+            &a,
+            &b,
+            &report,
+        );
+    }
     assert_eq!(report["outcome"], "completed", "perfplus run not completed: {report}");
     log_run(
         &format!(
@@ -157,6 +168,23 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
         cpu_source_ms: process_cpu_ms(a.pid()) - cpu_a,
         cpu_destination_ms: process_cpu_ms(b.pid()) - cpu_b,
     }
+}
+
+/// Copies a run's agent logs and report into `dir` as `<label>-<n>.{a.log,b.log,json}`.
+fn keep_logs(
+    dir: &std::path::Path,
+    label: &str,
+    a: &support::TestAgent,
+    b: &support::TestAgent,
+    report: &serde_json::Value,
+) {
+    std::fs::create_dir_all(dir).expect("PERFPLUS_BENCH_LOGS directory");
+    let n = (1..).find(|n| !dir.join(format!("{label}-{n}.json")).exists()).unwrap();
+    let base = dir.join(format!("{label}-{n}"));
+    std::fs::write(base.with_extension("a.log"), a.log_text()).unwrap();
+    std::fs::write(base.with_extension("b.log"), b.log_text()).unwrap();
+    std::fs::write(base.with_extension("json"), format!("{report:#}")).unwrap();
+    eprintln!("  logs and report: {}.*", base.display());
 }
 
 fn qemu_run(link: &ShapedLink, kernel: &std::path::Path, memory: &str, append: &str, mode: QemuMode, port: u16) -> Run {
@@ -234,6 +262,7 @@ fn main() {
         .parse()
         .expect("PERFPLUS_BENCH_REPEAT");
     let chosen = std::env::var("PERFPLUS_BENCH_SCENARIOS").ok();
+    let with_qemu = std::env::var("PERFPLUS_BENCH_QEMU").map_or(true, |v| v != "off");
     let Some(link) = ShapedLink::new('q', &rate) else {
         return;
     };
@@ -263,7 +292,7 @@ fn main() {
             for (i, mode) in scenario.perfplus_modes.iter().enumerate() {
                 ours[i].push(perfplus_run(&link, &memory, scenario, mode));
             }
-            for (i, mode) in scenario.qemu.iter().enumerate() {
+            for (i, mode) in scenario.qemu.iter().enumerate().filter(|_| with_qemu) {
                 port += 1;
                 theirs[i].push(qemu_run(&link, &kernel, &memory, &append, *mode, port));
             }
@@ -286,12 +315,12 @@ fn main() {
         for (mode, runs) in scenario.perfplus_modes.iter().zip(&ours) {
             row(&format!("perfplus {mode}"), runs);
         }
-        for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
+        for (mode, runs) in scenario.qemu.iter().zip(&theirs).filter(|_| with_qemu) {
             row(&qemu_label(mode), runs);
         }
         println!("\n| perfplus … / … | felt stall | wire bytes | total time |\n|---|---|---|---|");
         for (ours_mode, ours) in scenario.perfplus_modes.iter().zip(&ours) {
-            for (mode, runs) in scenario.qemu.iter().zip(&theirs) {
+            for (mode, runs) in scenario.qemu.iter().zip(&theirs).filter(|_| with_qemu) {
                 let ratio = |f: fn(&Run) -> f64| stat(ours, f).0 / stat(runs, f).0;
                 println!(
                     "| {ours_mode} / {} | {:.2} | {:.2} | {:.2} |",

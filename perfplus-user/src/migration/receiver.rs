@@ -303,6 +303,7 @@ async fn start_postcopy(
         Ok(None) => bail!("the agent stopped handing over connections"),
         Err(_) => bail!("the source opened no demand channel for post-copy"),
     };
+    let started = Instant::now();
     let missing_list: Vec<u64> = missing.iter().collect();
     ctx.index
         .lock()
@@ -319,13 +320,15 @@ async fn start_postcopy(
             }
         })
         .collect();
+    let forgotten = started.elapsed();
     let uffd = GuestUffd::register(memory.clone())?;
+    let registered = started.elapsed();
     // Registered first, then every missing page is punched out of the memfd: from here on an access to
     // one faults to userfaultfd. Punching before registering, or only the pages pre-copy wrote, would
     // let a page that anything read in between (a read of a hole allocates a zeroed page in a memfd)
     // stay present, zero, and never fault: a missing page read as zeros. Found by the felt-stall probe
     // of the shaped-link benchmark, which reads the status page from outside.
-    let mut run_start = None;
+    let (mut run_start, mut runs) = (None, 0u64);
     for page in 0..=pages {
         let stale = page < pages && missing.contains(page);
         match (stale, run_start) {
@@ -333,6 +336,7 @@ async fn start_postcopy(
             (false, Some(first)) => {
                 punch_pages(memory, first, page - first)?;
                 run_start = None;
+                runs += 1;
             }
             _ => {}
         }
@@ -340,7 +344,15 @@ async fn start_postcopy(
     let table = Arc::new(PageTable::new(uffd, states, checksums));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let fault_thread = FaultThread::spawn(table.clone(), tx)?;
-    tracing::info!(vm = %begin.vm, missing = missing.count(), "post-copy: memory registered with userfaultfd");
+    tracing::info!(
+        vm = %begin.vm,
+        missing = missing.count(),
+        runs,
+        index_ms = forgotten.as_secs_f64() * 1e3,
+        register_ms = (registered - forgotten).as_secs_f64() * 1e3,
+        punch_ms = (started.elapsed() - registered).as_secs_f64() * 1e3,
+        "post-copy: memory registered with userfaultfd, missing pages punched out"
+    );
     let session = Session {
         table,
         fault_thread: Some(fault_thread),

@@ -261,6 +261,7 @@ async fn precopy(
     if let Some(tracker) = tracker.as_mut() {
         dirty.union_with(&tracker.collect()?);
     }
+    let collected_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let mut handoff = None;
     if to_postcopy {
         let missing = dirty;
@@ -289,14 +290,17 @@ async fn precopy(
         log_round(&job.vm_name, &report);
         rounds.push(report);
     }
+    let pages_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     fault_injection::reached("source:state").await;
     let state = job.vm.save_state().context("saving the vCPU and device state")?;
     let state = state.to_bytes()?;
     conn.send(&Message::VmState(state)).await?;
+    let state_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     match recv(conn, "Restored").await? {
         Message::Restored => {}
         other => bail!("destination answered VmState with {}", other.describe()),
     }
+    let restored_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     if job.cancel.is_cancelled() {
         bail!("cancelled by an operator before the commit");
     }
@@ -319,6 +323,11 @@ async fn precopy(
     }
     fault_injection::reached("source:running").await;
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        vm = %job.vm_name,
+        collected_ms, pages_ms, state_ms, restored_ms, downtime_ms,
+        "switch-over: ms since the pause at each step (dirty set collected, pages sent, state sent, restored, running)"
+    );
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(tracker);
     if let Some(handoff) = handoff.as_mut() {
