@@ -14,7 +14,7 @@
 //! 3. Non-converging workload (`working-set=64M rate=0`, i.e. as fast as the guest can write, ~550k
 //!    writes/s, 256 MiB guest) on loopback: `--mode precopy --max-rounds 8` (stops at the round limit
 //!    and stop-and-copies the whole dirty set) against `--mode hybrid` (switches to post-copy when the
-//!    dirty set stops shrinking). Reported: total time, downtime (agents), the guest's own longest stall
+//!    dirty set shrinks by less than half a round). Reported: total time, downtime (agents), the guest's own longest stall
 //!    (its TSC), bytes on the wire. Each run uses fresh agents; `PERFPLUS_BENCH_REPEAT` (default 1)
 //!    repeats and takes the median. Loopback is far faster than a real link; `tests/postcopy.rs` runs
 //!    the same modes over a 150 Mbit/s tbf link.

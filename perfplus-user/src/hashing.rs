@@ -263,6 +263,31 @@ pub fn digest_prefix(d: &PageDigest) -> u64 {
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// Hashes a digest prefix as itself. Prefixes are keyed HMAC output: uniform, and nobody without the
+/// key chooses them, so SipHash's defence against crafted keys buys nothing, and the sender rebuilds
+/// its held set (a prefix per page of the guest) during the post-copy switch.
+#[derive(Default, Clone, Copy)]
+pub struct PrefixHasher(u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A set of digest prefixes ([`digest_prefix`]).
+pub type PrefixSet = std::collections::HashSet<u64, std::hash::BuildHasherDefault<PrefixHasher>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,12 +16,10 @@
 //! Pages read in bulk are inspected together ([`PageSender::inspect_many`]): the digests of a batch
 //! are computed several pages at once ([`PageHasher::digest_many`]).
 
-use std::borrow::Borrow;
-use std::collections::HashSet;
-
 use perfplus_common::PAGE_SIZE;
+use std::borrow::Borrow;
 
-use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher};
+use crate::hashing::{digest_prefix, is_zero_page, PageDigest, PageHasher, PrefixSet};
 use perfplus_protocol::frame::PageBatch;
 
 /// What a page holds, as far as the decision is concerned.
@@ -55,7 +53,7 @@ pub struct PageSender {
     /// only the zero digest or [`UNKNOWN`]).
     at_destination: Vec<PageDigest>,
     /// Digest prefixes of content the destination holds somewhere.
-    held: HashSet<u64>,
+    held: PrefixSet,
     /// What the destination advertised at the start (outside this migration's pages).
     advertised: Vec<u64>,
 }
@@ -198,7 +196,9 @@ impl PageSender {
     /// it advertised, plus the content of the pages it still has. References then point at content the
     /// destination can resolve without asking back.
     pub fn rebuild_held(&mut self) {
-        self.held = self.advertised.iter().copied().collect();
+        // About as many prefixes as before the pages were dropped.
+        self.held = PrefixSet::with_capacity_and_hasher(self.held.len(), Default::default());
+        self.held.extend(self.advertised.iter().copied());
         for d in &self.at_destination {
             if *d != UNKNOWN {
                 self.held.insert(digest_prefix(d));

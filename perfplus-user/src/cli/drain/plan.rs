@@ -4,8 +4,9 @@
 //! **Predictor.** Pre-copy sends the whole guest once and then, round after round, what the guest
 //! dirtied meanwhile: with `P` pages, a link of `L` pages/s and a dirty rate of `W` pages/s, the rounds
 //! send `P`, `P·W/L`, `P·(W/L)²`, … pages, `P / (L − W)` seconds in all. A guest that dirties faster
-//! than about 90 % of the link does not converge; hybrid then switches to post-copy, which sends each
-//! page about once more after one pass: `2 P / L`. `W` is measured by the agent just before the drain
+//! than half the link leaves more than half of round 1's pages dirty; hybrid then switches to
+//! post-copy (`migration::convergence`), which sends each page about once more after one pass:
+//! `2 P / L`, which is also where `P / (L − W)` stands at `W = L / 2`. `W` is measured by the agent just before the drain
 //! (one `perfplus track --vm` interval of the KVM dirty log). The figure ranks VMs; it is not a promise.
 //!
 //! **Destinations.** Biggest VM first, each to the destination with the least memory so far (what it
@@ -24,8 +25,8 @@
 
 use perfplus_common::PAGE_SIZE;
 
-/// Dirty rate, as a share of the link, from which pre-copy is predicted not to converge.
-pub const CONVERGENCE_SHARE: f64 = 0.9;
+/// Dirty rate, as a share of the link, from which hybrid is predicted to switch to post-copy.
+pub const CONVERGENCE_SHARE: f64 = 0.5;
 
 /// What the drain knows of a VM of the source before it plans.
 #[derive(Clone, Debug, PartialEq)]

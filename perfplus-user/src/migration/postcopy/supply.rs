@@ -94,7 +94,31 @@ fn add_page(job: &Outbound, sender: &mut PageSender, page: u64, batch: &mut Page
     }
 }
 
-/// Sends the eager pages (the caller sends the VM state next).
+/// Adds `pages` to `batch` as [`add_page`] does, hashing them together ([`PageSender::inspect_many`]).
+/// Returns how many went in full.
+fn add_pages(job: &Outbound, sender: &mut PageSender, pages: &[u64], batch: &mut PageBatch) -> u64 {
+    let mut data = vec![[0u8; PAGE_SIZE]; pages.len()];
+    for (&page, buf) in pages.iter().zip(data.iter_mut()) {
+        job.vm.memory().read_page(page, buf);
+    }
+    let contents = sender.inspect_many(&data);
+    let mut full = 0;
+    for ((&page, buf), content) in pages.iter().zip(&data).zip(contents) {
+        match sender.add_inspected(page, buf, content, batch) {
+            PageDecision::Full => full += 1,
+            PageDecision::Unchanged => {
+                // Cannot happen for a forgotten page; send it in full rather than nothing.
+                sender.add_full(page, buf, batch);
+                full += 1;
+            }
+            PageDecision::Zero | PageDecision::Held => {}
+        }
+    }
+    full
+}
+
+/// Sends the eager pages in full (the caller sends the VM state next). In full: the sender's idea of
+/// what the destination holds is not up to date yet at that point of the switch.
 pub async fn send_eager(
     job: &Outbound,
     conn: &mut Connection,
@@ -105,8 +129,10 @@ pub async fn send_eager(
         return Ok(());
     }
     let mut batch = PageBatch::with_capacity(eager.len());
+    let mut data = [0u8; PAGE_SIZE];
     for &page in eager {
-        add_page(job, sender, page, &mut batch);
+        job.vm.memory().read_page(page, &mut data);
+        sender.add_full(page, &data, &mut batch);
     }
     conn.send(&Message::Pages(batch)).await
 }
@@ -277,19 +303,17 @@ pub async fn run(
             Event::PaceWait => None,
             Event::Push => {
                 let mut batch = PageBatch::with_capacity(PUSH_BATCH);
-                let mut n = 0;
-                while n < PUSH_BATCH {
+                let mut pages = Vec::with_capacity(PUSH_BATCH);
+                while pages.len() < PUSH_BATCH {
                     let Some(p) = push.next_page() else {
                         exhausted = true;
                         break;
                     };
-                    if add_page(job, &mut sender, p, &mut batch) {
-                        outcome.full_pages += 1;
-                    }
                     push.mark_sent(p);
-                    outcome.pages_pushed += 1;
-                    n += 1;
+                    pages.push(p);
                 }
+                outcome.full_pages += add_pages(job, &mut sender, &pages, &mut batch);
+                outcome.pages_pushed += pages.len() as u64;
                 if batch.is_empty() {
                     None
                 } else {
