@@ -76,6 +76,38 @@ fn vcpu_threads_named(vm_name_part: &str) -> usize {
         .count()
 }
 
+/// Nice values of this process's vCPU threads whose name contains `vm_name_part`.
+fn vcpu_nice_values(vm_name_part: &str) -> Vec<i64> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if !(comm.starts_with("vcpu") && comm.contains(vm_name_part)) {
+                return None;
+            }
+            // Field 19 of stat is the nice value; the fields after the `(comm)` start at 3.
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 2..];
+            after.split(' ').nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn vcpu_threads_run_at_the_vcpu_nice_value_until_told_otherwise() {
+    let mut vm = tiny_vm("nicety");
+    vm.start().unwrap();
+    wait_for("the vCPU thread", Duration::from_secs(5), || {
+        !vcpu_nice_values("nicety").is_empty()
+    });
+    assert_eq!(vcpu_nice_values("nicety"), vec![i64::from(crate::vm::VCPU_NICE)]);
+    vm.set_vcpu_nice(0);
+    assert_eq!(vcpu_nice_values("nicety"), vec![0]);
+    vm.set_vcpu_nice(crate::vm::VCPU_NICE);
+    assert_eq!(vcpu_nice_values("nicety"), vec![i64::from(crate::vm::VCPU_NICE)]);
+}
+
 #[test]
 fn create_rejects_bad_sizes_with_clear_errors() {
     let err = Vm::create("bad", 15 << 20, 1).err().unwrap().to_string();

@@ -9,7 +9,10 @@
 //! Guest RAM is found in `/proc/PID/maps`: perfplus maps it from a memfd named `perfplus-guest-ram`,
 //! QEMU from an anonymous mapping of the guest's RAM size; either way the candidate is accepted only
 //! if the status page's magic is where it should be. The maps are scanned again every 50 ms (the
-//! destination's RAM appears during the migration, the source's goes away after it).
+//! destination's RAM appears during the migration, the source's goes away after it), and every
+//! millisecond while the guest makes no progress and a process has no RAM found yet: a post-copy
+//! switch comes a few ms after the destination created the guest's RAM, and a probe that found it
+//! only at its next regular scan saw a stall of up to 50 ms that the guest never had.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -142,7 +145,14 @@ impl FeltProbe {
                 let mut felt = Felt::default();
                 while !flag.load(Ordering::Acquire) {
                     let now = Instant::now();
-                    if last_scan.is_none_or(|t| now - t > Duration::from_millis(50)) {
+                    let stalled = last_progress.is_some_and(|t| now - t > Duration::from_millis(1));
+                    let lacking = rams.iter().any(Option::is_none);
+                    let every = if stalled && lacking {
+                        Duration::from_millis(1)
+                    } else {
+                        Duration::from_millis(50)
+                    };
+                    if last_scan.is_none_or(|t| now - t > every) {
                         for (ram, &pid) in rams.iter_mut().zip(&pids) {
                             *ram = find_ram(pid, ram_bytes);
                         }

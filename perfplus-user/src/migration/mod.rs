@@ -24,8 +24,8 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const VCPU_THREAD_PREFIX: &str = "vcpu";
 
 /// Nice value of the work done after a switch-over (checksums of the source's pages, archiving, the
-/// teardown of a VM that left): below the vCPU threads (nice 0) without starving (a guest's busy vCPU
-/// would starve an idle-class thread on a loaded host).
+/// teardown of a VM that left): below the vCPU threads (`perfplus_vmm::vm::VCPU_NICE`) and the agent
+/// (nice 0) without starving (a guest's busy vCPU would starve an idle-class thread on a loaded host).
 pub const AFTER_SWITCH_NICE: libc::c_int = 10;
 
 /// Runs `f` on this thread at [`AFTER_SWITCH_NICE`], then puts the thread's nice value back. For

@@ -109,6 +109,7 @@ pub async fn receive(
         Resumed::Postcopy { mut session, demand } => {
             install(vm.clone(), true)?;
             let (stats, demand) = demand::run(&mut session, &vm, conn, *demand, &mut attach).await?;
+            vm.set_vcpu_nice(perfplus_vmm::vm::VCPU_NICE);
             _demand_channel = demand;
             counters.add(session.held);
             postcopy = Some(stats);
@@ -393,6 +394,8 @@ async fn finish_switch(
                 fault_injection::reached("dest:state").await;
                 restore_and_commit(conn, vm, &bytes).await?;
                 session.resumed_at = Instant::now();
+                // Until every page is here the guest waits on this agent's work: same priority.
+                vm.set_vcpu_nice(0);
                 vm.start().context("starting the migrated guest")?;
                 confirm_running(conn, &begin.vm).await;
                 tracing::info!(vm = %begin.vm, "guest resumed here in post-copy");

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 pub use cpu::{VcpuState, XSAVE_MAX_BYTES};
 pub use devices::DeviceState;
 pub use ram::RamSlot;
-pub use vcpu::VcpuKicker;
+pub use vcpu::{VcpuKicker, VCPU_NICE};
 pub use vcpu_rings::DirtyRings;
 
 use crate::memory::GuestMemory;
@@ -369,6 +369,13 @@ impl Vm {
     }
 
     /// Stops every vCPU outside KVM_RUN; returns once all are parked. Idempotent.
+    /// Sets the nice value of the guest's vCPU threads (from their start, [`VCPU_NICE`]: above the
+    /// agent's threads). A destination in post-copy runs them at the agent's priority until every page
+    /// is there: the guest then waits on the agent's work, which must not be starved by the guest.
+    pub fn set_vcpu_nice(&self, nice: libc::c_int) {
+        self.control.lock().set_nice(nice);
+    }
+
     pub fn pause(&self) -> anyhow::Result<()> {
         self.pause_timed().map(|_| ())
     }
