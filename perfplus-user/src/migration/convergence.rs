@@ -55,6 +55,12 @@ pub struct Prediction {
 /// Hybrid mode switches to post-copy once a round leaves more than this share of its pages dirty.
 const HYBRID_SHRINK: f64 = 0.5;
 
+/// The hybrid rule on pages sent so far: more than half of them are dirty again, so pre-copy would
+/// send more than post-copy. Also applied while round 1 runs (`source`), which can then stop early.
+pub fn too_dirty_to_iterate(sent: u64, dirty_again: u64) -> bool {
+    dirty_again as f64 > HYBRID_SHRINK * sent.max(1) as f64
+}
+
 pub struct Convergence {
     target_ms: f64,
     max_rounds: u32,
@@ -117,7 +123,7 @@ impl Convergence {
         if self.hybrid {
             let previous = round.read_pages.max(1) as f64;
             let shrink = dirty_now as f64 / previous;
-            if shrink > HYBRID_SHRINK {
+            if too_dirty_to_iterate(round.read_pages, dirty_now) {
                 return Decision::SwitchToPostcopy(format!(
                     "pre-copy converges too slowly: round {} read {previous:.0} pages and {dirty_now} are dirty again (more than half: further rounds would send more than post-copy); switched to post-copy",
                     round.round
