@@ -60,11 +60,9 @@ fn postcopy_and_hybrid_over_a_shaped_link() {
         "{report}"
     );
     let rounds = report["rounds"].as_array().unwrap();
-    // Round 1 leaves nearly all it sent dirty again: the switch comes after it, long before the limit.
-    assert!(
-        !rounds.is_empty() && rounds.len() < 8,
-        "switched before the round limit: {report}"
-    );
+    // Round 1 finds nearly all it sent dirty again (92 % in one run): hybrid switches within it, early
+    // or at its end, long before the round limit.
+    assert_eq!(rounds.len(), 1, "switched in round 1: {report}");
     assert!(
         report_u64(&report, "postcopy_pages") < 128 * 256,
         "pages sent in pre-copy and not dirtied since were not missing: {report}"
