@@ -1,7 +1,8 @@
 //! Guest RAM under userfaultfd (MISSING mode): the destination's side of demand paging.
 //!
-//! While registered, a guest access (KVM, code fetch included) or an agent access to a page that is not
-//! in the memfd's page cache stops the accessing thread in the kernel and queues a fault message on the
+//! What is registered is guest memory's guest view (the mapping KVM uses, [`crate::memory`]); the
+//! agent reads and writes through its own view, which never faults. While registered, a guest access
+//! (KVM, code fetch included) to a page that is not in the memfd's page cache stops the accessing thread in the kernel and queues a fault message on the
 //! uffd. The page is then installed atomically with `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`), which also
 //! wakes every thread waiting on it. Nothing may write such memory with plain stores while it is
 //! registered: a store to a missing page would itself fault (and wait for this module's caller).
@@ -19,7 +20,7 @@ use perfplus_common::PAGE_SIZE;
 use crate::memory::GuestMemory;
 use crate::sys::userfaultfd::{Userfaultfd, UFFDIO_REGISTER_MODE_MISSING};
 
-/// A uffd with the whole of one guest memory registered in MISSING mode.
+/// A uffd with the whole guest view of one guest memory registered in MISSING mode.
 pub struct GuestUffd {
     uffd: Userfaultfd,
     memory: Arc<GuestMemory>,
@@ -48,15 +49,19 @@ impl GuestUffd {
         let uffd = Userfaultfd::open()
             .and_then(|uffd| uffd.api(0).map(|_| uffd))
             .context("creating a userfaultfd (needs root or vm.unprivileged_userfaultfd=1)")?;
-        uffd.register(memory.host_addr() as u64, memory.size(), UFFDIO_REGISTER_MODE_MISSING)
-            .context("registering guest memory with userfaultfd (MISSING mode)")?;
+        uffd.register(
+            memory.guest_view_addr() as u64,
+            memory.size(),
+            UFFDIO_REGISTER_MODE_MISSING,
+        )
+        .context("registering guest memory with userfaultfd (MISSING mode)")?;
         Ok(GuestUffd { uffd, memory })
     }
 
     fn addr(&self, page: u64) -> u64 {
         assert!(page < self.memory.page_count(), "page {page} outside guest memory");
         // The offset is inside the mapping (checked above).
-        self.memory.host_addr() as u64 + page * PAGE_SIZE as u64
+        self.memory.guest_view_addr() as u64 + page * PAGE_SIZE as u64
     }
 
     /// Installs `data` at `page` and wakes whoever waits on it.
@@ -109,7 +114,7 @@ impl GuestUffd {
         match self.uffd.read_msg() {
             Ok(Some(msg)) => match msg.pagefault() {
                 Some(fault) => {
-                    let offset = fault.address.wrapping_sub(self.memory.host_addr() as u64);
+                    let offset = fault.address.wrapping_sub(self.memory.guest_view_addr() as u64);
                     if offset >= self.memory.size() {
                         bail!("userfaultfd fault at {:#x}, outside guest memory", fault.address);
                     }
@@ -129,7 +134,7 @@ impl GuestUffd {
     /// page is present.
     pub fn unregister(&self) -> anyhow::Result<()> {
         self.uffd
-            .unregister(self.memory.host_addr() as u64, self.memory.size())
+            .unregister(self.memory.guest_view_addr() as u64, self.memory.size())
             .context("unregistering guest memory from userfaultfd")
     }
 }
@@ -171,9 +176,9 @@ mod tests {
         let reader = {
             let memory = memory.clone();
             std::thread::spawn(move || {
-                let mut out = [0u8; PAGE_SIZE];
-                memory.read_page(3, &mut out);
-                out[100]
+                // SAFETY: inside the guest view (the registered one), kept mapped by `memory`; a raw
+                // read, no reference.
+                unsafe { memory.guest_view_addr().add(3 * PAGE_SIZE + 100).read_volatile() }
             })
         };
         let page = loop {
