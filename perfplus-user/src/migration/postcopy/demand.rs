@@ -11,16 +11,16 @@
 //! CONTINUE that follows the new content.
 //!
 //! ```text
-//!  per page ([`PageTable`])                 guest fault on it (fault thread)     content arrives
-//!  ─────────────────────────────────────────────────────────────────────────────────────────────────
-//!  MISSING, a hole        ──fault──► REQUESTED   request it (once)               COPY ──► PRESENT
-//!  MISSING, stale (cached)──fault──► REQUESTED   request it (once)               write via agent
-//!                                                                                view + CONTINUE ──► PRESENT
-//!  REQUESTED                                     nothing (its request is out)    as MISSING ──► PRESENT
-//!  ZERO_LOCAL (known zero)                       ZEROPAGE (MINOR: CONTINUE)      (never sent)
-//!  PRESENT                                       MINOR: CONTINUE the run of      nothing: installed once
-//!                                                present pages around it
-//!                                                (≤ 64, aligned); else WAKE
+//!  state (PageTable)      its content here    guest fault (fault thread)        its content arrives
+//!  ─────────────────────  ──────────────────  ────────────────────────────────  ──────────────────────
+//!  MISSING                a hole              MISSING: request it ─► REQUESTED  COPY ─► PRESENT
+//!  MISSING                stale, in the       MINOR: request it ─► REQUESTED    write (agent view),
+//!                         page cache                                            CONTINUE ─► PRESENT
+//!  REQUESTED              as MISSING          nothing (its request is out)      as MISSING ─► PRESENT
+//!  ZERO_LOCAL             a hole, zero        MISSING: ZEROPAGE; MINOR:         (never sent)
+//!                                             CONTINUE
+//!  PRESENT                current, in the     MINOR: CONTINUE its run of        nothing (installed
+//!                         page cache          present pages (≤ 64); else WAKE   once)
 //! ```
 //! Content may arrive before any fault (pushed, or eager before the resume): MISSING → PRESENT the same
 //! way. A hole that something read through the agent view is in the page cache after all (a zero
@@ -345,8 +345,8 @@ impl PageTable {
     }
 }
 
-/// Post-copy installs through the page table: `UFFDIO_COPY` wakes the vCPUs waiting on the page, and a
-/// page already present is left alone.
+/// Post-copy installs through the page table: `UFFDIO_COPY` (or a write and `UFFDIO_CONTINUE`) wakes
+/// the vCPUs waiting on the page, and a page already present is left alone.
 impl PageSink for &PageTable {
     fn pages(&self) -> u64 {
         PageTable::pages(self)
@@ -425,6 +425,7 @@ impl MapPass {
                 match table.map_present(&flag) {
                     Ok(mapped) => tracing::info!(
                         mapped,
+                        present = (0..table.pages()).filter(|&p| table.state(p) == PRESENT).count(),
                         ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
                         stopped = flag.load(Ordering::Relaxed),
                         "post-copy: present pages mapped into the guest"
