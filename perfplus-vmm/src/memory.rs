@@ -1,36 +1,64 @@
-//! Guest RAM: one memfd, mapped shared into the agent, handed to KVM as a memory slot.
+//! Guest RAM: one memfd, mapped shared twice into the agent: the agent's view, which this type reads
+//! and writes, and the guest's view, which only KVM uses (the memory slot).
 //!
-//! The memory is a `memfd_create` file sized with `ftruncate` and mapped `MAP_SHARED` (through
-//! `memmap2::MmapRaw`). KVM maps the same host virtual range into the guest, so the guest and the agent
-//! see the same bytes. Because the guest may write any page at any moment, this type never hands out
-//! Rust references into guest memory: every access is a raw-pointer copy (`ptr::copy_nonoverlapping`),
-//! which is the only sound way to share bytes with a writer Rust does not know about. A copy taken while
-//! the guest writes the same page may be torn; callers that need a stable copy pause the VM or rely on
-//! dirty tracking to read the page again.
+//! The memory is a `memfd_create` file sized with `ftruncate` and mapped `MAP_SHARED` two times, side
+//! by side in one reservation: the **agent view** (lower addresses) and the **guest view** (right
+//! after it). Both map the same page cache, so a byte written through one is read through the other;
+//! but each has its own page-table entries. KVM maps the guest view into the guest (its memory slot,
+//! [`crate::vm::ram`]); every access of the agent (`read_page`, `write_page`, ...) goes through the
+//! agent view. That split is what post-copy needs ([`crate::demand_paging`]): the guest view can be
+//! registered with userfaultfd in MINOR mode, so that the guest faults on a page whose content the
+//! agent is still replacing through its own view, without the agent ever faulting. A dirty tracker
+//! that follows page-table entries (uffd-wp, [`crate::tracking::uffd_wp`]) tracks the guest view:
+//! that is where the guest writes. The agent view comes first in `/proc/PID/maps` (lower address), so
+//! a tool that reads the first mapping of the memfd from outside reads the agent's, which never waits.
+//!
+//! Because the guest may write any page at any moment, this type never hands out Rust references
+//! into guest memory: every access is a raw-pointer copy (`ptr::copy_nonoverlapping`), which is the
+//! only sound way to share bytes with a writer Rust does not know about. A copy taken while the guest
+//! writes the same page may be torn; callers that need a stable copy pause the VM or rely on dirty
+//! tracking to read the page again.
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::ptr::NonNull;
 
 use anyhow::{bail, ensure, Context};
-use memmap2::MmapRaw;
 use perfplus_common::PAGE_SIZE;
 
-/// Guest physical memory `[0, size)`, backed by a memfd and mapped shared (so that another mapping of
-/// the same file, e.g. KVM's, sees the same pages). Safe to share between threads: reads and writes
-/// copy bytes with raw pointer copies, as the guest may write any page at any time.
+/// Guest physical memory `[0, size)`, backed by a memfd mapped shared twice (the agent's view and the
+/// guest's, see the module doc). Safe to share between threads: reads and writes copy bytes with raw
+/// pointer copies, as the guest may write any page at any time.
 pub struct GuestMemory {
-    /// The shared mapping of `file`, `size` bytes long.
-    map: MmapRaw,
-    /// The memfd; kept open so that the mapping has a named backing file (e.g. for a second mapping).
+    /// Start of the reservation of `2 * size` bytes: the agent view at `base`, the guest view at
+    /// `base + size`, both shared mappings of `file`. Unmapped on drop.
+    base: NonNull<u8>,
+    /// The memfd; kept open for `SEEK_DATA` and `memfd()`.
     file: File,
     size: u64,
 }
+
+// SAFETY: `GuestMemory` owns its mappings (nothing else unmaps them while it lives) and only ever
+// accesses them with raw-pointer copies, which any thread may make concurrently (the guest does too).
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above: no method hands out references into the mappings or mutates `self`.
+unsafe impl Sync for GuestMemory {}
 
 impl std::fmt::Debug for GuestMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestMemory")
             .field("size", &self.size)
-            .field("host_addr", &self.map.as_ptr())
+            .field("agent_view", &self.agent_view_addr())
+            .field("guest_view", &self.guest_view_addr())
             .finish()
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: the reservation is ours (made in `new`, `2 * size` bytes), and no reference into it
+        // exists; whoever maps it elsewhere (a KVM memory slot, a userfaultfd registration) holds an
+        // `Arc<GuestMemory>`, so it is gone before this runs.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), 2 * self.size as usize) };
     }
 }
 
@@ -42,6 +70,9 @@ impl GuestMemory {
             "guest memory size {size_bytes} must be a non-zero multiple of 4 KiB"
         );
         let len = usize::try_from(size_bytes).context("guest memory size does not fit usize")?;
+        let reserved = len
+            .checked_mul(2)
+            .context("guest memory size does not fit usize twice")?;
         let name = c"perfplus-guest-ram";
         // SAFETY: `name` is a valid NUL-terminated string and the flags are valid; the result is checked.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -52,18 +83,49 @@ impl GuestMemory {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size_bytes)
             .with_context(|| format!("ftruncate guest memory memfd to {size_bytes} bytes"))?;
-        let map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .with_context(|| format!("mmap {size_bytes} bytes of guest memory"))?;
-        if map.len() != len {
-            bail!("mmap of guest memory returned {} bytes, wanted {len}", map.len());
+        // One reservation for both views, so that their order (agent view first) is known.
+        // SAFETY: a new inaccessible anonymous mapping at an address the kernel picks; the result is
+        // checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserved,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("reserving {reserved} bytes of address space for guest memory"));
         }
-        Ok(Self {
-            map,
+        let base = NonNull::new(base.cast::<u8>()).context("mmap returned a null reservation")?;
+        let memory = Self {
+            base,
             file,
             size: size_bytes,
-        })
+        };
+        for (view, at) in [("agent", 0), ("guest", len)] {
+            // SAFETY: MAP_FIXED replaces `len` bytes of our own reservation (`at` + `len` <=
+            // `reserved`), which nothing uses yet, with a shared mapping of the memfd.
+            let mapped = unsafe {
+                libc::mmap(
+                    memory.base.as_ptr().add(at).cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    memory.file.as_raw_fd(),
+                    0,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                // `memory` unmaps the whole reservation as it drops.
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("mmap of the {view} view of {size_bytes} bytes of guest memory"));
+            }
+        }
+        Ok(memory)
     }
 
     pub fn size(&self) -> u64 {
@@ -74,9 +136,32 @@ impl GuestMemory {
         self.size() / PAGE_SIZE as u64
     }
 
-    /// Host virtual address of guest physical address 0.
-    pub fn host_addr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+    /// Host virtual address of guest physical address 0 in the agent view: what this type reads and
+    /// writes.
+    pub fn agent_view_addr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Host virtual address of guest physical address 0 in the guest view: for KVM's memory slot, and
+    /// for what follows the guest's own accesses (userfaultfd, uffd-wp). Nothing in the agent reads or
+    /// writes through it: an access would map the page there (see [`GuestMemory::clear_guest_view`]).
+    pub fn guest_view_addr(&self) -> *mut u8 {
+        // SAFETY: `base + size` is inside the reservation of `2 * size` bytes.
+        unsafe { self.base.as_ptr().add(self.size as usize) }
+    }
+
+    /// Drops every page-table entry of the guest view (`MADV_DONTNEED`): the content stays (it is the
+    /// memfd's), but the guest's next access to each page faults again, into the kernel, or into
+    /// userfaultfd if the view is registered. For the post-copy switch: whatever may have touched the
+    /// guest view before, no page of it is mapped then.
+    pub fn clear_guest_view(&self) -> anyhow::Result<()> {
+        // SAFETY: MADV_DONTNEED on our own shared mapping only drops its page-table entries; the pages
+        // stay in the memfd, so nothing any reader sees changes, and no reference into it exists.
+        let rc = unsafe { libc::madvise(self.guest_view_addr().cast(), self.size as usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("MADV_DONTNEED of the guest view of guest memory");
+        }
+        Ok(())
     }
 
     /// The memfd backing the memory (e.g. to map it a second time). Owned by `self`.
@@ -172,7 +257,7 @@ impl GuestMemory {
         let len_usize = usize::try_from(len).context("length does not fit usize")?;
         self.check_range(gpa, len_usize)?;
         // SAFETY: the range was checked to lie inside the mapping; no Rust reference into it exists.
-        unsafe { std::ptr::write_bytes(self.host_addr().add(gpa as usize), 0, len_usize) };
+        unsafe { std::ptr::write_bytes(self.agent_view_addr().add(gpa as usize), 0, len_usize) };
         Ok(())
     }
 
@@ -183,7 +268,7 @@ impl GuestMemory {
         // SAFETY: the 8 bytes lie inside the mapping (checked); a volatile read of a u64 from shared
         // memory is sound for any bit pattern; unaligned addresses use read_unaligned.
         let value = unsafe {
-            let ptr = self.host_addr().add(gpa as usize) as *const u64;
+            let ptr = self.agent_view_addr().add(gpa as usize) as *const u64;
             if gpa.is_multiple_of(8) {
                 std::ptr::read_volatile(ptr)
             } else {
@@ -198,7 +283,7 @@ impl GuestMemory {
         self.check_range(gpa, 8)?;
         // SAFETY: the 8 bytes lie inside the mapping (checked); see `read_u64`.
         unsafe {
-            let ptr = self.host_addr().add(gpa as usize) as *mut u64;
+            let ptr = self.agent_view_addr().add(gpa as usize) as *mut u64;
             if gpa.is_multiple_of(8) {
                 std::ptr::write_volatile(ptr, value.to_le())
             } else {
@@ -223,7 +308,7 @@ impl GuestMemory {
     unsafe fn copy_out(&self, gpa: u64, out: &mut [u8]) {
         // SAFETY: guaranteed by the caller; source (shared mapping) and destination (Rust buffer)
         // cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.host_addr().add(gpa as usize), out.as_mut_ptr(), out.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(self.agent_view_addr().add(gpa as usize), out.as_mut_ptr(), out.len()) }
     }
 
     /// # Safety
@@ -231,11 +316,11 @@ impl GuestMemory {
     unsafe fn copy_in(&self, gpa: u64, data: &[u8]) {
         // SAFETY: the range is inside the mapping (caller's guarantee); `data` is a Rust slice and this
         // module never creates slices into guest memory, so source and destination do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host_addr().add(gpa as usize), data.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.agent_view_addr().add(gpa as usize), data.len()) }
     }
 }
 
-// `MmapRaw` is Send + Sync; `File` is too. The compiler derives both; this assertion keeps it so.
+// The fault thread, the pushers and the vCPUs share one; this assertion keeps the impls above.
 const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<GuestMemory>();
@@ -258,6 +343,43 @@ mod tests {
         assert_eq!(mem.data_page_ranges_in(4..41).unwrap(), vec![4..6, 40..41]);
         assert_eq!(mem.data_page_ranges_in(6..40).unwrap(), vec![], "a hole stays a hole");
         assert_eq!(mem.data_page_ranges_in(41..64).unwrap(), vec![63..64]);
+    }
+
+    #[test]
+    fn the_two_views_share_their_pages() {
+        let mem = GuestMemory::new(8 * PAGE_SIZE as u64).unwrap();
+        let (agent, guest) = (mem.agent_view_addr(), mem.guest_view_addr());
+        assert_eq!(
+            guest as usize,
+            agent as usize + 8 * PAGE_SIZE,
+            "the agent view comes first"
+        );
+        mem.write_page(2, &[5; PAGE_SIZE]);
+        // SAFETY: inside the guest view; raw accesses, no reference.
+        unsafe {
+            assert_eq!(guest.add(2 * PAGE_SIZE + 7).read_volatile(), 5);
+            guest.add(3 * PAGE_SIZE).write_volatile(9);
+        }
+        let mut page = [0u8; PAGE_SIZE];
+        mem.read_page(3, &mut page);
+        assert_eq!(page[0], 9, "a write through the guest view is read through the agent's");
+        mem.clear_guest_view().unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { guest.add(3 * PAGE_SIZE).read_volatile() }, 9, "content stays");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let views: Vec<&str> = maps
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{:x}-", agent as usize)) || l.starts_with(&format!("{:x}-", guest as usize))
+            })
+            .collect();
+        assert_eq!(views.len(), 2, "{views:?}");
+        assert!(
+            views
+                .iter()
+                .all(|l| l.contains("rw-s") && l.contains("perfplus-guest-ram")),
+            "{views:?}"
+        );
     }
 
     #[test]

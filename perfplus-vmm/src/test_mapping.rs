@@ -47,6 +47,22 @@ impl Mapping {
         Self { addr: addr.cast(), len }
     }
 
+    /// Two shared mappings of one memfd of `pages` pages: what one writes, the other reads (as
+    /// guest RAM's agent view and guest view are).
+    pub(crate) fn memfd_pair(pages: usize) -> (Self, Self) {
+        let first = Self::new(pages, true);
+        // SAFETY: mremap with an old size of 0 makes a second mapping of the pages of a shared
+        // mapping (here: of the memfd `first` maps) at an address the kernel picks; it leaves `first`
+        // as it is, and the new mapping is owned by the returned value.
+        let addr = unsafe { libc::mremap(first.addr.cast(), 0, first.len, libc::MREMAP_MAYMOVE) };
+        assert_ne!(addr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let second = Self {
+            addr: addr.cast(),
+            len: first.len,
+        };
+        (first, second)
+    }
+
     pub(crate) fn page(&self, page: usize) -> u64 {
         assert!(page * PAGE_SIZE < self.len);
         self.addr as u64 + (page * PAGE_SIZE) as u64

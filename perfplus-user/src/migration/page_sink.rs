@@ -6,8 +6,9 @@
 //! digest (hashing on) or without one (hashing off: zeros, and the index forgets what it had recorded
 //! for that page), a zero marker with the zero page's known digest, whether hashing is on or off.
 //! Where the bytes go is the [`PageSink`]'s business: plain
-//! writes into the stopped guest's memory before the resume ([`super::receiver`]), `UFFDIO_COPY` into
-//! the running guest after a post-copy switch ([`super::postcopy::demand`]).
+//! writes into the stopped guest's memory before the resume ([`super::receiver`]), `UFFDIO_COPY` (or a
+//! write and `UFFDIO_CONTINUE`) into the running guest after a post-copy switch
+//! ([`super::postcopy::demand`]).
 use anyhow::{bail, Context};
 use perfplus_common::PAGE_SIZE;
 use perfplus_protocol::frame::{PageBatch, PageItem};

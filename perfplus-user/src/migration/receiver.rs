@@ -14,7 +14,7 @@ use perfplus_common::guest_abi::state;
 use perfplus_common::PAGE_SIZE;
 
 use super::page_sink::{apply_batch, HeldCounts, IndexedVm, PageSink};
-use super::postcopy::demand::{self, FaultThread, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
+use super::postcopy::demand::{self, FaultThread, MapPass, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
 use super::postcopy::AttachRx;
 use super::signals::{CancelSignal, StatusNote};
 use super::{agent_cpu_ms, PEER_TIMEOUT};
@@ -23,7 +23,7 @@ use crate::fault_injection;
 use crate::hashing::{page_checksum, PageHasher};
 use perfplus_protocol::connection::Connection;
 use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
-use perfplus_vmm::demand_paging::{punch_pages, GuestUffd};
+use perfplus_vmm::demand_paging::GuestUffd;
 use perfplus_vmm::memory::GuestMemory;
 use perfplus_vmm::vm::{GuestStatus, Vm, VmState};
 use perfplus_vmm::PageSet;
@@ -282,8 +282,10 @@ impl PageSink for StoppedGuest<'_> {
     }
 }
 
-/// The switch to post-copy, before the resume: drop the pages the source says are stale, register the
-/// memory with userfaultfd, start the fault thread.
+/// The switch to post-copy, before the resume: register the guest's view of its memory with
+/// userfaultfd (MISSING | MINOR), set up the page table, start the fault thread. The pages the source
+/// says are stale stay in the memfd: the guest has no page-table entry for them, and the first access
+/// faults (MINOR) until the new content is written and mapped (see `postcopy::demand`).
 async fn start_postcopy(
     begin: &MigrateBegin,
     ctx: &Inbound,
@@ -310,9 +312,13 @@ async fn start_postcopy(
         .lock()
         .expect("content index lock")
         .forget_pages(&begin.vm, &missing_list)?;
+    let mut stale = PageSet::new(pages);
     let states: Vec<u8> = (0..pages)
         .map(|p| {
             if missing.contains(p) {
+                if written[p as usize] {
+                    stale.insert(p);
+                }
                 MISSING
             } else if written[p as usize] {
                 PRESENT
@@ -322,41 +328,29 @@ async fn start_postcopy(
         })
         .collect();
     let forgotten = started.elapsed();
+    // From here on the guest's first access to any page faults to the fault thread: the registration
+    // drops whatever page-table entries the guest view had. Nothing else is needed for stale pages:
+    // their old content stays in the page cache, unmapped for the guest, until their new content is
+    // written there and mapped.
     let uffd = GuestUffd::register(memory.clone())?;
     let registered = started.elapsed();
-    // Registered first, then every missing page is punched out of the memfd: from here on an access to
-    // one faults to userfaultfd. Punching before registering, or only the pages pre-copy wrote, would
-    // let a page that anything read in between (a read of a hole allocates a zeroed page in a memfd)
-    // stay present, zero, and never fault: a missing page read as zeros. Found by the felt-stall probe
-    // of the shaped-link benchmark, which reads the status page from outside.
-    let (mut run_start, mut runs) = (None, 0u64);
-    for page in 0..=pages {
-        let stale = page < pages && missing.contains(page);
-        match (stale, run_start) {
-            (true, None) => run_start = Some(page),
-            (false, Some(first)) => {
-                punch_pages(memory, first, page - first)?;
-                run_start = None;
-                runs += 1;
-            }
-            _ => {}
-        }
-    }
-    let table = Arc::new(PageTable::new(uffd, states, checksums));
+    let stale_count = stale.count();
+    let table = Arc::new(PageTable::new(uffd, states, checksums, stale));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let fault_thread = FaultThread::spawn(table.clone(), tx)?;
     tracing::info!(
         vm = %begin.vm,
         missing = missing.count(),
-        runs,
+        stale = stale_count,
         index_ms = forgotten.as_secs_f64() * 1e3,
         register_ms = (registered - forgotten).as_secs_f64() * 1e3,
-        punch_ms = (started.elapsed() - registered).as_secs_f64() * 1e3,
-        "post-copy: memory registered with userfaultfd, missing pages punched out"
+        table_ms = (started.elapsed() - registered).as_secs_f64() * 1e3,
+        "post-copy: memory registered with userfaultfd (MISSING | MINOR), stale pages left unmapped"
     );
     let session = Session {
         table,
         fault_thread: Some(fault_thread),
+        map_pass: None,
         requests: rx,
         vm_key: begin.vm.clone(),
         index: ctx.index.clone(),
@@ -397,6 +391,9 @@ async fn finish_switch(
                 // Until every page is here the guest waits on this agent's work: same priority.
                 vm.set_vcpu_nice(0);
                 vm.start().context("starting the migrated guest")?;
+                // Maps the pages that were current at the switch, so that the guest soon stops
+                // faulting on them; until then each first access costs a minor fault.
+                session.map_pass = Some(MapPass::spawn(session.table.clone())?);
                 confirm_running(conn, &begin.vm).await;
                 tracing::info!(vm = %begin.vm, "guest resumed here in post-copy");
                 return Ok((

@@ -1,7 +1,8 @@
 //! userfaultfd (`include/uapi/linux/userfaultfd.h`): the one wrapper of it in perfplus, for both of
 //! its users:
-//! - the destination of a post-copy migration ([`crate::demand_paging`]): MISSING mode, pages
-//!   installed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, fault messages read from the fd;
+//! - the destination of a post-copy migration ([`crate::demand_paging`]): MISSING and MINOR modes,
+//!   pages installed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` (holes) or mapped with
+//!   `UFFDIO_CONTINUE` (already in the page cache), fault messages read from the fd;
 //! - the write-protect tracker ([`crate::tracking::uffd_wp`]): WP mode with `UFFD_FEATURE_WP_ASYNC`
 //!   (6.7), read back with `PAGEMAP_SCAN` ([`super::pagemap`]).
 //!
@@ -9,10 +10,12 @@
 //! |---|---|
 //! | `userfaultfd()`, or `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd` | [`Userfaultfd::open`] |
 //! | `UFFDIO_API` | [`Userfaultfd::api`] |
-//! | `UFFDIO_REGISTER` (MISSING and WP modes) | [`Userfaultfd::register`] |
+//! | `UFFDIO_REGISTER` (MISSING, MINOR and WP modes) | [`Userfaultfd::register`] |
 //! | `UFFDIO_UNREGISTER` | [`Userfaultfd::unregister`] |
 //! | `UFFDIO_COPY` | [`Userfaultfd::copy`] |
 //! | `UFFDIO_ZEROPAGE` | [`Userfaultfd::zeropage`] |
+//! | `UFFDIO_CONTINUE` | [`Userfaultfd::continue_range`] |
+//! | `UFFDIO_WRITEPROTECT` (protect) | [`Userfaultfd::write_protect`] |
 //! | `UFFDIO_WAKE` | [`Userfaultfd::wake`] |
 //! | `poll` for a message, `read` of a `struct uffd_msg` | [`Userfaultfd::wait_readable`], [`Userfaultfd::read_msg`] |
 //!
@@ -42,9 +45,16 @@ const UFFDIO: u32 = 0xAA;
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFDIO_REGISTER_MODE_WP`.
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-/// `UFFDIO_COPY_MODE_DONTWAKE` (and `UFFDIO_ZEROPAGE_MODE_DONTWAKE`, the same bit): do not wake the
-/// threads waiting on the range.
+/// `UFFDIO_REGISTER_MODE_MINOR` (5.13; shmem since 5.14): a fault on a page that *is* in the page
+/// cache but has no page-table entry in the registered range stops the faulting thread and queues a
+/// message, until the entry is installed (`UFFDIO_CONTINUE`). Another mapping of the same file
+/// (or `write`) can change the page in between without the faulting mapping seeing it.
+pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFDIO_COPY_MODE_DONTWAKE` (and `UFFDIO_ZEROPAGE_MODE_DONTWAKE`, `UFFDIO_CONTINUE_MODE_DONTWAKE`,
+/// the same bit): do not wake the threads waiting on the range.
 const MODE_DONTWAKE: u64 = 1 << 0;
+/// `UFFD_FEATURE_MINOR_SHMEM` (5.14): MINOR mode works on shmem (our guest RAM is a memfd).
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (5.19): write-protect works on shmem (our guest RAM is a memfd).
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `UFFD_FEATURE_WP_UNPOPULATED` (6.4): protecting an anonymous hole installs a marker.
@@ -58,6 +68,9 @@ pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 /// `UFFD_PAGEFAULT_FLAG_WP`: the fault was a write to a write-protected page.
 pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+/// `UFFD_PAGEFAULT_FLAG_MINOR`: a MINOR-mode fault (the page is in the page cache, unmapped here);
+/// without it, a MISSING-mode fault (no page at all).
+pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 /// `1 << _UFFDIO_WAKE`: the bit for `UFFDIO_WAKE` in the `ioctls` mask [`Userfaultfd::register`]
 /// returns.
 pub const IOCTL_BIT_WAKE: u64 = 1 << 0x02;
@@ -65,6 +78,8 @@ pub const IOCTL_BIT_WAKE: u64 = 1 << 0x02;
 pub const IOCTL_BIT_COPY: u64 = 1 << 0x03;
 /// `1 << _UFFDIO_ZEROPAGE`, likewise.
 pub const IOCTL_BIT_ZEROPAGE: u64 = 1 << 0x04;
+/// `1 << _UFFDIO_CONTINUE`, likewise.
+pub const IOCTL_BIT_CONTINUE: u64 = 1 << 0x07;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -114,6 +129,27 @@ pub struct UffdioZeropage {
     pub zeropage: i64,
 }
 
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdioWriteprotect {
+    pub range: UffdioRange,
+    pub mode: u64,
+}
+
+/// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (without it: un-protect).
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+/// `struct uffdio_continue`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdioContinue {
+    pub range: UffdioRange,
+    pub mode: u64,
+    /// Out: bytes mapped, or a negative errno.
+    pub mapped: i64,
+}
+
 /// `struct uffd_msg` (32 bytes, `__packed` in the header, but every field is naturally aligned):
 /// one event read from the fd. `arg` is the header's union; see [`UffdMsg::pagefault`].
 #[repr(C)]
@@ -153,12 +189,16 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
+ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
 
 const _: () = {
     assert!(std::mem::size_of::<UffdioApi>() == 24);
     assert!(std::mem::size_of::<UffdioRegister>() == 32);
     assert!(std::mem::size_of::<UffdioCopy>() == 40);
     assert!(std::mem::size_of::<UffdioZeropage>() == 32);
+    assert!(std::mem::size_of::<UffdioContinue>() == 32);
+    assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
     assert!(std::mem::size_of::<UffdMsg>() == 32);
 };
 
@@ -200,7 +240,7 @@ impl AsRawFd for Userfaultfd {
     }
 }
 
-/// `Ok(n)` for an install ioctl (COPY, ZEROPAGE) that returned `ret` and reported `done` bytes: the
+/// `Ok(n)` for an install ioctl (COPY, ZEROPAGE, CONTINUE) that returned `ret` and reported `done` bytes: the
 /// kernel answers EAGAIN both when it installed only part of the range (`done` > 0) and when the
 /// address space changed under it and it installed nothing (`done` = -EAGAIN).
 fn installed(ret: i32, done: i64) -> io::Result<u64> {
@@ -264,8 +304,8 @@ impl Userfaultfd {
     }
 
     /// `UFFDIO_REGISTER` of `[start, start + len)` (page-aligned, mapped) with `mode`
-    /// ([`UFFDIO_REGISTER_MODE_MISSING`] and/or [`UFFDIO_REGISTER_MODE_WP`]); returns the mask of
-    /// ioctls available on the range (`IOCTL_BIT_*`).
+    /// ([`UFFDIO_REGISTER_MODE_MISSING`], [`UFFDIO_REGISTER_MODE_MINOR`] and/or
+    /// [`UFFDIO_REGISTER_MODE_WP`]); returns the mask of ioctls available on the range (`IOCTL_BIT_*`).
     pub fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<u64> {
         let mut arg = UffdioRegister {
             range: UffdioRange { start, len },
@@ -275,7 +315,7 @@ impl Userfaultfd {
         // SAFETY: UFFDIO_REGISTER reads the range and mode and writes `ioctls` of one
         // `struct uffdio_register`, which `arg` is; it changes no memory of ours, only how faults
         // in the range are handled (a missing page then waits for an install, which only the
-        // unsafe `copy`/`zeropage` make; with WP_ASYNC, writes still succeed).
+        // unsafe `copy`/`zeropage`/`continue_range` make; with WP_ASYNC, writes still succeed).
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut arg) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
@@ -342,6 +382,51 @@ impl Userfaultfd {
         // return value is checked.
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut arg) };
         installed(ret, arg.zeropage)
+    }
+
+    /// `UFFDIO_CONTINUE`: maps the pages of `[start, start + len)` (page-aligned, registered in MINOR
+    /// mode) to what the page cache holds for them, and wakes the threads waiting on the range if
+    /// `wake`. Returns the bytes mapped: all of `len`, or fewer if the kernel stopped early (EAGAIN
+    /// after a partial mapping, e.g. at a page already mapped; the rest is untouched). Errors map
+    /// nothing; notably EEXIST (the first page is mapped already), EFAULT (the first page is not in
+    /// the page cache: a hole), ENOENT (not in a registered range).
+    ///
+    /// # Safety
+    ///
+    /// No Rust reference may point into the range: the kernel makes the mapping's pages readable
+    /// there (before this they fault; afterwards they read as the page cache's content, which may be
+    /// what another mapping of the same file wrote). As for [`Userfaultfd::copy`], memory only ever
+    /// accessed through raw pointers or by the kernel qualifies.
+    pub unsafe fn continue_range(&self, start: u64, len: u64, wake: bool) -> io::Result<u64> {
+        let mut arg = UffdioContinue {
+            range: UffdioRange { start, len },
+            mode: if wake { 0 } else { MODE_DONTWAKE },
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE reads one `struct uffdio_continue` (`arg`, layout checked) and
+        // writes its `mapped` field; what it maps at `start` is covered by the caller's contract. The
+        // return value is checked.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE(), &mut arg) };
+        installed(ret, arg.mapped)
+    }
+
+    /// `UFFDIO_WRITEPROTECT` of `[start, start + len)` (page-aligned, registered in WP mode): sets the
+    /// uffd-wp bit of every page there, and where a page is not mapped (and the memory is a file's, or
+    /// `WP_UNPOPULATED` is on) a marker that keeps the bit when the page is mapped later. With
+    /// `WP_ASYNC` the next write to each page un-protects it without a message.
+    pub fn write_protect(&self, start: u64, len: u64) -> io::Result<()> {
+        let arg = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads one `struct uffdio_writeprotect` (`arg`, layout checked);
+        // it only changes page protections (a later write faults, or with WP_ASYNC goes on), never
+        // memory contents.
+        let ret = unsafe { ioctl_with_ref(&self.fd, UFFDIO_WRITEPROTECT(), &arg) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// `UFFDIO_WAKE` of `[start, start + len)`: wakes the threads waiting on faults there (for a
@@ -424,6 +509,11 @@ mod tests {
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
         assert_eq!(ioc_size(UFFDIO_COPY()), size_of::<UffdioCopy>());
         assert_eq!(ioc_size(UFFDIO_ZEROPAGE()), size_of::<UffdioZeropage>());
+        assert_eq!(UFFDIO_CONTINUE(), 0xc020_aa07);
+        assert_eq!(UFFDIO_WRITEPROTECT(), 0xc018_aa06);
+        assert_eq!(ioc_size(UFFDIO_CONTINUE()), size_of::<UffdioContinue>());
+        assert_eq!(offset_of!(UffdioContinue, mode), 16);
+        assert_eq!(offset_of!(UffdioContinue, mapped), 24);
         assert_eq!(offset_of!(UffdioCopy, copy), 32);
         assert_eq!(offset_of!(UffdioZeropage, mode), 16);
         assert_eq!(offset_of!(UffdioZeropage, zeropage), 24);
@@ -555,6 +645,98 @@ mod tests {
         missing_mode_round_trip(true);
     }
 
+    /// MISSING and MINOR modes on the second of two mappings of a memfd (as post-copy registers the
+    /// guest's view of guest RAM): a page in the page cache faults as MINOR until `UFFDIO_CONTINUE`
+    /// maps it, and what the first mapping wrote meanwhile is what it maps; a hole faults as MISSING
+    /// and takes `UFFDIO_COPY`, which refuses a page in the page cache.
+    #[test]
+    fn minor_and_missing_modes_on_a_second_mapping_of_a_memfd() {
+        let (agent, guest) = Mapping::memfd_pair(16);
+        for page in 0..6 {
+            agent.write(page, 0, 1); // in the page cache, never mapped by `guest`
+        }
+        let uffd = Userfaultfd::open().expect("userfaultfd");
+        let api = uffd.api(UFFD_FEATURE_MINOR_SHMEM).expect("UFFDIO_API with MINOR_SHMEM");
+        assert_ne!(api.features & UFFD_FEATURE_MINOR_SHMEM, 0, "{api:?}");
+        let guest = std::sync::Arc::new(guest);
+        let ioctls = uffd
+            .register(
+                guest.page(0),
+                guest.len as u64,
+                UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR,
+            )
+            .unwrap();
+        for bit in [IOCTL_BIT_WAKE, IOCTL_BIT_COPY, IOCTL_BIT_ZEROPAGE, IOCTL_BIT_CONTINUE] {
+            assert_ne!(ioctls & bit, 0, "{ioctls:#x}");
+        }
+
+        // A read of a cached page through `guest`: a minor fault. The content is replaced through
+        // `agent` while the reader waits; CONTINUE maps the new content and wakes it.
+        let reader = {
+            let guest = guest.clone();
+            std::thread::spawn(move || guest.read(1, 0))
+        };
+        let fault = next_fault(&uffd);
+        assert_eq!(fault.address, guest.page(1));
+        assert_ne!(fault.flags & UFFD_PAGEFAULT_FLAG_MINOR, 0, "a minor fault: {fault:?}");
+        agent.write(1, 0, 7);
+        // SAFETY: the mappings are only accessed through raw pointers.
+        let mapped = unsafe { uffd.continue_range(guest.page(1), PAGE as u64, true) }.unwrap();
+        assert_eq!(mapped, PAGE as u64);
+        assert_eq!(
+            reader.join().unwrap(),
+            7,
+            "the reader saw what the agent wrote, not the old page"
+        );
+
+        // A write to a hole: a MISSING fault (no MINOR flag), resolved by COPY.
+        let writer = {
+            let guest = guest.clone();
+            std::thread::spawn(move || guest.write(9, 1, 0x55))
+        };
+        let fault = next_fault(&uffd);
+        assert_eq!(fault.address, guest.page(9));
+        assert_eq!(fault.flags & UFFD_PAGEFAULT_FLAG_MINOR, 0, "a missing fault: {fault:?}");
+        // SAFETY: as above.
+        unsafe { uffd.copy(guest.page(9), &[3; PAGE], true) }.unwrap();
+        writer.join().unwrap();
+        assert_eq!(
+            (agent.read(9, 0), agent.read(9, 1)),
+            (3, 0x55),
+            "one page, both mappings"
+        );
+
+        // COPY refuses a page that is in the page cache (even unmapped here).
+        // SAFETY: as above.
+        let cached = unsafe { uffd.copy(guest.page(3), &[1; PAGE], true) }.unwrap_err();
+        assert_eq!(cached.raw_os_error(), Some(libc::EEXIST), "{cached}");
+        // A range over pages 0..6 where page 1 is mapped: the first call maps page 0 and stops
+        // there (partial: EAGAIN with the count), the next is refused at page 1, the rest maps.
+        // SAFETY: as above.
+        let first = unsafe { uffd.continue_range(guest.page(0), 6 * PAGE as u64, true) }.unwrap();
+        assert_eq!(first, PAGE as u64);
+        // SAFETY: as above.
+        let at_mapped = unsafe { uffd.continue_range(guest.page(1), 5 * PAGE as u64, true) }.unwrap_err();
+        assert_eq!(at_mapped.raw_os_error(), Some(libc::EEXIST), "{at_mapped}");
+        // SAFETY: as above.
+        let rest = unsafe { uffd.continue_range(guest.page(2), 4 * PAGE as u64, true) }.unwrap();
+        assert_eq!(rest, 4 * PAGE as u64);
+        assert_eq!(guest.read(5, 0), 1);
+        // A hole cannot be continued.
+        // SAFETY: as above.
+        let hole = unsafe { uffd.continue_range(guest.page(12), PAGE as u64, true) }.unwrap_err();
+        assert_eq!(hole.raw_os_error(), Some(libc::EFAULT), "{hole}");
+        // `agent` is not registered: it reads and writes any page without a fault.
+        assert_eq!(agent.read(14, 0), 0);
+        assert_eq!(uffd.read_msg().unwrap(), None, "no fault from the agent's mapping");
+        uffd.unregister(guest.page(0), guest.len as u64).unwrap();
+        assert_eq!(
+            guest.read(14, 0),
+            0,
+            "unregistered: the page the agent's read allocated"
+        );
+    }
+
     /// WP mode with WP_ASYNC on a memfd (as guest RAM is): a write to a protected page goes on
     /// without a message, and `PAGEMAP_SCAN` sees it.
     #[test]
@@ -604,5 +786,48 @@ mod tests {
         assert_eq!(scan(&mut regions), 1);
         assert_eq!((regions[0].start, regions[0].end), (memory.page(2), memory.page(3)));
         uffd.unregister(start, memory.len as u64).unwrap();
+    }
+
+    /// `UFFDIO_WRITEPROTECT` on a mapping of a memfd whose pages it never mapped (written through
+    /// another mapping): a marker per page keeps the protection, so a later read maps the page still
+    /// protected and only a write shows as written.
+    #[test]
+    fn write_protect_marks_unmapped_pages_of_a_memfd() {
+        use crate::sys::pagemap::{PageRegion, Pagemap, PmScanArg, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC};
+
+        let (agent, guest) = Mapping::memfd_pair(8);
+        for page in 0..8 {
+            agent.write(page, 0, 1);
+        }
+        let uffd = Userfaultfd::open().expect("userfaultfd");
+        uffd.api(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+            .unwrap();
+        let (start, end) = (guest.page(0), guest.page(0) + guest.len as u64);
+        uffd.register(start, guest.len as u64, UFFDIO_REGISTER_MODE_WP).unwrap();
+        let pagemap = Pagemap::open_self().unwrap();
+        let written = || {
+            let mut regions = [PageRegion::default(); 8];
+            let mut arg = PmScanArg {
+                flags: PM_SCAN_CHECK_WPASYNC,
+                start,
+                end,
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN,
+                ..Default::default()
+            };
+            let n = pagemap.scan(&mut arg, &mut regions).unwrap();
+            regions[..n]
+                .iter()
+                .flat_map(|r| (r.start - start) / PAGE as u64..(r.end - start) / PAGE as u64)
+                .collect::<Vec<_>>()
+        };
+        uffd.write_protect(start, guest.len as u64).unwrap();
+        for page in 0..8 {
+            assert_eq!(guest.read(page, 0), 1);
+        }
+        assert_eq!(written(), Vec::<u64>::new(), "reads of marked pages are not writes");
+        guest.write(5, 0, 2);
+        assert_eq!(written(), vec![5]);
+        uffd.unregister(start, guest.len as u64).unwrap();
     }
 }

@@ -11,8 +11,9 @@
 //!
 //! All three re-arm tracking of a page before `collect` returns it (each module says how), so a
 //! caller that reads the returned pages after `collect` never misses a write. All may over-report
-//! (see [`DirtyTracker::collect`]). The KVM trackers see guest writes only; uffd-wp sees every write
-//! through the VMM's mapping (guest and VMM alike).
+//! (see [`DirtyTracker::collect`]). All three see guest writes only: the KVM trackers by
+//! construction, uffd-wp because it tracks guest RAM's guest view, and the VMM writes through its
+//! own view ([`crate::memory`]).
 //!
 //! The KVM dirty log and the dirty ring exclude each other: a VM is created in one mode or the other
 //! ([`crate::vm::VmOptions`]), and [`TrackerKind::vm_options`] says which a tracker needs.
@@ -38,7 +39,7 @@ pub enum TrackerKind {
     DirtyLog,
     /// KVM per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`); the VM must be created in ring mode.
     DirtyRing,
-    /// userfaultfd async write-protect of the VMM's guest-RAM mapping, read with `PAGEMAP_SCAN`.
+    /// userfaultfd async write-protect of guest RAM's guest view, read with `PAGEMAP_SCAN`.
     UffdWp,
 }
 

@@ -1,7 +1,8 @@
 //! The guest-RAM memory slot and its KVM dirty log.
 //!
 //! All guest RAM is one KVM memory slot ([`RAM_SLOT`]) at guest physical address 0, backed by
-//! [`GuestMemory`]. The VM enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (without `INITIALLY_SET`), so
+//! [`GuestMemory`]'s guest view (the agent reads and writes through its own view of the same memfd).
+//! The VM enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (without `INITIALLY_SET`), so
 //! `KVM_GET_DIRTY_LOG` only *reads* the bitmap and a page stays unprotected until `KVM_CLEAR_DIRTY_LOG`
 //! clears its bit and write-protects it again. `KVM_SET_USER_MEMORY_REGION` and `KVM_GET_DIRTY_LOG`
 //! come from `kvm-ioctls`; `KVM_CLEAR_DIRTY_LOG`, which it lacks, from [`crate::sys::kvm`]. [`RamSlot`]
@@ -54,9 +55,9 @@ impl RamSlot {
             flags,
             guest_phys_addr: 0,
             memory_size: self.memory.size(),
-            userspace_addr: self.memory.host_addr() as u64,
+            userspace_addr: self.memory.guest_view_addr() as u64,
         };
-        // SAFETY: the region is the whole mapping of `self.memory`, which stays mapped as long as this
+        // SAFETY: the region is the whole guest view of `self.memory`, which stays mapped as long as this
         // slot exists (we hold an `Arc` to it, dropped after the VM fd, see the field order), so KVM
         // never sees an unmapped host range.
         unsafe { self.vm_fd.set_user_memory_region(region) }?;

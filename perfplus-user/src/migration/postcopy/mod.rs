@@ -1,18 +1,21 @@
 //! Post-copy: the guest runs on the destination before its memory is there.
 //!
-//! - `perfplus_vmm::demand_paging`: guest RAM registered with userfaultfd (MISSING mode), pages
-//!   installed with `UFFDIO_COPY`.
-//! - [`demand`]: the destination's per-page state (missing / requested / present), the fault thread and
-//!   the loop that installs demanded and pushed pages, surviving lost connections.
+//! - `perfplus_vmm::demand_paging`: guest RAM's guest view registered with userfaultfd (MISSING and
+//!   MINOR modes), holes installed with `UFFDIO_COPY`, pages in the page cache (stale ones rewritten
+//!   first) mapped with `UFFDIO_CONTINUE`.
+//! - [`demand`]: the destination's per-page state (missing / requested / present), the fault thread,
+//!   the pass that maps present pages after the resume, and the loop that installs demanded and pushed
+//!   pages, surviving lost connections.
 //! - [`supply`]: the source's demand server and background push, reconnecting with back-off.
 //! - [`push`]: the push's plan (address order, pages next to recent faults first, paced just under the
 //!   measured link rate), without I/O.
 //!
 //! ```text
 //!  source (guest paused, memory kept)          destination (guest running)
-//!  demand server  <== PageRequest ==========   fault thread <- uffd <- vCPU faults
-//!                 === Pages (requested) ===>   UFFDIO_COPY (wakes the vCPU)
-//!  push           --- Pages (address order) ->  UFFDIO_COPY
+//!  demand server  <== PageRequest ==========   fault thread <- uffd <- vCPU faults (MISSING: a hole,
+//!                                                 MINOR: a stale page; a present one is mapped here)
+//!                 === Pages (requested) ===>   UFFDIO_COPY, or write + UFFDIO_CONTINUE (wakes the vCPU)
+//!  push           --- Pages (address order) ->  likewise
 //!                 <-- PushAck (bytes applied)   (paces the push)
 //!                 <-- AllPresent                only now does the source drop the guest
 //! ```
