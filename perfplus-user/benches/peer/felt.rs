@@ -72,9 +72,10 @@ fn page_present(pagemap: &std::fs::File, addr: u64) -> bool {
 
 /// Guest RAM found in a process: the address of guest-physical 0, and whether reads must be limited to
 /// present pages (anonymous memory, QEMU's: a read of a missing post-copy page there populates it
-/// behind QEMU's back. perfplus's memfd RAM is registered with userfaultfd before any page is missing,
-/// so a read of a missing page there waits for it like a vCPU would; the probe counts that wait as
-/// part of the stall, since the guest's heartbeat page is missing, and any other slow read as blind).
+/// behind QEMU's back. perfplus maps its memfd twice, the agent's view first and the guest's view,
+/// which post-copy registers with userfaultfd; the probe reads the first, which never waits: the
+/// heartbeat's page travels with the switch, so it is current there. A read that does wait (a
+/// userfaultfd-registered mapping) counts as part of the stall, any other slow read as blind).
 #[derive(Clone, Copy)]
 struct Ram {
     base: u64,
