@@ -14,7 +14,7 @@ use perfplus_common::guest_abi::state;
 use perfplus_common::PAGE_SIZE;
 
 use super::page_sink::{apply_batch, HeldCounts, IndexedVm, PageSink};
-use super::postcopy::demand::{self, FaultThread, MapPass, PageTable, Session, MISSING, PRESENT, ZERO_LOCAL};
+use super::postcopy::demand::{self, FaultThread, MapPass, PageTable, Session};
 use super::postcopy::AttachRx;
 use super::signals::{CancelSignal, StatusNote};
 use super::{agent_cpu_ms, PEER_TIMEOUT};
@@ -312,21 +312,7 @@ async fn start_postcopy(
         .lock()
         .expect("content index lock")
         .forget_pages(&begin.vm, &missing_list)?;
-    let mut stale = PageSet::new(pages);
-    let states: Vec<u8> = (0..pages)
-        .map(|p| {
-            if missing.contains(p) {
-                if written[p as usize] {
-                    stale.insert(p);
-                }
-                MISSING
-            } else if written[p as usize] {
-                PRESENT
-            } else {
-                ZERO_LOCAL
-            }
-        })
-        .collect();
+    let (states, stale) = demand::states_at_switch(&missing, written);
     let forgotten = started.elapsed();
     // From here on the guest's first access to any page faults to the fault thread: the registration
     // drops whatever page-table entries the guest view had. Nothing else is needed for stale pages:

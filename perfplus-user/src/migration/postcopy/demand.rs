@@ -71,6 +71,27 @@ pub const ZERO_LOCAL: u8 = 1;
 pub const REQUESTED: u8 = 2;
 pub const PRESENT: u8 = 3;
 
+/// Each page's state at the switch, and the stale pages (missing although pre-copy wrote them here):
+/// MISSING where the source says so, PRESENT where pre-copy wrote the page, ZERO_LOCAL elsewhere.
+pub fn states_at_switch(missing: &PageSet, written: &[bool]) -> (Vec<u8>, PageSet) {
+    let mut stale = PageSet::new(missing.capacity());
+    let states = (0..missing.capacity())
+        .map(|p| {
+            if missing.contains(p) {
+                if written[p as usize] {
+                    stale.insert(p);
+                }
+                MISSING
+            } else if written[p as usize] {
+                PRESENT
+            } else {
+                ZERO_LOCAL
+            }
+        })
+        .collect();
+    (states, stale)
+}
+
 /// Pages the fault thread maps around a minor fault on a present page, at most: the run of present
 /// pages around it within its aligned block of this many pages (one `UFFDIO_CONTINUE`).
 pub const FAULT_MAP_RUN: u64 = 64;
@@ -1020,22 +1041,11 @@ mod tests {
         drop(tracker);
         let at_switch = status(&src);
 
-        let mut stale = PageSet::new(pages);
-        let mut checksums = vec![0; pages as usize];
-        let states: Vec<u8> = (0..pages)
+        let (states, stale) = states_at_switch(&dirty, &written);
+        let checksums: Vec<u64> = (0..pages)
             .map(|p| {
                 dst.memory().read_page(p, &mut data);
-                checksums[p as usize] = page_checksum(&data);
-                if dirty.contains(p) {
-                    if written[p as usize] {
-                        stale.insert(p);
-                    }
-                    MISSING
-                } else if written[p as usize] {
-                    PRESENT
-                } else {
-                    ZERO_LOCAL
-                }
+                page_checksum(&data)
             })
             .collect();
         let missing = states.iter().filter(|&&s| s == MISSING).count() as u64;
