@@ -382,100 +382,97 @@ impl PageSink for &PageTable {
     }
 }
 
-/// The fault thread: reads faults until `stop`, hands requests to the network loop.
-pub struct FaultThread {
+/// A thread of this module's: it runs its work in the migration's span (its id on every line) until
+/// the work ends or the flag it is given is set; dropping it sets the flag and waits for it.
+struct StoppableThread {
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
-impl FaultThread {
-    pub fn spawn(table: Arc<PageTable>, requests: UnboundedSender<u64>) -> anyhow::Result<FaultThread> {
+impl StoppableThread {
+    fn spawn(name: &str, work: impl FnOnce(&AtomicBool) + Send + 'static) -> std::io::Result<StoppableThread> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        // The thread logs inside the migration's span (its id on every line).
         let span = tracing::Span::current();
-        let handle = std::thread::Builder::new()
-            .name("uffd-faults".into())
-            .spawn(move || {
-                let _span = span.enter();
-                while !flag.load(Ordering::Acquire) {
-                    match table.uffd.next_fault_kind(50) {
-                        Ok(Some(fault)) => table.on_fault(fault, &requests),
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!("userfaultfd: {e:#}");
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                }
-            })
-            .context("starting the userfaultfd fault thread")?;
-        Ok(FaultThread {
+        let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let _span = span.enter();
+            work(&flag);
+        })?;
+        Ok(StoppableThread {
             stop,
             handle: Some(handle),
         })
     }
+
+    /// Waits for the work to end by itself.
+    fn join(mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
-impl Drop for FaultThread {
+impl Drop for StoppableThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// The fault thread: reads faults until stopped (when this is dropped), hands requests to the network
+/// loop.
+pub struct FaultThread {
+    _running: StoppableThread,
+}
+
+impl FaultThread {
+    pub fn spawn(table: Arc<PageTable>, requests: UnboundedSender<u64>) -> anyhow::Result<FaultThread> {
+        let thread = StoppableThread::spawn("uffd-faults", move |stop| {
+            while !stop.load(Ordering::Acquire) {
+                match table.uffd.next_fault_kind(50) {
+                    Ok(Some(fault)) => table.on_fault(fault, &requests),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("userfaultfd: {e:#}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
+        .context("starting the userfaultfd fault thread")?;
+        Ok(FaultThread { _running: thread })
     }
 }
 
 /// The pass that maps every present page into the guest view right after the resume (see the module
 /// doc), on a thread of its own; dropping it stops it.
-pub struct MapPass {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
+pub struct MapPass(StoppableThread);
 
 impl MapPass {
     pub fn spawn(table: Arc<PageTable>) -> anyhow::Result<MapPass> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let span = tracing::Span::current();
-        let handle = std::thread::Builder::new()
-            .name("uffd-map".into())
-            .spawn(move || {
-                let _span = span.enter();
-                let started = Instant::now();
-                match table.map_present(&flag) {
-                    Ok(mapped) => tracing::info!(
-                        mapped,
-                        present = (0..table.pages()).filter(|&p| table.state(p) == PRESENT).count(),
-                        ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-                        stopped = flag.load(Ordering::Relaxed),
-                        "post-copy: present pages mapped into the guest"
-                    ),
-                    // Only a shortcut: faults map what the pass did not.
-                    Err(e) => tracing::warn!("post-copy: mapping present pages stopped: {e:#}"),
-                }
-            })
-            .context("starting the post-copy mapping pass")?;
-        Ok(MapPass {
-            stop,
-            handle: Some(handle),
+        let thread = StoppableThread::spawn("uffd-map", move |stop| {
+            let started = Instant::now();
+            match table.map_present(stop) {
+                Ok(mapped) => tracing::info!(
+                    mapped,
+                    present = (0..table.pages()).filter(|&p| table.state(p) == PRESENT).count(),
+                    ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                    stopped = stop.load(Ordering::Relaxed),
+                    "post-copy: present pages mapped into the guest"
+                ),
+                // Only a shortcut: faults map what the pass did not.
+                Err(e) => tracing::warn!("post-copy: mapping present pages stopped: {e:#}"),
+            }
         })
+        .context("starting the post-copy mapping pass")?;
+        Ok(MapPass(thread))
     }
 
     /// Waits for the pass to finish (for tests).
-    pub fn join(mut self) {
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for MapPass {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn join(self) {
+        self.0.join();
     }
 }
 
