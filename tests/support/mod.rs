@@ -34,7 +34,7 @@ pub use guest::{guest_counter, guest_is_running_and_verified, GUEST_RUNNING};
 pub use link::ShapedLink;
 pub use netns::Netns;
 pub use relay::{Arm, Relay, Tamper};
-pub use report::{assert_nothing_lost, assert_sound_report, report_u64, Expect};
+pub use report::{assert_nothing_lost, assert_sound_report, report_u64, round_one_deferred, Expect};
 
 pub const PERFPLUS: &str = env!("CARGO_BIN_EXE_perfplus");
 

@@ -105,3 +105,22 @@ fn assert_postcopy(report: &Value, mode: &str) {
     assert!(report["postcopy_ms"].as_f64().unwrap() > 0.0);
     assert!(report["fault_latency_us"]["max"].as_f64().unwrap() >= report["fault_latency_us"]["p50"].as_f64().unwrap());
 }
+
+/// How many pages the source's round 1 deferred to its end (pages the guest wrote before round 1 sent
+/// them), from the source agent's log `agent_log`: the figure of its last migration that watched round
+/// 1, or None if none did (pre-copy in address order does not watch).
+pub fn round_one_deferred(agent_log: &str) -> Option<u64> {
+    let line = agent_log.lines().rev().find(|line| line.contains("round 1 watched"))?;
+    let digits: String = line
+        .split_once("deferred=")
+        .unwrap_or_else(|| panic!("no deferred= in {line:?}"))
+        .1
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some(
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("deferred= without a number in {line:?}")),
+    )
+}

@@ -27,7 +27,8 @@
 //! **Order (hot last).** A page written in many recent rounds will likely be written again: sending it
 //! early in a round is wasted when it is dirtied before the round ends. Each page keeps a small heat
 //! score (halved every round, raised when the page is dirty), and a round sends cold pages first and
-//! hot pages last.
+//! hot pages last. Round 1 has no heat yet: it watches the guest as it goes instead ([`FirstRound`]),
+//! and a page the guest writes before round 1 has sent it is sent at the end of round 1.
 
 use crate::report::RoundReport;
 use perfplus_vmm::PageSet;
@@ -232,6 +233,178 @@ impl Heat {
     }
 }
 
+/// Round 1's sending order as it goes: hot last without heat. Round 1 sends every page once in a
+/// fixed order (address order) while the guest runs; the source collects the tracker every few hundred
+/// ms meanwhile and hands the result to [`FirstRound::found_dirty`]. A page found written that round 1
+/// has not sent yet is *deferred*: moved to the end of the round, since it is hot and sending it now
+/// would likely be wasted. A page found written that round 1 has already sent goes to round 2's dirty
+/// set, as after any round. Without deferral (`defer` false: address order asked for, or hybrid's
+/// early-switch watch alone) every page found written goes to round 2's set, as before.
+///
+/// **No write is lost.** The trackers guarantee (`perfplus_vmm::tracking`, each module's "ordering
+/// guarantee") that every guest write to a page is reported by some collect, and that a read of the
+/// page that starts after that collect returned sees the write or newer content (newer writes are
+/// reported again, by a later collect). So it is enough that for every collect and every page it
+/// reports, the page is read again after that collect returned and what is read is sent. Each page a
+/// round-1 collect reports is, in [`FirstRound::found_dirty`]:
+/// - already handed out by [`FirstRound::next_chunk`]: into round 2's set, read in round 2, after the
+///   collect. Counted as dirty again (hybrid's rule), once;
+/// - not handed out yet, and not a hole: deferred (or left where it is if already deferred). It is
+///   handed out later in round 1 and read then, after the collect: its content is at least as new as
+///   every write the collect reported. It need *not* be in round 2's set, which saves a read and a
+///   hash: a write after the collect's re-protection is reported by a later collect, during round 1
+///   (the page is handed out by then, or deferred still, and the same two cases apply) or the one after
+///   round 1 (round 2's set). This relies on one order of calls, which the source keeps: collect, then
+///   `found_dirty`, then `next_chunk` and the reads of the pages it returns, then the next collect.
+///   A page handed out counts as sent from that moment, even if its read comes later (the read then
+///   also comes after any later collect: sending it again in round 2 is merely redundant);
+/// - a hole (`known_zero`: holes are found after tracking started and round 1 sends them as zero
+///   markers without reading them): into round 2's set wherever round 1 is, and it keeps its place.
+///
+/// If round 1 stops early (hybrid's switch to post-copy), the pages not handed out yet, deferred or
+/// not, are still to send: [`FirstRound::into_rest`] returns them (holes aside) with round 2's set.
+///
+/// **Exactly once.** Each page of `order` is handed out once: a page is deferred only while it is
+/// pending (not handed out), is then skipped where it stood in `order` and appended to the tail once;
+/// the tail is handed out after `order` is exhausted. Round 1's report therefore still counts every
+/// page once.
+///
+/// **Cost.** A page is deferred at most once (one bit, one `u64` in the tail: at most 8 bytes a 4 KiB
+/// page); handing out a page tests and sets a bit; `found_dirty` walks the collected bitmap and does
+/// O(1) per page reported. Four bitmaps of `pages / 8` bytes.
+pub struct FirstRound<'a> {
+    order: &'a [u64],
+    /// Index in `order` of the next page to consider.
+    next: usize,
+    /// Deferred pages, in the order they were deferred, and the index of the next one to hand out.
+    tail: Vec<u64>,
+    next_in_tail: usize,
+    known_zero: Option<&'a PageSet>,
+    defer: bool,
+    /// Pages of `order` not handed out yet (deferred or not).
+    pending: PageSet,
+    deferred: PageSet,
+    sent: PageSet,
+    /// Round 2's dirty set so far.
+    dirty: PageSet,
+    handed_out: u64,
+    dirty_again: u64,
+    deferrals: u64,
+}
+
+impl<'a> FirstRound<'a> {
+    /// Round 1 over `order` (pages of a memory of `pages` pages, each once); `known_zero`: the holes
+    /// round 1 sends as zero markers without reading them; `defer`: move pages written ahead of the
+    /// round to its end.
+    pub fn new(order: &'a [u64], pages: u64, known_zero: Option<&'a PageSet>, defer: bool) -> Self {
+        let mut pending = PageSet::new(pages);
+        for &page in order {
+            pending.insert(page);
+        }
+        Self {
+            order,
+            next: 0,
+            tail: Vec::new(),
+            next_in_tail: 0,
+            known_zero,
+            defer,
+            pending,
+            deferred: PageSet::new(pages),
+            sent: PageSet::new(pages),
+            dirty: PageSet::new(pages),
+            handed_out: 0,
+            dirty_again: 0,
+            deferrals: 0,
+        }
+    }
+
+    /// Appends to `out` the next pages to send, at most `max`: `order`'s less the deferred ones, then
+    /// the deferred ones. The caller reads them before it calls [`FirstRound::found_dirty`] again.
+    pub fn next_chunk(&mut self, out: &mut Vec<u64>, max: usize) {
+        let mut taken = 0;
+        while taken < max {
+            let page = if let Some(&page) = self.order.get(self.next) {
+                self.next += 1;
+                // Deferred: handed out from the tail. Not pending: a repeat in `order`.
+                if self.deferred.contains(page) || !self.pending.contains(page) {
+                    continue;
+                }
+                page
+            } else if let Some(&page) = self.tail.get(self.next_in_tail) {
+                self.next_in_tail += 1;
+                page
+            } else {
+                break;
+            };
+            self.pending.remove(page);
+            self.sent.insert(page);
+            self.handed_out += 1;
+            out.push(page);
+            taken += 1;
+        }
+    }
+
+    /// Takes what a collect just returned (see the type's docs for why each case is safe). Returns
+    /// how many pages it deferred.
+    pub fn found_dirty(&mut self, collected: &PageSet) -> u64 {
+        let before = self.deferrals;
+        for page in collected.iter() {
+            let hole = self.known_zero.is_some_and(|zero| zero.contains(page));
+            if self.sent.contains(page) {
+                if !self.dirty.contains(page) {
+                    self.dirty.insert(page);
+                    self.dirty_again += 1;
+                }
+            } else if !self.defer || hole || !self.pending.contains(page) {
+                // Not read later in this round: a later round reads it.
+                self.dirty.insert(page);
+            } else if !self.deferred.contains(page) {
+                self.deferred.insert(page);
+                self.tail.push(page);
+                self.deferrals += 1;
+            }
+        }
+        self.deferrals - before
+    }
+
+    /// Pages handed out so far.
+    pub fn handed_out(&self) -> u64 {
+        self.handed_out
+    }
+
+    /// Pages found written after they were handed out (each counted once): round 2 sends them again.
+    pub fn dirty_again(&self) -> u64 {
+        self.dirty_again
+    }
+
+    /// Pages deferred to the end of the round so far.
+    pub fn deferrals(&self) -> u64 {
+        self.deferrals
+    }
+
+    /// Pages not handed out yet.
+    pub fn unsent(&self) -> u64 {
+        self.pending.count()
+    }
+
+    /// Every page was handed out.
+    pub fn is_done(&self) -> bool {
+        self.next >= self.order.len() && self.next_in_tail >= self.tail.len()
+    }
+
+    /// What later rounds (or post-copy) must still send: round 2's set so far, and the pages not
+    /// handed out (empty once the round ran to its end), holes aside, which are zero already.
+    pub fn into_rest(self) -> PageSet {
+        let mut rest = self.dirty;
+        for page in self.pending.iter() {
+            if !self.known_zero.is_some_and(|zero| zero.contains(page)) {
+                rest.insert(page);
+            }
+        }
+        rest
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +534,174 @@ mod tests {
         match c.after_round(&round(2, 20_000, 200.0), 9_000) {
             Decision::SwitchToPostcopy(why) => assert!(why.contains("past the round limit 4"), "{why}"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn set(pages: u64, of: &[u64]) -> PageSet {
+        let mut set = PageSet::new(pages);
+        for &page in of {
+            set.insert(page);
+        }
+        set
+    }
+
+    /// Hands out the whole rest of the round, `max` at a time.
+    fn drain(round: &mut FirstRound, max: usize) -> Vec<u64> {
+        let mut all = Vec::new();
+        loop {
+            let before = all.len();
+            round.next_chunk(&mut all, max);
+            if all.len() == before {
+                return all;
+            }
+            assert!(all.len() - before <= max);
+        }
+    }
+
+    #[test]
+    fn round_1_sends_pages_written_ahead_of_it_last_and_once() {
+        let order: Vec<u64> = (0..16).collect();
+        let mut round = FirstRound::new(&order, 16, None, true);
+        let mut sent = Vec::new();
+        round.next_chunk(&mut sent, 4);
+        assert_eq!(sent, [0, 1, 2, 3]);
+        // 2 was sent: round 2's. 9 and 5 were not: deferred, in address order within one collect.
+        assert_eq!(round.found_dirty(&set(16, &[2, 9, 5])), 2);
+        round.next_chunk(&mut sent, 4);
+        assert_eq!(sent[4..], [4, 6, 7, 8]);
+        // 9 again while deferred: it stays where it is in the tail. 12 is deferred after it; 4 was sent.
+        assert_eq!(round.found_dirty(&set(16, &[4, 9, 12])), 1);
+        sent.extend(drain(&mut round, 4));
+        assert_eq!(sent, [0, 1, 2, 3, 4, 6, 7, 8, 10, 11, 13, 14, 15, 5, 9, 12]);
+        assert!(round.is_done());
+        assert_eq!((round.handed_out(), round.unsent(), round.deferrals()), (16, 0, 3));
+        // Written again after it was sent: counted once however often found.
+        round.found_dirty(&set(16, &[2, 5]));
+        assert_eq!(
+            round.dirty_again(),
+            3,
+            "2, 4 and 5 were found written after they were sent"
+        );
+        let rest: Vec<u64> = round.into_rest().iter().collect();
+        assert_eq!(
+            rest,
+            [2, 4, 5],
+            "the deferred pages were read after the collect that found them: not in round 2's set"
+        );
+    }
+
+    #[test]
+    fn holes_keep_their_place_and_go_to_round_2() {
+        let order: Vec<u64> = (0..8).collect();
+        let holes = set(8, &[5, 6]);
+        let mut round = FirstRound::new(&order, 8, Some(&holes), true);
+        let mut sent = Vec::new();
+        round.next_chunk(&mut sent, 2);
+        // 6 is a hole ahead of the round: it is sent as a zero marker without a read, so the write
+        // must be sent in round 2; 3 is deferred.
+        assert_eq!(round.found_dirty(&set(8, &[3, 6])), 1);
+        sent.extend(drain(&mut round, 3));
+        assert_eq!(sent, [0, 1, 2, 4, 5, 6, 7, 3]);
+        assert_eq!(round.dirty_again(), 0, "6 was found before round 1 passed it");
+        assert_eq!(round.into_rest().iter().collect::<Vec<_>>(), [6]);
+    }
+
+    #[test]
+    fn without_deferral_every_page_found_goes_to_round_2() {
+        let order: Vec<u64> = (0..8).collect();
+        let mut round = FirstRound::new(&order, 8, None, false);
+        let mut sent = Vec::new();
+        round.next_chunk(&mut sent, 3);
+        assert_eq!(round.found_dirty(&set(8, &[1, 6])), 0);
+        sent.extend(drain(&mut round, 8));
+        assert_eq!(sent, (0..8).collect::<Vec<_>>(), "address order");
+        assert_eq!(round.dirty_again(), 1);
+        assert_eq!(round.into_rest().iter().collect::<Vec<_>>(), [1, 6]);
+    }
+
+    #[test]
+    fn a_round_cut_short_leaves_every_unsent_page_to_send_holes_aside() {
+        let order: Vec<u64> = (0..10).collect();
+        let holes = set(10, &[8]);
+        let mut round = FirstRound::new(&order, 10, Some(&holes), true);
+        let mut sent = Vec::new();
+        round.next_chunk(&mut sent, 3);
+        round.found_dirty(&set(10, &[1, 4]));
+        round.next_chunk(&mut sent, 3);
+        assert_eq!(sent, [0, 1, 2, 3, 5, 6]);
+        assert_eq!(round.unsent(), 4);
+        // Cut here: 4 (deferred), 7 and 9 are unsent; 8 is a hole, zero at the destination already.
+        assert_eq!(round.into_rest().iter().collect::<Vec<_>>(), [1, 4, 7, 9]);
+    }
+
+    /// A model of round 1 and the rounds after it against a guest that writes between every two steps
+    /// and a tracker with the dirty log's guarantee (a collect returns and clears the bits set since
+    /// the last one): whatever the interleaving, the destination ends with every page's last version.
+    #[test]
+    fn no_write_is_lost_whatever_the_interleaving() {
+        let pages = 64u64;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for trial in 0..300 {
+            // Pages 0..48 hold data (version 1); 48..64 are holes, never written before the look, and
+            // zero (version 0) like the destination's memory at the start.
+            let mut version: Vec<u64> = (0..pages).map(|page| u64::from(page < 48)).collect();
+            let holes = set(pages, &(48..64).collect::<Vec<_>>());
+            let mut destination = vec![0u64; pages as usize];
+            let mut logged = PageSet::new(pages);
+            let hot = 1 + rand(pages);
+            let write = |version: &mut Vec<u64>, logged: &mut PageSet, rand: &mut dyn FnMut(u64) -> u64| {
+                for _ in 0..rand(4) {
+                    let page = if rand(4) == 0 { rand(pages) } else { rand(hot) };
+                    version[page as usize] += 1;
+                    logged.insert(page);
+                }
+            };
+            let collect = |logged: &mut PageSet| std::mem::replace(logged, PageSet::new(pages));
+            let order: Vec<u64> = (0..pages).collect();
+            let mut round = FirstRound::new(&order, pages, Some(&holes), trial % 3 != 0);
+            let mut chunk = Vec::new();
+            let mut sent = 0;
+            loop {
+                write(&mut version, &mut logged, &mut rand);
+                if rand(3) == 0 {
+                    round.found_dirty(&collect(&mut logged));
+                }
+                chunk.clear();
+                round.next_chunk(&mut chunk, 1 + rand(5) as usize);
+                if chunk.is_empty() {
+                    break;
+                }
+                for &page in &chunk {
+                    sent += 1;
+                    // Holes go as zero markers, unread; the rest is read now, one write possibly
+                    // landing between two reads.
+                    destination[page as usize] = if holes.contains(page) {
+                        0
+                    } else {
+                        version[page as usize]
+                    };
+                    write(&mut version, &mut logged, &mut rand);
+                }
+            }
+            assert_eq!(sent, pages, "every page once in round 1");
+            // Round 2 (live), then the stop-and-copy (the guest paused: no write after its collect).
+            write(&mut version, &mut logged, &mut rand);
+            let mut dirty = collect(&mut logged);
+            dirty.union_with(&round.into_rest());
+            for page in dirty.iter() {
+                destination[page as usize] = version[page as usize];
+                write(&mut version, &mut logged, &mut rand);
+            }
+            for page in collect(&mut logged).iter() {
+                destination[page as usize] = version[page as usize];
+            }
+            assert_eq!(destination, version, "trial {trial}");
         }
     }
 
