@@ -13,8 +13,13 @@
 //! millisecond while the guest makes no progress and a process has no RAM found yet: a post-copy
 //! switch comes a few ms after the destination created the guest's RAM, and a probe that found it
 //! only at its next regular scan saw a stall of up to 50 ms that the guest never had.
+//!
+//! The scans run on a thread of their own, never on the sampling thread: reading `/proc/PID/maps`
+//! waits while that process changes its mappings (a destination creating the guest's RAM, a source
+//! unmapping it), and a sampler waiting there saw 15-50 ms stalls at those moments that the guest's
+//! own clock did not see (its heartbeat was moving in the other process all along).
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,6 +47,17 @@ pub struct Felt {
 pub struct FeltProbe {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<Felt>,
+}
+
+/// Makes the calling thread real-time (SCHED_FIFO at `priority`), so that it wakes on time whatever
+/// else runs (the machine has two cores): a probe that is not scheduled sees nothing. Best effort:
+/// without the privilege it runs as it is.
+fn realtime(priority: i32) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
 }
 
 fn read_u64(pid: u32, addr: u64) -> Option<u64> {
@@ -123,21 +139,42 @@ impl FeltProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let heartbeat = STATUS_PAGE_GPA + std::mem::offset_of!(StatusPage, heartbeat) as u64;
+        // What the scanner found, and whether the sampler sees the guest stalled (rescan fast then).
+        let found: Arc<Mutex<Vec<Option<Ram>>>> = Arc::new(Mutex::new(vec![None; pids.len()]));
+        let stalled_now = Arc::new(AtomicBool::new(false));
+        let scanner = {
+            let (found, stalled_now, flag, pids) = (found.clone(), stalled_now.clone(), stop.clone(), pids.clone());
+            std::thread::Builder::new()
+                .name("felt-scan".into())
+                .spawn(move || {
+                    realtime(9);
+                    let mut last_scan: Option<Instant> = None;
+                    while !flag.load(Ordering::Acquire) {
+                        let lacking = found.lock().unwrap().iter().any(Option::is_none);
+                        let every = if lacking && stalled_now.load(Ordering::Acquire) {
+                            Duration::from_millis(1)
+                        } else {
+                            Duration::from_millis(50)
+                        };
+                        if last_scan.is_none_or(|t| t.elapsed() > every) {
+                            let rams: Vec<Option<Ram>> = pids.iter().map(|&pid| find_ram(pid, ram_bytes)).collect();
+                            *found.lock().unwrap() = rams;
+                            last_scan = Some(Instant::now());
+                        }
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                })
+                .expect("starting the felt-stall probe's scanner")
+        };
         let handle = std::thread::Builder::new()
             .name("felt-stall".into())
             .spawn(move || {
-                // Wake on time whatever else runs (the machine has two cores): a probe that is not
-                // scheduled sees nothing. Best effort: without the privilege it runs as it is.
-                let param = libc::sched_param { sched_priority: 10 };
-                // SAFETY: `param` is a valid sched_param; pid 0 is this thread.
-                let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+                realtime(10);
                 let started = Instant::now();
-                let mut rams: Vec<Option<Ram>> = vec![None; pids.len()];
                 let pagemaps: Vec<Option<std::fs::File>> = pids
                     .iter()
                     .map(|pid| std::fs::File::open(format!("/proc/{pid}/pagemap")).ok())
                     .collect();
-                let mut last_scan: Option<Instant> = None;
                 let mut best = 0u64;
                 let mut last_progress: Option<Instant> = None;
                 // Blind time since the last progress: taken out of the stall it falls in.
@@ -147,18 +184,8 @@ impl FeltProbe {
                 while !flag.load(Ordering::Acquire) {
                     let now = Instant::now();
                     let stalled = last_progress.is_some_and(|t| now - t > Duration::from_millis(1));
-                    let lacking = rams.iter().any(Option::is_none);
-                    let every = if stalled && lacking {
-                        Duration::from_millis(1)
-                    } else {
-                        Duration::from_millis(50)
-                    };
-                    if last_scan.is_none_or(|t| now - t > every) {
-                        for (ram, &pid) in rams.iter_mut().zip(&pids) {
-                            *ram = find_ram(pid, ram_bytes);
-                        }
-                        last_scan = Some(now);
-                    }
+                    stalled_now.store(stalled, Ordering::Release);
+                    let rams = found.lock().unwrap().clone();
                     let before_read = Instant::now();
                     // Time spent in reads that waited for a missing page of userfaultfd-registered
                     // RAM: the heartbeat page is missing there, so the guest cannot be making progress
@@ -215,6 +242,7 @@ impl FeltProbe {
                     }
                     std::thread::sleep(Duration::from_micros(500));
                 }
+                let _ = scanner.join();
                 felt
             })
             .expect("starting the felt-stall probe");
