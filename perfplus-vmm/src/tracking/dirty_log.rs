@@ -1,8 +1,10 @@
 //! The KVM dirty-log tracker: dirty bitmap with manual clear (`KVM_GET_DIRTY_LOG` +
 //! `KVM_CLEAR_DIRTY_LOG`, `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
 //!
-//! Creating the tracker turns dirty logging on for the VM's RAM slot: KVM write-protects every page and
-//! starts an empty bitmap. Each [`DirtyTracker::collect`]:
+//! Creating the tracker turns dirty logging on for the VM's RAM slot: every page write-protected, the
+//! bitmap empty (with `KVM_DIRTY_LOG_INITIALLY_SET`, by clearing the bitmap a few thousand pages at a
+//! time, so that a guest that faults meanwhile is never held for the whole memory: see
+//! [`RamSlot::set_dirty_logging`]). Each [`DirtyTracker::collect`]:
 //! 1. `KVM_GET_DIRTY_LOG` reads the bitmap (with manual protection this changes nothing);
 //! 2. `KVM_CLEAR_DIRTY_LOG` with *exactly those bits* clears them and write-protects those pages again;
 //! 3. returns the pages.

@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context};
-use kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
 use kvm_bindings::{kvm_enable_cap, CpuId, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
+use kvm_bindings::{KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
@@ -225,9 +225,16 @@ impl Vm {
             supported & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 != 0,
             "VM {name}: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (needed for dirty tracking)"
         );
+        // INITIALLY_SET spares the guest a whole-memory write-protection pass when tracking starts
+        // (see `ram`); a dirty-ring VM must not have it (KVM would then protect nothing for the ring).
+        let initially_set = options.dirty_ring_entries.is_none() && supported & KVM_DIRTY_LOG_INITIALLY_SET as i32 != 0;
+        let mut flags = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+        if initially_set {
+            flags |= u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
+        }
         let cap = kvm_enable_cap {
             cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-            args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+            args: [flags, 0, 0, 0],
             ..Default::default()
         };
         vm_fd
@@ -256,7 +263,12 @@ impl Vm {
             )),
             None => None,
         };
-        let ram = Arc::new(RamSlot::register(vm_fd.clone(), memory.clone(), dirty_rings.is_some())?);
+        let ram = Arc::new(RamSlot::register(
+            vm_fd.clone(),
+            memory.clone(),
+            dirty_rings.is_some(),
+            initially_set,
+        )?);
 
         let mut handles = Vec::new();
         let mut cpuids = Vec::new();
