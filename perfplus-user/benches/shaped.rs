@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use peer::felt::{Felt, FeltProbe};
 use peer::qemu::{process_cpu_ms, Placement, QemuMode, QemuPair};
-use support::{Cluster, ShapedLink};
+use support::{Cluster, ShapedLink, TestAgent};
 
 struct Scenario {
     name: &'static str,
@@ -129,18 +129,7 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
     let spec = format!("dirtier:{}", scenario.cmdline.replace(' ', ","));
     cluster.start_guest(&a, "bench", memory, &spec);
     std::thread::sleep(Duration::from_secs(2));
-    let (cpu_a, cpu_b) = (process_cpu_ms(a.pid()), process_cpu_ms(b.pid()));
-    let wire = link.bytes_sent();
-    let probe = FeltProbe::start(vec![a.pid(), b.pid()], memory_bytes(memory));
-    let to = b.addr_via(ShapedLink::IP_B);
-    let report = cluster.cli_json_in(
-        Some(link.a.name()),
-        &[
-            "migrate", "bench", "--from", &a.addr, "--to", &to, "--mode", mode, "--json",
-        ],
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    let felt = probe.finish();
+    let (run, report) = perfplus_trip(&cluster, link, &a, (&b, &b.addr_via(ShapedLink::IP_B)), memory, mode);
     if let Ok(dir) = std::env::var("PERFPLUS_BENCH_LOGS") {
         keep_logs(
             std::path::Path::new(&dir),
@@ -158,16 +147,43 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
             report["downtime_ms"].as_f64().unwrap_or(0.0),
             report["guest_max_stall_ms"].as_f64().unwrap_or(f64::NAN)
         ),
-        &felt,
+        &run.felt,
     );
-    Run {
+    run
+}
+
+/// One perfplus migration of the guest `bench` from agent `from` to agent `to`, reached at `to_addr`
+/// (the CLI runs in `from`'s namespace), measured from outside: the probe over both agents from before
+/// the CLI starts until a second after its report, the qdisc counters, both agents' CPU. The run and
+/// the CLI's report.
+fn perfplus_trip(
+    cluster: &Cluster,
+    link: &ShapedLink,
+    from: &TestAgent,
+    (to, to_addr): (&TestAgent, &str),
+    memory: &str,
+    mode: &str,
+) -> (Run, serde_json::Value) {
+    let (cpu_from, cpu_to) = (process_cpu_ms(from.pid()), process_cpu_ms(to.pid()));
+    let wire = link.bytes_sent();
+    let probe = FeltProbe::start(vec![from.pid(), to.pid()], memory_bytes(memory));
+    let report = cluster.cli_json_in(
+        from.netns(),
+        &[
+            "migrate", "bench", "--from", &from.addr, "--to", to_addr, "--mode", mode, "--json",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let felt = probe.finish();
+    let run = Run {
         felt,
         wire_bytes: (link.bytes_sent() - wire) as f64,
         total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
         reported_downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-        cpu_source_ms: process_cpu_ms(a.pid()) - cpu_a,
-        cpu_destination_ms: process_cpu_ms(b.pid()) - cpu_b,
-    }
+        cpu_source_ms: process_cpu_ms(from.pid()) - cpu_from,
+        cpu_destination_ms: process_cpu_ms(to.pid()) - cpu_to,
+    };
+    (run, report)
 }
 
 /// Copies a run's agent logs and report into `dir` as `<label>-<n>.{a.log,b.log,json}`.
@@ -196,11 +212,17 @@ fn qemu_run(link: &ShapedLink, kernel: &std::path::Path, memory: &str, append: &
     };
     let mut pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
     std::thread::sleep(Duration::from_secs(2));
+    qemu_trip(&mut pair, link, memory, mode, &placement)
+}
+
+/// One QEMU migration of `pair` in `mode`, measured from outside as [`perfplus_trip`] measures
+/// perfplus's; the guest's self-check on the destination must be clean.
+fn qemu_trip(pair: &mut QemuPair, link: &ShapedLink, memory: &str, mode: QemuMode, placement: &Placement) -> Run {
     let (src, dst) = pair.pids();
     let (cpu_a, cpu_b) = pair.cpu_ms();
     let wire = link.bytes_sent();
     let probe = FeltProbe::start(vec![src, dst], memory_bytes(memory));
-    let run = pair.migrate(mode, &placement);
+    let run = pair.migrate(mode, placement);
     std::thread::sleep(Duration::from_secs(1));
     let felt = probe.finish();
     assert_eq!(
