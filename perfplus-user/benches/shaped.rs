@@ -23,7 +23,20 @@
 //!   `idle` (100/s), `read-heavy` (10k writes/s into 256 MiB while the guest's verification reads the
 //!   whole 1 GiB, about a pass a second), `duplicate-heavy` (60 % duplicated pages) and
 //!   `faster-than-link` (50k writes/s: perfplus hybrid and post-copy against QEMU post-copy; QEMU's
-//!   pre-copy, one channel or multifd+zstd, never converges there with these contents). perfplus migrates with its defaults (`--compression auto`).
+//!   pre-copy, one channel or multifd+zstd, never converges there with these contents), and
+//!   `return-trip` (below). perfplus migrates with its defaults (`--compression auto`); its agents have
+//!   no page store, except A's in `return-trip`.
+//! - `return-trip`: `moderate`'s guest migrates A→B, then back B→A, and the return is what the table
+//!   gives. Each trip is measured as above (its own probe over the two processes of that trip, its own
+//!   qdisc counters, CPU and total time; the guest's self-check on A at the end). Between them: for
+//!   perfplus, A's agent (page store as large as the guest) archives the pages of the VM that left, and
+//!   the bench waits until A's log says so (`kept the departed VM's pages in the page store`, polled),
+//!   so that the return neither waits for the archive nor finds it half done; for QEMU, the paused
+//!   source is stopped and a new QEMU started in A with `-incoming defer`. Then both wait 2 s and
+//!   migrate back in the same mode as the first trip. perfplus's return sends references to what A
+//!   still holds (`held_from_store` in the report; pages the guest rewrote with new content since
+//!   still cross whole); QEMU keeps nothing of a guest that left, so its return costs what its first
+//!   trip cost. The line per run on stderr gives the first trip's figures too.
 //!
 //! Run: `scripts/bench.sh shaped` (installs QEMU and iperf3) or `cargo bench -p perfplus --bench shaped`.
 //! `PERFPLUS_BENCH_SCENARIOS` (comma-separated names) picks scenarios. For work on perfplus itself:
@@ -43,7 +56,7 @@ use std::time::Duration;
 
 use peer::felt::{Felt, FeltProbe};
 use peer::qemu::{process_cpu_ms, Placement, QemuMode, QemuPair};
-use support::{Cluster, ShapedLink};
+use support::{Cluster, ShapedLink, TestAgent};
 
 struct Scenario {
     name: &'static str,
@@ -52,6 +65,8 @@ struct Scenario {
     /// `perfplus migrate --mode`, one variant per mode.
     perfplus_modes: &'static [&'static str],
     qemu: &'static [QemuMode],
+    /// A→B, then back B→A: the figures are the return's ([`perfplus_return_run`], [`qemu_return_run`]).
+    return_trip: bool,
 }
 
 const LIMIT30: QemuMode = QemuMode::Precopy { downtime_limit_ms: 30 };
@@ -65,12 +80,14 @@ const SCENARIOS: &[Scenario] = &[
         cmdline: "working-set=256M rate=10k mix=unique:30,text:20,dup:20,zero:10,same:20",
         perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
+        return_trip: false,
     },
     Scenario {
         name: "idle",
         cmdline: "working-set=256M rate=100 mix=unique:30,text:20,dup:20,zero:10,same:20",
         perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
+        return_trip: false,
     },
     Scenario {
         // Writes go to the first quarter of the working set (hot=25:100), and the guest's
@@ -79,12 +96,14 @@ const SCENARIOS: &[Scenario] = &[
         cmdline: "working-set=1G rate=10k hot=25:100 mix=unique:30,text:20,dup:20,zero:10,same:20",
         perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
+        return_trip: false,
     },
     Scenario {
         name: "duplicate-heavy",
         cmdline: "working-set=256M rate=10k mix=unique:10,text:10,dup:60,zero:10,same:10",
         perfplus_modes: &["precopy"],
         qemu: &[LIMIT30, MULTIFD],
+        return_trip: false,
     },
     Scenario {
         name: "faster-than-link",
@@ -93,6 +112,16 @@ const SCENARIOS: &[Scenario] = &[
         // Not QEMU's pre-copy, one channel or multifd+zstd: with pages like real memory (random pages
         // do not compress) neither converges at this rate.
         qemu: &[QemuMode::Postcopy],
+        return_trip: false,
+    },
+    Scenario {
+        // `moderate`'s guest, migrated A→B and, after a settle, back B→A: the return is measured. A
+        // kept the departed guest's pages in its page store; QEMU has no such store.
+        name: "return-trip",
+        cmdline: "working-set=256M rate=10k mix=unique:30,text:20,dup:20,zero:10,same:20",
+        perfplus_modes: &["precopy"],
+        qemu: &[LIMIT30, MULTIFD],
+        return_trip: true,
     },
 ];
 
@@ -129,18 +158,7 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
     let spec = format!("dirtier:{}", scenario.cmdline.replace(' ', ","));
     cluster.start_guest(&a, "bench", memory, &spec);
     std::thread::sleep(Duration::from_secs(2));
-    let (cpu_a, cpu_b) = (process_cpu_ms(a.pid()), process_cpu_ms(b.pid()));
-    let wire = link.bytes_sent();
-    let probe = FeltProbe::start(vec![a.pid(), b.pid()], memory_bytes(memory));
-    let to = b.addr_via(ShapedLink::IP_B);
-    let report = cluster.cli_json_in(
-        Some(link.a.name()),
-        &[
-            "migrate", "bench", "--from", &a.addr, "--to", &to, "--mode", mode, "--json",
-        ],
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    let felt = probe.finish();
+    let (run, report) = perfplus_trip(&cluster, link, &a, (&b, &b.addr_via(ShapedLink::IP_B)), memory, mode);
     if let Ok(dir) = std::env::var("PERFPLUS_BENCH_LOGS") {
         keep_logs(
             std::path::Path::new(&dir),
@@ -158,16 +176,143 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
             report["downtime_ms"].as_f64().unwrap_or(0.0),
             report["guest_max_stall_ms"].as_f64().unwrap_or(f64::NAN)
         ),
-        &felt,
+        &run.felt,
     );
-    Run {
+    run
+}
+
+/// One perfplus migration of the guest `bench` from agent `from` to agent `to`, reached at `to_addr`
+/// (the CLI runs in `from`'s namespace), measured from outside: the probe over both agents from before
+/// the CLI starts until a second after its report, the qdisc counters, both agents' CPU. The run and
+/// the CLI's report.
+fn perfplus_trip(
+    cluster: &Cluster,
+    link: &ShapedLink,
+    from: &TestAgent,
+    (to, to_addr): (&TestAgent, &str),
+    memory: &str,
+    mode: &str,
+) -> (Run, serde_json::Value) {
+    let (cpu_from, cpu_to) = (process_cpu_ms(from.pid()), process_cpu_ms(to.pid()));
+    let wire = link.bytes_sent();
+    let probe = FeltProbe::start(vec![from.pid(), to.pid()], memory_bytes(memory));
+    let report = cluster.cli_json_in(
+        from.netns(),
+        &[
+            "migrate", "bench", "--from", &from.addr, "--to", to_addr, "--mode", mode, "--json",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let felt = probe.finish();
+    let run = Run {
         felt,
         wire_bytes: (link.bytes_sent() - wire) as f64,
         total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
         reported_downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-        cpu_source_ms: process_cpu_ms(a.pid()) - cpu_a,
-        cpu_destination_ms: process_cpu_ms(b.pid()) - cpu_b,
+        cpu_source_ms: process_cpu_ms(from.pid()) - cpu_from,
+        cpu_destination_ms: process_cpu_ms(to.pid()) - cpu_to,
+    };
+    (run, report)
+}
+
+/// Time between the end of the forward trip (and, for perfplus, of A's archive) and the start of the
+/// return, the same for both tools.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Longest the bench waits for an agent's archive of a departed VM (it runs at a low priority: a loaded
+/// host delays it by seconds); past that the run stops, saying so.
+const ARCHIVE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// What `agent::archive` logs once the pages of a VM that left are in the page store.
+const ARCHIVED: &str = "kept the departed VM's pages in the page store";
+
+/// Waits until `agent`'s log says the pages of VM `vm`, which left it, are in its page store (polled
+/// every 50 ms); the pages it kept and how long the wait took. Panics if the archive failed (the agent
+/// warns `page store: …`) or took longer than [`ARCHIVE_PATIENCE`].
+fn wait_for_archive(agent: &TestAgent, vm: &str) -> (u64, Duration) {
+    let started = std::time::Instant::now();
+    let vm_field = format!("vm={vm}");
+    loop {
+        let log = agent.log_text();
+        let about_vm = || log.lines().filter(|l| l.contains(&vm_field));
+        if let Some((_, fields)) = about_vm().find_map(|l| l.split_once(ARCHIVED)) {
+            let pages = fields
+                .split_once("pages=")
+                .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no pages= in the archive's log line: {fields:?}"));
+            return (pages, started.elapsed());
+        }
+        if let Some(failed) = about_vm().find(|l| l.contains("page store:")) {
+            panic!("the agent did not archive {vm}'s pages: {failed}");
+        }
+        assert!(
+            started.elapsed() < ARCHIVE_PATIENCE,
+            "the agent's archive of {vm} did not end within {ARCHIVE_PATIENCE:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `return-trip` for perfplus: the guest migrates A→B; once A's log says the pages of the VM that left
+/// are in its page store (as large as the guest) and [`SETTLE`] has passed, it migrates back B→A, where
+/// what A still holds travels as references. Both trips measured as [`perfplus_trip`]; the run returned
+/// is the return's.
+fn perfplus_return_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
+    let cluster = Cluster::new();
+    let a = cluster.agent_in(&link.a, "a", memory);
+    // B needs no store: what it would archive after the return would run during the probe's last second.
+    let b = cluster.agent_in(&link.b, "b", "0");
+    let spec = format!("dirtier:{}", scenario.cmdline.replace(' ', ","));
+    cluster.start_guest(&a, "bench", memory, &spec);
+    std::thread::sleep(Duration::from_secs(2));
+    let (forward, there) = perfplus_trip(&cluster, link, &a, (&b, &b.addr_via(ShapedLink::IP_B)), memory, mode);
+    assert_eq!(
+        there["outcome"], "completed",
+        "perfplus's forward trip not completed: {there}"
+    );
+    let (archived, archive_wait) = wait_for_archive(&a, "bench");
+    std::thread::sleep(SETTLE);
+    let (back, report) = perfplus_trip(&cluster, link, &b, (&a, &a.addr_via(ShapedLink::IP_A)), memory, mode);
+    if let Ok(dir) = std::env::var("PERFPLUS_BENCH_LOGS") {
+        let both = serde_json::json!({ "forward": there, "return": report });
+        keep_logs(
+            std::path::Path::new(&dir),
+            &format!("{}-{mode}", scenario.name),
+            &a,
+            &b,
+            &both,
+        );
+    }
+    assert_eq!(
+        report["outcome"], "completed",
+        "perfplus's return trip not completed: {report}"
+    );
+    assert_eq!(report["guest_verified"], true, "the guest's self-check on A: {report}");
+    assert!(
+        !a.log_text().contains("waiting for the page store to take the pages"),
+        "the return waited for A's archive: the bench must start it only after the archive"
+    );
+    let held = |r: &serde_json::Value| r["held_from_store"].as_u64().unwrap_or(0);
+    log_run(
+        &format!(
+            "perfplus return trip (forward A→B: felt {:.1} ms, wire {:.1} MB, total {:.0} ms, held_from_store {}; \
+             A's archive ({archived} pages) done {:.1} s after the forward's probe; return B→A: wire {:.1} MB, \
+             total {:.0} ms, downtime {:.1} ms, held_from_store {}, the guest's own longest stall {:.1} ms)",
+            forward.felt.max_stall_ms,
+            forward.wire_bytes / 1e6,
+            forward.total_ms,
+            held(&there),
+            archive_wait.as_secs_f64(),
+            back.wire_bytes / 1e6,
+            back.total_ms,
+            back.reported_downtime_ms,
+            held(&report),
+            report["guest_max_stall_ms"].as_f64().unwrap_or(f64::NAN)
+        ),
+        &back.felt,
+    );
+    back
 }
 
 /// Copies a run's agent logs and report into `dir` as `<label>-<n>.{a.log,b.log,json}`.
@@ -196,11 +341,17 @@ fn qemu_run(link: &ShapedLink, kernel: &std::path::Path, memory: &str, append: &
     };
     let mut pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
     std::thread::sleep(Duration::from_secs(2));
+    qemu_trip(&mut pair, link, memory, mode, &placement)
+}
+
+/// One QEMU migration of `pair` in `mode`, measured from outside as [`perfplus_trip`] measures
+/// perfplus's; the guest's self-check on the destination must be clean.
+fn qemu_trip(pair: &mut QemuPair, link: &ShapedLink, memory: &str, mode: QemuMode, placement: &Placement) -> Run {
     let (src, dst) = pair.pids();
     let (cpu_a, cpu_b) = pair.cpu_ms();
     let wire = link.bytes_sent();
     let probe = FeltProbe::start(vec![src, dst], memory_bytes(memory));
-    let run = pair.migrate(mode, &placement);
+    let run = pair.migrate(mode, placement);
     std::thread::sleep(Duration::from_secs(1));
     let felt = probe.finish();
     assert_eq!(
@@ -216,6 +367,54 @@ fn qemu_run(link: &ShapedLink, kernel: &std::path::Path, memory: &str, append: &
         cpu_source_ms: cpu_a2 - cpu_a,
         cpu_destination_ms: cpu_b2 - cpu_b,
     }
+}
+
+/// `return-trip` for QEMU: the guest migrates A→B; the source QEMU in A is stopped, a new one started
+/// there with `-incoming defer`, and after [`SETTLE`] the guest migrates back B→A in the same mode
+/// (QEMU keeps nothing of a guest that left: the return costs what the first trip cost). Both trips
+/// measured as [`qemu_trip`]; the run returned is the return's.
+fn qemu_return_run(
+    link: &ShapedLink,
+    kernel: &std::path::Path,
+    memory: &str,
+    append: &str,
+    mode: QemuMode,
+    port: u16,
+) -> Run {
+    let there = Placement {
+        source_netns: Some(link.a.name()),
+        destination_netns: Some(link.b.name()),
+        destination_ip: ShapedLink::IP_B,
+        port,
+    };
+    let mut pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &there);
+    std::thread::sleep(Duration::from_secs(2));
+    let forward = qemu_trip(&mut pair, link, memory, mode, &there);
+    pair.turn_around(kernel, memory_bytes(memory) >> 20, append, Some(link.a.name()));
+    std::thread::sleep(SETTLE);
+    // The same port number, now in A's namespace (the forward's destination listened in B's).
+    let back_placement = Placement {
+        source_netns: Some(link.b.name()),
+        destination_netns: Some(link.a.name()),
+        destination_ip: ShapedLink::IP_A,
+        port,
+    };
+    let back = qemu_trip(&mut pair, link, memory, mode, &back_placement);
+    log_run(
+        &format!(
+            "{} return trip (forward A→B: felt {:.1} ms, wire {:.1} MB, total {:.0} ms; return B→A: wire {:.1} MB, \
+             total {:.0} ms, downtime {:.1} ms)",
+            qemu_label(&mode),
+            forward.felt.max_stall_ms,
+            forward.wire_bytes / 1e6,
+            forward.total_ms,
+            back.wire_bytes / 1e6,
+            back.total_ms,
+            back.reported_downtime_ms
+        ),
+        &back.felt,
+    );
+    back
 }
 
 /// One line per run on stderr: the stalls the probe saw (start and length, ms since it started).
@@ -290,14 +489,29 @@ fn main() {
         for rep in 0..repeat {
             eprintln!("{}: run {}/{repeat}", scenario.name, rep + 1);
             for (i, mode) in scenario.perfplus_modes.iter().enumerate() {
-                ours[i].push(perfplus_run(&link, &memory, scenario, mode));
+                ours[i].push(if scenario.return_trip {
+                    perfplus_return_run(&link, &memory, scenario, mode)
+                } else {
+                    perfplus_run(&link, &memory, scenario, mode)
+                });
             }
             for (i, mode) in scenario.qemu.iter().enumerate().filter(|_| with_qemu) {
                 port += 1;
-                theirs[i].push(qemu_run(&link, &kernel, &memory, &append, *mode, port));
+                let run = if scenario.return_trip {
+                    qemu_return_run(&link, &kernel, &memory, &append, *mode, port)
+                } else {
+                    qemu_run(&link, &kernel, &memory, &append, *mode, port)
+                };
+                theirs[i].push(run);
             }
         }
         println!("## {} ({})\n", scenario.name, scenario.cmdline);
+        if scenario.return_trip {
+            println!(
+                "A→B, then back B→A after a {} s settle (perfplus: once A had archived the guest's pages); the figures are the return's.\n",
+                SETTLE.as_secs()
+            );
+        }
         println!("| variant | felt stall (ms) | reported downtime (ms) | wire (MB) | total (ms) | CPU src / dst (ms) | probe blind (ms) |");
         println!("|---|---|---|---|---|---|---|");
         let row = |label: &str, runs: &[Run]| {

@@ -313,6 +313,26 @@ impl QemuPair {
         }
     }
 
+    /// After a completed migration, readies the trip back: stops the old source (paused since the
+    /// switch; killed by the pid it was started with), starts a new QEMU (`-incoming defer`, the same
+    /// `kernel`, memory and `append` as the pair) in `netns`, where the old source ran, and swaps the
+    /// roles: the running QEMU is the source now, the new one the destination, so that
+    /// [`QemuPair::migrate`] (with the placement of the way back) brings the guest back. QEMU has no
+    /// memory of the guest it sent away: the new destination starts empty.
+    pub fn turn_around(&mut self, kernel: &Path, memory_mib: u64, append: &str, netns: Option<&str>) {
+        let back = start(
+            self.dir.path(),
+            "back",
+            kernel,
+            memory_mib,
+            append,
+            Some("defer"),
+            netns,
+        );
+        let running = std::mem::replace(&mut self.destination, back);
+        drop(std::mem::replace(&mut self.source, running));
+    }
+
     /// The pids of the source and the destination QEMU.
     pub fn pids(&self) -> (u32, u32) {
         (self.source.child.id(), self.destination.child.id())
