@@ -965,7 +965,10 @@ impl ConnectionWriter {
                 SendPlan::AsIs => None,
                 SendPlan::Compressed(payload) => {
                     self.buf.extend_from_slice(&compressed_header(zstd_type, payload));
-                    Some(write_all_vectored(&mut self.stream, &[&self.buf, payload]).await)
+                    Some((
+                        zstd_type,
+                        write_all_vectored(&mut self.stream, &[&self.buf, payload]).await,
+                    ))
                 }
                 SendPlan::Split {
                     first,
@@ -982,13 +985,13 @@ impl ConnectionWriter {
                         None => (header(rest), rest.as_bytes()),
                     };
                     let parts = [&self.buf[..], first.as_bytes(), &rest_header, rest_payload];
-                    Some(write_all_vectored(&mut self.stream, &parts).await)
+                    Some((frame_type, write_all_vectored(&mut self.stream, &parts).await))
                 }
             };
-            if let Some(written) = written {
+            if let Some((sent_type, written)) = written {
                 self.buf.clear();
                 self.account(written)
-                    .with_context(|| format!("sending {frame_type} to {peer}"))?;
+                    .with_context(|| format!("sending {sent_type} to {peer}"))?;
                 return Ok(());
             }
         }
