@@ -26,7 +26,11 @@
 //!   [`Connection::flush`] puts the queue on the wire, [`Connection::send`] does both. A `Pages` frame's
 //!   items are not copied into the buffer: the header and the batch bytes go to TLS in one vectored
 //!   write (TLS encrypts them into records of 16 KiB). `TCP_NODELAY` is set, and every write is
-//!   flushed through TLS to the socket, so each leaves at once.
+//!   flushed through TLS to the socket, so each leaves at once. With compression on
+//!   ([`Connection::set_compression`]), a batch may leave as a `PagesZstd` frame, or, in adaptive
+//!   mode, split in two frames in the same write: a `Pages` frame of the pages that look
+//!   incompressible, then the rest, compressed or not ([`frame::Compressor::plan_pages`]); the
+//!   receiver gets each frame as a [`Message::Pages`] of its own.
 //! - Errors: an `Error` frame from the peer becomes an `Err` (`"<peer> reported: <message>"`), an end
 //!   of stream becomes `"connection closed by <peer>"`; both are [`ConnectionError`]s inside the
 //!   `anyhow::Error`, for callers that need to tell them apart.
@@ -53,7 +57,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, R
 use tokio::net::TcpStream;
 
 use super::frame::{
-    self, CompressionMode, CompressionStats, Compressor, Frame, FrameError, FrameHeader, FrameType, LinkRate,
+    self, CompressionMode, CompressionStats, Compressor, Frame, FrameError, FrameHeader, FrameType, LinkRate, SendPlan,
     ERROR_MAX, HANDSHAKE_ERROR_MAX, HEADER_LEN,
 };
 use super::handshake::{Established, Handshake, Side};
@@ -939,30 +943,61 @@ impl ConnectionWriter {
     pub async fn feed(&mut self, msg: &Message) -> anyhow::Result<()> {
         let peer = self.peer;
         let frame_type = FrameType::of(msg);
+        let pages_header = match msg {
+            Message::Pages(batch) => {
+                Some(frame::pages_header(batch).map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?)
+            }
+            _ => None,
+        };
         if let Some(zstd_type) = self.compressor.is_some().then(|| self.compressed_type(msg)).flatten() {
             let link_rate = self.link_rate();
-            let raw = match msg {
-                Message::Pages(batch) => batch.as_bytes(),
-                Message::QemuStream(bytes) => bytes,
+            let compressor = self.compressor.as_mut().expect("checked above");
+            let plan = match msg {
+                Message::Pages(batch) => compressor.plan_pages(batch, link_rate),
+                Message::QemuStream(bytes) => match compressor.compress(bytes, link_rate) {
+                    Some(payload) => SendPlan::Compressed(payload),
+                    None => SendPlan::AsIs,
+                },
                 _ => unreachable!("compressed_type has a frame for these only"),
             };
-            let compressor = self.compressor.as_mut().expect("checked above");
-            if let Some(payload) = compressor.compress(raw, link_rate) {
-                let mut header = [0u8; HEADER_LEN];
-                header[..2].copy_from_slice(&(zstd_type as u16).to_le_bytes());
-                header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-                self.buf.extend_from_slice(&header);
-                let written = write_all_vectored(&mut self.stream, &self.buf, payload).await;
+            // Queued messages first, then the frame(s), in one vectored write.
+            let written = match plan {
+                SendPlan::AsIs => None,
+                SendPlan::Compressed(payload) => {
+                    self.buf.extend_from_slice(&compressed_header(zstd_type, payload));
+                    Some((
+                        zstd_type,
+                        write_all_vectored(&mut self.stream, &[&self.buf, payload]).await,
+                    ))
+                }
+                SendPlan::Split {
+                    first,
+                    rest,
+                    rest_compressed,
+                } => {
+                    // The pages that look incompressible as a `Pages` frame, then the rest compressed
+                    // or not (see `frame::compression` for why the receiver ends the same).
+                    let header =
+                        |batch: &frame::PageBatch| frame::pages_header(batch).expect("part of a batch that passed");
+                    self.buf.extend_from_slice(&header(first));
+                    let (rest_header, rest_payload) = match rest_compressed {
+                        Some(payload) => (compressed_header(zstd_type, payload), payload),
+                        None => (header(rest), rest.as_bytes()),
+                    };
+                    let parts = [&self.buf[..], first.as_bytes(), &rest_header, rest_payload];
+                    Some((frame_type, write_all_vectored(&mut self.stream, &parts).await))
+                }
+            };
+            if let Some((sent_type, written)) = written {
                 self.buf.clear();
                 self.account(written)
-                    .with_context(|| format!("sending {zstd_type} to {peer}"))?;
+                    .with_context(|| format!("sending {sent_type} to {peer}"))?;
                 return Ok(());
             }
         }
-        if let Message::Pages(batch) = msg {
-            let header = frame::pages_header(batch).map_err(|e| anyhow!("cannot send {frame_type} to {peer}: {e}"))?;
+        if let (Some(header), Message::Pages(batch)) = (pages_header, msg) {
             self.buf.extend_from_slice(&header);
-            let written = write_all_vectored(&mut self.stream, &self.buf, batch.as_bytes()).await;
+            let written = write_all_vectored(&mut self.stream, &[&self.buf, batch.as_bytes()]).await;
             self.buf.clear();
             self.account(written)
                 .with_context(|| format!("sending {frame_type} to {peer}"))?;
@@ -1027,7 +1062,7 @@ impl ConnectionWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let written = write_all_vectored(&mut self.stream, &self.buf, &[]).await;
+        let written = write_all_vectored(&mut self.stream, &[&self.buf]).await;
         self.buf.clear();
         if self.buf.capacity() > WRITE_BUFFER_KEEP {
             self.buf = Vec::with_capacity(READ_BUFFER);
@@ -1072,28 +1107,56 @@ fn tcp_delivery_rate(fd: RawFd) -> Option<(f64, bool)> {
     (rate > 0).then_some((rate as f64, app_limited))
 }
 
-/// Writes `a` then `b` with as few writes as the stream allows, then flushes it (TLS keeps the last
-/// records it encrypted until flushed); returns the bytes written and the outcome.
-async fn write_all_vectored(stream: &mut WriteStream, mut a: &[u8], mut b: &[u8]) -> (usize, io::Result<()>) {
+/// The header of a compressed frame of type `zstd_type` around `payload`. Its length is within the
+/// frame's limit: a compressed payload is sent only if it is smaller than the raw payload, which was.
+fn compressed_header(zstd_type: FrameType, payload: &[u8]) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[..2].copy_from_slice(&(zstd_type as u16).to_le_bytes());
+    header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header
+}
+
+/// Most parts [`write_all_vectored`] takes: queued frames, then at most two frames of header and payload.
+const WRITE_PARTS: usize = 4;
+
+/// Writes `parts` (at most [`WRITE_PARTS`]) in order with as few writes as the stream allows, then
+/// flushes it (TLS keeps the last records it encrypted until flushed); returns the bytes written and
+/// the outcome.
+async fn write_all_vectored(stream: &mut WriteStream, parts: &[&[u8]]) -> (usize, io::Result<()>) {
+    assert!(parts.len() <= WRITE_PARTS, "{} parts to write", parts.len());
+    let mut left: [&[u8]; WRITE_PARTS] = [&[]; WRITE_PARTS];
+    let mut count = 0;
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        left[count] = part;
+        count += 1;
+    }
+    let mut next = 0;
     let mut total = 0;
-    while !a.is_empty() || !b.is_empty() {
-        let result = if a.is_empty() {
-            stream.write(b).await
-        } else if b.is_empty() {
-            stream.write(a).await
+    while next < count {
+        let result = if next + 1 == count {
+            stream.write(left[next]).await
         } else {
-            stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]).await
+            let mut slices = [IoSlice::new(&[]); WRITE_PARTS];
+            for (slice, part) in slices.iter_mut().zip(&left[next..count]) {
+                *slice = IoSlice::new(part);
+            }
+            stream.write_vectored(&slices[..count - next]).await
         };
-        let n = match result {
+        let mut n = match result {
             Ok(0) => return (total, Err(io::ErrorKind::WriteZero.into())),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return (total, Err(e)),
         };
         total += n;
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
+        while n > 0 {
+            let done = n.min(left[next].len());
+            left[next] = &left[next][done..];
+            n -= done;
+            if left[next].is_empty() {
+                next += 1;
+            }
+        }
     }
     (total, stream.flush().await)
 }
@@ -1643,6 +1706,122 @@ mod tests {
         server.send(&Message::QemuStream(text.clone())).await.unwrap();
         assert_eq!(client.recv().await.unwrap(), Message::QemuStream(text.clone()));
         assert_eq!(server.compression_stats(), None);
+    }
+
+    #[tokio::test]
+    async fn a_mixed_page_batch_crosses_as_its_random_pages_raw_and_the_rest_compressed() {
+        use crate::frame::test_support::{guest_text_page, interleave_to, random_page};
+        let digest = |p: u64| {
+            let mut d = [0xd1; 16];
+            d[..8].copy_from_slice(&p.to_le_bytes());
+            d
+        };
+        let (mut client, mut server, _) = pair(Role::Peer).await;
+        client.set_compression(CompressionMode::Adaptive).unwrap();
+        // A link of 1 MB/s, whatever loopback's delivery rate says: compressing text-like pages pays.
+        client.writer.tcp_fd = None;
+        client.writer.link_rate.observe(1e6, false);
+        // Full pages 70 % random and 30 % text-like (the guest's alphabet), zero markers, and
+        // references to the page before (random or text-like).
+        let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
+        for p in 0..400u64 {
+            match p % 10 {
+                0 | 3 | 6 => batch.push_full(p, &digest(p), &guest_text_page(p)),
+                4 | 7 => batch.push_ref(p, &digest(p - 1)),
+                9 => batch.push_zero(p),
+                _ => batch.push_full(p, &digest(p), &random_page(p)),
+            }
+        }
+        let before = client.bytes_sent();
+        let sent = Message::Pages(batch.clone());
+        let client_task = tokio::spawn(async move {
+            client.send(&sent).await.unwrap();
+            client
+        });
+        let Message::Pages(first) = server.recv().await.unwrap() else {
+            panic!("not Pages")
+        };
+        let Message::Pages(rest) = server.recv().await.unwrap() else {
+            panic!("not Pages")
+        };
+        let mut client = client_task.await.unwrap();
+        // Every item arrived, as it was, each frame in the batch's order: the random pages and the
+        // references to them first, the text-like pages (and everything after the first reference to
+        // one, here item 4) compressed after them.
+        assert!(interleave_to(&batch, &first, &rest));
+        let pages = |b: &PageBatch| b.iter().map(|i| i.unwrap().page()).collect::<Vec<_>>();
+        assert_eq!(pages(&first), [1, 2]);
+        let stats = client.compression_stats().unwrap();
+        assert_eq!((stats.batches, stats.raw_bytes), (1, rest.payload_len() as u64));
+        let wire = client.bytes_sent() - before;
+        assert_eq!(
+            wire,
+            (2 * HEADER_LEN + first.payload_len()) as u64 + stats.compressed_bytes
+        );
+        assert_eq!(client.bytes_sent(), server.bytes_received());
+
+        // The same content with the references to text-like pages pointing at random ones: the
+        // split goes through the whole batch.
+        let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
+        for p in 0..400u64 {
+            match p % 10 {
+                0 | 3 | 6 => batch.push_full(p, &digest(p), &guest_text_page(p)),
+                4 | 7 => batch.push_ref(p, &digest(p - 2)),
+                9 => batch.push_zero(p),
+                _ => batch.push_full(p, &digest(p), &random_page(p)),
+            }
+        }
+        let before = (client.bytes_sent(), client.compression_stats().unwrap());
+        client.send(&Message::Pages(batch.clone())).await.unwrap();
+        let Message::Pages(first) = server.recv().await.unwrap() else {
+            panic!("not Pages")
+        };
+        let Message::Pages(rest) = server.recv().await.unwrap() else {
+            panic!("not Pages")
+        };
+        assert!(interleave_to(&batch, &first, &rest));
+        let random = |b: &PageBatch| {
+            b.iter()
+                .filter(|i| matches!(i, Ok(PageItem::Full { page, .. }) if !matches!(page % 10, 0 | 3 | 6)))
+                .count()
+        };
+        assert_eq!((random(&first), random(&rest)), (160, 0));
+        assert_eq!(rest.len(), 120, "the text-like pages only");
+        let stats = client.compression_stats().unwrap();
+        let compressed = stats.compressed_bytes - before.1.compressed_bytes;
+        let wire = client.bytes_sent() - before.0;
+        assert_eq!(wire, (2 * HEADER_LEN + first.payload_len()) as u64 + compressed);
+        // Fewer bytes than the batch as it was: its text-like pages (43 % of the full ones) about halved.
+        assert!(
+            wire * 100 < (HEADER_LEN + batch.payload_len()) as u64 * 85,
+            "{wire} bytes for {}",
+            batch.payload_len()
+        );
+
+        // A batch of random pages, zero markers and references goes as it is, in one frame, and zstd
+        // does not run.
+        let mut batch = PageBatch::with_capacity(PAGE_BATCH_MAX_ITEMS);
+        for p in 0..100u64 {
+            match p % 4 {
+                0 => batch.push_zero(p),
+                1 => batch.push_ref(p, &digest(p - 1)),
+                _ => batch.push_full(p, &digest(p), &random_page(p)),
+            }
+        }
+        let before = (client.bytes_sent(), client.compression_stats().unwrap());
+        client.send(&Message::Pages(batch.clone())).await.unwrap();
+        client.send(&Message::Ping).await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Message::Pages(batch.clone()));
+        assert_eq!(server.recv().await.unwrap(), Message::Ping);
+        let stats = client.compression_stats().unwrap();
+        assert_eq!(
+            (stats.batches, stats.raw_bytes, stats.probes_unused),
+            (before.1.batches, before.1.raw_bytes, before.1.probes_unused)
+        );
+        assert_eq!(
+            client.bytes_sent() - before.0,
+            (2 * HEADER_LEN + batch.payload_len()) as u64
+        );
     }
 
     #[tokio::test]

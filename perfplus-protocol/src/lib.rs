@@ -11,7 +11,8 @@
 //!   their payload limits, the 8-byte header; `codec.rs`: every [`Message`] ⇄ its payload, and the
 //!   handshake's Hello wrapped in its frame; `page_batch.rs`: the `Pages` payload
 //!   ([`PageBatch`](frame::PageBatch)); `compression.rs`: the compressed `PagesZstd` and
-//!   `QemuStreamZstd` payloads and the rule that decides when to send them.
+//!   `QemuStreamZstd` payloads, the rule that decides when to send them, and the split of a page
+//!   batch into its incompressible pages (raw) and the rest.
 //! - [`connection`] (`connection.rs`): TLS on a tokio TCP stream, buffered into frames; it runs the
 //!   TLS handshake and the perfplus handshake when it opens, checks who the peer is, then moves
 //!   [`Message`]s.

@@ -80,7 +80,8 @@ pub struct MigrateOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
     /// When the link is slower than compressing would make it: decided per batch from the kernel's
-    /// delivery rate of the connection and the measured zstd speed and ratio.
+    /// delivery rate of the connection and the measured zstd speed and ratio. A page batch's pages
+    /// that look incompressible then go raw beside it (`frame::compression`).
     #[default]
     Auto,
     /// Every batch that shrinks.

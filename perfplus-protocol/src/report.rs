@@ -138,14 +138,16 @@ pub struct MigrationReport {
 /// (its chunks on the way to the destination; `perfplus::qemu::report`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompressionReport {
-    /// Batches (or stream chunks) sent compressed, their bytes, and what crossed for them instead.
+    /// Batches (or stream chunks) sent compressed, their bytes, and what crossed for them instead. A
+    /// batch split in adaptive mode counts with its compressed part only (its pages that looked
+    /// incompressible went raw beside it, `frame::compression`).
     pub batches: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
     /// Batches compressed to measure the ratio and sent as they were (adaptive mode off, or too
     /// little gain).
     pub probes_unused: u64,
-    /// CPU time spent compressing.
+    /// CPU time spent compressing (and, for page batches, estimating and splitting them).
     pub cpu_ms: f64,
 }
 

@@ -50,7 +50,9 @@
 //!   [`encode`], [`decode`], [`decode_frame`], [`decode_payload`].
 //! - `page_batch.rs`: [`PageBatch`], the `Pages` payload, and its items.
 //! - `compression.rs`: the `PagesZstd` and `QemuStreamZstd` payloads ([`decompress`]) and
-//!   [`Compressor`], which decides per payload whether compressing makes sending faster.
+//!   [`Compressor`], which decides per payload whether compressing makes sending faster, and in
+//!   adaptive mode splits a page batch so that the pages that look incompressible
+//!   ([`looks_incompressible`]) travel raw and the rest compressed.
 
 #[cfg(doc)]
 use crate::handshake::{Hello, HELLO_LEN};
@@ -62,10 +64,13 @@ mod compression;
 mod header;
 mod page_batch;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 pub use codec::{decode, decode_frame, decode_payload, encode, encode_hello, pages_header, Frame};
-pub use compression::{decompress, decompress_batch, CompressionMode, CompressionStats, Compressor, LinkRate};
+pub use compression::{
+    decompress, decompress_batch, looks_incompressible, CompressionMode, CompressionStats, Compressor, LinkRate,
+    SendPlan,
+};
 pub use header::{
     peek_header, FrameError, FrameHeader, FrameType, Limit, ATTACH_MAX, BULK_MAX, CONSOLE_CHUNK_MAX,
     CONSOLE_OUTPUT_MAX, CONSOLE_REQUEST_MAX, CONTROL_MAX, DIGEST_LEN, ERROR_MAX, FULL_ITEM_LEN, HANDSHAKE_ERROR_MAX,

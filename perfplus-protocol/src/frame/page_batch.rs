@@ -102,6 +102,15 @@ impl PageBatch {
         self.items += 1;
     }
 
+    /// Appends `item` (read from another batch) as it was.
+    pub fn push_item(&mut self, item: &PageItem<'_>) {
+        match *item {
+            PageItem::Full { page, digest, data } => self.push_full(page, digest, data),
+            PageItem::Zero { page } => self.push_zero(page),
+            PageItem::Ref { page, digest } => self.push_ref(page, digest),
+        }
+    }
+
     /// Items in the batch.
     pub fn len(&self) -> usize {
         self.items
@@ -300,6 +309,12 @@ mod tests {
             assert!(range.contains(&data.as_ptr()));
         }
         assert_eq!(decoded, b);
+        // Items copied one by one make the same batch.
+        let mut copied = PageBatch::new();
+        for item in &decoded {
+            copied.push_item(&item.unwrap());
+        }
+        assert_eq!(copied, b);
 
         let mut cleared = decoded.clone();
         cleared.clear();

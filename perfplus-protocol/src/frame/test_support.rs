@@ -282,3 +282,53 @@ pub(super) fn frame_bytes(frame_type: FrameType, payload: &[u8]) -> Vec<u8> {
 pub(super) fn decode_err(buf: &[u8]) -> String {
     decode(buf).unwrap_err().to_string()
 }
+
+/// splitmix64: the guest's own content generator (guest/src/content.rs).
+pub(crate) fn mix(z: &mut u64) -> u64 {
+    *z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut x = *z;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A random page (the guest's `unique` and `same` pages: a splitmix64 stream).
+pub(crate) fn random_page(seed: u64) -> [u8; PAGE_SIZE] {
+    let mut z = seed;
+    let mut page = [0u8; PAGE_SIZE];
+    for word in page.chunks_exact_mut(8) {
+        word.copy_from_slice(&mix(&mut z).to_le_bytes());
+    }
+    page
+}
+
+/// A text-like page as the guest writes them: bytes drawn from its 64-letter alphabet
+/// (guest/src/content.rs, `TEXT_LETTERS`), six bits of a splitmix64 stream each.
+pub(crate) fn guest_text_page(seed: u64) -> [u8; PAGE_SIZE] {
+    const TEXT_LETTERS: &[u8; 64] = b"eeeeeeetttttaaaaoooooiiinnnnsssshhhrrrddllcuumwfgypbvk,.       \n";
+    let mut z = seed;
+    let mut page = [0u8; PAGE_SIZE];
+    for word in page.chunks_exact_mut(8) {
+        let x = mix(&mut z);
+        for (b, byte) in word.iter_mut().enumerate() {
+            *byte = TEXT_LETTERS[((x >> (b * 6)) & 63) as usize];
+        }
+    }
+    page
+}
+
+/// Whether `first` and `rest` interleave to `batch`, each keeping the batch's order.
+pub(crate) fn interleave_to(batch: &PageBatch, first: &PageBatch, rest: &PageBatch) -> bool {
+    let (mut f, mut r) = (first.iter().peekable(), rest.iter().peekable());
+    for item in batch {
+        let item = item.unwrap();
+        if f.peek().is_some_and(|i| *i.as_ref().unwrap() == item) {
+            f.next();
+        } else if r.peek().is_some_and(|i| *i.as_ref().unwrap() == item) {
+            r.next();
+        } else {
+            return false;
+        }
+    }
+    f.next().is_none() && r.next().is_none()
+}

@@ -657,6 +657,145 @@ mod tests {
         assert!(dest.installed.load(Ordering::SeqCst));
     }
 
+    /// Page content for the split test: a random stream (`seed` odd) or text-like bytes of the guest's
+    /// alphabet (`seed` even), as the built-in guest writes them.
+    fn content(seed: u64) -> [u8; PAGE_SIZE] {
+        const TEXT_LETTERS: &[u8; 64] = b"eeeeeeetttttaaaaoooooiiinnnnsssshhhrrrddllcuumwfgypbvk,.       \n";
+        let mut page = [0u8; PAGE_SIZE];
+        let mut z = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        for word in page.chunks_exact_mut(8) {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            x ^= x >> 31;
+            if seed % 2 == 1 {
+                word.copy_from_slice(&x.to_le_bytes());
+            } else {
+                for (b, byte) in word.iter_mut().enumerate() {
+                    *byte = TEXT_LETTERS[((x >> (b * 6)) & 63) as usize];
+                }
+            }
+        }
+        page
+    }
+
+    /// A batch that the source's adaptive compression splits (its random pages, and what may go with
+    /// them, in a `Pages` frame; the rest after them, compressed if that pays) lands as the batch:
+    /// references to a page earlier in the same batch, random or text-like, and to the old content of
+    /// a page the batch rewrites after them all resolve (nothing comes back missing), and at the resume
+    /// every page of the guest holds what the source's does.
+    #[tokio::test]
+    async fn a_page_batch_split_by_compression_lands_as_the_batch() {
+        use perfplus_protocol::frame::{CompressionMode, Compressor, PageItem, SendPlan};
+        let dest = destination();
+        let hasher = dest.ctx.hasher.clone();
+        let (source_vm, state) = paused_source();
+        let memory = source_vm.memory().clone();
+        // Pages the guest does not use (its 1 MiB working set lies below 6 MiB).
+        const AT: u64 = 3000;
+        let old = content(1);
+        let [t0, r1, t5, r6, r7, r9] = [2, 3, 4, 5, 7, 9].map(content);
+        let digest = |data: &[u8; PAGE_SIZE]| hasher.digest(data);
+        let mut batch = PageBatch::with_capacity(16);
+        batch.push_full(AT, &digest(&t0), &t0);
+        batch.push_full(AT + 1, &digest(&r1), &r1);
+        batch.push_ref(AT + 2, &digest(&r1)); // random, earlier in the batch
+        batch.push_ref(AT + 3, &digest(&old)); // held at AT + 7 only, which the batch rewrites below
+        batch.push_zero(AT + 4);
+        batch.push_full(AT + 5, &digest(&t5), &t5);
+        batch.push_full(AT + 6, &digest(&r6), &r6);
+        batch.push_full(AT + 7, &digest(&r7), &r7);
+        batch.push_ref(AT + 8, &digest(&t0)); // text-like, earlier in the batch: stays behind it
+        batch.push_full(AT + 9, &digest(&r9), &r9);
+        for (page, data) in [
+            (AT, t0),
+            (AT + 1, r1),
+            (AT + 2, r1),
+            (AT + 3, old),
+            (AT + 4, [0; PAGE_SIZE]),
+        ] {
+            memory.write_page(page, &data);
+        }
+        for (page, data) in [(AT + 5, t5), (AT + 6, r6), (AT + 7, r7), (AT + 8, t0), (AT + 9, r9)] {
+            memory.write_page(page, &data);
+        }
+        // What a fresh adaptive compressor does with it, as the source's is for its first batch.
+        let pages = |b: &PageBatch| b.iter().map(|i| i.unwrap().page() - AT).collect::<Vec<_>>();
+        let (first, rest) = match Compressor::new(CompressionMode::Adaptive)
+            .unwrap()
+            .plan_pages(&batch, None)
+        {
+            SendPlan::Split { first, rest, .. } => (first.clone(), rest.clone()),
+            other => panic!("not split: {other:?}"),
+        };
+        assert_eq!(pages(&first), [1, 2, 3, 4, 6, 7]);
+        assert_eq!(pages(&rest), [0, 5, 8, 9]);
+        assert!(matches!(rest.iter().nth(2), Some(Ok(PageItem::Ref { .. }))));
+
+        let expected: Vec<u64> = (0..PAGES)
+            .map(|p| {
+                let mut data = [0u8; PAGE_SIZE];
+                memory.read_page(p, &mut data);
+                page_checksum(&data)
+            })
+            .collect();
+        let result = run(&dest, |mut src| async move {
+            expect(&mut src).await; // MigrateReady
+                                    // Before: the old content of AT + 7, uncompressed.
+            let mut before = PageBatch::with_capacity(1);
+            before.push_full(AT + 7, &hasher.digest(&old), &old);
+            src.send(&Message::Pages(before)).await.unwrap();
+            // The batch, through a fresh adaptive compressor: measured, so split.
+            src.set_compression(CompressionMode::Adaptive).unwrap();
+            src.send(&Message::Pages(batch)).await.unwrap();
+            let stats = src.compression_stats().unwrap();
+            // Compressed, or measured and sent raw (loopback may be too fast for it to pay): either
+            // way only the rest went through zstd.
+            assert_eq!(stats.batches + stats.probes_unused, 1, "{stats:?}");
+            if stats.batches == 1 {
+                assert_eq!(stats.raw_bytes, rest.payload_len() as u64);
+            }
+            // Every other page in full.
+            let mut data = [0u8; PAGE_SIZE];
+            let others: Vec<u64> = (0..PAGES).filter(|p| !(AT..AT + 10).contains(p)).collect();
+            for chunk in others.chunks(1024) {
+                let mut batch = PageBatch::with_capacity(chunk.len());
+                for &page in chunk {
+                    source_vm.memory().read_page(page, &mut data);
+                    batch.push_full(page, &hasher.digest(&data), &data);
+                }
+                src.send(&Message::Pages(batch)).await.unwrap();
+            }
+            src.send(&Message::RoundEnd { round: 1 }).await.unwrap();
+            match expect(&mut src).await {
+                Message::RoundAck { missing, .. } => assert!(missing.is_empty(), "{missing:?}"),
+                other => panic!("RoundAck expected, got {}", other.name()),
+            }
+            src.send(&Message::VmState(state)).await.unwrap();
+            let Message::Restored = expect(&mut src).await else {
+                panic!("Restored expected");
+            };
+            src.send(&Message::Commit).await.unwrap();
+            let Message::Running = expect(&mut src).await else {
+                panic!("Running expected");
+            };
+            let Message::PageChecksums { checksums } = expect(&mut src).await else {
+                panic!("PageChecksums expected");
+            };
+            let wrong: Vec<u64> = (0..PAGES)
+                .filter(|&p| checksums[p as usize] != expected[p as usize])
+                .collect();
+            assert!(wrong.is_empty(), "pages that differ from the source's: {wrong:?}");
+            let Message::GuestCheck(_) = expect(&mut src).await else {
+                panic!("GuestCheck expected");
+            };
+            src.send(&Message::Complete(Box::default())).await.unwrap();
+        })
+        .await;
+        result.unwrap();
+        assert!(dest.installed.load(Ordering::SeqCst));
+    }
+
     #[tokio::test]
     async fn a_source_lost_before_the_commit_leaves_no_guest_here() {
         let dest = destination();
