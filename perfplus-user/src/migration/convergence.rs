@@ -308,6 +308,9 @@ pub struct FirstRound<'a> {
     handed_out: u64,
     dirty_again: u64,
     deferrals: u64,
+    /// Pages found written before round 1 handed them out (each counted once).
+    found_ahead: PageSet,
+    written_ahead: u64,
 }
 
 impl<'a> FirstRound<'a> {
@@ -334,6 +337,8 @@ impl<'a> FirstRound<'a> {
             handed_out: 0,
             dirty_again: 0,
             deferrals: 0,
+            found_ahead: PageSet::new(pages),
+            written_ahead: 0,
         }
     }
 
@@ -380,7 +385,13 @@ impl<'a> FirstRound<'a> {
                     self.dirty.insert(page);
                     self.dirty_again += 1;
                 }
-            } else if !self.defer || hole || !self.pending.contains(page) {
+                continue;
+            }
+            if self.pending.contains(page) && !self.found_ahead.contains(page) {
+                self.found_ahead.insert(page);
+                self.written_ahead += 1;
+            }
+            if !self.defer || hole || !self.pending.contains(page) {
                 // Not read later in this round: a later round reads it.
                 self.dirty.insert(page);
             } else {
@@ -431,6 +442,14 @@ impl<'a> FirstRound<'a> {
     /// Pages found written after they were handed out (each counted once): round 2 sends them again.
     pub fn dirty_again(&self) -> u64 {
         self.dirty_again
+    }
+
+    /// Pages found written before round 1 handed them out (each counted once, deferred or not).
+    /// With [`FirstRound::dirty_again`], what the guest wrote while round 1 went: hybrid's early switch
+    /// compares that with what round 1 read (deferral must not hide a guest that writes faster than
+    /// the link: its working set deferred, `dirty_again` alone grows only once the tail is sent).
+    pub fn written_ahead(&self) -> u64 {
+        self.written_ahead
     }
 
     /// Pages deferred to the end of the round so far.
@@ -669,6 +688,8 @@ mod tests {
         expected.extend([5, 9, 26, 8, 10, 11, 12, 14, 15]);
         assert_eq!(sent, expected);
         assert_eq!((round.handed_out(), round.deferrals()), (32, 9));
+        // Found ahead of the round: 5, 9, 13 and 26 (the region's other pages were not written).
+        assert_eq!(round.written_ahead(), 4);
         assert_eq!(round.into_rest().iter().collect::<Vec<_>>(), [1, 13]);
     }
 

@@ -491,12 +491,16 @@ impl<'a> RoundOneWatch<'a> {
             dirty_again = self.round.dirty_again(),
             "round 1 looked at the tracker"
         );
-        let again = self.round.dirty_again();
-        if !self.early_switch || read_pages < EARLY_MIN_PAGES || !too_dirty_to_iterate(read_pages, again) {
+        // What the guest wrote while round 1 went, ahead of the round or behind it: with hot last, a
+        // guest that writes its whole working set has it deferred, and the pages written again after
+        // they were sent alone would say so only once the round is nearly over.
+        let (again, ahead) = (self.round.dirty_again(), self.round.written_ahead());
+        let written = again + ahead;
+        if !self.early_switch || read_pages < EARLY_MIN_PAGES || !too_dirty_to_iterate(read_pages, written) {
             return Ok(false);
         }
         self.cut = Some(format!(
-            "pre-copy cannot converge: {again} of the {read_pages} pages round 1 sent in {:.0} ms are dirty again (more than half); switched to post-copy before the round ended, {} pages unsent",
+            "pre-copy cannot converge: the guest wrote {written} pages ({again} after round 1 sent them, {ahead} before) while round 1 sent {read_pages} in {:.0} ms (more than half); switched to post-copy before the round ended, {} pages unsent",
             started.elapsed().as_secs_f64() * 1e3,
             self.round.unsent()
         ));
