@@ -267,7 +267,9 @@ struct MigrateArgs {
     #[arg(long)]
     no_verify: bool,
     /// Order of the pages within a round: `hot-last` sends pages rewritten in recent rounds last
-    /// (they would likely be dirtied again before the round ends); `address` sends in address order.
+    /// (they would likely be dirtied again before the round ends), and in round 1 moves the pages
+    /// (and 2 MiB regions) the guest writes ahead of the round to its end; `address` sends in address
+    /// order.
     #[arg(long, default_value = "hot-last", value_parser = ["hot-last", "address"])]
     order: String,
     /// Dirty tracker of the pre-copy rounds: dirty-log, dirty-ring or uffd-wp. Default: the one the
