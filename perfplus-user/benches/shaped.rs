@@ -333,15 +333,28 @@ fn keep_logs(
 }
 
 fn qemu_run(link: &ShapedLink, kernel: &std::path::Path, memory: &str, append: &str, mode: QemuMode, port: u16) -> Run {
+    let (mut pair, placement) = qemu_pair_a_to_b(link, kernel, memory, append, port);
+    qemu_trip(&mut pair, link, memory, mode, &placement)
+}
+
+/// A QEMU in A running the guest and one in B waiting for it on `port`, once the guest has run two
+/// seconds (its workload under way, as for perfplus).
+fn qemu_pair_a_to_b<'a>(
+    link: &'a ShapedLink,
+    kernel: &std::path::Path,
+    memory: &str,
+    append: &str,
+    port: u16,
+) -> (QemuPair, Placement<'a>) {
     let placement = Placement {
         source_netns: Some(link.a.name()),
         destination_netns: Some(link.b.name()),
         destination_ip: ShapedLink::IP_B,
         port,
     };
-    let mut pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
+    let pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
     std::thread::sleep(Duration::from_secs(2));
-    qemu_trip(&mut pair, link, memory, mode, &placement)
+    (pair, placement)
 }
 
 /// One QEMU migration of `pair` in `mode`, measured from outside as [`perfplus_trip`] measures
@@ -381,14 +394,7 @@ fn qemu_return_run(
     mode: QemuMode,
     port: u16,
 ) -> Run {
-    let there = Placement {
-        source_netns: Some(link.a.name()),
-        destination_netns: Some(link.b.name()),
-        destination_ip: ShapedLink::IP_B,
-        port,
-    };
-    let mut pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &there);
-    std::thread::sleep(Duration::from_secs(2));
+    let (mut pair, there) = qemu_pair_a_to_b(link, kernel, memory, append, port);
     let forward = qemu_trip(&mut pair, link, memory, mode, &there);
     pair.turn_around(kernel, memory_bytes(memory) >> 20, append, Some(link.a.name()));
     std::thread::sleep(SETTLE);
