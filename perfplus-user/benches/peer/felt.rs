@@ -1,6 +1,6 @@
 #![allow(dead_code)] // shared by several bench targets, each using a part
 //! The stall the guest feels, measured from outside and the same way for every hypervisor: a thread
-//! reads the built-in guest's heartbeat (a counter its main loop bumps every iteration, in its status
+//! per process reads the built-in guest's heartbeat (a counter its main loop bumps every iteration, in its status
 //! page) straight out of the guest RAM of every process that may hold the guest (source and
 //! destination), about every 0.5 ms, with `process_vm_readv`. The guest makes progress when the highest
 //! heartbeat of all copies grows; the felt stall is the longest time it did not. A paused source copy
@@ -14,10 +14,11 @@
 //! switch comes a few ms after the destination created the guest's RAM, and a probe that found it
 //! only at its next regular scan saw a stall of up to 50 ms that the guest never had.
 //!
-//! The scans run on a thread of their own, never on the sampling thread: reading `/proc/PID/maps`
-//! waits while that process changes its mappings (a destination creating the guest's RAM, a source
-//! unmapping it), and a sampler waiting there saw 15-50 ms stalls at those moments that the guest's
-//! own clock did not see (its heartbeat was moving in the other process all along).
+//! The scans run on a thread of their own, and each process is sampled by a thread of its own:
+//! reading `/proc/PID/maps`, or the RAM of a process, waits while that process changes its mappings (a
+//! destination creating the guest's RAM, a source unmapping it after the migration), and one thread
+//! waiting there for one process saw 12-50 ms stalls at those moments that the guest's own clock did
+//! not see (its heartbeat was moving in the other process all along).
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,9 +38,10 @@ pub struct Felt {
     /// Samples taken, and the longest gap between two samples (the resolution actually achieved).
     pub samples: u64,
     pub max_sample_gap_ms: f64,
-    /// Time the probe could not see (a read that blocked over 2 ms, e.g. on a page a post-copy
-    /// destination did not have yet, or on a destination QEMU busy loading RAM at the switch): taken
-    /// out of the stall it falls in, so the figure is a lower bound there.
+    /// Time a sampler could not see (a read that blocked over 2 ms on its process: one changing its
+    /// memory map, a destination QEMU busy loading RAM at the switch), summed over the samplers: taken
+    /// out of a stall it falls in when it was the process that then showed progress, so the figure is
+    /// a lower bound there.
     pub blind_ms: f64,
 }
 
@@ -90,8 +92,8 @@ fn page_present(pagemap: &std::fs::File, addr: u64) -> bool {
 /// present pages (anonymous memory, QEMU's: a read of a missing post-copy page there populates it
 /// behind QEMU's back. perfplus maps its memfd twice, the agent's view first and the guest's view,
 /// which post-copy registers with userfaultfd; the probe reads the first, which never waits: the
-/// heartbeat's page travels with the switch, so it is current there. A read that does wait (a
-/// userfaultfd-registered mapping) counts as part of the stall, any other slow read as blind).
+/// heartbeat's page travels with the switch, so it is current there. So no read of either waits for
+/// the guest: a slow one waited on the process, and is blind, see [`sample`]).
 #[derive(Clone, Copy)]
 struct Ram {
     base: u64,
@@ -133,11 +135,94 @@ fn find_ram(pid: u32, ram_bytes: u64) -> Option<Ram> {
     None
 }
 
+/// What the sampling threads share: the guest's progress as seen in any of its copies.
+#[derive(Default)]
+struct Progress {
+    started: Option<Instant>,
+    /// Highest heartbeat seen, and when it was first seen.
+    best: u64,
+    last: Option<Instant>,
+    /// Bumped at each progress: a sampler's blind time counts only within the gap it was measured in.
+    gap: u64,
+    felt: Felt,
+}
+
+/// A sampling thread: reads `pid`'s copy of the heartbeat about every 0.5 ms and records progress.
+///
+/// A read that takes over 2 ms waited on the process (its memory map locked while it maps or unmaps
+/// memory: a destination creating the guest's RAM, a source tearing it down), not on the guest: the
+/// probe reads perfplus's agent view, which never waits for a missing page, and only present pages of
+/// QEMU's RAM. That time is blind for this process. If this sampler then sees progress, the blind part
+/// of the gap it ends is taken out of it (the guest may have moved meanwhile; the figure is a lower
+/// bound there); a sampler blind on a process that no longer runs the guest costs nothing, since the
+/// other sees the guest move.
+fn sample(
+    pid: u32,
+    index: usize,
+    heartbeat: u64,
+    found: &Mutex<Vec<Option<Ram>>>,
+    shared: &Mutex<Progress>,
+    stalled_now: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+    let started = Instant::now();
+    shared.lock().unwrap().started.get_or_insert(started);
+    // This sampler's blind time within the current gap (`gap` says which).
+    let (mut blind_ms, mut blind_gap) = (0.0, 0u64);
+    let mut last_sample = started;
+    while !stop.load(Ordering::Acquire) {
+        let ram = found.lock().unwrap()[index];
+        let before_read = Instant::now();
+        let value = ram.and_then(|ram| {
+            let addr = ram.base + heartbeat;
+            let readable = !ram.present_only || page_present(pagemap.as_ref()?, addr);
+            readable.then(|| read_u64(pid, addr))?
+        });
+        let now = Instant::now();
+        let read_ms = (now - before_read).as_secs_f64() * 1e3;
+        {
+            let mut p = shared.lock().unwrap();
+            let p = &mut *p;
+            p.felt.samples += 1;
+            p.felt.max_sample_gap_ms = p.felt.max_sample_gap_ms.max((now - last_sample).as_secs_f64() * 1e3);
+            last_sample = now;
+            if blind_gap != p.gap {
+                (blind_ms, blind_gap) = (0.0, p.gap);
+            }
+            if read_ms > 2.0 {
+                p.felt.blind_ms += read_ms;
+                // Only the part after the last progress falls in the gap under way.
+                let from = p.last.map_or(before_read, |last| last.max(before_read));
+                blind_ms += (now - from).as_secs_f64() * 1e3;
+            }
+            if let Some(value) = value.filter(|&v| v > p.best) {
+                if let Some(prev) = p.last {
+                    let gap = (now - prev).as_secs_f64() * 1e3 - blind_ms;
+                    let at = (prev - p.started.unwrap_or(started)).as_secs_f64() * 1e3;
+                    if gap > 10.0 {
+                        p.felt.stalls.push((at, gap));
+                    }
+                    if gap > p.felt.max_stall_ms {
+                        p.felt.max_stall_ms = gap;
+                        p.felt.stall_at_ms = at;
+                    }
+                }
+                p.best = value;
+                p.last = Some(now);
+                p.gap += 1;
+            }
+            let stalled = p.last.is_some_and(|t| now - t > Duration::from_millis(1));
+            stalled_now.store(stalled, Ordering::Release);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
 impl FeltProbe {
     /// Starts watching `pids` for a guest of `ram_bytes`.
     pub fn start(pids: Vec<u32>, ram_bytes: u64) -> FeltProbe {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
         let heartbeat = STATUS_PAGE_GPA + std::mem::offset_of!(StatusPage, heartbeat) as u64;
         // What the scanner found, and whether the sampler sees the guest stalled (rescan fast then).
         let found: Arc<Mutex<Vec<Option<Ram>>>> = Arc::new(Mutex::new(vec![None; pids.len()]));
@@ -166,84 +251,33 @@ impl FeltProbe {
                 })
                 .expect("starting the felt-stall probe's scanner")
         };
+        // One sampling thread per process, so that a read that waits on one process (its memory
+        // map locked while it maps or unmaps RAM) does not hide the guest's progress in the other.
+        let shared = Arc::new(Mutex::new(Progress::default()));
+        let samplers: Vec<JoinHandle<()>> = pids
+            .iter()
+            .enumerate()
+            .map(|(index, &pid)| {
+                let (found, stalled_now, flag, shared) =
+                    (found.clone(), stalled_now.clone(), stop.clone(), shared.clone());
+                std::thread::Builder::new()
+                    .name(format!("felt-stall-{index}"))
+                    .spawn(move || {
+                        realtime(10);
+                        sample(pid, index, heartbeat, &found, &shared, &stalled_now, &flag)
+                    })
+                    .expect("starting the felt-stall probe's sampler")
+            })
+            .collect();
         let handle = std::thread::Builder::new()
             .name("felt-stall".into())
             .spawn(move || {
-                realtime(10);
-                let started = Instant::now();
-                let pagemaps: Vec<Option<std::fs::File>> = pids
-                    .iter()
-                    .map(|pid| std::fs::File::open(format!("/proc/{pid}/pagemap")).ok())
-                    .collect();
-                let mut best = 0u64;
-                let mut last_progress: Option<Instant> = None;
-                // Blind time since the last progress: taken out of the stall it falls in.
-                let mut blind_in_gap_ms = 0.0;
-                let mut last_sample = Instant::now();
-                let mut felt = Felt::default();
-                while !flag.load(Ordering::Acquire) {
-                    let now = Instant::now();
-                    let stalled = last_progress.is_some_and(|t| now - t > Duration::from_millis(1));
-                    stalled_now.store(stalled, Ordering::Release);
-                    let rams = found.lock().unwrap().clone();
-                    let before_read = Instant::now();
-                    // Time spent in reads that waited for a missing page of userfaultfd-registered
-                    // RAM: the heartbeat page is missing there, so the guest cannot be making progress
-                    // either; that wait is part of the stall, not blindness.
-                    let mut waited_for_page_ms = 0.0;
-                    let value = rams
-                        .iter()
-                        .zip(&pids)
-                        .zip(&pagemaps)
-                        .filter_map(|((ram, &pid), pagemap)| {
-                            let ram = (*ram)?;
-                            let addr = ram.base + heartbeat;
-                            let readable = !ram.present_only || page_present(pagemap.as_ref()?, addr);
-                            if !readable {
-                                return None;
-                            }
-                            let read_started = Instant::now();
-                            let value = read_u64(pid, addr);
-                            let ms = read_started.elapsed().as_secs_f64() * 1e3;
-                            if !ram.present_only && ms > 2.0 {
-                                waited_for_page_ms += ms;
-                            }
-                            value
-                        })
-                        .max();
-                    let now = Instant::now();
-                    felt.samples += 1;
-                    felt.max_sample_gap_ms = felt.max_sample_gap_ms.max((now - last_sample).as_secs_f64() * 1e3);
-                    last_sample = now;
-                    let read_ms = (now - before_read).as_secs_f64() * 1e3;
-                    if read_ms > 2.0 {
-                        // Blind while the read blocked: that time is not a measurement and does not
-                        // count, but the stall under way goes on (what was seen before the read, and
-                        // after it if the value did not move, is a measurement).
-                        felt.blind_ms += read_ms;
-                        blind_in_gap_ms += (read_ms - waited_for_page_ms).max(0.0);
-                    }
-                    if let Some(value) = value {
-                        if value > best {
-                            if let Some(prev) = last_progress {
-                                let gap = (now - prev).as_secs_f64() * 1e3 - blind_in_gap_ms;
-                                if gap > 10.0 {
-                                    felt.stalls.push(((prev - started).as_secs_f64() * 1e3, gap));
-                                }
-                                if gap > felt.max_stall_ms {
-                                    felt.max_stall_ms = gap;
-                                    felt.stall_at_ms = (prev - started).as_secs_f64() * 1e3;
-                                }
-                            }
-                            best = value;
-                            last_progress = Some(now);
-                            blind_in_gap_ms = 0.0;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_micros(500));
+                for sampler in samplers {
+                    let _ = sampler.join();
                 }
                 let _ = scanner.join();
-                felt
+                let progress = shared.lock().unwrap();
+                progress.felt.clone()
             })
             .expect("starting the felt-stall probe");
         FeltProbe { stop, handle }
