@@ -423,14 +423,24 @@ fn qemu_return_run(
     back
 }
 
-/// One line per run on stderr: the stalls the probe saw (start and length, ms since it started).
+/// One line per run on stderr: the stalls the probe saw (start and length, ms since it started, and
+/// when it started in UTC, as the agents' logs give times).
 fn log_run(label: &str, felt: &Felt) {
     let stalls: Vec<String> = felt.stalls.iter().map(|(at, ms)| format!("{ms:.0}@{at:.0}")).collect();
+    let since_epoch = felt
+        .started_at
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let ms_of_day = since_epoch.as_millis() % 86_400_000;
     eprintln!(
-        "  {label}: felt {:.1} ms; stalls over 10 ms (length@start): {}; blind {:.0} ms",
+        "  {label}: felt {:.1} ms; stalls over 10 ms (length@start): {}; blind {:.0} ms; probe started {:02}:{:02}:{:02}.{:03} UTC",
         felt.max_stall_ms,
         stalls.join(" "),
-        felt.blind_ms
+        felt.blind_ms,
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1000 % 60,
+        ms_of_day % 1000
     );
 }
 

@@ -43,6 +43,8 @@ pub struct Felt {
     /// out of a stall it falls in when it was the process that then showed progress, so the figure is
     /// a lower bound there.
     pub blind_ms: f64,
+    /// When the probe started (wall clock), to line its times up with the agents' logs.
+    pub started_at: Option<std::time::SystemTime>,
 }
 
 /// A running probe; [`FeltProbe::finish`] stops it and returns what it saw.
@@ -167,7 +169,11 @@ fn sample(
 ) {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
     let started = Instant::now();
-    shared.lock().unwrap().started.get_or_insert(started);
+    {
+        let mut p = shared.lock().unwrap();
+        p.started.get_or_insert(started);
+        p.felt.started_at.get_or_insert_with(std::time::SystemTime::now);
+    }
     // This sampler's blind time within the current gap (`gap` says which).
     let (mut blind_ms, mut blind_gap) = (0.0, 0u64);
     let mut last_sample = started;
