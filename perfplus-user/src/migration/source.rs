@@ -282,8 +282,8 @@ async fn precopy(
 
     // Post-copy from the start: the holes of guest memory (never written, so zero, and zero at the
     // destination too) are not missing. Found while the guest still runs; at the pause only they are
-    // looked at again, which costs next to nothing (the kernel walks data, not holes; finding all of
-    // them took 20 ms for 256 MiB of data).
+    // looked at again, which costs next to nothing (one count of each, see
+    // `GuestMemory::data_page_ranges_in`).
     let holes_before = match mode {
         MigrationMode::Postcopy => Some(hole_ranges(&job.vm, 0..pages)?),
         _ => None,
