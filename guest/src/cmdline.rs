@@ -29,6 +29,8 @@ pub struct Config {
     pub hostile_console: bool,
     /// `hostile=counters`: publish absurd counters.
     pub hostile_counters: bool,
+    /// `progress=on|off`: the once-a-second progress line (on by default).
+    pub progress: bool,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             seed: 1,
             hostile_console: false,
             hostile_counters: false,
+            progress: true,
         }
     }
 }
@@ -172,6 +175,13 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, Line> {
                         _ => return Err(bad(k, v, "expected console, counters or console,counters")),
                     }
                 }
+            }
+            key::PROGRESS => {
+                c.progress = match v {
+                    b"on" => true,
+                    b"off" => false,
+                    _ => return Err(bad(k, v, "expected on or off")),
+                };
             }
             _ => {}
         }

@@ -174,6 +174,7 @@ struct Workload<'a> {
     first_mismatch: u64,
     hostile_console: bool,
     hostile_counters: bool,
+    progress: bool,
 }
 
 /// What `hostile=console` prints, over and over: a screen clear and cursor move, colours, a carriage
@@ -221,6 +222,7 @@ impl<'a> Workload<'a> {
             first_mismatch: NO_MISMATCH,
             hostile_console: cfg.hostile_console,
             hostile_counters: cfg.hostile_counters,
+            progress: cfg.progress,
         }
     }
 
@@ -465,7 +467,9 @@ impl<'a> Workload<'a> {
                     let _ = write!(l, ", {us} us/sweep");
                 }
                 let _ = write!(l, ") mismatches={} max_stall={}us", self.mismatches, stall_us);
-                l.print();
+                if self.progress {
+                    l.print();
+                }
                 last_report = now;
                 last_written = self.written;
                 last_verified = self.verified;

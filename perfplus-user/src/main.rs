@@ -187,10 +187,11 @@ struct VmStartArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// The built-in self-checking workload guest:
-    /// `dirtier[:working-set=SIZE,rate=N,mix=unique:40,dup:30,zero:10,same:20,hot=P:W,seed=N]`.
+    /// `dirtier[:working-set=SIZE,rate=N,mix=unique:40,dup:30,zero:10,same:20,hot=P:W,seed=N,progress=off]`.
     /// `rate` is page writes per second (k suffix allowed, 0 = flat out); `mix` gives the share of
     /// pages with fresh random content, content shared with other pages, zero content, and content
-    /// rewritten unchanged; `hot=P:W` sends W % of the writes to the first P % of the working set.
+    /// rewritten unchanged; `hot=P:W` sends W % of the writes to the first P % of the working set;
+    /// `progress=off` drops the guest's once-a-second progress line on the console.
     #[arg(long, conflicts_with = "kernel")]
     workload: Option<String>,
     /// A multiboot (v1) ELF kernel to boot instead of the built-in guest.
@@ -694,7 +695,7 @@ fn workload_cmdline(spec: &str) -> anyhow::Result<String> {
     for part in params.split(',').filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             Some((k, v)) => {
-                const KNOWN: [&str; 6] = ["working-set", "rate", "mix", "hot", "seed", "hostile"];
+                const KNOWN: [&str; 7] = ["working-set", "rate", "mix", "hot", "seed", "hostile", "progress"];
                 if !KNOWN.contains(&k) {
                     bail!("unknown workload parameter {k:?} (known: {})", KNOWN.join(", "));
                 }
@@ -743,6 +744,10 @@ mod tests {
         assert_eq!(
             workload_cmdline("dirtier:working-set=256M,rate=20k,mix=unique:10,dup:80,zero:10,same:0").unwrap(),
             "working-set=256M rate=20k mix=unique:10,dup:80,zero:10,same:0"
+        );
+        assert_eq!(
+            workload_cmdline("dirtier:rate=1k,progress=off").unwrap(),
+            "working-set=64M mix=unique:40,dup:30,zero:10,same:20 rate=1k progress=off"
         );
         assert!(workload_cmdline("dirtier:speed=3")
             .unwrap_err()

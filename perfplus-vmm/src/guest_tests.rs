@@ -378,8 +378,13 @@ mod builtin_guest_tests_support {
     pub const MEM: u64 = 64 << 20;
 
     pub fn boot(name: &str, image: &[u8]) -> Vm {
+        boot_with(name, image, "")
+    }
+
+    /// [`boot`] with `extra` added to the guest's command line.
+    pub fn boot_with(name: &str, image: &[u8], extra: &str) -> Vm {
         let mut vm = Vm::create(name, MEM, 1).unwrap();
-        let cmdline = format!("working-set=8M rate=5k tsc_khz={}", vm.tsc_khz());
+        let cmdline = format!("working-set=8M rate=5k tsc_khz={} {extra}", vm.tsc_khz());
         vm.load_multiboot(image, &cmdline).unwrap();
         vm.start().unwrap();
         wait_for("guest RUNNING", Duration::from_secs(20), || {
@@ -437,6 +442,29 @@ mod builtin_guest_tests {
         assert_eq!(after.mismatches, 0, "{after:?}");
         assert!(after.heartbeat > at_pause.heartbeat);
         eprintln!("after restore: {after:?}");
+    }
+
+    #[test]
+    fn progress_off_drops_the_progress_line_and_nothing_else() {
+        let image = guest_elf();
+        let chatty = boot_with("bg-chatty", image, "");
+        let quiet = boot_with("bg-quiet", image, "progress=off");
+        let started = quiet.guest_status().unwrap();
+        wait_for("the first progress line", Duration::from_secs(20), || {
+            chatty.console_tail().contains("t=1s ")
+        });
+        // The quiet guest has run past its first second too: it writes and verifies as ever, and
+        // printed its boot lines, but no progress line.
+        wait_for("two more verify sweeps", Duration::from_secs(20), || {
+            quiet.guest_status().unwrap().verify_sweeps > started.verify_sweeps + 2
+        });
+        std::thread::sleep(Duration::from_millis(1200));
+        let status = quiet.guest_status().unwrap();
+        assert!(status.pages_written > started.pages_written, "{status:?}");
+        assert_eq!(status.mismatches, 0, "{status:?}");
+        let console = quiet.console_tail();
+        assert!(console.contains("running"), "{console}");
+        assert!(!console.contains(" t="), "{console}");
     }
 
     #[test]
