@@ -27,6 +27,7 @@
 mod support;
 
 mod peer {
+    pub mod felt;
     pub mod qemu;
 }
 

@@ -102,6 +102,44 @@ struct Ram {
     present_only: bool,
 }
 
+/// What the built-in guest publishes in its status page, read out of one process's copy of its RAM.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestCounters {
+    pub state: u32,
+    pub verify_sweeps: u64,
+    pub mismatches: u64,
+    /// The guest's own longest stall since the last reset the host asked for (none, under QEMU).
+    pub max_stall_ms: f64,
+}
+
+/// The guest's counters in `pid` (guest RAM of `ram_bytes`), read the way the probe reads the
+/// heartbeat; None while no guest RAM is found there or its status page is not present.
+pub fn guest_counters(pid: u32, ram_bytes: u64) -> Option<GuestCounters> {
+    let ram = find_ram(pid, ram_bytes)?;
+    let status = ram.base + STATUS_PAGE_GPA;
+    if ram.present_only {
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+        if !page_present(&pagemap, status) {
+            return None;
+        }
+    }
+    let word = |offset: usize| read_u64(pid, status + offset as u64);
+    // `state` is a u32: the low half of the little-endian word that starts there.
+    let state = word(std::mem::offset_of!(StatusPage, state))? as u32;
+    let tsc_khz = word(std::mem::offset_of!(StatusPage, tsc_khz))?;
+    let max_stall_tsc = word(std::mem::offset_of!(StatusPage, max_stall_tsc))?;
+    Some(GuestCounters {
+        state,
+        verify_sweeps: word(std::mem::offset_of!(StatusPage, verify_sweeps))?,
+        mismatches: word(std::mem::offset_of!(StatusPage, mismatches))?,
+        max_stall_ms: if tsc_khz > 0 {
+            max_stall_tsc as f64 / tsc_khz as f64
+        } else {
+            f64::NAN
+        },
+    })
+}
+
 /// The guest RAM in `pid`, if it maps the guest's RAM (`ram_bytes`).
 fn find_ram(pid: u32, ram_bytes: u64) -> Option<Ram> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;

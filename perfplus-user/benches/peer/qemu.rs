@@ -29,6 +29,8 @@ pub struct QemuRun {
 /// One QEMU process, killed (by the pid it was started with) and reaped when dropped.
 pub struct Qemu {
     child: Child,
+    /// The guest's RAM (`-m`), to find it in the process.
+    memory_bytes: u64,
     serial: PathBuf,
     qmp: PathBuf,
     stderr: PathBuf,
@@ -95,6 +97,7 @@ pub fn start(
     let child = cmd.spawn().expect("starting qemu-system-x86_64");
     Qemu {
         child,
+        memory_bytes: memory_mib << 20,
         serial,
         qmp,
         stderr,
@@ -140,42 +143,43 @@ impl Qemu {
         }
     }
 
-    /// Lets the guest print two more progress lines and reads the last: the guest re-verifies every
-    /// page it wrote continuously, so after a migration this is the destination's self-check.
+    /// Waits until the guest has verified all of its memory twice more (its status page, read out of
+    /// this process's RAM the way the felt probe reads it) and returns its counters: the guest
+    /// re-verifies every page it wrote continuously, so after a migration this is the destination's
+    /// self-check. Does not depend on the console (the guest may run with `progress=off`).
     pub fn verdict(&self) -> Verdict {
-        let before = std::fs::read_to_string(&self.serial)
-            .unwrap_or_default()
-            .lines()
-            .count();
+        let pid = self.child.id();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::fs::read_to_string(&self.serial)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            < before + 2
-        {
-            assert!(Instant::now() < deadline, "the migrated QEMU guest printed nothing");
+        let counters = || super::felt::guest_counters(pid, self.memory_bytes);
+        let first = loop {
+            if let Some(c) = counters() {
+                break c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the migrated QEMU guest's status page is not readable"
+            );
             std::thread::sleep(Duration::from_millis(100));
-        }
-        let console = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        let last = console
-            .lines()
-            .rev()
-            .find(|l| l.contains("max_stall="))
-            .expect("a progress line")
-            .to_string();
-        let field = |name: &str| -> u64 {
-            let start = last.find(name).unwrap_or_else(|| panic!("no {name} in {last:?}")) + name.len();
-            last[start..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<String>()
-                .parse()
-                .unwrap()
         };
+        let last = loop {
+            let c = counters().unwrap_or(first);
+            if c.verify_sweeps >= first.verify_sweeps + 2 {
+                break c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the migrated QEMU guest did not verify its memory twice in 20 s: {c:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(
+            last.state,
+            perfplus_common::guest_abi::state::RUNNING,
+            "the migrated QEMU guest does not run: {last:?}"
+        );
         Verdict {
-            mismatches: field("mismatches="),
-            guest_stall_ms: field("max_stall=") as f64 / 1000.0,
+            mismatches: last.mismatches,
+            guest_stall_ms: last.max_stall_ms,
         }
     }
 }
