@@ -26,12 +26,6 @@
 //!   pre-copy, one channel or multifd+zstd, never converges there with these contents), and
 //!   `return-trip` (below). perfplus migrates with its defaults (`--compression auto`); its agents have
 //!   no page store, except A's in `return-trip`.
-//! - The guest runs with `progress=off` for both hypervisors ([`GUEST_QUIET`]): its once-a-second
-//!   progress line goes through the guest's ring 0, which this machine's kvm-pvm emulates (~2 µs an
-//!   instruction, plus ~150 port-I/O exits), and during a migration a 10-30 ms stall followed that
-//!   line in about half the runs (0.75-0.95 s after the start, when the line falls in round 1); in 5
-//!   runs without it, none. That stall is this test machine's, not what a migration makes a guest
-//!   feel. The guest's verification, heartbeat and counters (its status page) are unchanged.
 //! - `return-trip`: `moderate`'s guest migrates A→B, then back B→A, and the return is what the table
 //!   gives. Each trip is measured as above (its own probe over the two processes of that trip, its own
 //!   qdisc counters, CPU and total time; the guest's self-check on A at the end). Between them: for
@@ -63,14 +57,6 @@ use std::time::Duration;
 use peer::felt::{Felt, FeltProbe};
 use peer::qemu::{process_cpu_ms, Placement, QemuMode, QemuPair};
 use support::{Cluster, ShapedLink, TestAgent};
-
-/// Added to every scenario's guest command line, for perfplus and QEMU alike (see the module's docs).
-const GUEST_QUIET: &str = "progress=off";
-
-/// The built-in guest's command line for `scenario` (without `tsc_khz=`).
-fn guest_cmdline(scenario: &Scenario) -> String {
-    format!("{} {GUEST_QUIET}", scenario.cmdline)
-}
 
 struct Scenario {
     name: &'static str,
@@ -169,7 +155,7 @@ fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str
     let cluster = Cluster::new();
     let a = cluster.agent_in(&link.a, "a", "0");
     let b = cluster.agent_in(&link.b, "b", "0");
-    let spec = format!("dirtier:{}", guest_cmdline(scenario).replace(' ', ","));
+    let spec = format!("dirtier:{}", scenario.cmdline.replace(' ', ","));
     cluster.start_guest(&a, "bench", memory, &spec);
     std::thread::sleep(Duration::from_secs(2));
     let (run, report) = perfplus_trip(&cluster, link, &a, (&b, &b.addr_via(ShapedLink::IP_B)), memory, mode);
@@ -277,7 +263,7 @@ fn perfplus_return_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mod
     let a = cluster.agent_in(&link.a, "a", memory);
     // B needs no store: what it would archive after the return would run during the probe's last second.
     let b = cluster.agent_in(&link.b, "b", "0");
-    let spec = format!("dirtier:{}", guest_cmdline(scenario).replace(' ', ","));
+    let spec = format!("dirtier:{}", scenario.cmdline.replace(' ', ","));
     cluster.start_guest(&a, "bench", memory, &spec);
     std::thread::sleep(Duration::from_secs(2));
     let (forward, there) = perfplus_trip(&cluster, link, &a, (&b, &b.addr_via(ShapedLink::IP_B)), memory, mode);
@@ -513,7 +499,7 @@ fn main() {
         {
             continue;
         }
-        let append = format!("{} tsc_khz={tsc_khz}", guest_cmdline(scenario));
+        let append = format!("{} tsc_khz={tsc_khz}", scenario.cmdline);
         let mut ours: Vec<Vec<Run>> = vec![Vec::new(); scenario.perfplus_modes.len()];
         let mut theirs: Vec<Vec<Run>> = vec![Vec::new(); scenario.qemu.len()];
         for rep in 0..repeat {
@@ -535,7 +521,7 @@ fn main() {
                 theirs[i].push(run);
             }
         }
-        println!("## {} ({})\n", scenario.name, guest_cmdline(scenario));
+        println!("## {} ({})\n", scenario.name, scenario.cmdline);
         if scenario.return_trip {
             println!(
                 "A→B, then back B→A after a {} s settle (perfplus: once A had archived the guest's pages); the figures are the return's.\n",
