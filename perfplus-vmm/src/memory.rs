@@ -25,9 +25,6 @@ use std::ptr::NonNull;
 use anyhow::{bail, ensure, Context};
 use perfplus_common::PAGE_SIZE;
 
-/// Guest physical memory `[0, size)`, backed by a memfd mapped shared twice (the agent's view and the
-/// guest's, see the module doc). Safe to share between threads: reads and writes copy bytes with raw
-/// pointer copies, as the guest may write any page at any time.
 /// Pages [`GuestMemory::data_page_ranges_in`] counts in one `cachestat(2)` call when it looks for
 /// data ranges (2 MiB: a call walks them in ~50 µs when they are all data).
 const SCAN_CHUNK_PAGES: u64 = 512;
@@ -57,6 +54,9 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
+/// Guest physical memory `[0, size)`, backed by a memfd mapped shared twice (the agent's view and the
+/// guest's, see the module doc). Safe to share between threads: reads and writes copy bytes with raw
+/// pointer copies, as the guest may write any page at any time.
 pub struct GuestMemory {
     /// Start of the reservation of `2 * size` bytes: the agent view at `base`, the guest view at
     /// `base + size`, both shared mappings of `file`. Unmapped on drop.
@@ -208,9 +208,10 @@ impl GuestMemory {
 
     /// [`GuestMemory::data_page_ranges`] within the pages `within` (clipped to them).
     ///
-    /// Counted with `cachestat(2)` (Linux 6.5), [`SCAN_CHUNK_PAGES`] at a time, halving a chunk that
-    /// is part data, part hole until each part is one or the other: every call walks at most one chunk
-    /// of the page cache. `lseek(SEEK_HOLE)`, the way of older kernels (the fallback here), walks the
+    /// Counted with `cachestat(2)` (Linux 6.5): a [`SCAN_SPAN_PAGES`] stretch first (skipped if all
+    /// hole), then its [`SCAN_CHUNK_PAGES`] chunks, halving a chunk that is part data, part hole until
+    /// each part is one or the other: no call walks more than a stretch of the page cache.
+    /// `lseek(SEEK_HOLE)`, the way of older kernels (the fallback here), walks the
     /// whole run of data it starts in, in one go and without a preemption point: 14 ms for the 65k
     /// data pages of the benchmark's guest, on this machine's kernel (no preemption), during which
     /// the guest's vCPU, when it shared that core, did not run (a 14 ms stall at every migration's
