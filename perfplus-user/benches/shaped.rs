@@ -15,6 +15,12 @@
 //!   counters of both veth ends; CPU is the user + system time of the source and destination processes
 //!   (vCPU threads included, for both); total time is what each tool reports (perfplus: `total_ms`;
 //!   QEMU: `total-time`); the guest's self-check must be clean on the destination.
+//! - Each run starts on a quiet host: this machine is itself a VM, and its kernel hands the memory a
+//!   run freed to the hypervisor underneath (free page reporting), in passes every ~2 s that stalled
+//!   whichever guest was running 30-35 ms at each pass, for ~20 s after a QEMU run; the bench waits
+//!   until reporting has been idle 5 s (`peer/host.rs`; where the kernel has no such counter, it
+//!   does not wait). The link's tbf burst is 256 KiB, over the largest (64 KiB GSO) packet, so tbf
+//!   does not split packets in software on the cores the guests run on (`tests/support/link.rs`).
 //! - Runs are interleaved (each perfplus mode, QEMU, QEMU multifd+zstd, then again),
 //!   `PERFPLUS_BENCH_REPEAT` times (default 3); the table gives medians with min–max and the ratios
 //!   perfplus / QEMU.
@@ -48,6 +54,7 @@ mod support;
 
 mod peer {
     pub mod felt;
+    pub mod host;
     pub mod link;
     pub mod qemu;
 }
@@ -152,6 +159,7 @@ fn memory_bytes(memory: &str) -> u64 {
 }
 
 fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
+    peer::host::wait_until_quiet();
     let cluster = Cluster::new();
     let a = cluster.agent_in(&link.a, "a", "0");
     let b = cluster.agent_in(&link.b, "b", "0");
@@ -259,6 +267,7 @@ fn wait_for_archive(agent: &TestAgent, vm: &str) -> (u64, Duration) {
 /// what A still holds travels as references. Both trips measured as [`perfplus_trip`]; the run returned
 /// is the return's.
 fn perfplus_return_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
+    peer::host::wait_until_quiet();
     let cluster = Cluster::new();
     let a = cluster.agent_in(&link.a, "a", memory);
     // B needs no store: what it would archive after the return would run during the probe's last second.
@@ -352,6 +361,7 @@ fn qemu_pair_a_to_b<'a>(
         destination_ip: ShapedLink::IP_B,
         port,
     };
+    peer::host::wait_until_quiet();
     let pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
     std::thread::sleep(Duration::from_secs(2));
     (pair, placement)

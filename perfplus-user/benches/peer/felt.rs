@@ -290,7 +290,15 @@ impl FeltProbe {
                             *found.lock().unwrap() = rams;
                             last_scan = Some(Instant::now());
                         }
-                        std::thread::sleep(Duration::from_micros(500));
+                        // With every copy found, nothing can change the cadence before the next scan:
+                        // sleep until then. Otherwise look again soon, to switch to fast scans as soon
+                        // as the guest stalls. (A real-time thread waking every 0.5 ms for nothing
+                        // preempts the vCPU it measures.)
+                        let nap = match last_scan {
+                            Some(t) if !lacking => every.saturating_sub(t.elapsed()),
+                            _ => Duration::ZERO,
+                        };
+                        std::thread::sleep(nap.max(Duration::from_micros(500)));
                     }
                 })
                 .expect("starting the felt-stall probe's scanner")
