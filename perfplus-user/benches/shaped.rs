@@ -456,10 +456,12 @@ fn log_run(label: &str, felt: &Felt) {
         .unwrap_or_default();
     let ms_of_day = since_epoch.as_millis() % 86_400_000;
     eprintln!(
-        "  {label}: felt {:.1} ms; stalls over 10 ms (length@start): {}; blind {:.0} ms; probe started {:02}:{:02}:{:02}.{:03} UTC",
+        "  {label}: felt {:.1} ms; stalls over 10 ms (length@start): {}; blind {:.0} ms; {} samples, longest gap between two of one process {:.1} ms; probe started {:02}:{:02}:{:02}.{:03} UTC",
         felt.max_stall_ms,
         stalls.join(" "),
         felt.blind_ms,
+        felt.samples,
+        felt.max_sample_gap_ms,
         ms_of_day / 3_600_000,
         ms_of_day / 60_000 % 60,
         ms_of_day / 1000 % 60,
