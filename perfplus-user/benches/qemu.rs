@@ -44,6 +44,8 @@
 //!   through perfplus, of both agents. Then the destination must be `running` (`query-status`), its
 //!   guest's self-check (two more progress lines) must count no mismatch, and the relay's report must
 //!   say `completed` for both QEMUs.
+//! - Each run starts once the host's free page reporting has been idle 5 s (`peer/host.rs`: this
+//!   machine is a VM, and the passes that hand a run's freed memory back stall its guests 30-35 ms).
 //! - Runs are interleaved (plain, through perfplus, then again), `PERFPLUS_BENCH_REPEAT` times
 //!   (default 3); the tables give medians with min–max, and the ratios through perfplus / plain.
 //! - Output: printed, and `target/bench-results/qemu/` (`PERFPLUS_QEMU_RESULTS` to change it):
@@ -56,6 +58,7 @@ mod support;
 
 mod peer {
     pub mod felt;
+    pub mod host;
     pub mod link;
     pub mod qemu;
 }
@@ -282,6 +285,8 @@ impl Bench {
     /// One run of `scenario` in `variant`, on fresh QEMUs (and agents); every leg's figures, the
     /// measured one last. The relay's reports go to the results directory, named by `tag`.
     fn run(&self, scenario: &Scenario, variant: Variant, tag: &str) -> Vec<Run> {
+        // Not while the host hands the last run's freed memory back (see `peer/host.rs`).
+        peer::host::wait_until_quiet();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let agents = (variant == Variant::Relay).then(|| {
             let cluster = Cluster::new();
