@@ -160,7 +160,6 @@ fn memory_bytes(memory: &str) -> u64 {
 }
 
 fn perfplus_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
-    peer::host::wait_until_quiet();
     let cluster = Cluster::new();
     let a = cluster.agent_in(&link.a, "a", "0");
     let b = cluster.agent_in(&link.b, "b", "0");
@@ -268,7 +267,6 @@ fn wait_for_archive(agent: &TestAgent, vm: &str) -> (u64, Duration) {
 /// what A still holds travels as references. Both trips measured as [`perfplus_trip`]; the run returned
 /// is the return's.
 fn perfplus_return_run(link: &ShapedLink, memory: &str, scenario: &Scenario, mode: &str) -> Run {
-    peer::host::wait_until_quiet();
     let cluster = Cluster::new();
     let a = cluster.agent_in(&link.a, "a", memory);
     // B needs no store: what it would archive after the return would run during the probe's last second.
@@ -362,7 +360,6 @@ fn qemu_pair_a_to_b<'a>(
         destination_ip: ShapedLink::IP_B,
         port,
     };
-    peer::host::wait_until_quiet();
     let pair = QemuPair::start(kernel, memory_bytes(memory) >> 20, append, &placement);
     std::thread::sleep(Duration::from_secs(2));
     (pair, placement)
@@ -530,6 +527,8 @@ fn main() {
         for rep in 0..repeat {
             eprintln!("{}: run {}/{repeat}", scenario.name, rep + 1);
             for (i, mode) in scenario.perfplus_modes.iter().enumerate() {
+                // Every run, perfplus's or QEMU's, starts on a quiet host (`peer/host.rs`).
+                peer::host::wait_until_quiet();
                 ours[i].push(if scenario.return_trip {
                     perfplus_return_run(&link, &memory, scenario, mode)
                 } else {
@@ -538,6 +537,7 @@ fn main() {
             }
             for (i, mode) in scenario.qemu.iter().enumerate().filter(|_| with_qemu) {
                 port += 1;
+                peer::host::wait_until_quiet();
                 let run = if scenario.return_trip {
                     qemu_return_run(&link, &kernel, &memory, &append, *mode, port)
                 } else {
