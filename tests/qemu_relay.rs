@@ -16,8 +16,9 @@ use qemu::{guest_kernel, Qemu};
 use serde_json::json;
 use support::{kvm_missing, netns, Cluster, ShapedLink};
 
-/// The relay tests' workload (`qemu::WORKLOAD`) with a third of its pages text-like (about 1.9x with
-/// zstd, where `unique` pages do not compress at all), so that compressing the stream always pays.
+/// The relay tests' workload (`qemu::WORKLOAD`) with a third of its pages text-like (English words,
+/// about 2.1-2.4x with zstd, where `unique` pages do not compress at all), so that compressing the
+/// stream always pays.
 const WORKLOAD: &str = "working-set=16M rate=5k mix=unique:20,dup:30,zero:10,same:10,text:30 seed=1";
 
 fn run(cluster: &Cluster, ns: &str, args: Vec<String>) -> Output {

@@ -3,8 +3,8 @@
 //!
 //! Builds the first round of a guest written with the benchmark's mix (`unique:30,text:20,dup:20,
 //! zero:10,same:20`, the built-in guest's rules from guest/src/content.rs: `unique` and `same` pages
-//! are random streams, `dup` pages one of 16 random contents, `text` pages bytes of its 64-letter
-//! alphabet) as the sender would: a `dup` content sent in full once, then as references, zero pages as
+//! are random streams, `dup` pages one of 16 random contents, `text` pages English words,
+//! `perfplus_common::text`) as the sender would: a `dup` content sent in full once, then as references, zero pages as
 //! zero markers; 1024 items a batch. Then prints, for all batches together, the payload bytes raw,
 //! compressed whole (what `--compression zstd` sends, and `auto` only if it pays), and split (the pages
 //! that look incompressible raw, the rest compressed), with zstd's CPU time for each, what the
@@ -29,7 +29,6 @@ fn mix64(mut z: u64) -> u64 {
 }
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-const TEXT_LETTERS: &[u8; 64] = b"eeeeeeetttttaaaaoooooiiinnnnsssshhhrrrddllcuumwfgypbvk,.       \n";
 
 fn stream(key: u64) -> [u8; PAGE_SIZE] {
     let mut page = [0u8; PAGE_SIZE];
@@ -41,16 +40,10 @@ fn stream(key: u64) -> [u8; PAGE_SIZE] {
     page
 }
 
+/// A text page, as the guest writes them (`perfplus_common::text`).
 fn text(key: u64) -> [u8; PAGE_SIZE] {
     let mut page = [0u8; PAGE_SIZE];
-    let mut x = key;
-    for word in page.chunks_exact_mut(8) {
-        x = x.wrapping_add(GOLDEN);
-        let w = mix64(x);
-        for (b, byte) in word.iter_mut().enumerate() {
-            *byte = TEXT_LETTERS[((w >> (b * 6)) & 63) as usize];
-        }
-    }
+    perfplus_common::text::text_page(key, &mut page);
     page
 }
 

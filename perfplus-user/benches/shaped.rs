@@ -25,8 +25,8 @@
 //! - Runs are interleaved (each perfplus mode, QEMU, QEMU multifd+zstd, then again),
 //!   `PERFPLUS_BENCH_REPEAT` times (default 3); the table gives medians with min–max and the ratios
 //!   perfplus / QEMU.
-//! - Scenarios (the guest's page contents are a mix like real memory: random, text-like (about 1.9×
-//!   smaller with zstd), duplicated, zero, unchanged): `moderate` (10k page writes/s in 256 MiB),
+//! - Scenarios (the guest's page contents are a mix like real memory: random, text-like (English
+//!   words, about 2.1-2.4× smaller with zstd), duplicated, zero, unchanged): `moderate` (10k page writes/s in 256 MiB),
 //!   `idle` (100/s), `read-heavy` (10k writes/s into 256 MiB while the guest's verification reads the
 //!   whole 1 GiB, about a pass a second), `duplicate-heavy` (60 % duplicated pages) and
 //!   `faster-than-link` (50k writes/s: perfplus hybrid and post-copy against QEMU post-copy; QEMU's
@@ -80,8 +80,8 @@ struct Scenario {
 const LIMIT30: QemuMode = QemuMode::Precopy { downtime_limit_ms: 30 };
 const MULTIFD: QemuMode = QemuMode::MultifdZstd { downtime_limit_ms: 30 };
 
-// Page contents like real memory: random (unique), text-like (about 1.9× smaller with zstd),
-// duplicated across pages, zero, and unchanged by writes (same).
+// Page contents like real memory: random (unique), text-like (English words, about 2.1-2.4×
+// smaller with zstd), duplicated across pages, zero, and unchanged by writes (same).
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "moderate",

@@ -302,18 +302,10 @@ pub(crate) fn random_page(seed: u64) -> [u8; PAGE_SIZE] {
     page
 }
 
-/// A text-like page as the guest writes them: bytes drawn from its 64-letter alphabet
-/// (guest/src/content.rs, `TEXT_LETTERS`), six bits of a splitmix64 stream each.
+/// A text-like page as the guest writes them (`perfplus_common::text`).
 pub(crate) fn guest_text_page(seed: u64) -> [u8; PAGE_SIZE] {
-    const TEXT_LETTERS: &[u8; 64] = b"eeeeeeetttttaaaaoooooiiinnnnsssshhhrrrddllcuumwfgypbvk,.       \n";
-    let mut z = seed;
     let mut page = [0u8; PAGE_SIZE];
-    for word in page.chunks_exact_mut(8) {
-        let x = mix(&mut z);
-        for (b, byte) in word.iter_mut().enumerate() {
-            *byte = TEXT_LETTERS[((x >> (b * 6)) & 63) as usize];
-        }
-    }
+    perfplus_common::text::text_page(seed, &mut page);
     page
 }
 

@@ -657,24 +657,21 @@ mod tests {
         assert!(dest.installed.load(Ordering::SeqCst));
     }
 
-    /// Page content for the split test: a random stream (`seed` odd) or text-like bytes of the guest's
-    /// alphabet (`seed` even), as the built-in guest writes them.
+    /// Page content for the split test: a random stream (`seed` odd) or a text page as the built-in
+    /// guest writes them (`seed` even, `perfplus_common::text`).
     fn content(seed: u64) -> [u8; PAGE_SIZE] {
-        const TEXT_LETTERS: &[u8; 64] = b"eeeeeeetttttaaaaoooooiiinnnnsssshhhrrrddllcuumwfgypbvk,.       \n";
         let mut page = [0u8; PAGE_SIZE];
+        if seed.is_multiple_of(2) {
+            perfplus_common::text::text_page(seed, &mut page);
+            return page;
+        }
         let mut z = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
         for word in page.chunks_exact_mut(8) {
             z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut x = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             x ^= x >> 31;
-            if seed % 2 == 1 {
-                word.copy_from_slice(&x.to_le_bytes());
-            } else {
-                for (b, byte) in word.iter_mut().enumerate() {
-                    *byte = TEXT_LETTERS[((x >> (b * 6)) & 63) as usize];
-                }
-            }
+            word.copy_from_slice(&x.to_le_bytes());
         }
         page
     }
