@@ -317,10 +317,10 @@ pub async fn run(
                 if batch.is_empty() {
                     None
                 } else {
-                    let len = batch.payload_len() as u64;
+                    let (len, before) = (batch.payload_len() as u64, bulk.bytes_sent());
                     match send_bounded(bulk, &Message::Pages(batch)).await {
                         Ok(()) => {
-                            push.after_send(len, Instant::now());
+                            push.after_send(len, bulk.bytes_sent() - before, Instant::now());
                             fault_injection::reached("source:postcopy-push").await;
                             None
                         }
