@@ -40,6 +40,7 @@
 mod support;
 
 mod peer {
+    pub mod host;
     pub mod link;
 }
 
@@ -400,6 +401,9 @@ fn main() {
                     if hashing { "on" } else { "off" },
                     rep + 1
                 );
+                // Each run on a quiet host: the previous one's freed guest RAM stalls guests while the
+                // host reports it (`peer/host.rs`).
+                peer::host::wait_until_quiet();
                 let e = event(&link, n, &memory, hashing);
                 let name = format!("drain-{n}-{}-{}.json", if hashing { "on" } else { "off" }, rep + 1);
                 std::fs::write(dir.join(name), serde_json::to_string_pretty(&e.report).unwrap()).expect("report file");
