@@ -154,6 +154,11 @@ pub unsafe fn fill(p: *mut u64, c: Content) {
 /// `p` must be a page-aligned, readable 4 KiB page.
 #[inline(always)]
 pub unsafe fn check(p: *const u64, c: Content) -> Option<(usize, u64)> {
+    // A text page is generated once, for the check and for finding the first difference.
+    let text = match c {
+        Content::Text(k) => Some(text_words(k)),
+        _ => None,
+    };
     let mut diff = 0u64;
     match c {
         Content::Zero => {
@@ -170,8 +175,8 @@ pub unsafe fn check(p: *const u64, c: Content) -> Option<(usize, u64)> {
                 diff |= unsafe { p.add(i).read_volatile() } ^ mix64(x);
             }
         }
-        Content::Text(k) => {
-            for (i, w) in text_words(k).into_iter().enumerate() {
+        Content::Text(_) => {
+            for (i, &w) in text.iter().flatten().enumerate() {
                 // SAFETY: i < WORDS, within the page (caller).
                 diff |= unsafe { p.add(i).read_volatile() } ^ w;
             }
@@ -183,6 +188,7 @@ pub unsafe fn check(p: *const u64, c: Content) -> Option<(usize, u64)> {
     (0..WORDS).find_map(|i| {
         // SAFETY: i < WORDS, within the page (caller).
         let got = unsafe { p.add(i).read_volatile() };
-        (got != c.word(i)).then_some((i, got))
+        let expected = text.as_ref().map_or_else(|| c.word(i), |t| t[i]);
+        (got != expected).then_some((i, got))
     })
 }
