@@ -144,11 +144,14 @@ pub struct CompressionReport {
     pub batches: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
-    /// Batches compressed to measure the ratio and sent as they were (adaptive mode off, or too
-    /// little gain).
+    /// Batches compressed and sent as they were all the same: they shrank by less than 5 %.
     pub probes_unused: u64,
     /// CPU time spent compressing (and, for page batches, estimating and splitting them).
     pub cpu_ms: f64,
+    /// Of `batches`, how many were compressed at zstd's levels 1, 2 and 3 (adaptive mode moves
+    /// between them by zstd's measured speed against the link's rate).
+    #[serde(default)]
+    pub batches_at_level: [u64; 3],
 }
 
 impl From<crate::frame::CompressionStats> for CompressionReport {
@@ -159,6 +162,7 @@ impl From<crate::frame::CompressionStats> for CompressionReport {
             wire_bytes: s.compressed_bytes,
             probes_unused: s.probes_unused,
             cpu_ms: s.cpu.as_secs_f64() * 1e3,
+            batches_at_level: s.batches_at_level,
         }
     }
 }

@@ -17,8 +17,13 @@
 //!
 //! [`Compressor::worth_it`] decides, in adaptive mode, from the link's rate ([`LinkRate`]) and zstd's
 //! speed and ratio measured on the payloads themselves: compress while zstd runs at least `HEADROOM`
-//! (1.5) times as fast as the link and shrinks by `MIN_RATIO` (1.05) or more. zstd's speed is counted
-//! in bytes of the payload the sender hands over per second of zstd's time: a split batch (below)
+//! (1.5) times as fast as the link and shrinks by `MIN_RATIO` (1.05) or more. While it does not, one
+//! payload in `PROBE_EVERY` is compressed all the same to keep the estimates current (and goes
+//! compressed if it shrank). The same speed against the same bar picks zstd's level, 1 to 3
+//! ([`Compressor::adapt_level`]): the next level up while its expected speed would still keep up,
+//! one down as soon as the measured one does not. zstd's speed is counted in bytes of the payload
+//! the sender hands over per second of zstd's time, the sending thread's CPU time
+//! ([`thread_cpu_time`]): a split batch (below)
 //! spends zstd's time on its compressible part only, and its incompressible pages go by at no zstd
 //! cost, so the time is spread over the whole batch. Compressing and sending overlap: the
 //! connection's `feed` returns once a frame is in the socket's send buffer (it waits for nothing from
@@ -88,7 +93,7 @@
 //! receiving side, and so nothing in what a peer may send before or after authentication.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use perfplus_common::PAGE_SIZE;
 
@@ -96,9 +101,19 @@ use super::codec::malformed;
 use super::header::{FrameError, FrameType, DIGEST_LEN};
 use super::page_batch::{PageBatch, PageItem};
 
-/// zstd's level 1: its fastest standard level (about 400-600 MB/s of page content on one core of
-/// this machine), which still entropy-codes (lz4 does not, and text-like pages shrink mostly by that).
-const LEVEL: i32 = 1;
+/// zstd's levels adaptive mode moves between ([`Compressor::adapt_level`]), and where every mode
+/// starts. Level 1 is zstd's fastest standard level, which still entropy-codes (lz4 does not, and
+/// text-like pages shrink mostly by that). On the guest's word text (300 pages, `zstd -b1 -e3` on
+/// this machine) levels 1, 2 and 3 give 2.34x, 2.57x and 2.62x at 206, 143 and 106 MB/s of text:
+/// level 2 saves a tenth of the compressed bytes for 1.4x the CPU. Above 3 the gain is a few % for
+/// half the speed again.
+const MIN_LEVEL: i32 = 1;
+const MAX_LEVEL: i32 = 3;
+/// What adaptive mode expects of the next level's speed, as a fraction of this level's, when it
+/// decides whether that level would still keep up (0.69 and 0.74 from level 1 to 2 and 2 to 3, above).
+/// It goes up only when the expected speed still meets the rule, and down as soon as the measured one
+/// does not; since a step up costs more than this fraction suggests, it does not go back and forth.
+const NEXT_LEVEL_SPEED: f64 = 0.6;
 
 /// Bytes before the zstd frame.
 const RAW_LEN_BYTES: usize = 4;
@@ -152,10 +167,30 @@ pub struct CompressionStats {
     /// Their uncompressed payload bytes, and what went on the wire for them instead.
     pub raw_bytes: u64,
     pub compressed_bytes: u64,
-    /// Batches compressed to measure and then sent as they were (they did not shrink enough).
+    /// Payloads compressed and then sent as they were: they shrank by less than `MIN_RATIO`.
     pub probes_unused: u64,
-    /// Time spent compressing (page batches: and estimating and splitting them).
+    /// CPU time the sending thread spent compressing (page batches: and estimating and splitting
+    /// them).
     pub cpu: Duration,
+    /// Of `batches`, how many were compressed at zstd's level 1, 2 and 3.
+    pub batches_at_level: [u64; 3],
+}
+
+/// CPU time the calling thread has used so far (`CLOCK_THREAD_CPUTIME_ID`).
+///
+/// zstd's speed is measured with it rather than with the wall clock. A compression call takes 1-6 ms
+/// here (a batch's text-like pages), about a scheduler slice, and on a machine whose cores the
+/// vCPUs and the other agent share, a call the thread was preempted in reads 3-10x slower by the wall
+/// clock than zstd ran. One such sample pulled the moving estimate under the rule's threshold, and
+/// the next `PROBE_EVERY - 1` batches went raw (6-42 MB of text in the read-heavy bench's runs). The
+/// thread's own time says how fast zstd compresses when it runs, which is what the rule compares with
+/// the link (see `HEADROOM`).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through the valid pointer it is given and keeps
+    // nothing; CLOCK_THREAD_CPUTIME_ID is always available on Linux, and on an error `ts` stays zero.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// When to compress the payloads (page batches, QEMU stream chunks) a connection sends.
@@ -352,6 +387,8 @@ pub struct Compressor {
     /// Payloads since the last one compressed (adaptive mode compresses one now and then to keep its
     /// estimates current).
     since_probe: u32,
+    /// zstd's level now (`MIN_LEVEL..=MAX_LEVEL`); `speed` is measured at it.
+    level: i32,
 }
 
 /// In adaptive mode, one payload in this many is compressed while compression is off, to measure.
@@ -367,8 +404,11 @@ const MIN_RATIO: f64 = 1.05;
 /// side: ~2 µs a raw page, ~1 µs compressed). That is 3-4 µs a page against zstd level 1's 7-8 µs,
 /// about half as much again: the thread spends about `1.5 / speed` per raw byte while it compresses,
 /// and keeps up with the link when `speed ≥ 1.5 × link`. Without zstd the same work runs at about
-/// 1 GB/s, ahead of the links this rule is for. All of it is wall-clock and slows down together when
-/// the cores are busy, so the factor holds then too. The stop-and-copy round (hashing on two threads)
+/// 1 GB/s, ahead of the links this rule is for. zstd's time is the thread's CPU time
+/// ([`thread_cpu_time`]): the rule asks whether zstd keeps up with the link on a core. A thread that
+/// gets only part of a core (other threads want it) does all of this work slower alike, and may then
+/// compress slower than the link for a while; the rule compresses all the same, trading that
+/// while's time for the bytes (the wall clock made it stop for a preemption inside one call). The stop-and-copy round (hashing on two threads)
 /// and the QEMU relay (a chunk copied out of a pipe, then encrypted) do less besides zstd: 1.5 is on
 /// the safe side for them. In a split batch zstd runs on the compressible part only (~20 µs a text
 /// page here: `examples/zsplit.rs`) while the rest of the work is spent on every page; `speed`
@@ -383,7 +423,7 @@ impl Compressor {
     pub fn new(mode: CompressionMode) -> std::io::Result<Compressor> {
         Ok(Compressor {
             mode,
-            compressor: zstd::bulk::Compressor::new(LEVEL)?,
+            compressor: zstd::bulk::Compressor::new(MIN_LEVEL)?,
             out: Vec::new(),
             first: PageBatch::new(),
             rest: PageBatch::new(),
@@ -391,6 +431,7 @@ impl Compressor {
             speed: None,
             ratio: None,
             since_probe: 0,
+            level: MIN_LEVEL,
         })
     }
 
@@ -445,9 +486,9 @@ impl Compressor {
         if batch.is_empty() || !self.wanted(link_rate) {
             return SendPlan::AsIs;
         }
-        let started = Instant::now();
+        let started = thread_cpu_time();
         let split = split_pages(batch, &mut self.first, &mut self.rest);
-        self.stats.cpu += started.elapsed();
+        self.stats.cpu += thread_cpu_time().saturating_sub(started);
         match split {
             Split::Raw => SendPlan::AsIs,
             Split::Whole => {
@@ -479,7 +520,9 @@ impl Compressor {
             CompressionMode::Off => false,
             CompressionMode::Always => true,
             CompressionMode::Adaptive => match (link_rate, self.speed, self.ratio) {
-                (Some(link), Some(speed), Some(ratio)) => {
+                (Some(link), Some(_), Some(ratio)) => {
+                    while self.adapt_level(link, false) {}
+                    let speed = self.speed.unwrap_or_default();
                     Self::worth_it(link, speed, ratio) || self.since_probe + 1 >= PROBE_EVERY
                 }
                 // Nothing measured yet: measure.
@@ -497,7 +540,7 @@ impl Compressor {
     /// split batch's rest is part of the batch), over which zstd's speed is counted.
     fn compress_now(&mut self, raw: &[u8], payload_len: usize, link_rate: Option<f64>) -> bool {
         self.since_probe = 0;
-        let started = Instant::now();
+        let started = thread_cpu_time();
         self.out.clear();
         self.out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         self.out
@@ -507,26 +550,51 @@ impl Compressor {
             Err(_) => return false, // sent as is: compression is an optimisation
         };
         self.out.truncate(RAW_LEN_BYTES + written);
-        let took = started.elapsed();
+        let took = thread_cpu_time().saturating_sub(started);
         self.stats.cpu += took;
         let ratio = raw.len() as f64 / self.out.len() as f64;
         let speed = payload_len.max(raw.len()) as f64 / took.as_secs_f64().max(1e-6);
         self.ratio = Some(self.ratio.map_or(ratio, |r| r + ALPHA * (ratio - r)));
         self.speed = Some(self.speed.map_or(speed, |s| s + ALPHA * (speed - s)));
-        let send = match self.mode {
-            CompressionMode::Adaptive => match link_rate {
-                Some(link) => Self::worth_it(link, self.speed.unwrap_or(speed), ratio),
-                None => ratio >= MIN_RATIO,
-            },
-            _ => ratio >= MIN_RATIO,
-        };
-        if !send {
+        let level = self.level;
+        if let (CompressionMode::Adaptive, Some(link)) = (self.mode, link_rate) {
+            self.adapt_level(link, true);
+        }
+        // Once compressed, a payload goes compressed if it shrank: zstd's time is spent either way
+        // (a probe the rule would not have paid for still saves the link its bytes).
+        if ratio < MIN_RATIO {
             self.stats.probes_unused += 1;
             return false;
         }
         self.stats.batches += 1;
+        self.stats.batches_at_level[(level - MIN_LEVEL) as usize] += 1;
         self.stats.raw_bytes += raw.len() as u64;
         self.stats.compressed_bytes += self.out.len() as u64;
+        true
+    }
+
+    /// Adaptive mode: moves zstd one level down when the speed estimated at this level does not meet
+    /// the rule for a link of `link_rate` bytes/s, or (with `up`, after a sample at this level) one up
+    /// when the next level's expected speed (`NEXT_LEVEL_SPEED` of this one's) would still meet it.
+    /// The speed estimate moves with the level by the same factor until the new level's own samples
+    /// replace it. Going up needs a sample at every level on the way; going down does not (a link
+    /// that got faster is met at once, level by level, before the rule turns compression off).
+    /// Returns whether it moved.
+    fn adapt_level(&mut self, link_rate: f64, up: bool) -> bool {
+        let Some(speed) = self.speed else { return false };
+        let needed = HEADROOM * link_rate;
+        let (level, expected) = if speed < needed && self.level > MIN_LEVEL {
+            (self.level - 1, speed / NEXT_LEVEL_SPEED)
+        } else if up && speed * NEXT_LEVEL_SPEED >= needed && self.level < MAX_LEVEL {
+            (self.level + 1, speed * NEXT_LEVEL_SPEED)
+        } else {
+            return false;
+        };
+        if self.compressor.set_compression_level(level).is_err() {
+            return false;
+        }
+        self.level = level;
+        self.speed = Some(expected);
         true
     }
 }
@@ -662,7 +730,7 @@ mod tests {
     fn a_zip_bomb_expands_no_further_than_its_frame_allows() {
         // 256 MiB of zeros in a few KiB of zstd: a payload well within the frame's limit.
         use std::io::Read;
-        let bomb = zstd::stream::encode_all(std::io::repeat(0).take(256 << 20), LEVEL).unwrap();
+        let bomb = zstd::stream::encode_all(std::io::repeat(0).take(256 << 20), MIN_LEVEL).unwrap();
         assert!(bomb.len() < 64 << 10, "{}", bomb.len());
         for (frame, max) in [
             (FrameType::QemuStreamZstd, QEMU_STREAM_CHUNK_MAX),
@@ -782,15 +850,51 @@ mod tests {
             fast_n += fast.compress(b.as_bytes(), Some(1e12)).is_some() as u32;
         }
         assert_eq!(slow_n, 40, "a 1 MB/s link: every batch compressed");
-        assert_eq!(fast_n, 0, "a link faster than any compressor: none sent compressed");
-        // It measured now and then all the same (the first batch, then one in PROBE_EVERY).
-        assert_eq!(fast.stats().probes_unused, 1 + 39 / PROBE_EVERY as u64);
+        // A link faster than any compressor: only the probes were compressed (the first batch, then
+        // one in PROBE_EVERY), and went compressed since they shrank.
+        assert_eq!(fast_n, 1 + 39 / PROBE_EVERY);
+        assert_eq!(fast.stats().probes_unused, 0);
+        assert_eq!(fast.level, MIN_LEVEL);
+        // On the slow link zstd keeps far ahead: the levels went up, one sample at each, to the top.
+        assert_eq!(slow.level, MAX_LEVEL);
+        let at = slow.stats().batches_at_level;
+        assert_eq!((at[0], at[1], at.iter().sum::<u64>()), (1, 1, 40), "{at:?}");
+        // The link turns fast: down the levels at once, and then not compressed at all.
+        assert_eq!(slow.compress(b.as_bytes(), Some(1e12)), None);
+        assert_eq!(slow.level, MIN_LEVEL);
         assert_eq!(
             Compressor::new(CompressionMode::Off)
                 .unwrap()
                 .compress(b.as_bytes(), Some(1.0)),
             None
         );
+    }
+
+    #[test]
+    fn the_level_goes_up_while_the_next_one_would_keep_up_and_down_when_this_one_does_not() {
+        let mut c = Compressor::new(CompressionMode::Adaptive).unwrap();
+        let link = 100e6; // needs 150 MB/s of zstd
+        assert!(!c.adapt_level(link, true), "nothing measured yet");
+        c.speed = Some(1000e6);
+        assert!(c.adapt_level(link, true));
+        assert_eq!((c.level, c.speed), (2, Some(1000e6 * NEXT_LEVEL_SPEED)));
+        assert!(c.adapt_level(link, true));
+        assert_eq!(c.level, 3);
+        assert!(!c.adapt_level(link, true), "the top");
+        // Without a sample it does not go up.
+        c.speed = Some(200e6);
+        c.level = 2;
+        c.compressor.set_compression_level(2).unwrap();
+        assert!(!c.adapt_level(link, false));
+        // 200 MB/s at level 2 would be 120 at level 3: not enough, it stays.
+        assert!(!c.adapt_level(link, true));
+        assert_eq!(c.level, 2);
+        // The link gets three times as fast: 450 MB/s needed, 200 measured at level 2 -> level 1
+        // (expected 333), still short, but the bottom: the rule then sends raw.
+        assert!(c.adapt_level(3.0 * link, false));
+        assert!(!c.adapt_level(3.0 * link, false));
+        assert_eq!(c.level, 1);
+        assert!(!Compressor::worth_it(3.0 * link, c.speed.unwrap(), 2.0));
     }
 
     #[test]
@@ -1032,16 +1136,16 @@ mod tests {
         assert_eq!(c.stats().batches, 1);
         assert_eq!(c.stats().raw_bytes, text.payload_len() as u64);
         // Once the rule says compressing does not pay, a batch is not even estimated: sent as it is.
+        // (The probe that found it out shrank, and went compressed all the same.)
         let mixed = mixed_batch(&"rtrr".repeat(20));
         let mut fast = Compressor::new(CompressionMode::Adaptive).unwrap();
         assert!(matches!(
             fast.plan_pages(&mixed, Some(1e12)),
             SendPlan::Split {
-                rest_compressed: None,
+                rest_compressed: Some(_),
                 ..
             }
         ));
-        assert_eq!(fast.stats().probes_unused, 1);
         for _ in 1..PROBE_EVERY {
             assert_eq!(fast.plan_pages(&mixed, Some(1e12)), SendPlan::AsIs);
         }
@@ -1049,7 +1153,7 @@ mod tests {
             matches!(fast.plan_pages(&mixed, Some(1e12)), SendPlan::Split { .. }),
             "a probe"
         );
-        assert_eq!(fast.stats().probes_unused, 2);
+        assert_eq!((fast.stats().batches, fast.stats().probes_unused), (2, 0));
         // Nothing to split, or nothing to send.
         assert_eq!(c.plan_pages(&PageBatch::new(), Some(1e6)), SendPlan::AsIs);
     }

@@ -227,14 +227,14 @@ impl QemuReport {
         match &self.compressed {
             None => format!("compression: {}", self.compression),
             Some(c) if c.batches == 0 => format!(
-                "compression: {}, no chunk compressed ({} probed and sent as they were, {:.0} ms of CPU)",
+                "compression: {}, no chunk compressed ({} tried that did not shrink, {:.0} ms of CPU)",
                 self.compression, c.probes_unused, c.cpu_ms
             ),
             Some(c) => {
                 let ratio = c.raw_bytes as f64 / c.wire_bytes.max(1) as f64;
                 format!(
-                    "compression: {}, {} chunks compressed ({:.1} MB of stream in {:.1} MB, {ratio:.2}x), {} probed \
-                     and sent as they were, {:.0} ms of CPU",
+                    "compression: {}, {} chunks compressed ({:.1} MB of stream in {:.1} MB, {ratio:.2}x), {} tried \
+                     that did not shrink, {:.0} ms of CPU",
                     self.compression,
                     c.batches,
                     c.raw_bytes as f64 / MB,
@@ -295,7 +295,7 @@ mod tests {
         );
         assert!(
             auto.table()
-                .contains("compression: auto, no chunk compressed (7 probed and sent as they were, 0 ms of CPU)"),
+                .contains("compression: auto, no chunk compressed (7 tried that did not shrink, 0 ms of CPU)"),
             "{}",
             auto.table()
         );
@@ -307,13 +307,14 @@ mod tests {
                 compressed_bytes: 10_094_752,
                 probes_unused: 17,
                 cpu: Duration::from_millis(60),
+                batches_at_level: [86, 0, 0],
             }),
         );
         let table = zstd.table();
         assert!(
             table.contains(
-                "compression: zstd, 86 chunks compressed (12.4 MB of stream in 10.1 MB, 1.23x), 17 probed and \
-                 sent as they were, 60 ms of CPU"
+                "compression: zstd, 86 chunks compressed (12.4 MB of stream in 10.1 MB, 1.23x), 17 tried that \
+                 did not shrink, 60 ms of CPU"
             ),
             "{table}"
         );
