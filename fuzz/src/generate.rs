@@ -54,7 +54,7 @@ pub fn page_batch(u: &mut Unstructured, max_items: usize) -> Result<PageBatch> {
 
 /// A message of one of the float-free variants, within its frame's limits.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=28u8)? {
+    Ok(match u.int_in_range(0..=30u8)? {
         0 => Message::Error {
             message: string(u, ERROR_MAX)?,
         },
@@ -118,6 +118,10 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
         25 => Message::AllPresent,
         26 => Message::Ping,
         27 => Message::QemuStream(vec_of(u, 4096, |u| u.arbitrary())?),
+        28 => Message::GroupChecksums {
+            checksums: u64s(u, 512)?,
+        },
+        29 => Message::PageChecksumsWanted { groups: u64s(u, 512)? },
         _ => Message::Error { message: String::new() },
     })
 }

@@ -203,6 +203,10 @@ pub fn messages() -> Vec<Message> {
         Message::PageChecksums {
             checksums: vec![0xdead_beef, 0, u64::MAX],
         },
+        Message::GroupChecksums {
+            checksums: vec![0x0123_4567, u64::MAX],
+        },
+        Message::PageChecksumsWanted { groups: vec![0, 3] },
         Message::GuestCheck(Box::new(GuestCheck {
             at_resume: Some(guest_status()),
             after: Some(guest_status()),

@@ -1851,7 +1851,9 @@ mod tests {
         let (l, addr) = listener().await;
         let server = tokio::spawn(accept_error(l, c.agent.clone(), HANDSHAKE_TIMEOUT));
         let mut tls = tls_client(&addr, &c.agent).await;
-        tls.write_all(&hello(7, 9)).await.unwrap();
+        tls.write_all(&hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3))
+            .await
+            .unwrap();
         tls.flush().await.unwrap();
         let client_addr = tls.get_ref().0.local_addr().unwrap();
         let err = server.await.unwrap();
@@ -1859,7 +1861,9 @@ mod tests {
             err,
             format!(
                 "handshake with {client_addr} refused: incompatible protocol versions: this side \
-                 speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {client_addr} speaks 7..=9"
+                 speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {client_addr} speaks {}..={}",
+                PROTOCOL_VERSION + 1,
+                PROTOCOL_VERSION + 3
             )
         );
         // The server answered with its Hello (so the client learns its range), then an Error frame.
@@ -1879,7 +1883,9 @@ mod tests {
             Frame::Message(Message::Error {
                 message: format!(
                     "incompatible protocol versions: this side speaks \
-                     {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer speaks 7..=9"
+                     {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer speaks {}..={}",
+                    PROTOCOL_VERSION + 1,
+                    PROTOCOL_VERSION + 3
                 )
             })
         );
@@ -1895,7 +1901,9 @@ mod tests {
                 .unwrap();
             let mut first = [0u8; HEADER_LEN + HELLO_LEN];
             s.read_exact(&mut first).await.unwrap();
-            s.write_all(&hello(7, 9)).await.unwrap();
+            s.write_all(&hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3))
+                .await
+                .unwrap();
             s.flush().await.unwrap();
             let mut sink = Vec::new();
             let _ = s.read_to_end(&mut sink).await;
@@ -1908,7 +1916,9 @@ mod tests {
             err,
             format!(
                 "handshake with {addr} refused: incompatible protocol versions: this side speaks \
-                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {addr} speaks 7..=9"
+                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer {addr} speaks {}..={}",
+                PROTOCOL_VERSION + 1,
+                PROTOCOL_VERSION + 3
             )
         );
     }

@@ -64,8 +64,10 @@
 //! |<-- Restored ---------------------------------|  ready to run it; the source still owns the guest
 //! |-- Commit ------------------------------------>|  the guest is the destination's from here on
 //! |<-- Running ----------------------------------|  the destination runs it
-//! |<-- PageChecksums{xxh3 of every page at resume}|  source compares: lost pages
+//! |<-- GroupChecksums{per 64 pages at resume} ----|  source compares with its own (version 7)
+//! |-- PageChecksumsWanted{groups} (only if any -->|  differs: then the lost pages are counted
 //! |<-- GuestCheck{self-check after the resume} ---|
+//! |<-- PageChecksums{xxh3 of those groups' pages}-|  (answer to PageChecksumsWanted)
 //! |-- Complete{report} --------------------------->|
 //! ```
 //! An `Error` frame may come from either side at any time and ends the migration with its message.
@@ -113,7 +115,7 @@
 //! |<-- PushAck{bytes applied, pages present} -----|  rate; a page crosses at most once
 //! |<== Ping ==> (both ways, every 250 ms, demand channel; silence for 2 s = link lost)
 //! |<-- AllPresent --------------------------------|  only now may the source release the guest's memory
-//! |<-- PageChecksums (as installed) --------------|
+//! |<-- GroupChecksums (as installed), then as above
 //! |<-- GuestCheck --------------------------------|
 //! |-- Complete{report} -------------------------->|
 //! ```
@@ -201,8 +203,14 @@ pub use tls::{CertRole, Credentials, Identity};
 /// 5: page batches may travel compressed (`PagesZstd`), as `MigrateOptions::compression` asks.
 /// 6: a relayed QEMU stream may travel compressed too (`QemuStreamZstd`), as
 /// `QemuMigrateRequest::compression` asks.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: after the resume the destination sends a checksum per group of pages (`GroupChecksums`), and
+/// the page checksums of a group only when the source asks (`PageChecksumsWanted`).
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Oldest version this build still accepts (a version-3 peer speaks without TLS; version 4 does not
 /// know `MigrateOptions::compression`; version 5 neither decodes `QemuStreamZstd` nor knows
-/// `QemuMigrateRequest::compression`).
-pub const MIN_PROTOCOL_VERSION: u16 = 6;
+/// `QemuMigrateRequest::compression`; version 6 sends every page's checksum and does not answer
+/// `PageChecksumsWanted`).
+pub const MIN_PROTOCOL_VERSION: u16 = 7;
+
+/// Pages per group of [`Message::GroupChecksums`]: 64 (256 KiB of guest memory, 8 bytes of checksum).
+pub const CHECKSUM_GROUP_PAGES: usize = 64;

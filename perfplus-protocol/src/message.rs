@@ -473,9 +473,24 @@ pub enum Message {
     /// The destination runs the guest (after `Commit`; sent first, so that the source can time the
     /// downtime).
     Running,
-    /// `checksums[i]` is the xxh3-64 of the destination's page `i` as it was at resume.
+    /// The xxh3-64 of destination pages as they were at resume: of every page `i` in order, or (the
+    /// answer to [`PageChecksumsWanted`](Message::PageChecksumsWanted)) of the pages of the groups
+    /// asked for, group after group in the order asked.
     PageChecksums {
         checksums: Vec<u64>,
+    },
+    /// What the destination sends after the resume (version 7): `checksums[g]` is the checksum of
+    /// group `g`, the [`CHECKSUM_GROUP_PAGES`] pages from `g × CHECKSUM_GROUP_PAGES` (the last group
+    /// may be shorter): the xxh3-64 of their page checksums, little-endian, one after the other
+    /// (`perfplus::hashing::group_checksum`). 32 KiB a GiB of guest memory instead of 2 MiB.
+    GroupChecksums {
+        checksums: Vec<u64>,
+    },
+    /// The source's answer to a group whose checksum differs from its own: the page checksums of these
+    /// groups, please (each below the number of groups, none twice), so that it can count the lost
+    /// pages exactly. The destination answers with [`PageChecksums`](Message::PageChecksums).
+    PageChecksumsWanted {
+        groups: Vec<u64>,
     },
     /// The guest's self-check on the destination after the resume.
     GuestCheck(Box<GuestCheck>),
@@ -586,6 +601,8 @@ impl Message {
             Message::Commit => "Commit",
             Message::Running => "Running",
             Message::PageChecksums { .. } => "PageChecksums",
+            Message::GroupChecksums { .. } => "GroupChecksums",
+            Message::PageChecksumsWanted { .. } => "PageChecksumsWanted",
             Message::GuestCheck(..) => "GuestCheck",
             Message::Complete(..) => "Complete",
             Message::PostcopyBegin { .. } => "PostcopyBegin",

@@ -57,6 +57,7 @@ use std::borrow::Borrow;
 use hmac::{Hmac, KeyInit, Mac};
 use md5::Md5;
 use perfplus_common::PAGE_SIZE;
+use perfplus_protocol::CHECKSUM_GROUP_PAGES;
 use sha2::Sha256;
 
 #[cfg(target_arch = "x86_64")]
@@ -254,6 +255,24 @@ pub fn is_zero_page(page: &[u8; PAGE_SIZE]) -> bool {
 #[inline]
 pub fn page_checksum(page: &[u8; PAGE_SIZE]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// The checksum of each group of [`CHECKSUM_GROUP_PAGES`] pages (the last one may be shorter), from
+/// the pages' checksums: the xxh3-64 of those checksums, little-endian, one after the other. What the
+/// destination sends after the resume (`Message::GroupChecksums`), and the source compares with its
+/// own; like [`page_checksum`], for finding pages that differ, not for proving that they do not.
+pub fn group_checksums(page_checksums: &[u64]) -> Vec<u64> {
+    let mut bytes = Vec::with_capacity(CHECKSUM_GROUP_PAGES * 8);
+    page_checksums
+        .chunks(CHECKSUM_GROUP_PAGES)
+        .map(|group| {
+            bytes.clear();
+            for sum in group {
+                bytes.extend_from_slice(&sum.to_le_bytes());
+            }
+            xxhash_rust::xxh3::xxh3_64(&bytes)
+        })
+        .collect()
 }
 
 /// The first 8 bytes of a digest, little-endian: what a destination advertises of the digests it holds

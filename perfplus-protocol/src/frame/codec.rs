@@ -52,6 +52,8 @@ impl FrameType {
             Message::Restored => FrameType::Restored,
             Message::Commit => FrameType::Commit,
             Message::PageChecksums { .. } => FrameType::PageChecksums,
+            Message::GroupChecksums { .. } => FrameType::GroupChecksums,
+            Message::PageChecksumsWanted { .. } => FrameType::PageChecksumsWanted,
             Message::GuestCheck(_) => FrameType::GuestCheck,
             Message::Complete(_) => FrameType::Complete,
             Message::PostcopyBegin { .. } => FrameType::PostcopyBegin,
@@ -132,7 +134,8 @@ fn put_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
         }
         Message::VmState(state) => out.extend_from_slice(state),
         Message::Running | Message::Restored | Message::Commit => {}
-        Message::PageChecksums { checksums } => put_u64s(out, checksums),
+        Message::PageChecksums { checksums } | Message::GroupChecksums { checksums } => put_u64s(out, checksums),
+        Message::PageChecksumsWanted { groups } => put_u64s(out, groups),
         Message::GuestCheck(check) => put_postcard(out, check),
         Message::PostcopyBegin { missing } | Message::ResumeState { missing } => put_u64s(out, missing),
         Message::PostcopyAttach(attach) => put_postcard(out, attach),
@@ -297,6 +300,12 @@ fn decode_payload_slice(frame_type: FrameType, p: &[u8]) -> Result<Frame, FrameE
         FrameType::Commit => Message::Commit,
         FrameType::PageChecksums => Message::PageChecksums {
             checksums: get_u64s(frame_type, p, "page checksums")?,
+        },
+        FrameType::GroupChecksums => Message::GroupChecksums {
+            checksums: get_u64s(frame_type, p, "group checksums")?,
+        },
+        FrameType::PageChecksumsWanted => Message::PageChecksumsWanted {
+            groups: get_u64s(frame_type, p, "groups")?,
         },
         FrameType::GuestCheck => Message::GuestCheck(Box::new(get_postcard(frame_type, p)?)),
         FrameType::Complete => Message::Complete(Box::new(get_postcard(frame_type, p)?)),

@@ -243,6 +243,10 @@ frame_types! {
     /// [`Message::Pages`] compressed with zstd (version 5): `u32` length of the `Pages` payload, then
     /// the zstd frame (`compression.rs`). Decodes to the same [`Message::Pages`].
     PagesZstd = 0x0214, Limit::Max(4 + PAGE_BATCH_MAX_PAYLOAD);
+    /// [`Message::GroupChecksums`] (version 7).
+    GroupChecksums = 0x0215, Limit::Max(BULK_MAX);
+    /// [`Message::PageChecksumsWanted`] (version 7).
+    PageChecksumsWanted = 0x0216, Limit::Max(BULK_MAX);
     /// [`Message::QemuRelayBegin`].
     QemuRelayBegin = 0x0301, Limit::Max(CONTROL_MAX);
     /// [`Message::QemuStream`].

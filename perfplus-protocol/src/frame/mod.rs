@@ -25,7 +25,8 @@
 //! - `RoundAck`: `u32 round`, `u32 count`, `count × u64` missing pages.
 //! - `MigrateReady`: `u32 count`, `count × u64` held digest prefixes.
 //! - `Running`: empty.
-//! - `PageChecksums`: `u32 count`, `count × u64` page checksums.
+//! - `PageChecksums`, `GroupChecksums` (version 7): `u32 count`, `count × u64` checksums.
+//! - `PageChecksumsWanted` (version 7): `u32 count`, `count × u64` group numbers.
 //! - `PostcopyBegin`, `ResumeState`: `u32 count`, `count × u64` bitmap words.
 //! - `PageRequest`: `u8 full` (0 or 1), `u32 count`, `count × u64` pages (at most [`PAGE_REQUEST_MAX`]).
 //! - `PushAck`: `u64 bytes`, `u64 present`.

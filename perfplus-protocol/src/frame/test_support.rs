@@ -185,6 +185,10 @@ pub(super) fn every_message() -> Vec<Message> {
         Message::PageChecksums {
             checksums: vec![1, 2, 3, u64::MAX],
         },
+        Message::GroupChecksums {
+            checksums: vec![7, u64::MAX],
+        },
+        Message::PageChecksumsWanted { groups: vec![0, 5] },
         Message::GuestCheck(Box::new(crate::GuestCheck {
             at_resume: Some(perfplus_vmm::vm::GuestStatus::default()),
             after: None,

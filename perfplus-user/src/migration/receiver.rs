@@ -20,9 +20,9 @@ use super::signals::{CancelSignal, StatusNote};
 use super::{agent_cpu_ms, PEER_TIMEOUT};
 use crate::content_index::ContentIndex;
 use crate::fault_injection;
-use crate::hashing::{page_checksum, PageHasher};
+use crate::hashing::{group_checksums, page_checksum, PageHasher};
 use perfplus_protocol::connection::Connection;
-use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady};
+use perfplus_protocol::{Channel, GuestCheck, Message, MigrateBegin, MigrateReady, CHECKSUM_GROUP_PAGES};
 use perfplus_vmm::demand_paging::GuestUffd;
 use perfplus_vmm::memory::GuestMemory;
 use perfplus_vmm::vm::{GuestStatus, Vm, VmState};
@@ -116,7 +116,12 @@ pub async fn receive(
             session.table.checksums()
         }
     };
-    conn.send(&Message::PageChecksums { checksums }).await?;
+    // A checksum per group of pages; the pages' own only for the groups the source asks about (after
+    // the guest check, below).
+    conn.send(&Message::GroupChecksums {
+        checksums: group_checksums(&checksums),
+    })
+    .await?;
     let after = if begin.options.verify_guest {
         wait_for_guest_check(&vm, at_resume.as_ref()).await
     } else {
@@ -157,20 +162,53 @@ pub async fn receive(
         postcopy,
     })))
     .await?;
-    match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
-        Ok(Ok(Message::Complete(report))) => tracing::info!(
-            vm = %report.vm,
-            downtime_ms = format!("{:.1}", report.downtime_ms),
-            total_ms = format!("{:.1}", report.total_ms),
-            bytes = report.bytes_on_wire,
-            lost_pages = report.lost_pages,
-            "migration in complete"
-        ),
-        Ok(Ok(other)) => tracing::warn!("source ended with {}", other.describe()),
-        Ok(Err(err)) => tracing::warn!("source did not send its report: {err:#}"),
-        Err(_) => tracing::warn!("source sent no report within {} s", PEER_TIMEOUT.as_secs()),
+    let mut answered = false;
+    loop {
+        match tokio::time::timeout(PEER_TIMEOUT, conn.recv()).await {
+            Ok(Ok(Message::PageChecksumsWanted { groups })) if !answered => {
+                answered = true;
+                // The guest runs here whatever the source makes of it: a bad request ends the talk,
+                // not the guest.
+                let Some(detail) = checksums_of_groups(&checksums, &groups) else {
+                    tracing::error!(vm = %begin.vm, "the source asked for checksums of groups that do not exist");
+                    return Ok(());
+                };
+                tracing::warn!(vm = %begin.vm, groups = groups.len(), "the source found groups of pages that differ");
+                conn.send(&Message::PageChecksums { checksums: detail }).await?;
+                continue;
+            }
+            Ok(Ok(Message::Complete(report))) => tracing::info!(
+                vm = %report.vm,
+                downtime_ms = format!("{:.1}", report.downtime_ms),
+                total_ms = format!("{:.1}", report.total_ms),
+                bytes = report.bytes_on_wire,
+                lost_pages = report.lost_pages,
+                "migration in complete"
+            ),
+            Ok(Ok(other)) => tracing::warn!("source ended with {}", other.describe()),
+            Ok(Err(err)) => tracing::warn!("source did not send its report: {err:#}"),
+            Err(_) => tracing::warn!("source sent no report within {} s", PEER_TIMEOUT.as_secs()),
+        }
+        return Ok(());
     }
-    Ok(())
+}
+
+/// The page checksums of `groups` (of `CHECKSUM_GROUP_PAGES` pages each), group after group: the
+/// answer to `PageChecksumsWanted`. None if a group does not exist or one is asked for twice (so an
+/// answer is never longer than the checksums of every page).
+fn checksums_of_groups(checksums: &[u64], groups: &[u64]) -> Option<Vec<u64>> {
+    let count = checksums.len().div_ceil(CHECKSUM_GROUP_PAGES);
+    let mut seen = vec![false; count];
+    let mut detail = Vec::new();
+    for &group in groups {
+        let g = usize::try_from(group).ok().filter(|&g| g < count)?;
+        if std::mem::replace(&mut seen[g], true) {
+            return None;
+        }
+        let start = g * CHECKSUM_GROUP_PAGES;
+        detail.extend_from_slice(&checksums[start..(start + CHECKSUM_GROUP_PAGES).min(checksums.len())]);
+    }
+    Some(detail)
 }
 
 /// Everything up to and including the resume. Returns the page checksums at resume.
@@ -643,13 +681,25 @@ mod tests {
                 Message::Running => {}
                 other => panic!("Running expected, got {}", other.name()),
             }
-            let Message::PageChecksums { checksums } = expect(&mut src).await else {
-                panic!("PageChecksums expected");
+            let Message::GroupChecksums { checksums: groups } = expect(&mut src).await else {
+                panic!("GroupChecksums expected");
             };
-            assert_eq!(checksums.len() as u64, PAGES);
+            assert_eq!(groups.len(), (PAGES as usize).div_ceil(CHECKSUM_GROUP_PAGES));
+            // Asked for the pages of two groups, it answers after its guest check with their
+            // checksums, in the order asked, and they make up the groups' checksums.
+            src.send(&Message::PageChecksumsWanted { groups: vec![1, 0] })
+                .await
+                .unwrap();
             let Message::GuestCheck(_) = expect(&mut src).await else {
                 panic!("GuestCheck expected");
             };
+            let Message::PageChecksums { checksums } = expect(&mut src).await else {
+                panic!("PageChecksums expected");
+            };
+            assert_eq!(checksums.len(), 2 * CHECKSUM_GROUP_PAGES);
+            let (one, zero) = checksums.split_at(CHECKSUM_GROUP_PAGES);
+            assert_eq!(group_checksums(one), [groups[1]]);
+            assert_eq!(group_checksums(zero), [groups[0]]);
             src.send(&Message::Complete(Box::default())).await.unwrap();
         })
         .await;
@@ -776,13 +826,16 @@ mod tests {
             let Message::Running = expect(&mut src).await else {
                 panic!("Running expected");
             };
-            let Message::PageChecksums { checksums } = expect(&mut src).await else {
-                panic!("PageChecksums expected");
+            let Message::GroupChecksums { checksums } = expect(&mut src).await else {
+                panic!("GroupChecksums expected");
             };
-            let wrong: Vec<u64> = (0..PAGES)
-                .filter(|&p| checksums[p as usize] != expected[p as usize])
-                .collect();
-            assert!(wrong.is_empty(), "pages that differ from the source's: {wrong:?}");
+            let sources = group_checksums(&expected);
+            assert_eq!(checksums.len(), sources.len());
+            let wrong: Vec<usize> = (0..checksums.len()).filter(|&g| checksums[g] != sources[g]).collect();
+            assert!(
+                wrong.is_empty(),
+                "groups of pages that differ from the source's: {wrong:?}"
+            );
             let Message::GuestCheck(_) = expect(&mut src).await else {
                 panic!("GuestCheck expected");
             };

@@ -6,7 +6,7 @@
 //! round 2..n: the dirty set      ┘ since the previous one, through the PageSender (Perf+ decisions)
 //! converged (dirty set fits the downtime target at the measured rate) or round limit reached
 //! pause ─► final dirty set ─► VmState ─► Running        (downtime = pause → Running)
-//! ─► PageChecksums (lost pages) ─► GuestCheck ─► Complete(report)
+//! ─► GroupChecksums (lost pages; PageChecksums of groups that differ) ─► GuestCheck ─► Complete(report)
 //! ```
 //! Until `Running` arrives every failure resumes the source guest and leaves it as it was (dirty
 //! logging off again when the tracker is dropped). After `Running` the guest belongs to the
@@ -740,17 +740,33 @@ async fn finish(
         conn.send_error(&format!("the source ends post-copy: {}", broken.why))
             .await;
     }
-    let theirs = match broken {
+    // A checksum per group of pages first; where a group differs, its pages' checksums (asked for
+    // now, answered after the guest check) say which pages were lost.
+    let groups = match broken {
         Some(_) => None,
-        None => recv_page_checksums(&mut conn).await,
+        None => recv_group_checksums(&mut conn).await,
     };
-    assemble::record_lost_pages(&mut report, &ours, theirs.as_deref());
-    let checksums_received = theirs.is_some();
+    let asked = groups.map(|theirs| assemble::differing_groups(&ours, &theirs));
+    if let Some(asked) = asked.as_ref().filter(|asked| !asked.is_empty()) {
+        tracing::error!(vm = %job.vm_name, groups = asked.len(), "groups of pages differ on the destination");
+        if let Err(err) = conn.send(&Message::PageChecksumsWanted { groups: asked.clone() }).await {
+            tracing::error!("could not ask for the page checksums of those groups: {err:#}");
+        }
+    }
 
     let check = match broken {
         Some(_) => None,
         None => recv_guest_check(&mut conn).await,
     };
+    let theirs = match asked {
+        Some(asked) if asked.is_empty() => Some(ours.clone()),
+        Some(asked) => recv_page_checksums(&mut conn)
+            .await
+            .and_then(|detail| assemble::destination_page_checksums(&ours, &asked, &detail)),
+        None => None,
+    };
+    assemble::record_lost_pages(&mut report, &ours, theirs.as_deref());
+    let checksums_received = theirs.is_some();
     let destination_cpu_ms = check.as_ref().map_or(0.0, |c| c.cpu_ms);
     if let Some(check) = &check {
         assemble::record_guest_check(&mut report, check, switched.stall_reset);
@@ -818,8 +834,16 @@ fn page_checksums(memory: &perfplus_vmm::memory::GuestMemory) -> Vec<u64> {
     sums
 }
 
+async fn recv_group_checksums(conn: &mut Connection) -> Option<Vec<u64>> {
+    recv_expected(conn, "its group checksums", |m| match m {
+        Message::GroupChecksums { checksums } => Some(checksums),
+        _ => None,
+    })
+    .await
+}
+
 async fn recv_page_checksums(conn: &mut Connection) -> Option<Vec<u64>> {
-    recv_expected(conn, "its page checksums", |m| match m {
+    recv_expected(conn, "the page checksums of the groups that differ", |m| match m {
         Message::PageChecksums { checksums } => Some(checksums),
         _ => None,
     })

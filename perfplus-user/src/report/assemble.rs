@@ -2,7 +2,9 @@
 //! functions over plain data, so that each rule (what counts as lost, which stall is the guest's own,
 //! how the totals add up) is tested without a migration.
 use perfplus_protocol::report::{MigrationReport, Outcome};
-use perfplus_protocol::GuestCheck;
+use perfplus_protocol::{GuestCheck, CHECKSUM_GROUP_PAGES};
+
+use crate::hashing::group_checksums;
 
 /// Compares the source's checksum of every page with the destination's (None: the destination never
 /// sent them) and records the result: a page whose checksums differ, or every page when the
@@ -23,6 +25,43 @@ pub fn record_lost_pages(report: &mut MigrationReport, ours: &[u64], theirs: Opt
         }
         None => report.lost_pages = ours.len() as u64,
     }
+}
+
+/// The groups of pages (`CHECKSUM_GROUP_PAGES` each) whose checksum at the destination (`theirs`,
+/// from `Message::GroupChecksums`) differs from the source's (computed from `ours`, a checksum per
+/// page): the groups whose page checksums the source then asks for. Every group when the
+/// destination's list has the wrong length.
+pub fn differing_groups(ours: &[u64], theirs: &[u64]) -> Vec<u64> {
+    let mine = group_checksums(ours);
+    if theirs.len() != mine.len() {
+        tracing::error!(
+            "destination sent {} group checksums for {} groups",
+            theirs.len(),
+            mine.len()
+        );
+        return (0..mine.len() as u64).collect();
+    }
+    (0..mine.len())
+        .filter(|&g| mine[g] != theirs[g])
+        .map(|g| g as u64)
+        .collect()
+}
+
+/// The destination's checksum of every page: `ours` where the groups' checksums agreed, and the
+/// destination's `detail` (its answer to `PageChecksumsWanted`: the page checksums of the groups
+/// `asked`, in that order) for the groups that differed. None when `detail` does not hold exactly the
+/// pages of those groups (every page then counts as lost, [`record_lost_pages`]).
+pub fn destination_page_checksums(ours: &[u64], asked: &[u64], detail: &[u64]) -> Option<Vec<u64>> {
+    let mut theirs = ours.to_vec();
+    let mut at = 0;
+    for &group in asked {
+        let start = usize::try_from(group).ok()?.checked_mul(CHECKSUM_GROUP_PAGES)?;
+        let pages = theirs.get_mut(start..(start + CHECKSUM_GROUP_PAGES).min(ours.len()))?;
+        let answer = detail.get(at..at + pages.len())?;
+        pages.copy_from_slice(answer);
+        at += pages.len();
+    }
+    (at == detail.len()).then_some(theirs)
 }
 
 /// Records what the destination saw of the guest after the resume. `stall_reset` is the stall-reset
@@ -140,6 +179,32 @@ pub fn record_totals(report: &mut MigrationReport, bytes_on_wire: u64, source_cp
 mod tests {
     use super::*;
     use perfplus_vmm::vm::GuestStatus;
+
+    #[test]
+    fn groups_that_differ_are_asked_for_and_their_pages_counted() {
+        // 200 pages: groups of 64, 64, 64 and 8. Pages 70 and 199 differ at the destination.
+        let ours: Vec<u64> = (0..200).collect();
+        let mut dest = ours.clone();
+        dest[70] = 9999;
+        dest[199] = 7777;
+        let asked = differing_groups(&ours, &group_checksums(&dest));
+        assert_eq!(asked, [1, 3]);
+        // The destination answers with the pages of groups 1 and 3, in that order.
+        let detail: Vec<u64> = dest[64..128].iter().chain(&dest[192..200]).copied().collect();
+        let theirs = destination_page_checksums(&ours, &asked, &detail).unwrap();
+        assert_eq!(theirs, dest);
+        let mut r = MigrationReport::default();
+        record_lost_pages(&mut r, &ours, Some(&theirs));
+        assert_eq!((r.lost_pages, r.memory_digest_equal), (2, false));
+        // An answer one page short or long, or for a group that does not exist, confirms nothing.
+        assert_eq!(destination_page_checksums(&ours, &asked, &detail[1..]), None);
+        let longer: Vec<u64> = detail.iter().copied().chain([0]).collect();
+        assert_eq!(destination_page_checksums(&ours, &asked, &longer), None);
+        assert_eq!(destination_page_checksums(&ours, &[4], &[]), None);
+        // Nothing differs: nothing asked. A list of the wrong length: every group.
+        assert!(differing_groups(&ours, &group_checksums(&ours)).is_empty());
+        assert_eq!(differing_groups(&ours, &[1, 2]), [0, 1, 2, 3]);
+    }
 
     #[test]
     fn lost_pages_are_the_pages_whose_checksums_differ_or_all_when_unknown() {
