@@ -8,6 +8,7 @@
 #   scripts/bench.sh ha              # the Perf+ papers' experiment: 4 and 8 VMs drained off a node, hashing
 #                                    # on and off, over a 1 Gbit/s link; table and SVG charts in
 #                                    # target/bench-results/ha/
+#   scripts/bench.sh guest_ram       # the guest with and without shmem huge pages (sets shmem_enabled, restores it)
 #   scripts/bench.sh qemu            # QEMU's own migration plain and through perfplus (perfplus qemu migrate)
 #                                    # over a 1 Gbit/s link: mixed, unique, return leg, two VMs; tables in
 #                                    # target/bench-results/qemu/
