@@ -203,10 +203,6 @@ pub fn messages() -> Vec<Message> {
         Message::PageChecksums {
             checksums: vec![0xdead_beef, 0, u64::MAX],
         },
-        Message::GroupChecksums {
-            checksums: vec![0x0123_4567, u64::MAX],
-        },
-        Message::PageChecksumsWanted { groups: vec![0, 3] },
         Message::GuestCheck(Box::new(GuestCheck {
             at_resume: Some(guest_status()),
             after: Some(guest_status()),
@@ -243,6 +239,11 @@ pub fn messages() -> Vec<Message> {
         Message::Error {
             message: "no VM named \"x\"".into(),
         },
+        // Version 7 (after the others, so that their seeds keep their names).
+        Message::GroupChecksums {
+            checksums: vec![0x0123_4567, u64::MAX],
+        },
+        Message::PageChecksumsWanted { groups: vec![0, 3] },
     ]
 }
 

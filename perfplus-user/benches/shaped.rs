@@ -30,8 +30,9 @@
 //!   `idle` (100/s), `read-heavy` (10k writes/s into 256 MiB while the guest's verification reads the
 //!   whole 1 GiB, about a pass a second), `duplicate-heavy` (60 % duplicated pages) and
 //!   `faster-than-link` (50k writes/s: perfplus hybrid and post-copy against QEMU post-copy; QEMU's
-//!   pre-copy, one channel or multifd+zstd, never converges there with these contents), and
-//!   `return-trip` (below). perfplus migrates with its defaults (`--compression auto`); its agents have
+//!   pre-copy, one channel or multifd+zstd, never converges there with these contents),
+//!   `demo-mix` (the demo's guest: no text, 40 % random, 20 % unchanged random, 30 % duplicated, 20k
+//!   writes/s) and `return-trip` (below). perfplus migrates with its defaults (`--compression auto`); its agents have
 //!   no page store, except A's in `return-trip`.
 //! - `return-trip`: `moderate`'s guest migrates A→B, then back B→A, and the return is what the table
 //!   gives. Each trip is measured as above (its own probe over the two processes of that trip, its own
@@ -120,6 +121,15 @@ const SCENARIOS: &[Scenario] = &[
         // Not QEMU's pre-copy, one channel or multifd+zstd: with pages like real memory (random pages
         // do not compress) neither converges at this rate.
         qemu: &[QemuMode::Postcopy],
+        return_trip: false,
+    },
+    Scenario {
+        // The demo's guest (`scripts/demo.sh`'s default workload): no text, 60 % random pages, 30 %
+        // duplicated, at 20k page writes/s.
+        name: "demo-mix",
+        cmdline: "working-set=256M rate=20k mix=unique:40,dup:30,zero:10,same:20",
+        perfplus_modes: &["precopy"],
+        qemu: &[LIMIT30, MULTIFD],
         return_trip: false,
     },
     Scenario {
