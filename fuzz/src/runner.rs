@@ -96,7 +96,16 @@ impl QuietPanics {
 
 impl Drop for QuietPanics {
     fn drop(&mut self) {
+        // Dropped while its thread unwinds (a test asserting under it failed), `set_hook` would panic
+        // again and abort the process with the first panic's message swallowed by the quiet hook:
+        // put back a hook that prints then, so that the failure shows.
         if let Some(previous) = self.0.take() {
+            if std::thread::panicking() {
+                if let Some(message) = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    eprintln!("panicked while panics were quiet: {message}");
+                }
+                return;
+            }
             panic::set_hook(previous);
         }
     }
