@@ -138,6 +138,7 @@ pub mod guest_abi {
 /// each event lands in exactly one interval. Per-page maps are LRU hashes of [`FAULT_PAGES_MAX`] /
 /// [`RING_PAGES_MAX`] entries (pages written in one interval beyond that evict the least recently
 /// written ones; the totals in [`MAP_STATS`] stay exact).
+pub mod splitmix;
 pub mod text;
 
 pub mod ebpf_abi {

@@ -11,6 +11,7 @@
 //! A page is a pure function of its key (a splitmix64 stream), so the guest can regenerate what a page
 //! must hold and check it, and tests can write the same pages the guest does.
 
+use crate::splitmix::next;
 use crate::PAGE_SIZE;
 
 /// The words, most frequent first (a list of the most common English words).
@@ -57,16 +58,6 @@ const WORDS: &[&[u8]] = &[
 
 /// Where a line is broken (at the next word boundary).
 const LINE: usize = 72;
-
-/// The splitmix64 generator: the next word of the stream that starts after `z`.
-#[inline(always)]
-fn next(z: &mut u64) -> u64 {
-    *z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut x = *z;
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
 
 /// A word packed for a store of eight bytes: its letters little-endian, and its length.
 const fn pack(word: &[u8]) -> (u64, usize) {

@@ -10,15 +10,7 @@ pub const WORDS: usize = PAGE_SIZE / 8;
 /// Number of distinct contents `dup` pages share.
 pub const DUP_POOL: u64 = 16;
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// The splitmix64 finalizer: a fast, well-mixing 64-bit bijection.
-#[inline(always)]
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub use perfplus_common::splitmix::{mix64, GOLDEN};
 
 /// Kinds of page (indices into `cmdline::KIND_NAMES` and `Config::mix`).
 pub const UNIQUE: usize = 0;

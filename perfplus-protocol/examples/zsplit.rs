@@ -16,26 +16,18 @@ use std::collections::HashSet;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use perfplus_common::splitmix::{mix64, next};
 use perfplus_common::PAGE_SIZE;
 use perfplus_protocol::frame::{
     looks_incompressible, CompressionMode, Compressor, PageBatch, SendPlan, HEADER_LEN, PAGE_BATCH_MAX_ITEMS,
 };
 
-/// The guest's splitmix64 finalizer.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
+/// A random page, as the guest writes them: the splitmix64 stream keyed `key`.
 fn stream(key: u64) -> [u8; PAGE_SIZE] {
     let mut page = [0u8; PAGE_SIZE];
     let mut x = key;
     for word in page.chunks_exact_mut(8) {
-        x = x.wrapping_add(GOLDEN);
-        word.copy_from_slice(&mix64(x).to_le_bytes());
+        word.copy_from_slice(&next(&mut x).to_le_bytes());
     }
     page
 }

@@ -288,13 +288,7 @@ pub(super) fn decode_err(buf: &[u8]) -> String {
 }
 
 /// splitmix64: the guest's own content generator (guest/src/content.rs).
-pub(crate) fn mix(z: &mut u64) -> u64 {
-    *z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut x = *z;
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
+pub(crate) use perfplus_common::splitmix::next as mix;
 
 /// A random page (the guest's `unique` and `same` pages: a splitmix64 stream).
 pub(crate) fn random_page(seed: u64) -> [u8; PAGE_SIZE] {

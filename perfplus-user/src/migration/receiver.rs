@@ -189,8 +189,9 @@ pub async fn receive(
             Ok(Err(err)) => tracing::warn!("source did not send its report: {err:#}"),
             Err(_) => tracing::warn!("source sent no report within {} s", PEER_TIMEOUT.as_secs()),
         }
-        return Ok(());
+        break;
     }
+    Ok(())
 }
 
 /// The page checksums of `groups` (of `CHECKSUM_GROUP_PAGES` pages each), group after group: the
@@ -717,11 +718,7 @@ mod tests {
         }
         let mut z = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
         for word in page.chunks_exact_mut(8) {
-            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut x = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            x ^= x >> 31;
-            word.copy_from_slice(&x.to_le_bytes());
+            word.copy_from_slice(&perfplus_common::splitmix::next(&mut z).to_le_bytes());
         }
         page
     }
